@@ -1,0 +1,1 @@
+"""One module per ``seqlab`` verb (see ``seqlab.cli``)."""
