@@ -1,0 +1,101 @@
+"""ModelConfig: every hyper-parameter of a LanguageModel, in one JSON-serialisable dataclass.
+
+Mixers read the fields they need in their ``from_config(config, layer_idx)``; ``models/`` never special-cases a
+family. Field groups are prefixed by the mixer that uses them where names would collide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from seqlab.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    # --- the stack ---
+    preset: str = "hybrid"
+    d_model: int = 256
+    n_layers: int = 4
+    pattern: str = "M"  # per-layer mixer kinds, e.g. "MMMAMMMM" or "M2 M2 A"; repeated to n_layers if shorter
+    vocab_size: int = 259  # byte-level default: 256 bytes + pad, bos, eos
+    pad_vocab_to_multiple: int = 8
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True  # GPT-2 / Mamba: out-projections scaled by 1/sqrt(n_layers)
+
+    # --- channel mixing after each mixer: "none" | "swiglu" | "moe" ---
+    mlp: str = "none"
+    d_ff: int | None = None  # None -> 8/3 * d_model rounded up to a multiple of 64 (Llama)
+    moe_every: int = 0  # >0: every moe_every-th layer (1-based: layers moe_every-1, 2*moe_every-1, ...) uses MoE
+    n_experts: int = 8
+    moe_top_k: int = 2
+    moe_aux_loss_weight: float = 0.01
+
+    # --- attention (A) ---
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA; between -> GQA
+    rope_theta: float = 10000.0
+    attn_window: int | None = None  # sliding-window size, None = full causal
+
+    # --- S4D (S) ---
+    s4_d_state: int = 64
+    s4_init: str = "legs"  # legs | lin | inv
+    s4_dt_min: float = 0.001
+    s4_dt_max: float = 0.1
+    s4_discretization: str = "zoh"  # zoh | bilinear
+
+    # --- Mamba-1 (M) ---
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"  # "auto" -> ceil(d_model / 16)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+    bcdt_norm: bool = False  # Falcon Mamba: RMSNorm on B, C and dt
+
+    # --- Mamba-2 / SSD (M2) ---
+    ssd_d_state: int = 128
+    ssd_headdim: int = 64
+    ssd_ngroups: int = 1
+    ssd_chunk_size: int = 256
+
+    # --- Zamba: one shared attention+MLP block applied every k layers (0 = none) ---
+    shared_attention_every: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"config: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"config: file {str(path)!r} does not exist") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config: {str(path)!r} is not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
