@@ -1,0 +1,448 @@
+"""Mamba-1 selective scan (Gu & Dao 2023, "Mamba", Algorithm 2 / eq. 2a-2b with ZOH-simplified B).
+
+Glossary (paper symbol -> name here):
+    x      -> u        (B, L, D)     input sequence, D channels ("d_inner")
+    Δ      -> delta    (B, L, D)     step size; Δ = softplus(delta + delta_bias) when delta_softplus
+    A      -> A        (D, N)        state matrix (diagonal per channel, A < 0), N = d_state
+    B, C   -> B, C     (B, L, N) or (B, L, G, N)   input-dependent projections; channel d uses group d // (D // G)
+    D      -> D        (D,)          skip connection
+    z      -> z        (B, L, D)     gate: y *= silu(z)
+    h      -> state    (B, D, N)     hidden state, always accumulated in float32 (float64 for float64 inputs)
+
+Recurrence (discretised with Ā = exp(ΔA), B̄x ≈ ΔBx, Mamba section 3.2):
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t
+    y_t = <h_t, C_t> + D u_t
+
+Paths:
+    ref     plain per-timestep loop, obviously right (autograd through the loop).
+    torch   chunked parallel scan with a hand-written backward (``_ChunkedScan``), CPU and GPU.
+    triton  fused kernels in ``seqlab.ops.triton.selective_scan`` (CUDA, or CPU under TRITON_INTERPRET=1).
+On the CPU, ``auto`` also has a lean sequential scan (same autograd Function, one fused op per time step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from seqlab.errors import InputError
+from seqlab.ops._common import (
+    check_backend,
+    check_dim,
+    check_seq_idx,
+    check_tensor,
+    require_triton,
+    reset_mask,
+    triton_usable,
+)
+
+__all__ = ["selective_scan", "selective_state_update"]
+
+CHUNK_SIZE = 64
+# Elements of one (B, T, D, N) work tensor of a time group; the torch paths materialise a handful of these at
+# once (about 4 in forward, 7 in backward), so peak extra memory is ~7 * GROUP_ELEMENTS * 4 bytes per call.
+GROUP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+# CPU choice of backend="auto" between the lean loop and the chunked scan. Both run the same Function; the loop
+# issues ~1 op per time step on (B, D, N) tensors, the chunked scan ~(CHUNK_SIZE + L / CHUNK_SIZE) ops on larger
+# tensors plus ~5 extra passes over (B, L, D, N). So chunked wins while per-op overhead dominates, i.e. while
+# B * D * N is small. Measured on the 2-core CI box, OMP_NUM_THREADS=1, forward+backward, N=16 (see
+# benchmarks/RESULTS.md): the chunked scan is faster up to B*D*N ~ 4096 elements, the loop beyond.
+CPU_CHUNKED_MAX_STATE = 4096
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _as_grouped(name: str, t: torch.Tensor, shape_3d: tuple, shape_4d: tuple, device: torch.device) -> torch.Tensor:
+    """Check B or C and return it in grouped form (B, L, G, N) (or (B, G, N) for decode)."""
+    check_tensor(name, t, None, device=device)
+    if t.dim() == len(shape_3d):
+        return t.unsqueeze(-2)
+    if t.dim() != len(shape_4d):
+        want = ", ".join(str(s) for s in shape_3d)
+        want4 = ", ".join(str(s) for s in shape_4d)
+        raise InputError(name, f"a tensor of shape ({want}) or ({want4})", f"shape {tuple(t.shape)}")
+    return t
+
+
+def _check_groups(name: str, t: torch.Tensor, dim: int, G: int, D: int, lead: tuple, lead_names: str) -> None:
+    if tuple(t.shape[: len(lead)]) != lead:
+        raise InputError(name, f"leading dims {lead} ({lead_names} of u)", f"shape {tuple(t.shape)}")
+    if G < 1 or D % G != 0:
+        raise InputError(name, f"a group count G that divides D={D} (channel d uses group d // (D // G))",
+                         f"G={G} from shape {tuple(t.shape)}")
+
+
+def _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, backend):
+    """Check every argument of selective_scan; return (B, C) in grouped form (B, L, G, N)."""
+    check_backend(backend)
+    check_tensor("u", u, ("B", "L", "D"))
+    dev = u.device
+    batch, seqlen, dim = u.shape
+    check_tensor("delta", delta, ("B", "L", "D"), device=dev)
+    if tuple(delta.shape) != tuple(u.shape):
+        raise InputError("delta", f"shape {tuple(u.shape)} like u", f"shape {tuple(delta.shape)}")
+    check_tensor("A", A, ("D", "N"), device=dev)
+    check_dim("A", A, 0, dim, "D, the channels of u")
+    d_state = A.shape[1]
+    B4 = _as_grouped("B", B, ("B", "L", "N"), ("B", "L", "G", "N"), dev)
+    C4 = _as_grouped("C", C, ("B", "L", "N"), ("B", "L", "G", "N"), dev)
+    _check_groups("B", B4, 2, B4.shape[2], dim, (batch, seqlen), "batch, length")
+    check_dim("B", B4, 3, d_state, "N, the state size of A")
+    if tuple(C4.shape) != tuple(B4.shape) or C.dim() != B.dim():
+        raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
+    check_tensor("D", D, (dim,), optional=True, device=dev)
+    check_tensor("z", z, ("B", "L", "D"), optional=True, device=dev)
+    if z is not None and tuple(z.shape) != tuple(u.shape):
+        raise InputError("z", f"shape {tuple(u.shape)} like u", f"shape {tuple(z.shape)}")
+    check_tensor("delta_bias", delta_bias, (dim,), optional=True, device=dev)
+    check_tensor("initial_state", initial_state, (batch, dim, d_state), optional=True, device=dev)
+    check_seq_idx(seq_idx, batch, seqlen)
+    if seq_idx is not None and seq_idx.device.type != dev.type:
+        raise InputError("seq_idx", f"a tensor on {dev.type} like the other inputs", f"one on {seq_idx.device}")
+    return B4, C4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ref: the readable definition
+
+
+def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+    """Per-timestep loop in float32 (float64 for float64 u). B, C grouped (B, L, G, N).
+
+    Peak extra memory O(B*D*N) per step plus autograd's saved per-step tensors, O(B*L*D*N) in all.
+    """
+    dtype = _compute_dtype(u)
+    batch, seqlen, dim = u.shape
+    G = B.shape[2]
+    u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
+    B = B.to(dtype).repeat_interleave(dim // G, dim=2)  # (B, L, D, N)
+    C = C.to(dtype).repeat_interleave(dim // G, dim=2)  # (B, L, D, N)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device)
+    if initial_state is not None:
+        h = initial_state.to(dtype)
+    ys = []
+    for t in range(seqlen):
+        if seq_idx is not None and t > 0:
+            new_doc = (seq_idx[:, t] != seq_idx[:, t - 1]).to(dtype)  # (B,)
+            h = h * (1 - new_doc)[:, None, None]
+        decay = torch.exp(delta[:, t, :, None] * A)  # (B, D, N)
+        h = decay * h + delta[:, t, :, None] * B[:, t] * u[:, t, :, None]
+        ys.append((h * C[:, t]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=1)  # (B, L, D)
+    if D is not None:
+        y = y + D.to(dtype) * u
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y, h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch: chunked parallel scan and lean loop sharing one autograd Function
+
+
+def _scan_sequential(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + x_t over dim 1, h_{-1} = h_start. Overwrites and returns x. (B, T, D, N)."""
+    prev = h_start
+    for t in range(x.shape[1]):
+        prev = x[:, t].addcmul_(a[:, t], prev)
+    return x
+
+
+def _scan_chunked(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Same recurrence as ``_scan_sequential``, as a two-level chunked scan. Overwrites a and x; returns h in x.
+
+    1. Split time into nc chunks of ``chunk`` steps and scan all chunks at once from a zero state
+       (``chunk`` ops on (B, nc, D, N) slices; chunk j of every chunk advances together).
+    2. Cumulative decays inside each chunk: P_t = prod_{s<=t} a_s (a cumprod of values in [0, 1] for Mamba,
+       so nothing overflows; a document start has a = 0 and cuts the product).
+    3. Carry the state across chunks, H_k = P_{k,last} H_{k-1} + h_{k,last} (nc ops on (B, D, N)).
+    4. Correct every position: h_t += P_t * H_{k-1}.
+    Peak extra memory O(B*T*D*N) (T = the group length; a and x are reused in place).
+    """
+    T = x.shape[1]
+    main = (T // chunk) * chunk
+    if main == 0:
+        return _scan_sequential(a, x, h_start)
+    nc = main // chunk
+    xs = x[:, :main].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
+    ps = a[:, :main].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
+    for j in range(1, chunk):
+        xs[:, :, j].addcmul_(ps[:, :, j], xs[:, :, j - 1])
+    ps.cumprod_(dim=2)
+    carry = torch.empty_like(xs[:, :, 0])  # (B, nc, D, N): the state before each chunk
+    H = h_start
+    for k in range(nc):
+        carry[:, k] = H
+        H = torch.addcmul(xs[:, k, -1], ps[:, k, -1], H)
+    xs.addcmul_(ps, carry.unsqueeze(2))
+    if main < T:
+        _scan_sequential(a[:, main:], x[:, main:], x[:, main - 1])
+    return x
+
+
+def _decays_and_inputs(delta, u, A, B, reset):
+    """a = exp(delta * A) (0 at document starts) and x = delta * u * B, both (B, T, D, N)."""
+    batch, T, dim = u.shape
+    G = B.shape[2]
+    a = torch.exp(delta.unsqueeze(-1) * A)  # (B, T, D, N)
+    if reset is not None:
+        a.masked_fill_(reset[:, :, None, None], 0.0)
+    du = (delta * u).view(batch, T, G, dim // G, 1)
+    x = (du * B.unsqueeze(3)).flatten(2, 3)  # (B, T, D, N)
+    return a, x
+
+
+def _grouped(t: torch.Tensor, G: int) -> torch.Tensor:
+    """(B, T, D, ...) -> (B, T, G, D // G, ...)."""
+    return t.unflatten(2, (G, t.shape[2] // G))
+
+
+class _ScanFn(torch.autograd.Function):
+    """y_t = <h_t, C_t> and the last state, for h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t.
+
+    Saves only the inputs and one (B, D, N) state per time group; backward recomputes each group's states and
+    runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} with the same scan, in reverse.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, reset, chunk, group):
+        batch, L, dim = u.shape
+        G = B.shape[2]
+        h = h0 if h0 is not None else u.new_zeros(batch, dim, A.shape[1])
+        y = u.new_empty(batch, L, dim)
+        starts = []
+        for s in range(0, L, group):
+            e = min(s + group, L)
+            starts.append(h)
+            a, x = _decays_and_inputs(delta[:, s:e], u[:, s:e], A, B[:, s:e], None if reset is None else reset[:, s:e])
+            hs = _scan_chunked(a, x, h, chunk) if chunk else _scan_sequential(a, x, h)
+            y[:, s:e] = torch.einsum("btgdn,btgn->btgd", _grouped(hs, G), C[:, s:e]).flatten(2)
+            h = hs[:, -1].clone()
+        ctx.save_for_backward(u, delta, A, B, C, h0, reset, *starts)
+        ctx.chunk, ctx.group = chunk, group
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        u, delta, A, B, C, h0, reset, *starts = ctx.saved_tensors
+        chunk, group = ctx.chunk, ctx.group
+        batch, L, dim = u.shape
+        G = B.shape[2]
+        gu, gdelta, gB, gC = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(B), torch.empty_like(C)
+        gA = torch.zeros_like(A)
+        carry = gh_last  # dLoss/dh at the last position of the current group, from later positions
+        for i in reversed(range(len(starts))):
+            s = i * group
+            e = min(s + group, L)
+            h_start = starts[i]
+            rs = None if reset is None else reset[:, s:e]
+            a, x = _decays_and_inputs(delta[:, s:e], u[:, s:e], A, B[:, s:e], rs)
+            hs = _scan_chunked(a.clone(), x, h_start, chunk) if chunk else _scan_sequential(a, x, h_start)
+            gy_g = _grouped(gy[:, s:e], G)  # (B, T, G, Dg)
+            src = (gy_g.unsqueeze(-1) * C[:, s:e].unsqueeze(3)).flatten(2, 3)  # (B, T, D, N)
+            # adjoint scan backwards in time: coefficient of g_{t+1} in g_t is a_{t+1}
+            alpha = torch.cat([torch.ones_like(a[:, :1]), a.flip(1)[:, :-1]], dim=1)
+            rev = src.flip(1)
+            rev = _scan_chunked(alpha, rev, carry, chunk) if chunk else _scan_sequential(alpha, rev, carry)
+            gh = rev.flip(1)  # (B, T, D, N): dLoss/dh_t
+            gC[:, s:e] = torch.einsum("btgd,btgdn->btgn", gy_g, _grouped(hs, G))
+            ghg = _grouped(gh, G)  # (B, T, G, Dg, N)
+            gx_B = torch.einsum("btgdn,btgn->btgd", ghg, B[:, s:e]).flatten(2)  # (B, T, D)
+            du = (delta[:, s:e] * u[:, s:e])
+            gB[:, s:e] = torch.einsum("btgdn,btgd->btgn", ghg, _grouped(du, G))
+            # w = dLoss/d(delta*A) = g_t * h_{t-1} * a_t
+            w = gh * a
+            w[:, 1:] *= hs[:, :-1]
+            w[:, 0] *= h_start
+            gdelta[:, s:e] = gx_B * u[:, s:e] + torch.einsum("btdn,dn->btd", w, A)
+            gu[:, s:e] = gx_B * delta[:, s:e]
+            gA += torch.einsum("btdn,btd->dn", w, delta[:, s:e])
+            carry = a[:, 0] * gh[:, 0]
+        gh0 = carry if h0 is not None else None
+        return gu, gdelta, gA, gB, gC, gh0, None, None, None
+
+
+def _group_len(batch: int, dim: int, d_state: int, device: torch.device, chunk: int) -> int:
+    per_step = max(1, batch * dim * d_state)
+    budget = GROUP_ELEMENTS.get(device.type, GROUP_ELEMENTS["cuda"])
+    steps = max(1, budget // per_step)
+    return max(chunk, (steps // chunk) * chunk) if chunk else steps
+
+
+def _selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                         chunked=True, chunk_size=None, group_len=None):
+    """Shared wrapper of the torch paths: chunked parallel scan (``chunked``) or lean sequential loop.
+
+    B, C grouped (B, L, G, N). Gating, skip and softplus are elementwise (B, L, D) ops under autograd; the
+    scan itself is ``_ScanFn``. Peak extra memory O(B*T*D*N) for a time group of T = group_len steps
+    (about 7 tensors of GROUP_ELEMENTS elements in backward), plus O(B*L*D) for activations.
+    """
+    dtype = _compute_dtype(u)
+    batch, seqlen, dim = u.shape
+    chunk = (chunk_size or CHUNK_SIZE) if chunked else 0
+    group = group_len or _group_len(batch, dim, A.shape[1], u.device, chunk)
+    uc, Ac = u.to(dtype), A.to(dtype)
+    dc = delta.to(dtype)
+    if delta_bias is not None:
+        dc = dc + delta_bias.to(dtype)
+    if delta_softplus:
+        dc = F.softplus(dc)
+    h0 = None if initial_state is None else initial_state.to(dtype)
+    reset = None if seq_idx is None else reset_mask(seq_idx)
+    y, h = _ScanFn.apply(uc, dc, Ac, B.to(dtype), C.to(dtype), h0, reset, chunk, group)
+    if D is not None:
+        y = y + D.to(dtype) * uc
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y, h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatch
+
+
+@functools.cache
+def _triton_module(name: str):
+    """The Triton kernel module, or None when it cannot be imported here."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"seqlab.ops.triton.{name}")
+    except ImportError:
+        return None
+
+
+def _cpu_prefers_chunked(batch: int, dim: int, d_state: int) -> bool:
+    return batch * dim * d_state <= CPU_CHUNKED_MAX_STATE
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Mamba-1 selective scan. u, delta, z (B, L, D); A (D, N); B, C (B, L, N) or (B, L, G, N); D, delta_bias (D,);
+    initial_state (B, D, N); seq_idx (B, L) int document ids (the state resets where the id changes;
+    initial_state applies to each row's first document only).
+
+    Returns y (B, L, D) in u's dtype, or (y, final_state) with final_state (B, D, N) float32 (float64 for float64
+    inputs) when return_final_state. backend: "auto" | "ref" | "torch" | "triton".
+    """
+    B4, C4 = _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, backend)
+    tensors = (u, delta, A, B4, C4, D, z, delta_bias, initial_state)
+    if backend == "auto":
+        if u.is_cuda:
+            use_triton = triton_usable(*tensors) and _triton_module("selective_scan") is not None
+            backend = "triton" if use_triton else "torch"
+        else:
+            backend = "torch" if _cpu_prefers_chunked(u.shape[0], u.shape[2], A.shape[1]) else "loop"
+    if backend == "triton":
+        require_triton("selective_scan", *tensors)
+        from seqlab.ops.triton.selective_scan import selective_scan_triton
+
+        y, h = selective_scan_triton(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    elif backend == "ref":
+        y, h = _selective_scan_ref(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    else:
+        y, h = _selective_scan_fast(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                                    chunked=backend == "torch")
+    y = y.to(u.dtype)
+    return (y, h) if return_final_state else y
+
+
+def _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend):
+    check_backend(backend)
+    check_tensor("x", x, ("B", "D"))
+    dev = x.device
+    batch, dim = x.shape
+    check_tensor("state", state, ("B", "D", "N"), device=dev)
+    check_tensor("A", A, ("D", "N"), device=dev)
+    check_dim("A", A, 0, dim, "D, the channels of x")
+    d_state = A.shape[1]
+    if tuple(state.shape) != (batch, dim, d_state):
+        want = f"shape {(batch, dim, d_state)} (B of x, D of x, N of A)"
+        raise InputError("state", want, f"shape {tuple(state.shape)}")
+    check_tensor("dt", dt, ("B", "D"), device=dev)
+    if tuple(dt.shape) != tuple(x.shape):
+        raise InputError("dt", f"shape {tuple(x.shape)} like x", f"shape {tuple(dt.shape)}")
+    B3 = _as_grouped("B", B, ("B", "N"), ("B", "G", "N"), dev)
+    C3 = _as_grouped("C", C, ("B", "N"), ("B", "G", "N"), dev)
+    _check_groups("B", B3, 1, B3.shape[1], dim, (batch,), "batch")
+    check_dim("B", B3, 2, d_state, "N, the state size of A")
+    if tuple(C3.shape) != tuple(B3.shape) or C.dim() != B.dim():
+        raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
+    check_tensor("D", D, (dim,), optional=True, device=dev)
+    check_tensor("z", z, ("B", "D"), optional=True, device=dev)
+    if z is not None and tuple(z.shape) != tuple(x.shape):
+        raise InputError("z", f"shape {tuple(x.shape)} like x", f"shape {tuple(z.shape)}")
+    check_tensor("dt_bias", dt_bias, (dim,), optional=True, device=dev)
+    return B3, C3
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode step of the selective scan; updates ``state`` (B, D, N) in place and returns y (B, D).
+
+    x, dt, z (B, D); A (D, N); B, C (B, N) or (B, G, N); D, dt_bias (D,). Same math, in the same float order, as
+    one position of ``selective_scan``.
+    """
+    B3, C3 = _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend)
+    if backend == "triton" or (backend == "auto" and x.is_cuda and triton_usable(state, x, dt, A, B3, C3)
+                               and _triton_module("decode") is not None):
+        require_triton("selective_state_update", state, x, dt, A, B3, C3, D, z, dt_bias)
+        from seqlab.ops.triton.decode import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus)
+    dtype = state.dtype if state.dtype == torch.float64 else torch.float32
+    batch, dim = x.shape
+    G = B3.shape[1]
+    xc, delta = x.to(dtype), dt.to(dtype)
+    if dt_bias is not None:
+        delta = delta + dt_bias.to(dtype)
+    if dt_softplus:
+        delta = F.softplus(delta)
+    a = torch.exp(delta.unsqueeze(-1) * A.to(dtype))  # (B, D, N)
+    du = (delta * xc).view(batch, G, dim // G, 1)
+    inp = (du * B3.to(dtype).unsqueeze(2)).flatten(1, 2)  # (B, D, N)
+    h = inp.addcmul_(a, state.to(dtype))
+    state.copy_(h)
+    y = torch.einsum("bgdn,bgn->bgd", h.unflatten(1, (G, dim // G)), C3.to(dtype)).flatten(1)  # (B, D)
+    if D is not None:
+        y = y + D.to(dtype) * xc
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(x.dtype)
