@@ -1,0 +1,301 @@
+"""Fused selective scan (Mamba-1, Gu & Dao 2023, Alg. 2) forward and backward in Triton.
+
+Recurrence per channel d and state index n (ZOH for A, Euler for B, as in the Mamba paper, sec. 3.2):
+    dt_t = softplus(delta_t + delta_bias)
+    h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t          h: (B, D, N) float32
+    y_t  = <h_t, C_t> + D u_t,   then y_t *= silu(z_t)
+
+Programs run over (batch, block of BLOCK_D channels). Time goes in tiles of BLOCK_T steps: a tile's
+(BLOCK_T, BLOCK_D, N) states are built in registers by an associative scan of the affine maps
+h -> a h + b, so the (B, L, D, N) state sequence never reaches memory. For the backward the forward
+stores only the state at each tile start (checkpoints, (B, L / BLOCK_T, D, N) float32); the backward walks
+the tiles in reverse, rebuilds each tile's states from its checkpoint, and runs the adjoint recurrence
+dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1} as a reverse associative scan.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqlab.ops.triton import doc_ids, next_pow2
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # composition of h -> a1 h + b1 then h -> a2 h + b2
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _load_tile(u_ptr, delta_ptr, bias_ptr, B_ptr, C_ptr, doc_ptr, A, pid_b, tile, L, DIM, G, N,
+               offs_t, offs_d, offs_n, mask_d, mask_n, g_block, g_d,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr, SAME_GROUP: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    """Loads one tile and forms the affine maps: returns u, raw delta, dt (T, BD); a, b, B, C (T, BD, BN)."""
+    t = tile * BLOCK_T + offs_t
+    mask_t = t < L
+    mask_td = mask_t[:, None] & mask_d[None, :]
+    row = pid_b.to(tl.int64) * L + t  # (T,)
+    io = row[:, None] * DIM + offs_d[None, :]
+    u = tl.load(u_ptr + io, mask=mask_td, other=0.0).to(tl.float32)
+    raw = tl.load(delta_ptr + io, mask=mask_td, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_td, dt, 0.0)  # padded steps become the identity map (a = 1, b = 0)
+    if SAME_GROUP:
+        bc = (row * G + g_block)[:, None] * N + offs_n[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        Bm = tl.load(B_ptr + bc, mask=mask_tn, other=0.0).to(tl.float32)[:, None, :]
+        Cm = tl.load(C_ptr + bc, mask=mask_tn, other=0.0).to(tl.float32)[:, None, :]
+    else:
+        bc = ((row[:, None] * G + g_d[None, :]) * N)[:, :, None] + offs_n[None, None, :]
+        mask3 = mask_td[:, :, None] & mask_n[None, None, :]
+        Bm = tl.load(B_ptr + bc, mask=mask3, other=0.0).to(tl.float32)
+        Cm = tl.load(C_ptr + bc, mask=mask3, other=0.0).to(tl.float32)
+    a = tl.exp(dt[:, :, None] * A[None, :, :])
+    if HAS_DOC:
+        doc = tl.load(doc_ptr + row, mask=mask_t, other=0)
+        prev = tl.load(doc_ptr + row - 1, mask=mask_t & (t > 0), other=0)
+        a = tl.where((doc != prev)[:, None, None], 0.0, a)  # a new document starts from a zero state
+    b = (dt * u)[:, :, None] * Bm
+    return u, raw, dt, a, b, Bm, Cm, mask_td
+
+
+@triton.jit
+def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, doc_ptr,
+                     y_ptr, final_ptr, ckpt_ptr,
+                     L, DIM, G, N, n_tiles,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, STORE_CKPT: tl.constexpr,
+                     SAME_GROUP: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)  # (BD, BN)
+    g_block = (pid_d * BLOCK_D) // (DIM // G)
+    g_d = offs_d // (DIM // G)
+    state_base = pid_b.to(tl.int64) * DIM * N
+    if HAS_INIT:
+        h = tl.load(init_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    last = (offs_t == BLOCK_T - 1)[:, None, None]
+    for tile in range(n_tiles):
+        if STORE_CKPT:
+            ck = (pid_b.to(tl.int64) * n_tiles + tile) * DIM * N
+            tl.store(ckpt_ptr + ck + dn, h, mask=mask_dn)
+        u, raw, dt, a, b, Bm, Cm, mask_td = _load_tile(
+            u_ptr, delta_ptr, bias_ptr, B_ptr, C_ptr, doc_ptr, A, pid_b, tile, L, DIM, G, N,
+            offs_t, offs_d, offs_n, mask_d, mask_n, g_block, g_d,
+            HAS_BIAS, SOFTPLUS, HAS_DOC, SAME_GROUP, BLOCK_T)
+        acum, bcum = tl.associative_scan((a, b), 0, _affine_combine)
+        hs = acum * h[None, :, :] + bcum  # (T, BD, BN) states of this tile
+        y = tl.sum(hs * Cm, axis=2)  # (T, BD)
+        if HAS_D:
+            y += Dskip[None, :] * u
+        io = (pid_b.to(tl.int64) * L + tile * BLOCK_T + offs_t)[:, None] * DIM + offs_d[None, :]
+        if HAS_Z:
+            zv = tl.load(z_ptr + io, mask=mask_td, other=0.0).to(tl.float32)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=mask_td)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+    tl.store(final_ptr + state_base + dn, h, mask=mask_dn)
+
+
+@triton.jit
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, ckpt_ptr,
+                     dy_ptr, dfinal_ptr,
+                     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dinit_ptr,
+                     L, DIM, G, N, n_tiles,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr, SAME_GROUP: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    g_block = (pid_d * BLOCK_D) // (DIM // G)
+    g_d = offs_d // (DIM // G)
+    state_base = pid_b.to(tl.int64) * DIM * N
+    if HAS_DFINAL:
+        carry = tl.load(dfinal_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    t3 = offs_t[:, None, None] + tl.zeros((BLOCK_T, BLOCK_D, BLOCK_N), dtype=tl.int32)
+    first = t3 == 0
+    last = t3 == BLOCK_T - 1
+    idx_prev = tl.maximum(t3 - 1, 0)
+    idx_next = tl.minimum(t3 + 1, BLOCK_T - 1)
+    for i in range(n_tiles):
+        tile = n_tiles - 1 - i
+        ck = (pid_b.to(tl.int64) * n_tiles + tile) * DIM * N
+        h0 = tl.load(ckpt_ptr + ck + dn, mask=mask_dn, other=0.0)
+        u, raw, dt, a, b, Bm, Cm, mask_td = _load_tile(
+            u_ptr, delta_ptr, bias_ptr, B_ptr, C_ptr, doc_ptr, A, pid_b, tile, L, DIM, G, N,
+            offs_t, offs_d, offs_n, mask_d, mask_n, g_block, g_d,
+            HAS_BIAS, SOFTPLUS, HAS_DOC, SAME_GROUP, BLOCK_T)
+        acum, bcum = tl.associative_scan((a, b), 0, _affine_combine)
+        hs = acum * h0[None, :, :] + bcum
+        hprev = tl.where(first, h0[None, :, :], tl.gather(hs, idx_prev, 0))  # h_{t-1}
+        row = pid_b.to(tl.int64) * L + tile * BLOCK_T + offs_t
+        io = row[:, None] * DIM + offs_d[None, :]
+        dy = tl.load(dy_ptr + io, mask=mask_td, other=0.0).to(tl.float32)
+        if HAS_Z:
+            y = tl.sum(hs * Cm, axis=2)
+            if HAS_D:
+                y += Dskip[None, :] * u
+            zv = tl.load(z_ptr + io, mask=mask_td, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zv)
+            dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
+            tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=mask_td)
+            dy = dy * zv * sz
+        # adjoint: dh_t = C_t dy_t + a_{t+1} dh_{t+1}; the next tile's a_{t+1} dh_{t+1} arrives as `carry`
+        g = dy[:, :, None] * Cm + tl.where(last, carry[None, :, :], 0.0)
+        anext = tl.where(last, 0.0, tl.gather(a, idx_next, 0))
+        _, dh = tl.associative_scan((anext, g), 0, _affine_combine, reverse=True)
+        carry = tl.sum(tl.where(first, a * dh, 0.0), axis=0)
+        dC = dy[:, :, None] * hs
+        dB = dh * (dt * u)[:, :, None]
+        dx = tl.sum(dh * Bm, axis=2)
+        du = dx * dt
+        if HAS_D:
+            du += Dskip[None, :] * dy
+            dD_acc += tl.sum(dy * u, axis=0)
+        ah = a * hprev
+        ddt = dx * u + tl.sum(dh * A[None, :, :] * ah, axis=2)
+        ddt = tl.where(mask_td, ddt, 0.0)
+        dA_acc += tl.sum(dh * dt[:, :, None] * ah, axis=0)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=mask_td)
+        tl.store(ddelta_ptr + io, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
+        mask_t = (tile * BLOCK_T + offs_t) < L
+        if SAME_GROUP:
+            bc = (row * G + g_block)[:, None] * N + offs_n[None, :]
+            mask_tn = mask_t[:, None] & mask_n[None, :]
+            tl.atomic_add(dB_ptr + bc, tl.sum(dB, axis=1), mask=mask_tn)
+            tl.atomic_add(dC_ptr + bc, tl.sum(dC, axis=1), mask=mask_tn)
+        else:
+            bc = ((row[:, None] * G + g_d[None, :]) * N)[:, :, None] + offs_n[None, None, :]
+            mask3 = mask_td[:, :, None] & mask_n[None, None, :]
+            tl.atomic_add(dB_ptr + bc, dB, mask=mask3)
+            tl.atomic_add(dC_ptr + bc, dC, mask=mask3)
+    # per-batch partial sums (reduced over the batch on the host side): no atomics needed
+    tl.store(dA_ptr + state_base + dn, dA_acc, mask=mask_dn)
+    tl.store(dinit_ptr + state_base + dn, carry, mask=mask_dn)
+    tl.store(dD_ptr + pid_b * DIM + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
+
+
+def _config(dim: int, n: int, groups: int) -> dict:
+    block_n = next_pow2(n)
+    block_t = 16
+    block_d = max(1, min(64, 4096 // (block_t * block_n), next_pow2(dim)))
+    same_group = (dim // groups) % block_d == 0
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, SAME_GROUP=same_group)
+
+
+def _num_warps(cfg: dict) -> int:
+    return 8 if cfg["BLOCK_T"] * cfg["BLOCK_D"] * cfg["BLOCK_N"] >= 4096 else 4
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+        batch, L, dim = u.shape
+        groups, n = B.shape[2], B.shape[3]
+        u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+        z = z.contiguous() if z is not None else None
+        A = A.contiguous()
+        doc = doc_ids(seq_idx)
+        cfg = _config(dim, n, groups)
+        n_tiles = triton.cdiv(L, cfg["BLOCK_T"])
+        need_grad = any(ctx.needs_input_grad)
+        y = torch.empty_like(u)
+        final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+        ckpt = torch.empty(batch, n_tiles, dim, n, device=u.device, dtype=torch.float32) if need_grad else final
+        init = initial_state.contiguous() if initial_state is not None else None
+        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+        _scan_fwd_kernel[grid](
+            u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt,
+            L, dim, groups, n, n_tiles,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), HAS_INIT=init is not None, HAS_DOC=doc is not None,
+            STORE_CKPT=need_grad, num_warps=_num_warps(cfg), **cfg)
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, doc, ckpt)
+            ctx.delta_softplus = bool(delta_softplus)
+            ctx.has_init = initial_state is not None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        u, delta, A, B, C, D, z, delta_bias, doc, ckpt = ctx.saved_tensors
+        batch, L, dim = u.shape
+        groups, n = B.shape[2], B.shape[3]
+        cfg = _config(dim, n, groups)
+        n_tiles = ckpt.shape[1]
+        if dy is None:
+            dy = torch.zeros_like(u)
+        dy = dy.contiguous()
+        dfinal = dfinal.contiguous() if dfinal is not None else None
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        f32 = dict(device=u.device, dtype=torch.float32)
+        dA = torch.empty(batch, dim, n, **f32)
+        dB = torch.zeros(B.shape, **f32)
+        dC = torch.zeros(C.shape, **f32)
+        dD = torch.empty(batch, dim, **f32)
+        dbias = torch.empty(batch, dim, **f32)
+        dinit = torch.empty(batch, dim, n, **f32)
+        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+        _scan_bwd_kernel[grid](
+            u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal,
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit,
+            L, dim, groups, n, n_tiles,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=ctx.delta_softplus, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None,
+            num_warps=_num_warps(cfg), **cfg)
+        dD = dD.sum(0).to(D.dtype) if D is not None else None
+        dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        dinit = dinit if ctx.has_init else None
+        return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, dinit, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+    """Fused selective scan. u, delta, z (B, L, D); A (D, N); B, C (B, L, G, N); D, delta_bias (D,);
+    initial_state (B, D, N) float32 or None; seq_idx (B, L) or None. Returns (y (B, L, D), final_state (B, D, N))."""
+    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
