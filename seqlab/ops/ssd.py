@@ -68,11 +68,11 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, chunk_size=
         check_dim(name, t, 1, seqlen, "seqlen of x")
         if t.dtype != x.dtype:
             raise InputError(name, f"dtype {x.dtype} like x", f"dtype {t.dtype}")
-    if C.shape != B.shape:
-        raise InputError("C", f"shape {tuple(B.shape)} like B", f"shape {tuple(C.shape)}")
     ngroups, d_state = B.shape[2], B.shape[3]
     if ngroups == 0 or nheads % ngroups != 0:
         raise InputError("B", f"a number of groups G dividing nheads={nheads} (dim 2)", f"G={ngroups}")
+    if C.shape != B.shape:
+        raise InputError("C", f"shape {tuple(B.shape)} like B", f"shape {tuple(C.shape)}")
     if D is not None:
         check_tensor("D", D, None, device=dev)
         if tuple(D.shape) not in ((nheads,), (nheads, headdim)):
@@ -343,11 +343,11 @@ def _validate_step(state, x, dt, A, B, C, D, z, dt_bias):
     for name, t in (("B", B), ("C", C)):
         if t.dtype != x.dtype:
             raise InputError(name, f"dtype {x.dtype} like x", f"dtype {t.dtype}")
-    if C.shape != B.shape:
-        raise InputError("C", f"shape {tuple(B.shape)} like B", f"shape {tuple(C.shape)}")
     ngroups, d_state = B.shape[1], B.shape[2]
     if ngroups == 0 or nheads % ngroups != 0:
         raise InputError("B", f"a number of groups G dividing nheads={nheads} (dim 1)", f"G={ngroups}")
+    if C.shape != B.shape:
+        raise InputError("C", f"shape {tuple(B.shape)} like B", f"shape {tuple(C.shape)}")
     check_tensor("state", state, (batch, nheads, headdim, d_state), device=dev)
     if D is not None:
         check_tensor("D", D, None, device=dev)
