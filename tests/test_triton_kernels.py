@@ -161,3 +161,101 @@ def test_selective_scan_triton_extreme_dt_stays_finite():
     y.sum().backward()
     for t in ins:
         assert torch.isfinite(t.grad).all()
+
+
+# ----------------------------------------------------------------------------------------- causal conv1d
+
+
+CONV_CASES = {
+    # name: (batch, seqlen, dim, width, options)
+    "w4_silu_bias": (2, 70, 24, 4, dict(silu=True, bias=True)),
+    "w2_plain": (1, 9, 8, 2, dict()),
+    "w3_state_docs": (2, 67, 16, 3, dict(silu=True, bias=True, init=True, seq_idx=True)),
+    "w4_short_with_state": (2, 2, 8, 4, dict(silu=True, init=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_causal_conv1d_triton_matches_ref(case):
+    from seqlab.ops.conv import causal_conv1d
+    from seqlab.ops.triton.conv import causal_conv1d_triton
+
+    batch, seqlen, dim, W, opts = CONV_CASES[case]
+    gen = torch.Generator().manual_seed(2)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
+    x, weight = r(batch, seqlen, dim), r(dim, W)
+    bias = r(dim) if opts.get("bias") else None
+    init = r(batch, dim, W - 1) if opts.get("init") else None
+    seq_idx = make_seq_idx(batch, seqlen, gen) if opts.get("seq_idx") else None
+    act = "silu" if opts.get("silu") else None
+    ins = leaves(x, weight, bias, init)
+    y, fin = causal_conv1d_triton(ins[0], ins[1], ins[2], act, ins[3], seq_idx)
+    ins_ref = [t.double() if t is not None else None for t in leaves(x, weight, bias, init)]
+    ins_ref = leaves(*ins_ref)
+    y_ref, fin_ref = causal_conv1d(ins_ref[0], ins_ref[1], ins_ref[2], act, ins_ref[3], return_final_state=True,
+                                   seq_idx=seq_idx, backend="ref")
+    assert_close("y", y, y_ref)
+    assert_close("final_state", fin, fin_ref)
+    gs = grads_of([y, fin], ins, seed=3)
+    gs_ref = grads_of([y_ref, fin_ref], ins_ref, seed=3)
+    for name, g, g_ref in zip(["x", "weight", "bias", "initial_state"], gs, gs_ref):
+        if g_ref is not None:
+            assert_close(f"grad {name}", g, g_ref)
+
+
+# ----------------------------------------------------------------------------------------- decode steps
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_selective_state_update_triton_matches_ref(groups):
+    from seqlab.ops.selective_scan import selective_state_update
+    from seqlab.ops.triton.decode import selective_state_update_triton
+
+    batch, dim, N = 3, 12, 5
+    gen = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
+    state = r(batch, dim, N)
+    x, dt, z = r(batch, dim), r(batch, dim), r(batch, dim)
+    A, B, C, D, dt_bias = -torch.exp(r(dim, N)), r(batch, groups, N), r(batch, groups, N), r(dim), r(dim)
+    state_ref = state.clone()
+    y = selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, True)
+    y_ref = selective_state_update(state_ref, x, dt, A, B, C, D, z, dt_bias, True, backend="ref")
+    assert_close("y", y, y_ref)
+    assert_close("state", state, state_ref)
+
+
+@pytest.mark.parametrize("d_shape", ["per_head", "per_channel"])
+def test_ssd_state_update_triton_matches_ref(d_shape):
+    from seqlab.ops.ssd import ssd_state_update
+    from seqlab.ops.triton.decode import ssd_state_update_triton
+
+    batch, H, P, G, N = 2, 4, 6, 2, 8
+    gen = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
+    state = r(batch, H, P, N)
+    x, z, dt = r(batch, H, P), r(batch, H, P), r(batch, H)
+    A, B, C, dt_bias = -torch.exp(r(H)), r(batch, G, N), r(batch, G, N), r(H)
+    D = r(H) if d_shape == "per_head" else r(H, P)
+    state_ref = state.clone()
+    y = ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, True)
+    y_ref = ssd_state_update(state_ref, x, dt, A, B, C, D, z, dt_bias, True, backend="ref")
+    assert_close("y", y, y_ref)
+    assert_close("state", state, state_ref)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_conv_step_triton_matches_ref(width):
+    from seqlab.ops.conv import conv_step
+    from seqlab.ops.triton.decode import conv_step_triton
+
+    batch, dim = 2, 10
+    gen = torch.Generator().manual_seed(6)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
+    state, x, weight, bias = r(batch, dim, width - 1), r(batch, dim), r(dim, width), r(dim)
+    state_ref = state.clone()
+    for _ in range(3):  # the state carries across steps
+        y = conv_step_triton(state, x, weight, bias, "silu")
+        y_ref = conv_step(state_ref, x, weight, bias, "silu", backend="ref")
+        assert_close("y", y, y_ref)
+        assert_close("state", state, state_ref)
+        x = r(batch, dim)

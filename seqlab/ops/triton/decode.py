@@ -1,0 +1,183 @@
+"""One-token decode steps in Triton: each is one launch that updates its state in place.
+
+No host synchronisation and no size-dependent Python branching on values, so a decode loop built from these
+can be captured in a CUDA graph. The math is one position of the matching parallel op:
+    selective_state_update: h = exp(dt A) h + dt x B;  y = <h, C> + D x;  y *= silu(z)   (state (B, D, N))
+    ssd_state_update:       same with a scalar A per head                              (state (B, H, P, N))
+    conv_step:              y = act(bias + sum_k w[k] window[k]), window = (state, x); state <- window[1:]
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqlab.ops.triton import next_pow2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+                           DIM, G, N,
+                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < DIM
+    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
+    bd = b.to(tl.int64) * DIM + offs_d
+    x = tl.load(x_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    g = offs_d // (DIM // G)
+    bc = (b.to(tl.int64) * G + g[:, None]) * N + offs_n[None, :]
+    Bm = tl.load(B_ptr + bc, mask=mask_dn, other=0.0).to(tl.float32)
+    Cm = tl.load(C_ptr + bc, mask=mask_dn, other=0.0).to(tl.float32)
+    sp = state_ptr + bd[:, None] * N + offs_n[None, :]
+    h = tl.load(sp, mask=mask_dn, other=0.0).to(tl.float32)
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bm
+    tl.store(sp, h.to(state_ptr.dtype.element_ty), mask=mask_dn)
+    y = tl.sum(h * Cm, axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + bd, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """state (B, D, N) updated in place; x, dt, z (B, D); A (D, N); B, C (B, G, N); D, dt_bias (D,). Returns y (B, D)."""
+    batch, dim = x.shape
+    G, N = B.shape[1], B.shape[2]
+    x, dt, A, B, C = x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous()
+    z = z.contiguous() if z is not None else None
+    if not state.is_contiguous():
+        raise ValueError("selective_state_update_triton: state must be contiguous (it is updated in place)")
+    y = torch.empty_like(x)
+    block_n = next_pow2(N)
+    block_d = max(1, min(64, 2048 // block_n, next_pow2(dim)))
+    grid = (batch, triton.cdiv(dim, block_d))
+    _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, y, dim, G, N,
+                                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+                                 SOFTPLUS=bool(dt_softplus), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
+    return y
+
+
+@triton.jit
+def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+                     H, P, G, N,
+                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    h_idx = tl.program_id(1)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    bh = b.to(tl.int64) * H + h_idx
+    dt = tl.load(dt_ptr + bh).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + h_idx).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    decay = tl.exp(dt * tl.load(A_ptr + h_idx).to(tl.float32))
+    g = h_idx // (H // G)
+    bc = (b.to(tl.int64) * G + g) * N + offs_n
+    Bv = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
+    xp = bh * P + offs_p
+    x = tl.load(x_ptr + xp, mask=mask_p, other=0.0).to(tl.float32)
+    sp = state_ptr + xp[:, None] * N + offs_n[None, :]
+    s = tl.load(sp, mask=mask_pn, other=0.0).to(tl.float32)
+    s = decay * s + (dt * x)[:, None] * Bv[None, :]
+    tl.store(sp, s.to(state_ptr.dtype.element_ty), mask=mask_pn)
+    y = tl.sum(s * Cv[None, :], axis=1)
+    if HAS_D:
+        if D_PER_P:
+            y += tl.load(D_ptr + h_idx * P + offs_p, mask=mask_p, other=0.0).to(tl.float32) * x
+        else:
+            y += tl.load(D_ptr + h_idx).to(tl.float32) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + xp, mask=mask_p, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(y_ptr + xp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+
+
+def ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """state (B, H, P, N) updated in place; x, z (B, H, P); dt (B, H); A, dt_bias (H,); B, C (B, G, N);
+    D (H,) or (H, P). Returns y (B, H, P)."""
+    batch, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+    z = z.contiguous() if z is not None else None
+    D = D.contiguous() if D is not None else None
+    if not state.is_contiguous():
+        raise ValueError("ssd_state_update_triton: state must be contiguous (it is updated in place)")
+    y = torch.empty_like(x)
+    block_n = next_pow2(N)
+    block_p = max(1, min(next_pow2(P), 4096 // block_n))
+    grid = (batch, H, triton.cdiv(P, block_p))
+    _ssd_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, y, H, P, G, N,
+                           HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
+                           HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+                           BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+    return y
+
+
+@triton.jit
+def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, DIM,
+                      W: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
+    b = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_d = offs_d < DIM
+    bd = b.to(tl.int64) * DIM + offs_d
+    x = tl.load(x_ptr + bd, mask=mask_d, other=0.0)
+    # window (BD, BLOCK_W): slots 0..W-2 from the state, slot W-1 is x
+    in_state = (offs_w < W - 1)[None, :] & mask_d[:, None]
+    sp = state_ptr + bd[:, None] * (W - 1) + offs_w[None, :]
+    window = tl.load(sp, mask=in_state, other=0.0).to(tl.float32)
+    window = tl.where((offs_w == W - 1)[None, :], x.to(tl.float32)[:, None], window)
+    w = tl.load(w_ptr + offs_d[:, None] * W + offs_w[None, :], mask=(offs_w < W)[None, :] & mask_d[:, None],
+                other=0.0).to(tl.float32)
+    y = tl.sum(window * w, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + bd, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    # shift left: new slot j takes window slot j+1 (read from memory again: registers cannot be shifted)
+    nxt = offs_w + 1
+    old = tl.load(state_ptr + bd[:, None] * (W - 1) + nxt[None, :], mask=(nxt < W - 1)[None, :] & mask_d[:, None],
+                  other=0.0)
+    new = tl.where((nxt == W - 1)[None, :], x[:, None].to(old.dtype), old)
+    tl.debug_barrier()
+    tl.store(sp, new, mask=in_state)
+
+
+def conv_step_triton(conv_state, x, weight, bias, activation):
+    """conv_state (B, D, W-1) updated in place (shift left, append x); x (B, D); weight (D, W). Returns y (B, D)."""
+    batch, dim = x.shape
+    W = weight.shape[1]
+    if not conv_state.is_contiguous():
+        raise ValueError("conv_step_triton: conv_state must be contiguous (it is updated in place)")
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(x)
+    block_d = min(256, next_pow2(dim))
+    grid = (batch, triton.cdiv(dim, block_d))
+    _conv_step_kernel[grid](conv_state, x, weight, bias, y, dim, W=W, SILU=activation == "silu",
+                            HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_W=max(2, next_pow2(W)), num_warps=4)
+    return y
