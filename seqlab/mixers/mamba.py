@@ -1,0 +1,163 @@
+"""Mamba-1 block: the selective state-space layer of Gu & Dao 2023 ("Mamba: Linear-Time Sequence Modeling with
+Selective State Spaces", Sec. 3 and Fig. 3).
+
+    x, z   = in_proj(u)                                  # (B, L, D) each, D = d_inner = expand * d_model
+    x      = silu(conv1d(x))                              # depthwise causal, width d_conv
+    dt, B, C = x_proj(x)                                  # (B, L, R), (B, L, N), (B, L, N), R = dt_rank
+    delta  = softplus(dt_proj(dt))                        # (B, L, D), input-dependent step Δ
+    h_t    = exp(delta_t A) h_{t-1} + delta_t B_t x_t     # A = -exp(A_log) (D, N), S4D-real init
+    y      = (C_t h_t + D x_t) * silu(z)
+    out    = out_proj(y)
+
+Glossary: B batch, L length, D d_inner channels, N d_state, R dt_rank, W d_conv.
+Parameter names and shapes follow the reference implementation (``in_proj``, ``conv1d.weight (D, 1, W)``,
+``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so checkpoints interoperate.
+
+``bcdt_norm`` (Falcon Mamba): weightless RMSNorm over each of dt, B and C (their last dim) right after
+``x_proj``, which keeps the scan stable at scale.
+
+State: ``conv (B, D, W-1)`` the last W-1 inputs of the convolution and ``ssm (B, D, N)``, both float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlab import ops
+from seqlab.errors import ConfigError, InputError
+from seqlab.mixers._init import dt_bias_init
+from seqlab.mixers.base import MixerState
+from seqlab.mixers.norm import rms_norm
+
+
+class Mamba(nn.Module):
+    """Sequence mixer ``x (B, L, d_model) -> (B, L, d_model)``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        proj_bias: bool = False,
+        bcdt_norm: bool = False,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        if not isinstance(dt_rank, int) or dt_rank < 1:
+            raise ConfigError(f"Mamba: dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+        if d_conv < 2:
+            raise ConfigError(f"Mamba: d_conv must be >= 2, got {d_conv}")
+        self.d_model, self.d_state, self.d_conv, self.dt_rank = d_model, d_state, d_conv, dt_rank
+        self.d_inner = expand * d_model
+        self.bcdt_norm, self.norm_eps = bcdt_norm, norm_eps
+        D = self.d_inner
+
+        self.in_proj = nn.Linear(d_model, 2 * D, bias=proj_bias)
+        self.conv1d = nn.Conv1d(D, D, d_conv, groups=D, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(D, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, D, bias=True)
+        nn.init.uniform_(self.dt_proj.weight, -(dt_rank**-0.5), dt_rank**-0.5)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt_bias_init(D, dt_min, dt_max, dt_init_floor))
+        self.dt_proj.bias._no_reinit = True  # the model's generic init must keep this bias
+        # S4D-real: A_n = -(n + 1) for every channel
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(D, 1)  # (D, N)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(D))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(D, d_model, bias=proj_bias)
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int = 0) -> Mamba:
+        return cls(
+            config.d_model,
+            d_state=config.d_state,
+            d_conv=config.d_conv,
+            expand=config.expand,
+            dt_rank=config.dt_rank,
+            dt_min=config.dt_min,
+            dt_max=config.dt_max,
+            dt_init_floor=config.dt_init_floor,
+            conv_bias=config.conv_bias,
+            proj_bias=config.proj_bias,
+            bcdt_norm=getattr(config, "bcdt_norm", False),
+            norm_eps=getattr(config, "norm_eps", 1e-5),
+        )
+
+    # ----------------------------------------------------------------------------------------------- state
+
+    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None) -> MixerState:
+        """Constant-size state; ``max_seqlen`` and ``dtype`` are ignored (SSM states are float32)."""
+        device = self.A_log.device if device is None else device
+        return MixerState(
+            conv=torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=torch.float32),
+            ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32) -> int:
+        return 4 * batch * self.d_inner * (self.d_conv - 1 + self.d_state)
+
+    # --------------------------------------------------------------------------------------------- forward
+
+    def _split_x_proj(self, x: torch.Tensor):
+        """x (..., D) -> dt (..., R), B (..., N), C (..., N), normalised when ``bcdt_norm``."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bcdt_norm:
+            dt, B, C = (rms_norm(t, None, self.norm_eps) for t in (dt, B, C))
+        return dt, B, C
+
+    def forward(
+        self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise InputError("x", f"a (B, L, {self.d_model}) tensor", f"shape {tuple(x.shape)}")
+        L = x.shape[1]
+        A = -torch.exp(self.A_log.float())  # (D, N)
+        conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
+
+        if state is not None and L == 1:  # decode: O(1) step
+            xt = ops.conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")  # (B, D)
+            dt, B, C = self._split_x_proj(xt)
+            delta = F.linear(dt, self.dt_proj.weight)  # (B, D)
+            y = ops.selective_state_update(
+                state["ssm"], xt, delta, A, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True
+            )
+            state.offset += 1
+            return self.out_proj(y.unsqueeze(1))
+
+        if state is None:
+            xs = ops.causal_conv1d(xs, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
+        else:
+            xs, conv_final = ops.causal_conv1d(
+                xs, conv_weight, self.conv1d.bias, activation="silu", initial_state=state["conv"],
+                return_final_state=True, seq_idx=seq_idx,
+            )
+        dt, B, C = self._split_x_proj(xs)  # (B, L, R), (B, L, N), (B, L, N)
+        delta = F.linear(dt, self.dt_proj.weight)  # (B, L, D)
+        out = ops.selective_scan(
+            xs, delta, A, B, C, self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+            initial_state=None if state is None else state["ssm"], return_final_state=state is not None,
+            seq_idx=seq_idx,
+        )
+        if state is not None:
+            y, ssm_final = out
+            state["conv"].copy_(conv_final.detach())
+            state["ssm"].copy_(ssm_final.detach())
+            state.offset += L
+        else:
+            y = out
+        return self.out_proj(y)
