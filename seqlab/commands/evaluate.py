@@ -1,0 +1,88 @@
+"""seqlab eval: accuracy of a saved checkpoint on fresh test samples of a task, per length."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "evaluate a checkpoint on fresh test samples of a task (accuracy and exact match per length)"
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory holding one)")
+    parser.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
+    parser.add_argument("--lengths", help="comma-separated sequence lengths (default: the training length)")
+    parser.add_argument("--seed", type=int, default=0, help="test-split seed (default 0)")
+    parser.add_argument("--samples", type=int, default=256, help="samples per length (default 256)")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default 32)")
+    parser.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task argument (repeatable)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def parse_lengths(text: str | None, option: str = "--lengths") -> list[int] | None:
+    from seqlab.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise ConfigError(f"{option}: expected comma-separated integers like 256,512, got {text!r}") from err
+    if not lengths or min(lengths) < 2:
+        raise ConfigError(f"{option}: expected lengths >= 2, got {text!r}")
+    return lengths
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    from seqlab.errors import CheckpointError
+    from seqlab.train import CHECKPOINT_NAME
+
+    path = Path(path)
+    if (path / CHECKPOINT_NAME / "model.safetensors").exists() or (path / CHECKPOINT_NAME).is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"--checkpoint: {str(path)!r} does not exist")
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"--checkpoint: {str(path)!r} lacks config.json/model.safetensors; not a checkpoint")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from seqlab.commands.train import make_task_checked, parse_assignments
+    from seqlab.errors import ConfigError
+    from seqlab.evaluate import evaluate_model
+    from seqlab.io import read_json
+    from seqlab.models import LanguageModel
+    from seqlab.train import resolve_device
+
+    device = resolve_device(args.device)
+    lengths = parse_lengths(args.lengths)
+    if args.samples < 1:
+        raise ConfigError(f"--samples: expected >= 1, got {args.samples}")
+    checkpoint = find_checkpoint(args.checkpoint)
+    info = read_json(checkpoint / "trainer.json", "checkpoint") if (checkpoint / "trainer.json").exists() else {}
+    spec = info.get("task") or {}
+    name = args.task or spec.get("name")
+    if name is None:
+        raise ConfigError("--task: required (the checkpoint does not record its task)")
+    task_args = dict(spec.get("args", {})) if name == spec.get("name") else {}
+    task_args.update(parse_assignments(args.task_arg, "--task-arg"))
+    task = make_task_checked(name, task_args)
+    model = LanguageModel.load(checkpoint, device=str(device))
+    lengths = lengths or [info.get("seqlen") or task.default_seqlen]
+    dtype = (info.get("train_config") or {}).get("dtype", "auto")
+    rows = [
+        evaluate_model(model, task, seqlen=length, samples=args.samples, batch_size=args.batch_size,
+                       seed=args.seed, device=device, dtype=dtype)
+        for length in lengths
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps({"checkpoint": str(checkpoint), "task": name, "task_args": task_args, "results": rows}))
+        return 0
+    print(f"{name} on {checkpoint} (seed {args.seed}, {args.samples} samples per length)")
+    print(f"  {'length':>8}  {'accuracy':>9}  {'exact':>7}  {'loss':>8}")
+    for row in rows:
+        print(f"  {row['length']:>8}  {row['accuracy']:>9.4f}  {row['exact_match']:>7.4f}  {row['loss']:>8.4f}")
+    return 0
