@@ -1,3 +1,33 @@
-"""seqlab: sequence models — attention, S4, Mamba, Mamba-2 and hybrids — built, trained, measured and run."""
+"""seqlab: sequence models — attention, S4, Mamba, Mamba-2 and hybrids — built, trained, measured and run.
+
+Light to import: the names below load their modules (and torch) on first use.
+
+    import seqlab
+    model = seqlab.from_preset("mamba", "tiny")
+    ids = seqlab.generate(model, prompt_ids, max_new_tokens=20, temperature=0)
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "generate": "seqlab.generation",
+    "LanguageModel": "seqlab.models.language_model",
+    "ModelConfig": "seqlab.models.config",
+    "from_preset": "seqlab.models.presets",
+    "preset_config": "seqlab.models.presets",
+    "ByteTokenizer": "seqlab.tokenizer",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'seqlab' has no attribute {name!r}")

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from seqlab.errors import ConfigError
+
+PATTERN_TOKEN = re.compile(r"M2|M|A|S")
+CHANNEL_MIXERS = ("none", "swiglu", "moe")
 
 
 @dataclass
@@ -70,6 +74,42 @@ class ModelConfig:
     # --- Zamba: one shared attention+MLP block applied every k layers (0 = none) ---
     shared_attention_every: int = 0
 
+    # --- derived quantities (not fields: the JSON holds only the choices above) ---
+    @property
+    def vocab_size_padded(self) -> int:
+        """vocab_size rounded up to a multiple of pad_vocab_to_multiple (embedding and head rows)."""
+        m = max(1, int(self.pad_vocab_to_multiple or 1))
+        return -(-self.vocab_size // m) * m
+
+    def layer_kinds(self) -> list[str]:
+        """The mixer token of every layer: ``pattern`` tokenised (M2|M|A|S, spaces allowed), cycled to n_layers."""
+        tokens = parse_pattern(self.pattern)
+        return [tokens[i % len(tokens)] for i in range(self.n_layers)]
+
+    def channel_mixer(self, layer_idx: int) -> str:
+        """"none" | "swiglu" | "moe" for the layer: MoE on layers moe_every-1, 2*moe_every-1, ... (or on every
+        layer when mlp="moe" and moe_every=0); the other layers get ``mlp`` ("moe" falls back to "swiglu")."""
+        if self.mlp == "none":
+            return "none"
+        if self.moe_every > 0:
+            return "moe" if (layer_idx + 1) % self.moe_every == 0 else "swiglu"
+        return self.mlp
+
+    def validate(self) -> ModelConfig:
+        """Raise ConfigError naming the field when a value cannot build a model; returns self."""
+        for name in ("d_model", "n_layers", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config.{name}: expected a positive integer, got {value!r}")
+        if self.mlp not in CHANNEL_MIXERS:
+            raise ConfigError(f"config.mlp: expected one of {list(CHANNEL_MIXERS)}, got {self.mlp!r}")
+        if self.moe_every < 0:
+            raise ConfigError(f"config.moe_every: expected >= 0, got {self.moe_every}")
+        if self.shared_attention_every < 0:
+            raise ConfigError(f"config.shared_attention_every: expected >= 0, got {self.shared_attention_every}")
+        self.layer_kinds()
+        return self
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -99,3 +139,23 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config: {str(path)!r} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def parse_pattern(pattern: str) -> list[str]:
+    """``"M2 M2 A"`` -> ``["M2", "M2", "A"]``; ConfigError naming ``pattern`` on anything else."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"config.pattern: expected a string of mixer tokens (M2, M, A, S), got {pattern!r}")
+    compact = "".join(pattern.split())
+    tokens, pos = [], 0
+    while pos < len(compact):
+        match = PATTERN_TOKEN.match(compact, pos)
+        if match is None:
+            raise ConfigError(
+                f"config.pattern: unknown mixer token at {compact[pos:]!r} in {pattern!r}; "
+                "use M (Mamba), M2 (Mamba-2), A (attention), S (S4D), e.g. 'MMMAMMMM' or 'M2 M2 A'"
+            )
+        tokens.append(match.group())
+        pos = match.end()
+    if not tokens:
+        raise ConfigError(f"config.pattern: expected at least one mixer token (M2, M, A, S), got {pattern!r}")
+    return tokens

@@ -1,0 +1,31 @@
+"""Language models: a stack of mixers given by a pattern, presets of the published families, state and files.
+
+    from seqlab.models import LanguageModel, ModelConfig, from_preset, preset_config
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from seqlab.models.config import ModelConfig
+
+_EXPORTS = {
+    "LanguageModel": "seqlab.models.language_model",
+    "InferenceState": "seqlab.models.state",
+    "PRESETS": "seqlab.models.presets",
+    "SIZES": "seqlab.models.presets",
+    "preset_config": "seqlab.models.presets",
+    "from_preset": "seqlab.models.presets",
+    "save_model": "seqlab.models.checkpoint",
+    "load_model": "seqlab.models.checkpoint",
+}
+
+__all__ = ["ModelConfig", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'seqlab.models' has no attribute {name!r}")
