@@ -107,7 +107,7 @@ def ssd_cases(draw):
     return shape, opts, seq_idx, chunk_size, dt_softplus
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(ssd_cases())
 def test_chunked_equals_quadratic_equals_recurrence(case):
     shape, opts, seq_idx, chunk_size, dt_softplus = case
@@ -129,23 +129,40 @@ def test_chunked_equals_quadratic_equals_recurrence(case):
     torch.testing.assert_close(y_quad, y_ref0, **F64)
 
 
-def test_recurrence_matches_hand_computed_scalar_case():
-    """One head, P = N = 1, no softplus: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t, y_t = C_t h_t + D x_t."""
+@pytest.mark.parametrize("discretize", ["raw_dt", "softplus_of_dt_plus_bias"])
+def test_recurrence_matches_hand_computed_scalar_case(discretize):
+    """One head, P = N = 1: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t, y_t = C_t h_t + D x_t."""
     x = torch.tensor([1.0, 2.0, -1.0]).view(1, 3, 1, 1)
-    dt = torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1)
+    dt_in = torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1)
     A = torch.tensor([-1.0])
     B = torch.tensor([1.0, 0.5, 2.0]).view(1, 3, 1, 1)
     C = torch.tensor([2.0, 1.0, -1.0]).view(1, 3, 1, 1)
     D = torch.tensor([0.25])
+    if discretize == "raw_dt":
+        opts, dt = dict(dt_softplus=False), dt_in
+    else:
+        dt_bias = torch.tensor([-0.3])
+        opts, dt = dict(dt_bias=dt_bias), torch.log1p(torch.exp(dt_in + dt_bias))
     h, want = 0.0, []
     for t in range(3):
         h = torch.exp(dt[0, t, 0] * A[0]) * h + dt[0, t, 0] * x[0, t, 0, 0] * B[0, t, 0, 0]
         want.append(C[0, t, 0, 0] * h + D[0] * x[0, t, 0, 0])
     want = torch.stack(want).view(1, 3, 1, 1)
     for backend in ("ref", "torch"):
-        got = ssd(x, dt, A, B, C, chunk_size=2, D=D, dt_softplus=False, backend=backend)
+        got = ssd(x, dt_in, A, B, C, chunk_size=2, D=D, backend=backend, **opts)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ssd_quadratic(x, dt, A, B, C, D=D, dt_softplus=False), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ssd_quadratic(x, dt_in, A, B, C, D=D, **opts), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("D", ["H", "HP"])
+def test_skip_and_gate_follow_their_formula(D):
+    """y = (SSM(x) + D x) * silu(z), with D broadcast over headdim when it is (H,)."""
+    kw = make_inputs(D=D, z=True, seed=4)
+    core = ssd(**{k: v for k, v in kw.items() if k not in ("D", "z")}, chunk_size=8, backend="torch")
+    skip = kw["D"][:, None] if D == "H" else kw["D"]
+    want = (core + skip * kw["x"]) * torch.nn.functional.silu(kw["z"])
+    for backend in ("torch", "ref"):
+        torch.testing.assert_close(ssd(**kw, chunk_size=8, backend=backend), want, **F64)
 
 
 def test_heads_read_their_own_group():
@@ -174,7 +191,7 @@ def _grads(kw, backend, chunk_size, seq_idx):
     return {k: v.grad for k, v in leaves.items()}
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     seqlen=st.sampled_from([1, 5, 16, 23]),
     chunk_size=st.sampled_from([4, 8]),
