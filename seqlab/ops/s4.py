@@ -175,8 +175,9 @@ def s4d_kernel(
 ) -> torch.Tensor:
     """Convolution kernel ``K (H, L)`` real: ``K_l = 2 Re(sum_n C_n B̄_n Ā_n^l)`` (S4D Sec. 3).
 
-    ``torch`` evaluates the Vandermonde matrix ``Ā_n^l = exp(l log Ā_n)`` in one broadcast (autograd);
-    ``ref`` multiplies by Ā once per step. The result is float64 for complex128 inputs, else float32.
+    ``torch`` evaluates the Vandermonde product ``sum_n w_n Ā_n^l`` as one batched matmul of two
+    O(sqrt L) power tables (autograd; memory O(H N2 sqrt L + H L)); ``ref`` multiplies by Ā once per step.
+    The result is float64 for complex128 inputs, else float32.
     """
     check_backend(backend)
     H, N2 = _check_ssm(log_dt, A, discretization)
@@ -201,17 +202,39 @@ def s4d_kernel_ref(log_dt, A, C, L, discretization="zoh"):
     return torch.stack(taps, dim=-1)  # (H, L)
 
 
+def _powers(log_dA: torch.Tensor, exponents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Re, Im) of ``Ā^e = exp(e log Ā)``, each (H, N2, E), in real arithmetic (complex exp is slow on CPU)."""
+    magnitude = torch.exp(log_dA.real.unsqueeze(-1) * exponents)
+    phase = log_dA.imag.unsqueeze(-1) * exponents
+    return magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+
+
 def s4d_kernel_torch(log_dt, A, C, L, discretization="zoh"):
-    """Vandermonde product: K = 2 Re((C B̄) · [Ā_n^l]_{n,l})."""
+    """Vandermonde product K = 2 Re((C B̄) · [Ā_n^l]_{n,l}), factored so no (H, N2, L) tensor is formed.
+
+    Write l = q R + r with R = ceil(sqrt(L)): Ā^l = (Ā^R)^q Ā^r, so
+    ``K[h, q, r] = 2 Re(sum_n (Ā_n^R)^q · C_n B̄_n Ā_n^r)``, one batched real matmul over (Re, Im) of two
+    (H, N2, ~sqrt L) power tables. Powers are ``exp(l log Ā)``: exact for ZOH (log Ā = Δ A); for bilinear any
+    branch of the log gives the same integer powers.
+    """
     dA, dB = s4d_discretize(log_dt, A, discretization)
     if discretization == "zoh":
-        log_dA = torch.exp(log_dt).to(A.dtype).unsqueeze(-1) * A  # exactly Δ A, no branch of log needed
+        log_dA = torch.exp(log_dt).to(A.dtype).unsqueeze(-1) * A  # (H, N2), exactly Δ A
     else:
-        log_dA = torch.log(dA)  # any branch works: l is an integer
-    l = torch.arange(L, device=A.device, dtype=_real_dtype(A.dtype))
-    vandermonde = torch.exp(log_dA.unsqueeze(-1) * l)  # (H, N2, L)
-    w = C.to(dA.dtype) * dB  # (H, N2)
-    return 2 * torch.einsum("hn,hnl->hl", w, vandermonde).real  # (H, L)
+        log_dA = torch.log(dA)
+    real = _real_dtype(dA.dtype)
+    R = math.isqrt(L - 1) + 1  # ceil(sqrt(L)) for L >= 1
+    Q = -(-L // R)
+    w = (C.to(dA.dtype) * dB).unsqueeze(-1)  # (H, N2, 1)
+    p_re, p_im = _powers(log_dA, torch.arange(R, device=A.device, dtype=real))  # Ā^r: (H, N2, R)
+    inner_re = w.real * p_re - w.imag * p_im  # C B̄ Ā^r
+    inner_im = w.real * p_im + w.imag * p_re
+    outer_re, outer_im = _powers(log_dA, torch.arange(Q, device=A.device, dtype=real) * R)  # Ā^(qR): (H, N2, Q)
+    # Re(sum_n a_n b_n) = [Re a, -Im a] · [Re b, Im b]: one real matmul with inner dimension 2 N2
+    lhs = torch.cat([outer_re, -outer_im], dim=1).transpose(1, 2)  # (H, Q, 2 N2)
+    rhs = torch.cat([inner_re, inner_im], dim=1)  # (H, 2 N2, R)
+    K = 2 * torch.bmm(lhs, rhs)  # (H, Q, R)
+    return K.reshape(K.shape[0], Q * R)[:, :L]  # (H, L)
 
 
 # ---------------------------------------------------------------------------------------------------------
