@@ -108,6 +108,11 @@ class InferenceState:
         }
         save_tensors(path, tensors, metadata=metadata)
 
+    @staticmethod
+    def file_metadata(path: str | Path) -> dict[str, str]:
+        """The metadata of a saved state (offset, batch, max_seqlen, fingerprint, ...) without loading tensors."""
+        return _read(path, with_tensors=False)[0]
+
     @classmethod
     def load(cls, path: str | Path, model, max_seqlen: int | None = None, device=None) -> InferenceState:
         """Read a state saved by ``save`` into a fresh allocation of ``model``'s state.
@@ -115,15 +120,7 @@ class InferenceState:
         ``max_seqlen`` sets the capacity of the new allocation (default: the saved one); KV caches are copied
         into its first positions, so a conversation can be resumed with more room than it was saved with.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"state: {str(path)!r} does not exist; pass a file written by InferenceState.save")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"state: {str(path)!r} could not be read ({err}); the file may be truncated") from err
+        metadata, tensors = _read(path, with_tensors=True)
         if metadata.get("format") != FORMAT:
             raise CheckpointError(
                 f"state: {str(path)!r} is not a seqlab inference state (format {metadata.get('format')!r})"
@@ -171,3 +168,16 @@ class InferenceState:
         for prefix, s in state.named_states():
             s.offset = int(offsets.get(prefix, offset))
         return state
+
+
+def _read(path: str | Path, with_tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"state: {str(path)!r} does not exist; pass a file written by InferenceState.save")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"state: {str(path)!r} could not be read ({err}); the file may be truncated") from err
+    return metadata, tensors

@@ -1,0 +1,163 @@
+"""Autoregressive generation with a preallocated inference state.
+
+The prompt is prefilled in one call; each new token is then one decode step that reuses the state, so an
+SSM model decodes in constant memory and constant time per token, and a Transformer appends to its KV cache.
+
+Sampling: logits / temperature, then top-k, then top-p (nucleus: the smallest set of tokens whose probability
+reaches p; Holtzman et al. 2020), then a draw from a seeded ``torch.Generator``. ``temperature=0`` is greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from seqlab.errors import InputError
+
+
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    on_token: Callable[[int, torch.Tensor], object] | None = None,
+    eos_id: int | None = None,
+    state=None,
+) -> torch.Tensor:
+    """Continue ``input_ids`` by up to ``max_new_tokens`` tokens; returns ``(B, L + new)`` int64 ids.
+
+    input_ids       (B, L) or (L,) tensor, or a list (of lists) of ints; every row the same length (left-padding
+                    of ragged batches is not supported: group prompts by length or generate them separately)
+    temperature     0 -> greedy (deterministic); > 0 divides the logits before sampling
+    top_k, top_p    keep the k most likely tokens / the nucleus of probability mass p
+    seed            seeds the sampling generator (same seed, same model, same prompt -> same tokens)
+    on_token        called as on_token(step, token_ids (B,)) after each new token (streaming)
+    eos_id          stop when every row has produced it; rows that finished early are filled with eos_id
+    state           an InferenceState to continue from (e.g. loaded from a file); ``input_ids`` are then the
+                    tokens that follow it, and on return the state has consumed every returned token
+    """
+    ids = _as_batch(input_ids, model)
+    _check_options(max_new_tokens, temperature, top_k, top_p, eos_id)
+    Bsz, L = ids.shape
+    vocab = model.config.vocab_size
+    own_state = state is None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if own_state:
+                state = model.allocate_state(Bsz, L + max(max_new_tokens, 1))
+            else:
+                _check_state(state, Bsz, L + max_new_tokens)
+            generator = torch.Generator(device=ids.device)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(int(seed))
+
+            logits = model(ids, state=state)[:, -1, :vocab]  # prefill: (B, V)
+            new_tokens: list[torch.Tensor] = []
+            finished = torch.zeros(Bsz, dtype=torch.bool, device=ids.device)
+            fed = True  # whether the last sampled token has been consumed by the state
+            for step in range(max_new_tokens):
+                token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                if eos_id is not None:
+                    token = torch.where(finished, torch.full_like(token, eos_id), token)
+                new_tokens.append(token)
+                fed = False
+                if on_token is not None:
+                    on_token(step, token)
+                if eos_id is not None:
+                    finished |= token == eos_id
+                    if bool(finished.all()):
+                        break
+                if step + 1 < max_new_tokens:
+                    logits = model(token[:, None], state=state)[:, -1, :vocab]
+                    fed = True
+            if not own_state and not fed:
+                model(new_tokens[-1][:, None], state=state)
+    finally:
+        model.train(was_training)
+    if not new_tokens:
+        return ids.clone()
+    return torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``logits (B, V)`` -> next token ids ``(B,)``."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach p (the top token always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _as_batch(input_ids, model) -> torch.Tensor:
+    device = next(model.parameters()).device
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids
+    else:
+        rows = list(input_ids)
+        if rows and all(isinstance(r, (list, tuple)) for r in rows):
+            lengths = sorted({len(r) for r in rows})
+            if len(lengths) > 1:
+                raise InputError(
+                    "input_ids",
+                    "prompts of one length (left-padding is not supported: group prompts by length or call "
+                    "generate once per prompt)",
+                    f"lengths {lengths}",
+                )
+        ids = torch.tensor(rows, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise InputError("input_ids", "a non-empty (B, L) or (L,) sequence of token ids", f"shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError("input_ids", "integer token ids", ids.dtype)
+    return ids.to(device=device, dtype=torch.long)
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError("max_new_tokens", "an integer >= 0", max_new_tokens)
+    if temperature is None or temperature < 0:
+        raise InputError("temperature", "a number >= 0 (0 = greedy)", temperature)
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise InputError("top_k", "None or an integer >= 1", top_k)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError("top_p", "None or a number in (0, 1]", top_p)
+    if eos_id is not None and (not isinstance(eos_id, int) or eos_id < 0):
+        raise InputError("eos_id", "None or a token id >= 0", eos_id)
+
+
+def _check_state(state, batch: int, needed: int) -> None:
+    if getattr(state, "batch", None) != batch:
+        raise InputError("state", f"an InferenceState for batch {batch}", f"batch {getattr(state, 'batch', None)}")
+    if state.grows_with_length and state.offset + needed > state.max_seqlen:
+        raise InputError(
+            "state",
+            f"room for {needed} more positions (its KV caches hold max_seqlen={state.max_seqlen}, "
+            f"{state.offset} used); reload it with InferenceState.load(path, model, max_seqlen=...)",
+            f"room for {state.max_seqlen - state.offset}",
+        )
