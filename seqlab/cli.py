@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except SeqlabError as err:
         print(f"seqlab {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"seqlab {args.verb}: interrupted", file=sys.stderr)
         return 130
