@@ -27,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab import ops
 from seqlab.errors import ConfigError, InputError
 from seqlab.mixers._init import dt_bias_init
 from seqlab.mixers.base import MixerState
 from seqlab.mixers.norm import rms_norm
+
+# functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
+from seqlab.ops.conv import causal_conv1d, conv_step
+from seqlab.ops.selective_scan import selective_scan, selective_state_update
 
 
 class Mamba(nn.Module):
@@ -130,25 +133,25 @@ class Mamba(nn.Module):
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
 
         if state is not None and L == 1:  # decode: O(1) step
-            xt = ops.conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")  # (B, D)
+            xt = conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")  # (B, D)
             dt, B, C = self._split_x_proj(xt)
             delta = F.linear(dt, self.dt_proj.weight)  # (B, D)
-            y = ops.selective_state_update(
+            y = selective_state_update(
                 state["ssm"], xt, delta, A, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True
             )
             state.offset += 1
             return self.out_proj(y.unsqueeze(1))
 
         if state is None:
-            xs = ops.causal_conv1d(xs, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
+            xs = causal_conv1d(xs, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
         else:
-            xs, conv_final = ops.causal_conv1d(
+            xs, conv_final = causal_conv1d(
                 xs, conv_weight, self.conv1d.bias, activation="silu", initial_state=state["conv"],
                 return_final_state=True, seq_idx=seq_idx,
             )
         dt, B, C = self._split_x_proj(xs)  # (B, L, R), (B, L, N), (B, L, N)
         delta = F.linear(dt, self.dt_proj.weight)  # (B, L, D)
-        out = ops.selective_scan(
+        out = selective_scan(
             xs, delta, A, B, C, self.D, z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
             initial_state=None if state is None else state["ssm"], return_final_state=state is not None,
             seq_idx=seq_idx,

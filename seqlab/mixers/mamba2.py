@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqlab import ops
 from seqlab.errors import ConfigError, InputError
 from seqlab.mixers._init import dt_bias_init
 from seqlab.mixers.base import MixerState
 from seqlab.mixers.norm import GatedRMSNorm
+
+# functions imported from their modules: ``seqlab.ops.ssd`` names both a module and a function
+from seqlab.ops.conv import causal_conv1d, conv_step
+from seqlab.ops.ssd import ssd, ssd_state_update
 
 
 class Mamba2(nn.Module):
@@ -117,9 +120,9 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
 
         if state is not None and L == 1:  # decode: O(1) step
-            xBC = ops.conv_step(state["conv"], xBC[:, 0], conv_weight, self.conv1d.bias, activation="silu")
+            xBC = conv_step(state["conv"], xBC[:, 0], conv_weight, self.conv1d.bias, activation="silu")
             xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
-            y = ops.ssd_state_update(
+            y = ssd_state_update(
                 state["ssm"], xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N), D=self.D,
                 dt_bias=self.dt_bias, dt_softplus=True,
             )  # (B, H, P)
@@ -127,14 +130,14 @@ class Mamba2(nn.Module):
             y = y.reshape(Bsz, 1, self.d_inner)
         else:
             if state is None:
-                xBC = ops.causal_conv1d(xBC, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
+                xBC = causal_conv1d(xBC, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
             else:
-                xBC, conv_final = ops.causal_conv1d(
+                xBC, conv_final = causal_conv1d(
                     xBC, conv_weight, self.conv1d.bias, activation="silu", initial_state=state["conv"],
                     return_final_state=True, seq_idx=seq_idx,
                 )
             xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
-            out = ops.ssd(
+            out = ssd(
                 xs.reshape(Bsz, L, H, P), dt, A, B.reshape(Bsz, L, G, N), C.reshape(Bsz, L, G, N),
                 chunk_size=self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias, dt_softplus=True,
                 initial_state=None if state is None else state["ssm"], return_final_state=state is not None,

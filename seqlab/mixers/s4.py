@@ -13,7 +13,7 @@ adds the state's contribution ``2 Re(C Ā^(t+1) x_0)`` to the outputs and return
 ``x_L = Ā^L x_0 + sum_s Ā^(L-1-s) B̄ u_s`` (a Vandermonde reduction), so chunked prefill is exact.
 
 Parameters: ``log_dt (H,)`` uniform in [log dt_min, log dt_max]; ``A = -exp(log_A_real) + i A_imag`` (H, N/2)
-initialised by ``ops.s4d_init(kind)`` (legs | lin | inv); ``C`` complex ~ N(0, 1) stored as a real view
+initialised by ``s4d_init(kind)`` (legs | lin | inv); ``C`` complex ~ N(0, 1) stored as a real view
 ``(H, N/2, 2)``; ``D (H,)``. No residual: the model adds it.
 
 Packed documents (``seq_idx``): each document runs its own FFT convolution (a Python loop over the documents
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab import ops
 from seqlab.errors import ConfigError, InputError
 from seqlab.mixers.base import MixerState
+from seqlab.ops.s4 import fft_conv, s4d_discretize, s4d_init, s4d_kernel, s4d_step
 
 
 class S4(nn.Module):
@@ -60,7 +60,7 @@ class S4(nn.Module):
 
         log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_dt = nn.Parameter(log_dt)
-        A = ops.s4d_init(d_state, kind=init, H=H)  # (H, N2) complex64
+        A = s4d_init(d_state, kind=init, H=H)  # (H, N2) complex64
         self.log_A_real = nn.Parameter(torch.log(-A.real).float())
         self.A_imag = nn.Parameter(A.imag.float().clone())
         self.C = nn.Parameter(torch.view_as_real(torch.randn(H, N2, dtype=torch.complex64)).clone())  # (H, N2, 2)
@@ -108,8 +108,8 @@ class S4(nn.Module):
         log_dt, A, C, D = self.log_dt.float(), self._A(), self._C(), self.D.float()
 
         if state is not None and L == 1:  # decode: one recurrent step
-            dA, dB = ops.s4d_discretize(log_dt, A, self.discretization)
-            y = ops.s4d_step(state["x"], u[:, 0], dA, dB, C, D).unsqueeze(1)  # (B, 1, H)
+            dA, dB = s4d_discretize(log_dt, A, self.discretization)
+            y = s4d_step(state["x"], u[:, 0], dA, dB, C, D).unsqueeze(1)  # (B, 1, H)
         elif seq_idx is None:
             x0 = None if state is None else state["x"]
             y, xL = self._convolve(u, log_dt, A, C, D, x0, want_final=state is not None)
@@ -125,11 +125,11 @@ class S4(nn.Module):
     def _convolve(self, u, log_dt, A, C, D, x0, want_final: bool):
         """u (B, L, H) float32 -> (y (B, L, H), final state (B, H, N2) or None), starting from x0 (or zero)."""
         L = u.shape[1]
-        K = ops.s4d_kernel(log_dt, A, C, L, self.discretization)  # (H, L)
-        y = ops.fft_conv(u, K, D)  # (B, L, H)
+        K = s4d_kernel(log_dt, A, C, L, self.discretization)  # (H, L)
+        y = fft_conv(u, K, D)  # (B, L, H)
         if x0 is None and not want_final:
             return y, None
-        dA, dB = ops.s4d_discretize(log_dt, A, self.discretization)
+        dA, dB = s4d_discretize(log_dt, A, self.discretization)
         log_dA = torch.exp(log_dt).unsqueeze(-1) * A if self.discretization == "zoh" else torch.log(dA)  # (H, N2)
         powers = torch.exp(log_dA.unsqueeze(-1) * torch.arange(L + 1, device=u.device))  # (H, N2, L+1): Ā^j
         if x0 is not None:  # y_t += 2 Re(C Ā^(t+1) x_0)
