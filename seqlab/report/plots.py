@@ -1,0 +1,121 @@
+"""Figures of the report as self-contained PNG data URIs (matplotlib, Agg canvas, no pyplot global state).
+
+Every function returns ``"data:image/png;base64,..."`` or None when matplotlib is not installed or there is
+nothing to draw, so the report degrades to tables instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+Series = Mapping[str, Sequence[tuple[float, float]]]  # model -> [(x, y), ...]
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _data_uri(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _length_label(n: float) -> str:
+    n = int(n)
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def length_curves(series: Series, title: str, ylabel: str = "accuracy (%)",
+                  train_length: int | None = None) -> str | None:
+    """One line per model: score vs sequence length (log2 axis when lengths span 4x or more)."""
+    series = {m: sorted(points) for m, points in series.items() if points}
+    fig = _figure(6.4, 3.6) if series else None
+    if fig is None:
+        return None
+    ax = fig.add_subplot(1, 1, 1)
+    xs = sorted({x for points in series.values() for x, _ in points})
+    for model, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=model)
+    if xs and xs[-1] >= 4 * xs[0] > 0:
+        ax.set_xscale("log", base=2)
+    if xs:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([_length_label(x) for x in xs], rotation=45 if len(xs) > 6 else 0)
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle="--", linewidth=1)
+        ax.annotate("train length", (train_length, 2), color="grey", fontsize=8, rotation=90, ha="right")
+    ax.set_ylim(-3, 103)
+    ax.axhline(50, color="#ccc", linewidth=0.8, zorder=0)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _data_uri(fig)
+
+
+def heatmaps(grids: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[Sequence[float | None]]]],
+             title: str) -> str | None:
+    """One panel per model: score (%) over depth (rows) x length (columns); None cells left blank."""
+    grids = {m: g for m, g in grids.items() if g[0] and g[1]}
+    if not grids:
+        return None
+    n = len(grids)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(4.2 * cols, 3.2 * rows + 0.4)
+    if fig is None:
+        return None
+    image = None
+    for i, (model, (lengths, depths, values)) in enumerate(grids.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        matrix = [[math.nan if v is None else v for v in row] for row in values]
+        image = ax.imshow(matrix, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)))
+        ax.set_xticklabels([_length_label(x) for x in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)))
+        ax.set_yticklabels([f"{d:.0%}" for d in depths], fontsize=8)
+        for r, row in enumerate(matrix):
+            for c, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("length", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
+    fig.suptitle(title)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, shrink=0.8, label="exact match (%)")
+    return _data_uri(fig)
+
+
+def training_curves(series: Series, title: str) -> str | None:
+    """Training loss vs step, one line per model."""
+    series = {m: sorted(points) for m, points in series.items() if points}
+    fig = _figure(6.4, 3.4) if series else None
+    if fig is None:
+        return None
+    ax = fig.add_subplot(1, 1, 1)
+    for model, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], label=model, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if all(y > 0 for points in series.values() for _, y in points):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _data_uri(fig)
