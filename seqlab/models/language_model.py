@@ -84,7 +84,7 @@ class SharedBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         wide = dataclasses.replace(
-            config, d_model=2 * config.d_model, d_ff=None if config.d_ff is None else 2 * config.d_ff, attn_window=None
+            config, d_model=2 * config.d_model, d_ff=None if config.d_ff is None else 2 * config.d_ff
         )
         self.norm1 = _norm(wide.d_model, config.norm_eps)
         self.attn = _mixers()["A"].from_config(wide, 0)
