@@ -20,7 +20,9 @@ HELP = "generate text from a checkpoint or preset, streamed to stdout"
 
 def register(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="DIR", help="directory written by model.save / seqlab train")
+    source.add_argument(
+        "--checkpoint", metavar="DIR", help="directory written by model.save, or a `seqlab train --out` directory"
+    )
     source.add_argument("--preset", metavar="NAME", help="a preset with random weights (smoke runs), e.g. mamba")
     parser.add_argument("--size", default="tiny", help="preset size (with --preset; default: tiny)")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from the BOS token)")
@@ -43,9 +45,14 @@ def _load_model(args, torch):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: cuda was requested but no CUDA device is available; use --device cpu")
     if args.checkpoint is not None:
+        from pathlib import Path
+
         from seqlab.models.language_model import LanguageModel
 
-        return LanguageModel.load(args.checkpoint, device=args.device)
+        directory = Path(args.checkpoint)
+        if not (directory / "config.json").exists() and (directory / "checkpoint" / "config.json").exists():
+            directory = directory / "checkpoint"  # a `seqlab train --out DIR` run directory
+        return LanguageModel.load(directory, device=args.device)
     from seqlab.models.presets import from_preset
 
     torch.manual_seed(0 if args.seed is None else args.seed)
