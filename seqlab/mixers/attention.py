@@ -163,7 +163,7 @@ class Attention(nn.Module):
         return mask
 
     def _attend_cached(self, q, k, v, state: MixerState, seq_idx) -> torch.Tensor:
-        """Attend over the cached past plus this chunk, then append the chunk to the cache."""
+        """Attend over the cached past plus this chunk; the chunk is appended to the cache."""
         Bsz, L = q.shape[:2]
         k_cache, v_cache, doc_start = state["k"], state["v"], state["doc_start"]
         S = k_cache.shape[1]
@@ -176,12 +176,6 @@ class Attention(nn.Module):
         device = q.device
         t = torch.arange(L, device=device)
         qpos = offset + t  # (L,) absolute positions
-        if offset <= S:  # cache slots 0..offset-1 hold positions 0..offset-1
-            past_slots = torch.arange(min(offset, S), device=device)
-            kpos_past = past_slots
-        else:  # ring buffer full: slot s holds the latest position p < offset with p = s (mod S)
-            past_slots = torch.arange(S, device=device)
-            kpos_past = offset - 1 - torch.remainder(offset - 1 - past_slots, S)
 
         # documents: the chunk's first document (number 0) continues the cached one
         if seq_idx is None:
@@ -192,20 +186,41 @@ class Attention(nn.Module):
         pos = torch.where(doc == 0, pos_in_doc + (offset - doc_start)[:, None], pos_in_doc)  # (B, L) RoPE positions
         q, k = self.rope(q, pos), self.rope(k, pos)
 
-        doc_past = torch.where(kpos_past[None, :] >= doc_start[:, None], 0, -1)  # (B, P)
-        kpos = torch.cat([kpos_past, qpos])  # (P + L,)
-        kdoc = torch.cat([doc_past, doc], dim=1)  # (B, P + L)
-        mask = self._position_mask(qpos, kpos)[None] & (doc[:, :, None] == kdoc[:, None, :])  # (B, L, P + L)
+        if not ring or L == 1:
+            # write first, then attend over the whole cache: the key length stays S on every call, so attention
+            # kernels that plan per shape (cuDNN) plan once. Positions not yet written are masked out.
+            slots = torch.remainder(qpos, S) if ring else qpos
+            k_cache[:, slots] = k.detach().to(k_cache.dtype)
+            v_cache[:, slots] = v.detach().to(v_cache.dtype)
+            end = offset + L
+            kpos = end - 1 - torch.remainder(end - 1 - torch.arange(S, device=device), S)  # (S,) position per slot
+            kdoc = torch.where(kpos[None, :] >= doc_start[:, None], 0, -1)  # (B, S)
+            if seq_idx is not None:
+                kdoc[:, slots] = doc
+            mask = self._position_mask(qpos, kpos) & (kpos >= 0)  # (L, S); kpos < 0: never written
+            mask = mask[None] & (doc[:, :, None] == kdoc[:, None, :])  # (B, L, S)
+            y = self._sdpa(q.to(k_cache.dtype), k_cache, v_cache, mask.unsqueeze(1)).to(v.dtype)
+        else:
+            # a ring chunk longer than one position would overwrite keys its own first queries need: gather the
+            # cached past, attend over [past, chunk], then keep the chunk's last S positions
+            if offset <= S:  # slots 0..offset-1 hold positions 0..offset-1
+                past_slots = torch.arange(offset, device=device)
+                kpos_past = past_slots
+            else:  # slot s holds the latest position p < offset with p = s (mod S)
+                past_slots = torch.arange(S, device=device)
+                kpos_past = offset - 1 - torch.remainder(offset - 1 - past_slots, S)
+            doc_past = torch.where(kpos_past[None, :] >= doc_start[:, None], 0, -1)  # (B, P)
+            kpos = torch.cat([kpos_past, qpos])  # (P + L,)
+            kdoc = torch.cat([doc_past, doc], dim=1)  # (B, P + L)
+            mask = self._position_mask(qpos, kpos)[None] & (doc[:, :, None] == kdoc[:, None, :])  # (B, L, P + L)
+            k_all = torch.cat([k_cache[:, past_slots].to(k.dtype), k], dim=1)  # (B, P + L, H_kv, hd)
+            v_all = torch.cat([v_cache[:, past_slots].to(v.dtype), v], dim=1)
+            y = self._sdpa(q, k_all, v_all, mask.unsqueeze(1))
+            n = min(L, S)
+            slots = torch.remainder(qpos[L - n :], S)
+            k_cache[:, slots] = k[:, L - n :].detach().to(k_cache.dtype)
+            v_cache[:, slots] = v[:, L - n :].detach().to(v_cache.dtype)
 
-        k_all = torch.cat([k_cache[:, past_slots].to(k.dtype), k], dim=1)  # (B, P + L, H_kv, hd)
-        v_all = torch.cat([v_cache[:, past_slots].to(v.dtype), v], dim=1)
-        y = self._sdpa(q, k_all, v_all, mask.unsqueeze(1))
-
-        # append the chunk (only its last S positions survive in a ring)
-        n = min(L, S)
-        slots = torch.remainder(qpos[L - n :], S) if ring else qpos
-        k_cache[:, slots] = k[:, L - n :].to(k_cache.dtype)
-        v_cache[:, slots] = v[:, L - n :].to(v_cache.dtype)
         if seq_idx is not None:
             last_doc = doc[:, -1:]
             first_of_last = (doc == last_doc).long().argmax(dim=1)  # (B,) chunk index where the last document starts
