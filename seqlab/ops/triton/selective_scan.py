@@ -219,16 +219,20 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
 
 
+# Tile-shape overrides (keys BLOCK_T, BLOCK_D, num_warps) for benchmarks that sweep shapes; empty = defaults.
+TUNING: dict = {}
+
+
 def _config(dim: int, n: int, groups: int) -> dict:
     block_n = next_pow2(n)
-    block_t = 16
-    block_d = max(1, min(64, 4096 // (block_t * block_n), next_pow2(dim)))
+    block_t = TUNING.get("BLOCK_T", 16)
+    block_d = TUNING.get("BLOCK_D") or max(1, min(64, 4096 // (block_t * block_n), next_pow2(dim)))
     same_group = (dim // groups) % block_d == 0
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, SAME_GROUP=same_group)
 
 
 def _num_warps(cfg: dict) -> int:
-    return 8 if cfg["BLOCK_T"] * cfg["BLOCK_D"] * cfg["BLOCK_N"] >= 4096 else 4
+    return TUNING.get("num_warps") or (8 if cfg["BLOCK_T"] * cfg["BLOCK_D"] * cfg["BLOCK_N"] >= 4096 else 4)
 
 
 class _SelectiveScanFn(torch.autograd.Function):

@@ -18,6 +18,8 @@ autograd and differentiated there; it is correct but costs the torch path's time
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,17 @@ from seqlab.ops.triton import doc_ids, next_pow2
 @triton.jit
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation. IEEE: exact float32 products (no tf32). UPCAST: float32 operands
+    (the CPU interpreter computes bf16 dots wrongly)."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    if IEEE or UPCAST:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
 
 
 @triton.jit
@@ -45,7 +58,7 @@ def _chunk_dt(dt_ptr, bias_ptr, b, h, t, mask_t, L, H, HAS_BIAS: tl.constexpr, S
 def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, states_ptr, cum_ptr,
                             L, H, P, G, N, nchunks,
                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
-                            IEEE: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid % nchunks
@@ -69,10 +82,7 @@ def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, stat
     Bt = tl.load(B_ptr + ((row * G + h // (H // G)) * N)[:, None] + offs_n[None, :],
                  mask=mask_t[:, None] & (offs_n < N)[None, :], other=0.0)
     xw = (x.to(tl.float32) * w[:, None]).to(x.dtype)
-    if IEEE:
-        S = tl.dot(tl.trans(xw), Bt.to(x.dtype), input_precision="ieee")  # (BP, BN)
-    else:
-        S = tl.dot(tl.trans(xw), Bt.to(x.dtype))
+    S = _mm(tl.trans(xw), Bt.to(x.dtype), IEEE, UPCAST)  # (BP, BN)
     sbase = ((b.to(tl.int64) * nchunks + c) * H + h) * P * N
     tl.store(states_ptr + sbase + offs_p[:, None] * N + offs_n[None, :], S,
              mask=(offs_p < P)[:, None] & (offs_n < N)[None, :])
@@ -113,6 +123,7 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
                           L, H, P, G, N, nchunks,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
                           HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
+                          UPCAST: tl.constexpr,
                           T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // nchunks
@@ -135,10 +146,7 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
     xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
     mask_tp = mask_t[:, None] & mask_p[None, :]
     x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
-    if IEEE:
-        CB = tl.dot(Ct, tl.trans(Bt), input_precision="ieee")  # (T, T)
-    else:
-        CB = tl.dot(Ct, tl.trans(Bt))
+    CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)  # (T, T)
     causal = offs_t[:, None] >= offs_t[None, :]
     scale_in = tl.exp(cum)  # decay of the carried state to each position
     if HAS_DOC:
@@ -150,12 +158,8 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
     M = CB * tl.exp(seg) * dt[None, :]
     hin = tl.load(states_ptr + ((b.to(tl.int64) * nchunks + c) * H + h) * P * N + offs_p[:, None] * N
                   + offs_n[None, :], mask=mask_p[:, None] & mask_n[None, :], other=0.0)
-    if IEEE:
-        y = tl.dot(M.to(x.dtype), x, input_precision="ieee")
-        y_in = tl.dot(Ct, tl.trans(hin.to(x.dtype)), input_precision="ieee")  # (T, BP)
-    else:
-        y = tl.dot(M.to(x.dtype), x)
-        y_in = tl.dot(Ct, tl.trans(hin.to(x.dtype)))
+    y = _mm(M.to(x.dtype), x, IEEE, UPCAST)  # (T, BP)
+    y_in = _mm(Ct, tl.trans(hin.to(x.dtype)), IEEE, UPCAST)  # (T, BP)
     y += scale_in[:, None] * y_in
     if HAS_D:
         if D_PER_P:
@@ -186,6 +190,7 @@ def ssd_forward_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, i
     block_n = max(16, next_pow2(N))
     block_p = max(16, min(64, next_pow2(P)))
     ieee = x.dtype == torch.float32 or x.dtype == torch.float64
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     f32 = dict(device=x.device, dtype=torch.float32)
     states = torch.empty(batch, nchunks, H, P, N, **f32)
     cum = torch.empty(batch, H, nchunks, T, **f32)
@@ -193,7 +198,7 @@ def ssd_forward_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, i
     grid = (batch * nchunks, H, triton.cdiv(P, block_p))
     _ssd_chunk_state_kernel[grid](x, dt, A, B, dt_bias, doc, states, cum, L, H, P, G, N, nchunks,
                                   HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
-                                  IEEE=ieee, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+                                  IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
     final = torch.empty(batch, H, P, N, **f32)
     init = initial_state.contiguous() if initial_state is not None else None
     block = 1024
@@ -204,7 +209,7 @@ def ssd_forward_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, i
     _ssd_chunk_out_kernel[grid](x, dt, B, C, D, z, dt_bias, doc, states, cum, y, L, H, P, G, N, nchunks,
                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
                                 HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
-                                IEEE=ieee, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+                                IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
     return y, final
 
 

@@ -1,0 +1,280 @@
+"""One-call GPU check of the Triton SSM kernels, then the kernel benchmarks.
+
+    python benchmarks/gpu_check.py --out results/      # needs CUDA; writes gpu_check.json, kernels.json
+
+1. the interpreter test file, run natively on the GPU (small shapes, every kernel variant compiles);
+2. every kernel against the torch path at real shapes, float32 and bf16, forward and every gradient:
+   relative error ||out - ref|| / ||ref|| per tensor (the reference runs in float32 on the same, upcast,
+   inputs); NaN/inf never passes; includes L = 65536 and extreme step sizes; decode steps replayed
+   from a captured CUDA graph;
+3. benchmarks/kernels.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke test under TRITON_INTERPRET=1
+TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
+CHECKS: list = []
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel(out, ref) -> float:
+    if out is None or ref is None:
+        return float("nan") if (out is None) != (ref is None) else 0.0
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def compare(kernel: str, case: str, dtype, names, outs, refs, extra_tol: float = 1.0):
+    tol = TOL[dtype] * extra_tol
+    worst, detail = 0.0, {}
+    for name, o, r in zip(names, outs, refs):
+        e = rel(o, r)
+        detail[name] = e
+        worst = max(worst, e) if not math.isnan(e) else float("inf")
+    ok = worst <= tol
+    CHECKS.append(dict(kernel=kernel, case=case, dtype=str(dtype), ok=ok, tol=tol, worst=worst, errors=detail))
+    errs = " ".join(f"{k}={v:.1e}" for k, v in detail.items())
+    log(f"  {'PASS' if ok else 'FAIL'} {kernel:22s} {case:34s} {str(dtype):15s} worst {worst:.1e} (tol {tol:.0e})")
+    log(f"       {errs}")
+
+
+def grads(outs, inputs, seed):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    cots = [torch.randn(o.shape, device=DEVICE, generator=g, dtype=torch.float32) for o in outs]
+    loss = sum((o.float() * c).sum() for o, c in zip(outs, cots))
+    present = [t for t in inputs if t is not None and t.requires_grad]
+    gs = iter(torch.autograd.grad(loss, present, allow_unused=True))
+    return [next(gs) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def leaf(t, dtype=None, grad=True):
+    if t is None:
+        return None
+    t = t.detach().clone()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.requires_grad_(grad and t.is_floating_point())
+
+
+def seq_idx_for(batch, seqlen, ndocs):
+    cuts = torch.sort(torch.randint(1, seqlen, (batch, ndocs - 1), device=DEVICE), dim=1).values
+    pos = torch.arange(seqlen, device=DEVICE)
+    return (pos[None, :, None] >= cuts[:, None, :]).sum(-1).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_selective_scan(dtype, batch, seqlen, dim, N, case, extreme=False, ndocs=3):
+    from seqlab.ops import selective_scan
+    from seqlab.ops.triton.selective_scan import selective_scan_triton
+
+    r = lambda *s: torch.randn(*s, device=DEVICE)
+    u, z = r(batch, seqlen, dim), r(batch, seqlen, dim)
+    delta = 0.5 * r(batch, seqlen, dim) - 2.0
+    if extreme:  # softplus(delta) from ~1e-13 to 100: exp(dt A) underflows to 0 and sits at 1
+        delta = delta * 0 + torch.empty(1, 1, dim, device=DEVICE).uniform_(-30, 100)
+    A = -torch.exp(torch.rand(dim, N, device=DEVICE) * math.log(16))
+    B, C = r(batch, seqlen, 1, N), r(batch, seqlen, 1, N)
+    D, bias, h0 = r(dim), 0.1 * r(dim), r(batch, dim, N)
+    seq_idx = seq_idx_for(batch, seqlen, ndocs) if ndocs > 1 else None
+    act = [u, delta, B, C, z]
+    par = [A, D, bias, h0]
+    ins = [leaf(t, dtype) for t in act] + [leaf(t) for t in par]
+    y, hT = selective_scan_triton(ins[0], ins[1], ins[5], ins[2], ins[3], ins[6], ins[4], ins[7], True, ins[8], seq_idx)
+    ref_ins = [leaf(t.to(dtype).float()) for t in act] + [leaf(t) for t in par]
+    y_r, hT_r = selective_scan(ref_ins[0], ref_ins[1], ref_ins[5], ref_ins[2], ref_ins[3], D=ref_ins[6], z=ref_ins[4],
+                               delta_bias=ref_ins[7], initial_state=ref_ins[8], return_final_state=True,
+                               seq_idx=seq_idx, backend="torch")
+    g = grads([y, hT], ins, 1)
+    g_r = grads([y_r, hT_r], ref_ins, 1)
+    names = ["y", "final_state", "du", "ddelta", "dB", "dC", "dz", "dA", "dD", "ddelta_bias", "dinitial_state"]
+    compare("selective_scan", case, dtype, names, [y, hT, *g], [y_r, hT_r, *g_r])
+
+
+def check_ssd(dtype, batch, seqlen, H, P, N, chunk, case, extreme=False, ndocs=3):
+    from seqlab.ops import ssd
+    from seqlab.ops.triton.ssd import ssd_triton
+
+    r = lambda *s: torch.randn(*s, device=DEVICE)
+    x, z = r(batch, seqlen, H, P), r(batch, seqlen, H, P)
+    dt = 0.5 * r(batch, seqlen, H) - 2.0
+    if extreme:
+        dt = dt * 0 + torch.empty(1, 1, H, device=DEVICE).uniform_(-30, 100)
+    A = -torch.exp(torch.rand(H, device=DEVICE) * math.log(16))
+    B, C = r(batch, seqlen, 1, N), r(batch, seqlen, 1, N)
+    D, bias, h0 = r(H), 0.1 * r(H), r(batch, H, P, N)
+    seq_idx = seq_idx_for(batch, seqlen, ndocs) if ndocs > 1 else None
+    act, par = [x, dt, B, C, z], [A, D, bias, h0]
+    ins = [leaf(t, dtype) for t in act] + [leaf(t) for t in par]
+    y, hT = ssd_triton(ins[0], ins[1], ins[5], ins[2], ins[3], chunk, ins[6], ins[4], ins[7], True, ins[8], seq_idx)
+    ref_ins = [leaf(t.to(dtype).float()) for t in act] + [leaf(t) for t in par]
+    y_r, hT_r = ssd(ref_ins[0], ref_ins[1], ref_ins[5], ref_ins[2], ref_ins[3], chunk_size=chunk, D=ref_ins[6],
+                    z=ref_ins[4], dt_bias=ref_ins[7], initial_state=ref_ins[8], return_final_state=True,
+                    seq_idx=seq_idx, backend="torch")
+    g = grads([y, hT], ins, 2)
+    g_r = grads([y_r, hT_r], ref_ins, 2)
+    names = ["y", "final_state", "dx", "ddt", "dB", "dC", "dz", "dA", "dD", "ddt_bias", "dinitial_state"]
+    compare("ssd", case, dtype, names, [y, hT, *g], [y_r, hT_r, *g_r])
+
+
+def check_conv(dtype, batch, seqlen, dim, W, case, ndocs=3):
+    from seqlab.ops import causal_conv1d
+    from seqlab.ops.triton.conv import causal_conv1d_triton
+
+    r = lambda *s: torch.randn(*s, device=DEVICE)
+    x, w, b, h0 = r(batch, seqlen, dim), r(dim, W), r(dim), r(batch, dim, W - 1)
+    seq_idx = seq_idx_for(batch, seqlen, ndocs) if ndocs > 1 else None
+    ins = [leaf(x, dtype), leaf(w), leaf(b), leaf(h0, dtype)]
+    y, fin = causal_conv1d_triton(ins[0], ins[1], ins[2], "silu", ins[3], seq_idx)
+    ref = [leaf(x.to(dtype).float()), leaf(w), leaf(b), leaf(h0.to(dtype).float())]
+    y_r, fin_r = causal_conv1d(ref[0], ref[1], ref[2], "silu", ref[3], return_final_state=True, seq_idx=seq_idx,
+                               backend="torch")
+    g, g_r = grads([y, fin], ins, 3), grads([y_r, fin_r], ref, 3)
+    compare("causal_conv1d", case, dtype, ["y", "final_state", "dx", "dweight", "dbias", "dinitial_state"],
+            [y, fin, *g], [y_r, fin_r, *g_r])
+
+
+def check_decode_graph(dtype):
+    """Decode kernels: eager equals the torch step, and a captured CUDA graph replays the same steps."""
+    from seqlab.ops import conv_step, selective_state_update, ssd_state_update
+    from seqlab.ops.triton.decode import conv_step_triton, selective_state_update_triton, ssd_state_update_triton
+
+    r = lambda *s, dt=dtype: torch.randn(*s, device=DEVICE, dtype=dt)
+    batch, dim, N, H, P, N2, cdim, W = 4, 512, 16, 8, 64, 128, 768, 4
+    s1 = torch.randn(batch, dim, N, device=DEVICE)
+    x1, dt1, z1 = r(batch, dim), r(batch, dim), r(batch, dim)
+    A1, B1, C1 = -torch.rand(dim, N, device=DEVICE), r(batch, 2, N), r(batch, 2, N)
+    D1, b1 = torch.randn(dim, device=DEVICE), torch.randn(dim, device=DEVICE)
+    s2 = torch.randn(batch, H, P, N2, device=DEVICE)
+    x2, z2, dt2 = r(batch, H, P), r(batch, H, P), r(batch, H)
+    A2, B2, C2, D2 = -torch.rand(H, device=DEVICE), r(batch, 1, N2), r(batch, 1, N2), torch.randn(H, P, device=DEVICE)
+    s3 = r(batch, cdim, W - 1)
+    x3, w3, b3 = r(batch, cdim), torch.randn(cdim, W, device=DEVICE), torch.randn(cdim, device=DEVICE)
+
+    def step_triton(s1, s2, s3):
+        return (selective_state_update_triton(s1, x1, dt1, A1, B1, C1, D1, z1, b1, True),
+                ssd_state_update_triton(s2, x2, dt2, A2, B2, C2, D2, z2, None, True),
+                conv_step_triton(s3, x3, w3, b3, "silu"))
+
+    def step_torch(s1, s2, s3):
+        return (selective_state_update(s1, x1, dt1, A1, B1, C1, D1, z1, b1, backend="torch"),
+                ssd_state_update(s2, x2, dt2, A2, B2, C2, D2, z2, backend="torch"),
+                conv_step(s3, x3, w3, b3, "silu", backend="torch"))
+
+    states_t = [s.clone() for s in (s1, s2, s3)]
+    states_r = [s.clone() for s in (s1, s2, s3)]
+    states_g = [s.clone() for s in (s1, s2, s3)]
+    for _ in range(3):
+        ys_t = step_triton(*states_t)
+        ys_r = step_torch(*states_r)
+    names = ["y_selective", "y_ssd", "y_conv", "state_selective", "state_ssd", "state_conv"]
+    compare("decode (eager, 3 steps)", "B=4", dtype, names, [*ys_t, *states_t], [*ys_r, *states_r])
+    step_triton(*[s.clone() for s in states_g])  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            ys_g = step_triton(*states_g)
+    torch.cuda.synchronize()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    compare("decode (CUDA graph x3)", "B=4", dtype, names, [*ys_g, *states_g], [*ys_r, *states_r])
+
+
+def run_checks():
+    f32, bf16 = torch.float32, torch.bfloat16
+    jobs = [
+        lambda: check_selective_scan(f32, 2, 2048, 1024, 16, "2x2048 D1024 N16 docs+state"),
+        lambda: check_selective_scan(bf16, 2, 2048, 1024, 16, "2x2048 D1024 N16 docs+state"),
+        lambda: check_selective_scan(f32, 1, 65536, 256, 16, "1x65536 D256 N16 docs+state", ndocs=4),
+        lambda: check_selective_scan(bf16, 1, 65536, 256, 16, "1x65536 D256 N16 docs+state", ndocs=4),
+        lambda: check_selective_scan(f32, 1, 4096, 512, 16, "extreme dt 1x4096 D512", extreme=True, ndocs=1),
+        lambda: check_selective_scan(bf16, 1, 4096, 512, 16, "extreme dt 1x4096 D512", extreme=True, ndocs=1),
+        lambda: check_ssd(f32, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state"),
+        lambda: check_ssd(bf16, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state"),
+        lambda: check_ssd(f32, 2, 1000, 8, 64, 64, 64, "2x1000 8x64 N64 chunk64 docs+state"),
+        lambda: check_ssd(f32, 1, 65536, 8, 64, 128, 256, "1x65536 8x64 N128 docs+state", ndocs=4),
+        lambda: check_ssd(bf16, 1, 65536, 8, 64, 128, 256, "1x65536 8x64 N128 docs+state", ndocs=4),
+        lambda: check_ssd(f32, 1, 4096, 16, 64, 128, 128, "extreme dt 1x4096 16x64", extreme=True, ndocs=1),
+        lambda: check_ssd(bf16, 1, 4096, 16, 64, 128, 128, "extreme dt 1x4096 16x64", extreme=True, ndocs=1),
+        lambda: check_conv(f32, 2, 4096, 4096, 4, "2x4096 D4096 W4 docs+state"),
+        lambda: check_conv(bf16, 2, 4096, 4096, 4, "2x4096 D4096 W4 docs+state"),
+        lambda: check_conv(bf16, 1, 65536, 512, 3, "1x65536 D512 W3 docs+state", ndocs=5),
+        lambda: check_decode_graph(f32),
+        lambda: check_decode_graph(bf16),
+    ]
+    for job in jobs:
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - one broken check must not hide the others
+            tb = traceback.format_exc()
+            log(f"  ERROR {tb}")
+            CHECKS.append(dict(ok=False, error=tb[-1500:]))
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--quick-bench", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    log(f"torch {torch.__version__}, triton {triton.__version__}, cuda {torch.version.cuda}, "
+        f"device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    if not torch.cuda.is_available():
+        return 2
+    summary = {"torch": torch.__version__, "triton": triton.__version__, "device": torch.cuda.get_device_name(0)}
+    if not args.skip_tests:
+        t0 = time.time()
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        res = subprocess.run([sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "-q", "-x",
+                              "-p", "no:cacheprovider", "-m", "not slow"], capture_output=True, text=True, env=env,
+                             timeout=300)
+        log("== pytest tests/test_triton_kernels.py on the GPU")
+        log(res.stdout[-3000:], res.stderr[-2000:])
+        summary["pytest_rc"] = res.returncode
+        summary["pytest_s"] = time.time() - t0
+    log("== kernel checks against the torch path")
+    t0 = time.time()
+    run_checks()
+    summary["checks_s"] = time.time() - t0
+    summary["checks"] = CHECKS
+    summary["all_passed"] = all(c["ok"] for c in CHECKS)
+    log(f"== checks: {sum(c['ok'] for c in CHECKS)}/{len(CHECKS)} passed")
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    if not args.skip_bench:
+        from benchmarks import kernels
+
+        kernels.main(["--out", args.out] + (["--quick"] if args.quick_bench else []))
+    return 0 if summary["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
