@@ -255,6 +255,25 @@ def test_bf16_inputs_within_stated_error(backend):
     assert rel_err(h, h_ref) < 1e-4
 
 
+def test_autocast_does_not_lower_the_internal_precision():
+    kw = make_inputs(batch=2, seqlen=70, nheads=4, headdim=8, ngroups=1, d_state=8, D="H", z=True, seed=14,
+                     dtype=torch.float32)
+    want = ssd(**kw, chunk_size=16, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssd(**kw, chunk_size=16, backend="torch")
+        got_quad = ssd_quadratic(**kw)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(got_quad, want) < 1e-5
+
+
+def test_empty_sequence_returns_empty_output_and_initial_state():
+    kw = make_inputs(seqlen=0, initial_state=True, dtype=torch.float32)
+    y, h = ssd(**kw, return_final_state=True)
+    assert y.shape == (2, 0, 4, 3)
+    torch.testing.assert_close(h, kw["initial_state"])
+
+
 # ----------------------------------------------------------------------------------------- packed documents
 
 

@@ -237,6 +237,11 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
+def _float32_compute(x: torch.Tensor):
+    """Switch autocast off: the paths cast to float32 themselves, and bf16 matmuls would lose the scan's precision."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _kernel(module: str, name: str):
     """The Triton entry point, or None when its module is missing or fails to import."""
     try:
@@ -300,11 +305,13 @@ def ssd(
             raise BackendUnavailable("ssd: backend='triton' but seqlab.ops.triton.ssd.ssd_triton cannot be imported")
         y, final_state = ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     elif path == "ref" or x.shape[1] == 0:
-        y, final_state = _ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
+        with _float32_compute(x):
+            y, final_state = _ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     else:
-        y, final_state = _ssd_chunked(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx
-        )
+        with _float32_compute(x):
+            y, final_state = _ssd_chunked(
+                x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx
+            )
     return (y, final_state) if return_final_state else y
 
 
@@ -316,6 +323,11 @@ def ssd_quadratic(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True
     float64 inputs); returns y in the dtype of x.
     """
     _validate(x, dt, A, B, C, D, z, dt_bias, None, seq_idx)
+    with _float32_compute(x):
+        return _ssd_quadratic(x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx)
+
+
+def _ssd_quadratic(x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx):
     cdt = _compute_dtype(x)
     nheads = x.shape[2]
     dt = _step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
@@ -393,4 +405,5 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
                 "ssd_state_update: backend='triton' but seqlab.ops.triton.decode cannot be imported"
             )
         return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return _ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    with _float32_compute(x):
+        return _ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
