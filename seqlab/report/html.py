@@ -61,7 +61,9 @@ td.missing { color: #9aa0ad; text-align: center; }
 table.kv td { text-align: left; } code, pre { font: 12.5px ui-monospace, Menlo, Consolas, monospace; }
 pre { background: #1f2430; color: #e8eaf0; padding: 12px 14px; border-radius: 6px; overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #e3e5ec; background: #fff; margin: 6px 0; }
-details { margin: 4px 0 10px; } summary { cursor: pointer; color: #3a4a8a; }
+details { margin: 4px 0 10px; }
+.row { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
+summary { cursor: pointer; color: #3a4a8a; }
 """
 
 
@@ -203,6 +205,7 @@ def _figure(uri: str | None, alt: str) -> str:
 
 def _task_sections(data: dict[str, Any]) -> str:
     models = model_names(data)
+    styles = plots.model_styles(models)
     out = []
     for task in _task_order(data):
         metrics = _task_metrics(data, task)
@@ -214,14 +217,15 @@ def _task_sections(data: dict[str, Any]) -> str:
                                                        for r in data["results"])), metrics[0] if metrics else "")
         series = {m: [(n, v) for n, v in values.items() if n is not None] for m, values in by_model.items()}
         parts = [f"<h3>{escape(title)} <small><code>{escape(task)}</code></small></h3>",
-                 f"<p class='note'>{escape(blurb)} Metric: {escape(metric_name)} (%), mean over seeds.</p>"]
+                 f"<p class='note'>{escape(blurb)} Metric: {escape(metric_name)} (%), mean over seeds.</p>",
+                 "<div class='row'>"]
         if any(len(s) > 1 for s in series.values()):
             parts.append(_figure(plots.length_curves(series, title, f"{metric_name} (%)",
-                                                     _train_length(data, task)), f"{title}: score vs length"))
+                                                     _train_length(data, task), styles), f"{title}: score vs length"))
         if task == "passkey":
             grids = _passkey_grids(data, models, metrics)
             parts.append(_figure(plots.heatmaps(grids, "Passkey: exact match by length x depth"), "passkey heatmap"))
-        parts.append(f"<details open><summary>numbers</summary>{_numbers_table(by_model)}</details>")
+        parts.append(f"<details open><summary>numbers</summary>{_numbers_table(by_model)}</details></div>")
         out.append("".join(parts))
     return "".join(out) or "<p class='note'>No task results.</p>"
 
@@ -233,10 +237,12 @@ def _training_section(data: dict[str, Any]) -> str:
         if r.get("metric") == "train_loss" and step is not None and value is not None:
             curves[str(r.get("task", "?"))][str(r.get("model", "?"))][step].append(value)
     parts = []
+    styles = plots.model_styles(model_names(data))
     for task, by_model in curves.items():
         series = {m: [(s, sum(v) / len(v)) for s, v in steps.items()] for m, steps in by_model.items()}
         title = TASK_TITLES.get(task, (task,))[0]
-        parts.append(_figure(plots.training_curves(series, f"{title}: training loss"), f"{task} training loss"))
+        uri = plots.training_curves(series, f"{title}: training loss", styles)
+        parts.append(_figure(uri, f"{task} training loss"))
     if not parts:
         return ""
     return "<h2>Training curves</h2>" + "".join(parts)

@@ -12,6 +12,22 @@ import math
 from collections.abc import Mapping, Sequence
 
 Series = Mapping[str, Sequence[tuple[float, float]]]  # model -> [(x, y), ...]
+Styles = Mapping[str, dict]  # model -> matplotlib line keyword arguments
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_DASHES = ("-", "--", "-.", ":")
+
+
+def model_styles(models: Sequence[str]) -> dict[str, dict]:
+    """One colour, marker and dash per model, the same in every figure of a report."""
+    return {m: {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)], "linestyle": _DASHES[(i // 10) % 4]}
+            for i, m in enumerate(models)}
+
+
+def _style(styles: Styles | None, model: str, index: int, marker: bool = True) -> dict:
+    style = dict((styles or {}).get(model) or model_styles([""] * (index + 1))[""])
+    if not marker:
+        style.pop("marker", None)
+    return style
 
 
 def _figure(width: float, height: float):
@@ -40,7 +56,7 @@ def _length_label(n: float) -> str:
 
 
 def length_curves(series: Series, title: str, ylabel: str = "accuracy (%)",
-                  train_length: int | None = None) -> str | None:
+                  train_length: int | None = None, styles: Styles | None = None) -> str | None:
     """One line per model: score vs sequence length (log2 axis when lengths span 4x or more)."""
     series = {m: sorted(points) for m, points in series.items() if points}
     fig = _figure(6.4, 3.6) if series else None
@@ -48,8 +64,10 @@ def length_curves(series: Series, title: str, ylabel: str = "accuracy (%)",
         return None
     ax = fig.add_subplot(1, 1, 1)
     xs = sorted({x for points in series.values() for x, _ in points})
-    for model, points in series.items():
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=model)
+    for i, (model, points) in enumerate(series.items()):
+        # later models drawn a little thinner so that equal curves stay visible underneath each other
+        ax.plot([x for x, _ in points], [y for _, y in points], label=model, markersize=6 - 0.5 * min(i, 6),
+                linewidth=2.2 - 0.2 * min(i, 6), alpha=0.9, **_style(styles, model, i))
     if xs and xs[-1] >= 4 * xs[0] > 0:
         ax.set_xscale("log", base=2)
     if xs:
@@ -77,9 +95,10 @@ def heatmaps(grids: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[
     n = len(grids)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = _figure(4.2 * cols, 3.2 * rows + 0.4)
+    fig = _figure(4.2 * cols + 0.8, 3.2 * rows + 0.4)
     if fig is None:
         return None
+    fig.set_layout_engine("constrained")
     image = None
     for i, (model, (lengths, depths, values)) in enumerate(grids.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
@@ -102,15 +121,16 @@ def heatmaps(grids: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[
     return _data_uri(fig)
 
 
-def training_curves(series: Series, title: str) -> str | None:
+def training_curves(series: Series, title: str, styles: Styles | None = None) -> str | None:
     """Training loss vs step, one line per model."""
     series = {m: sorted(points) for m, points in series.items() if points}
     fig = _figure(6.4, 3.4) if series else None
     if fig is None:
         return None
     ax = fig.add_subplot(1, 1, 1)
-    for model, points in series.items():
-        ax.plot([x for x, _ in points], [y for _, y in points], label=model, linewidth=1.2)
+    for i, (model, points) in enumerate(series.items()):
+        ax.plot([x for x, _ in points], [y for _, y in points], label=model, linewidth=1.6 - 0.15 * min(i, 6),
+                **_style(styles, model, i, marker=False))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     if all(y > 0 for points in series.values() for _, y in points):
