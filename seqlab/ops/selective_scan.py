@@ -153,43 +153,51 @@ def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
 # torch: chunked parallel scan and lean loop sharing one autograd Function
 
 
-def _scan_sequential(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor) -> torch.Tensor:
-    """h_t = a_t * h_{t-1} + x_t over dim 1, h_{-1} = h_start. Overwrites and returns x. (B, T, D, N)."""
+def _scan_sequential(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + x_t over dim 1 from h_{-1} = h_start (or, with ``reverse``, h_t = a_t * h_{t+1} + x_t
+    from h_T = h_start). a, x (B, T, D, N); x is overwritten with h and returned. Extra memory: none."""
     prev = h_start
-    for t in range(x.shape[1]):
+    for t in reversed(range(x.shape[1])) if reverse else range(x.shape[1]):
         prev = x[:, t].addcmul_(a[:, t], prev)
     return x
 
 
-def _scan_chunked(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Same recurrence as ``_scan_sequential``, as a two-level chunked scan. Overwrites a and x; returns h in x.
+def _scan_chunked(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, chunk: int,
+                  reverse: bool = False) -> torch.Tensor:
+    """Same recurrence as ``_scan_sequential``, as a two-level chunked scan; x is overwritten with h.
 
     1. Split time into nc chunks of ``chunk`` steps and scan all chunks at once from a zero state
-       (``chunk`` ops on (B, nc, D, N) slices; chunk j of every chunk advances together).
-    2. Cumulative decays inside each chunk: P_t = prod_{s<=t} a_s (a cumprod of values in [0, 1] for Mamba,
-       so nothing overflows; a document start has a = 0 and cuts the product).
+       (``chunk`` ops on (B, nc, D, N) slices: step j of every chunk advances together).
+    2. Alongside, the cumulative decay inside each chunk, P_j = prod_{i<=j} a_i: a product of values in
+       [0, 1] for Mamba (exp of delta*A <= 0), so nothing overflows; a document start has a = 0 and cuts it.
     3. Carry the state across chunks, H_k = P_{k,last} H_{k-1} + h_{k,last} (nc ops on (B, D, N)).
-    4. Correct every position: h_t += P_t * H_{k-1}.
-    Peak extra memory O(B*T*D*N) (T = the group length; a and x are reused in place).
+    4. Correct every position: h_j += P_j * H_{k-1}.
+    Steps left over when T is not a multiple of ``chunk`` run sequentially at the end (in scan order).
+    Peak extra memory: one (B, T, D, N) buffer for P.
     """
     T = x.shape[1]
     main = (T // chunk) * chunk
     if main == 0:
-        return _scan_sequential(a, x, h_start)
+        return _scan_sequential(a, x, h_start, reverse)
     nc = main // chunk
-    xs = x[:, :main].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
-    ps = a[:, :main].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
-    for j in range(1, chunk):
-        xs[:, :, j].addcmul_(ps[:, :, j], xs[:, :, j - 1])
-    ps.cumprod_(dim=2)
-    carry = torch.empty_like(xs[:, :, 0])  # (B, nc, D, N): the state before each chunk
+    span = slice(T - main, T) if reverse else slice(0, main)
+    xs = x[:, span].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
+    as_ = a[:, span].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
+    P = torch.empty_like(xs)
+    first, last, step = (chunk - 1, 0, -1) if reverse else (0, chunk - 1, 1)
+    P[:, :, first] = as_[:, :, first]
+    for j in range(first + step, last + step, step):
+        xs[:, :, j].addcmul_(as_[:, :, j], xs[:, :, j - step])
+        torch.mul(as_[:, :, j], P[:, :, j - step], out=P[:, :, j])
+    carry = torch.empty_like(xs[:, :, 0])  # (B, nc, D, N): the state entering each chunk
     H = h_start
-    for k in range(nc):
+    for k in reversed(range(nc)) if reverse else range(nc):
         carry[:, k] = H
-        H = torch.addcmul(xs[:, k, -1], ps[:, k, -1], H)
-    xs.addcmul_(ps, carry.unsqueeze(2))
+        H = torch.addcmul(xs[:, k, last], P[:, k, last], H)
+    xs.addcmul_(P, carry.unsqueeze(2))
     if main < T:
-        _scan_sequential(a[:, main:], x[:, main:], x[:, main - 1])
+        rest = slice(0, T - main) if reverse else slice(main, T)
+        _scan_sequential(a[:, rest], x[:, rest], H, reverse)
     return x
 
 
@@ -221,6 +229,7 @@ class _ScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, h0, reset, chunk, group):
         batch, L, dim = u.shape
         G = B.shape[2]
+        scan = functools.partial(_scan_chunked, chunk=chunk) if chunk else _scan_sequential
         h = h0 if h0 is not None else u.new_zeros(batch, dim, A.shape[1])
         y = u.new_empty(batch, L, dim)
         starts = []
@@ -228,7 +237,7 @@ class _ScanFn(torch.autograd.Function):
             e = min(s + group, L)
             starts.append(h)
             a, x = _decays_and_inputs(delta[:, s:e], u[:, s:e], A, B[:, s:e], None if reset is None else reset[:, s:e])
-            hs = _scan_chunked(a, x, h, chunk) if chunk else _scan_sequential(a, x, h)
+            hs = scan(a, x, h)
             y[:, s:e] = torch.einsum("btgdn,btgn->btgd", _grouped(hs, G), C[:, s:e]).flatten(2)
             h = hs[:, -1].clone()
         ctx.save_for_backward(u, delta, A, B, C, h0, reset, *starts)
@@ -241,6 +250,7 @@ class _ScanFn(torch.autograd.Function):
         chunk, group = ctx.chunk, ctx.group
         batch, L, dim = u.shape
         G = B.shape[2]
+        scan = functools.partial(_scan_chunked, chunk=chunk) if chunk else _scan_sequential
         gu, gdelta, gB, gC = torch.empty_like(u), torch.empty_like(delta), torch.empty_like(B), torch.empty_like(C)
         gA = torch.zeros_like(A)
         carry = gh_last  # dLoss/dh at the last position of the current group, from later positions
@@ -250,14 +260,12 @@ class _ScanFn(torch.autograd.Function):
             h_start = starts[i]
             rs = None if reset is None else reset[:, s:e]
             a, x = _decays_and_inputs(delta[:, s:e], u[:, s:e], A, B[:, s:e], rs)
-            hs = _scan_chunked(a.clone(), x, h_start, chunk) if chunk else _scan_sequential(a, x, h_start)
+            hs = scan(a, x, h_start)
             gy_g = _grouped(gy[:, s:e], G)  # (B, T, G, Dg)
-            src = (gy_g.unsqueeze(-1) * C[:, s:e].unsqueeze(3)).flatten(2, 3)  # (B, T, D, N)
-            # adjoint scan backwards in time: coefficient of g_{t+1} in g_t is a_{t+1}
-            alpha = torch.cat([torch.ones_like(a[:, :1]), a.flip(1)[:, :-1]], dim=1)
-            rev = src.flip(1)
-            rev = _scan_chunked(alpha, rev, carry, chunk) if chunk else _scan_sequential(alpha, rev, carry)
-            gh = rev.flip(1)  # (B, T, D, N): dLoss/dh_t
+            gh = (gy_g.unsqueeze(-1) * C[:, s:e].unsqueeze(3)).flatten(2, 3)  # (B, T, D, N)
+            # adjoint recurrence backwards in time: g_t = C_t dy_t + a_{t+1} g_{t+1}
+            gh[:, -1] += carry
+            scan(a[:, 1:], gh[:, :-1], gh[:, -1], reverse=True)  # gh: dLoss/dh_t
             gC[:, s:e] = torch.einsum("btgd,btgdn->btgn", gy_g, _grouped(hs, G))
             ghg = _grouped(gh, G)  # (B, T, G, Dg, N)
             gx_B = torch.einsum("btgdn,btgn->btgd", ghg, B[:, s:e]).flatten(2)  # (B, T, D)
