@@ -110,6 +110,17 @@ def test_comparison_values_follow_the_aggregation_rules():
     assert cells["mamba"]["selective_copy"].published[0][0] == pytest.approx(99.8)
 
 
+def test_published_numbers_match_by_model_name_or_preset():
+    results = synthetic_results(seeds=(0,))
+    results["meta"]["models"]["mamba"]["preset"] = "Mamba"
+    results["meta"]["models"] = {("my-" + k if k == "mamba" else k): v for k, v in results["meta"]["models"].items()}
+    for r in results["results"]:
+        r["model"] = "my-mamba" if r["model"] == "mamba" else r["model"]
+    _, cells = comparison(results)
+    assert cells["my-mamba"]["selective_copy"].published[0][0] == pytest.approx(99.8)
+    assert cells["mamba2"]["selective_copy"].published == ()
+
+
 def test_summary_table_lists_every_model_and_column():
     text = summary_table(synthetic_results())
     lines = text.splitlines()

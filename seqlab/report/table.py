@@ -124,11 +124,15 @@ def scores_by_length(data: dict[str, Any], task: str, model: str, metrics: tuple
 
 
 def _published(data: dict[str, Any], column: Column, model: str) -> tuple[tuple[float, str], ...]:
+    info = (data["meta"].get("models") or {}).get(model)
+    names = {model.lower()}
+    if isinstance(info, dict) and isinstance(info.get("preset"), str):
+        names.add(info["preset"].lower())  # "mamba-small" run from preset "mamba" matches the paper's "mamba"
     out = []
     for p in data["meta"].get("published") or []:
         if not isinstance(p, dict):
             continue
-        if (p.get("task") == column.task and str(p.get("model", "")).lower() == model.lower()
+        if (p.get("task") == column.task and str(p.get("model", "")).lower() in names
                 and p.get("metric", column.metrics[0]) in column.metrics):
             value = as_percent(p.get("value"))
             if value is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import IGNORE, Batch, Task, randint, random_positions, require_int
+from seqlab.tasks.base import IGNORE, Batch, Task, randint, random_positions, require_int, require_lengths
 
 _SOURCE = "Gu & Dao 2023, Mamba, Table 1"
 
@@ -41,15 +41,17 @@ class SelectiveCopy(Task):
 
     NOISE = 0
 
-    def __init__(self, seqlen: int = 256, n_tokens: int = 8, vocab_size: int = 16):
+    def __init__(self, seqlen: int = 256, n_tokens: int = 8, vocab_size: int = 16,
+                 eval_lengths: list[int] | None = None):
         self.default_seqlen = require_int("seqlen", seqlen, 2)
         self.n_tokens = require_int("n_tokens", n_tokens, 1)
         self.vocab_size = require_int("vocab_size", vocab_size, 3)
         if seqlen < 2 * n_tokens:
             raise ConfigError(f"seqlen: expected >= 2 * n_tokens = {2 * n_tokens}, got {seqlen}")
         self.marker = vocab_size - 1
-        self.eval_lengths = (seqlen,)
-        self._config = {"seqlen": seqlen, "n_tokens": n_tokens, "vocab_size": vocab_size}
+        self.eval_lengths = require_lengths("eval_lengths", [seqlen] if eval_lengths is None else eval_lengths)
+        self._config = {"seqlen": seqlen, "n_tokens": n_tokens, "vocab_size": vocab_size,
+                        "eval_lengths": list(self.eval_lengths)}
 
     def sample(self, batch_size: int, seqlen: int, generator: torch.Generator) -> Batch:
         M = self.n_tokens
