@@ -219,6 +219,8 @@ class Trainer:
         task_spec: dict | None = None,
         quiet: bool = False,
         callback: Callable[[Trainer, dict], None] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        metrics_path: str | Path | None = None,
     ):
         self.config = config.validate()
         self.device = resolve_device(config.device)
@@ -237,7 +239,9 @@ class Trainer:
         self.last_eval: dict | None = None
         self.best_accuracy: float | None = None
         self._interrupt_requested = False
-        self._metrics_path = Path(config.out_dir) / "metrics.jsonl" if config.out_dir else None
+        out = Path(config.out_dir) if config.out_dir else None
+        self._metrics_path = Path(metrics_path) if metrics_path else (out / "metrics.jsonl" if out else None)
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (out / CHECKPOINT_NAME if out else None)
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
@@ -326,14 +330,14 @@ class Trainer:
                     if cfg.target_accuracy is not None and result["accuracy"] >= cfg.target_accuracy:
                         stopped = "target_accuracy"
                         break
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and cfg.out_dir:
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.checkpoint_path:
                     self.save_checkpoint()
                 if cfg.max_time_s is not None and run_time >= cfg.max_time_s and self.step < cfg.steps:
                     stopped = "time_limit"
                     break
         except KeyboardInterrupt:
             progress.close()
-            if cfg.out_dir:
+            if self.checkpoint_path is not None:
                 path = self.save_checkpoint()
                 print(f"interrupted at step {self.step}; checkpoint written to {path}", file=sys.stderr)
             raise
@@ -343,7 +347,7 @@ class Trainer:
         if self.last_eval is None or self.last_eval["step"] != self.step:
             result = self.evaluate()
             self._log({"step": self.step, **{f"eval_{k}": v for k, v in result.items() if k != "step"}})
-        if cfg.out_dir:
+        if self.checkpoint_path is not None:
             self.save_checkpoint()
         steps_run = len(losses)
         return TrainResult(
@@ -387,12 +391,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path | None:
-        return Path(self.config.out_dir) / CHECKPOINT_NAME if self.config.out_dir else None
+        return self._checkpoint_dir
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
-            raise ConfigError("train: cannot save a checkpoint without --out")
+            raise ConfigError("train: cannot save a checkpoint without --out (no checkpoint directory)")
         with atomic_dir(path) as tmp:
             save_model(self.model, tmp)
             tensors, meta = optimizer_state(self.optimizer)

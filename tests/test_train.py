@@ -193,3 +193,46 @@ def _cli(*argv):
 
     return main(list(argv))
 
+
+
+# ---------------------------------------------------------------------- the verbs, end to end on a tiny model
+def test_seqlab_train_then_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--task", "mqar", "--model", "mamba", "--size", "tiny", "--steps", "3", "--batch-size", "4",
+            "--task-arg", "seqlen=16", "--task-arg", "num_kv_pairs=2", "--task-arg", "vocab_size=16",
+            "--set", "d_model=16", "--out", str(out), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert _cli(*argv) == 0
+    ckpt = out / CHECKPOINT_NAME
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
+    from seqlab.models import LanguageModel
+
+    assert LanguageModel.load(ckpt).config.d_model == 16
+    capsys.readouterr()
+    assert _cli("eval", "--checkpoint", str(out), "--lengths", "16,32", "--samples", "8", "--seed", "3",
+                "--json", "--device", "cpu") == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "mqar" and [r["length"] for r in report["results"]] == [16, 32]
+    assert all(0 <= r["accuracy"] <= 1 for r in report["results"])
+    # --resume with more steps continues from step 3
+    assert _cli("train", "--out", str(out), "--resume", "--steps", "5", "--quiet", "--device", "cpu") == 0
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--task", "nope", "--model", "mamba"], "--task: unknown task 'nope'"),
+        (["train", "--task", "mqar", "--model", "nope"], "--model: unknown preset 'nope'"),
+        (["train", "--task", "mqar", "--model", "mamba", "--size", "huge"], "--size: unknown size 'huge'"),
+        (["train", "--task", "mqar", "--model", "mamba", "--set", "d_model"], "--set: expected key=value"),
+        (["train", "--task", "mqar", "--model", "mamba", "--steps", "-2"], "--steps"),
+        (["train", "--resume", "--out", "{tmp}/none"], "--resume: no checkpoint"),
+        (["train", "--task", "mqar", "--model", "mamba", "--out", "/proc/seqlab-out"], "--out"),
+        (["eval", "--checkpoint", "{tmp}/missing", "--task", "mqar"], "--checkpoint"),
+        (["eval", "--checkpoint", "{tmp}", "--lengths", "a,b"], "--lengths"),
+    ],
+)
+def test_bad_arguments_fail_fast_naming_the_option(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert _cli(*argv) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,269 @@
+"""Run the arena: train every (task, model, seed) of a budget, evaluate, measure, write results.json + report.
+
+results.json::
+
+    {"results": [{"task", "model", "metric", "value", "length", "seed", ...extra fields}, ...],
+     "meta": {"budget", "date", "machine", "torch", "seqlab", "duration_s", "models", "tasks", "published",
+              "command", "seeds", ...}}
+
+Metrics per (task, model, seed): ``accuracy`` and ``exact_match`` at every evaluation length (passkey: also per
+``depth``), ``tokens_per_s`` (training, at the training length), ``params``, ``train_steps``, ``train_time_s``,
+``state_bytes_1k`` and ``state_bytes_100k`` (``model.state_bytes(1, n)`` at n = 1,000 and 100,000 tokens: the KV
+cache for attention, a constant for the SSMs).
+Extra fields on every record of a run: ``stopped`` ("steps" | "target_accuracy" | "time_limit").
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+from seqlab.arena.budgets import Budget, TaskPlan, match_width, model_config
+from seqlab.errors import ConfigError, SeqlabError
+
+STATE_LENGTHS = (1_000, 100_000)
+
+# Published reference points (fractions in [0, 1]); the arena's own numbers sit next to them in the report.
+PUBLISHED = [
+    {"task": "selective_copy", "model": "s4", "metric": "accuracy", "value": 0.183,
+     "source": "Gu & Dao 2023, Mamba, Table 1 (2 layers, D=64, L=4096)"},
+    {"task": "selective_copy", "model": "h3", "metric": "accuracy", "value": 0.570,
+     "source": "Gu & Dao 2023, Mamba, Table 1 (2 layers, D=64, L=4096)"},
+    {"task": "selective_copy", "model": "hyena", "metric": "accuracy", "value": 0.301,
+     "source": "Gu & Dao 2023, Mamba, Table 1 (2 layers, D=64, L=4096)"},
+    {"task": "selective_copy", "model": "mamba", "metric": "accuracy", "value": 0.998,
+     "source": "Gu & Dao 2023, Mamba, Table 1 (2 layers, D=64, L=4096)"},
+    {"task": "mqar", "model": "transformer", "metric": "accuracy", "value": 1.0,
+     "source": "Dao & Gu 2024, Mamba-2, Fig. 8 / App. D.1 (attention ~1.0 at d_model >= 128)"},
+    {"task": "mqar", "model": "mamba", "metric": "accuracy", "value": 0.0,
+     "source": "Dao & Gu 2024, Mamba-2, Fig. 8 / App. D.1 (Mamba-1, N=16: near 0)"},
+    {"task": "mqar", "model": "mamba2", "metric": "accuracy", "value": 0.88, "value_max": 0.99,
+     "source": "Dao & Gu 2024, Mamba-2, Fig. 8 / App. D.1 (Mamba-2, N=64: 0.88-0.99 across widths)"},
+    {"task": "induction_heads", "model": "mamba", "metric": "accuracy", "value": 1.0, "length": 2**20,
+     "source": "Gu & Dao 2023, Mamba, Table 2 (trained at 256, perfect up to 2^20)"},
+    {"task": "induction_heads", "model": "transformer", "metric": "accuracy", "value": 0.0,
+     "source": "Gu & Dao 2023, Mamba, Table 2 (attention with RoPE collapses beyond ~2x the training length)"},
+]  # fmt: skip
+
+
+class _FixedDepth:
+    """A passkey task whose needle always sits at ``depth`` (one cell of the length x depth grid)."""
+
+    def __init__(self, task, depth: float):
+        self.task, self.depth = task, depth
+        self.name, self.vocab_size, self.default_seqlen = task.name, task.vocab_size, task.default_seqlen
+
+    def sample(self, batch_size, seqlen, generator):
+        return self.task.sample(batch_size, seqlen, generator, depth=self.depth)
+
+
+def machine_description(device) -> str:
+    import os
+
+    import torch
+
+    text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}"
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def plan_models(budget: Budget, model_names, task) -> dict[str, dict]:
+    """Width-matched configs of the line-up for ``task``'s vocabulary."""
+    plans = {}
+    for name in model_names:
+        plan = budget.models[name]
+        d_model, params = match_width(plan, budget.target_params, task.vocab_size)
+        plans[name] = {"config": model_config(plan, d_model, task.vocab_size), "d_model": d_model, "params": params}
+    return plans
+
+
+def evaluate_run(model, task, plan: TaskPlan, seqlen: int, seed: int, device, dtype: str) -> tuple[list, list]:
+    """Evaluation records (metric, value, length[, depth]) and the errors of lengths that could not run."""
+    import torch
+
+    from seqlab.evaluate import evaluate_model
+
+    lengths = plan.eval_lengths or (seqlen,)
+    cells = [(length, None) for length in lengths]
+    if plan.depths:
+        cells = [(length, depth) for length in lengths for depth in plan.depths]
+    records, errors = [], []
+    for length, depth in cells:
+        target = _FixedDepth(task, depth) if depth is not None else task
+        try:
+            result = evaluate_model(model, target, seqlen=length, samples=plan.eval_samples,
+                                    batch_size=plan.eval_batch_size, seed=seed, device=device, dtype=dtype)
+        except (RuntimeError, SeqlabError, torch.OutOfMemoryError) as err:
+            errors.append({"length": length, "depth": depth, "error": f"{type(err).__name__}: {err}"[:300]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for metric in ("accuracy", "exact_match"):
+            record = {"metric": metric, "value": result[metric], "length": length}
+            if depth is not None:
+                record["depth"] = depth
+            records.append(record)
+    return records, errors
+
+
+def run_arena(
+    budget: Budget,
+    tasks: list[str] | None = None,
+    models: list[str] | None = None,
+    seeds: list[int] | tuple[int, ...] = (0,),
+    out: str | Path = "arena-out",
+    device: str = "auto",
+    steps: int | None = None,
+    run_time_s: float | None = None,
+    command: str | None = None,
+    quiet: bool = False,
+    log=None,
+) -> dict:
+    """Train and evaluate every (task, model, seed); write out/results.json, out/report.html and checkpoints."""
+    import torch
+
+    import seqlab
+    from seqlab.io import write_json
+    from seqlab.models import LanguageModel
+    from seqlab.tasks import make_task
+    from seqlab.train import TrainConfig, Trainer, resolve_device
+
+    log = log or (lambda text: print(text, flush=True))
+    tasks = list(tasks or budget.default_tasks)
+    models = list(models or budget.default_models)
+    _check_names(tasks, budget.tasks, "--tasks", f"budget {budget.name!r}")
+    _check_names(models, budget.models, "--models", f"budget {budget.name!r}")
+    if not seeds:
+        raise ConfigError("--seeds: expected at least one seed, e.g. 0 or 0,1")
+    dev = resolve_device(device if device != "auto" else budget.device)
+    out = Path(out)
+    start = time.perf_counter()
+    deadline = start + budget.total_time_s
+    cap = run_time_s if run_time_s is not None else budget.run_time_s
+
+    results: list[dict] = []
+    meta_models: dict[str, dict] = {}
+    meta_tasks: dict[str, dict] = {}
+    errors: list[dict] = []
+    n_runs, done = len(tasks) * len(models) * len(seeds), 0
+    for task_name in tasks:
+        plan = budget.tasks[task_name]
+        task = make_task(task_name, **plan.args)
+        seqlen = task.default_seqlen
+        task_steps = steps if steps is not None else plan.steps
+        meta_tasks[task_name] = {
+            "args": task.config() if hasattr(task, "config") else dict(plan.args), "seqlen": seqlen,
+            "steps": task_steps, "batch_size": plan.batch_size, "lr": plan.lr, "lr_by_model": plan.lr_by_model,
+            "warmup_steps": plan.warmup_steps, "eval_lengths": list(plan.eval_lengths or (seqlen,)),
+            "depths": list(plan.depths), "eval_samples": plan.eval_samples,
+            "metric": getattr(task, "metric", "accuracy"), "vocab_size": task.vocab_size,
+        }  # fmt: skip
+        for model_name, planned in plan_models(budget, models, task).items():
+            entry = meta_models.setdefault(model_name, {
+                "preset": budget.models[model_name].preset, "n_layers": planned["config"].n_layers,
+                "pattern": planned["config"].pattern, "d_model": planned["d_model"], "params": {},
+                "config": planned["config"].to_dict(),
+            })  # fmt: skip
+            entry["params"][task_name] = planned["params"]
+            for seed in seeds:
+                remaining = max(1, n_runs - done)
+                run_cap = min(cap, max(3.0, (deadline - time.perf_counter()) / remaining - 2.0))
+                records = _run_one(
+                    LanguageModel, Trainer, TrainConfig, task, task_name, plan, planned, model_name, seed,
+                    task_steps, run_cap, dev, out, quiet, errors,
+                )
+                results.extend(records)
+                done += 1
+                acc = [r for r in records if r["metric"] == _headline(task) and r["length"] == seqlen]
+                stats = {r["metric"]: r["value"] for r in records if r["metric"] in ("train_steps", "train_time_s")}
+                tps = next(r["value"] for r in records if r["metric"] == "tokens_per_s")
+                log(
+                    f"[{done}/{n_runs}] {task_name:<16} {model_name:<12} seed {seed}  "
+                    f"{_headline(task)} {acc[0]['value'] if acc else float('nan'):.3f}  "
+                    f"params {planned['params']:,}  steps {stats['train_steps']}  {stats['train_time_s']:.1f}s  "
+                    f"{tps:,.0f} tok/s  stopped: {records[0]['stopped']}"
+                )
+                torch.manual_seed(seed)
+
+    document = {
+        "results": results,
+        "meta": {
+            "budget": budget.name,
+            "budget_description": budget.description,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_description(dev),
+            "device": str(dev),
+            "torch": torch.__version__,
+            "seqlab": seqlab.__version__,
+            "duration_s": round(time.perf_counter() - start, 2),
+            "seeds": list(seeds),
+            "target_params": budget.target_params,
+            "run_time_cap_s": cap,
+            "models": meta_models,
+            "tasks": meta_tasks,
+            "published": [p for p in PUBLISHED if p["task"] in tasks],
+            "command": command or "seqlab arena",
+            "errors": errors,
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", document)
+    return document
+
+
+def _run_one(LanguageModel, Trainer, TrainConfig, task, task_name, plan, planned, model_name, seed, steps, run_cap,
+             device, out, quiet, errors) -> list[dict]:
+    import torch
+
+    torch.manual_seed(seed)
+    model = LanguageModel(planned["config"])
+    lr = plan.lr_by_model.get(model_name, plan.lr)
+    config = TrainConfig(
+        steps=steps, batch_size=plan.batch_size, lr=lr, warmup_steps=min(plan.warmup_steps, max(steps // 5, 0)),
+        weight_decay=plan.weight_decay, seed=seed, eval_every=plan.eval_every, eval_batches=1,
+        eval_batch_size=plan.eval_batch_size, target_accuracy=plan.target_accuracy, log_every=max(1, steps // 20),
+        device=str(device), max_time_s=run_cap,
+    )  # fmt: skip
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    trainer = Trainer(
+        model, task, config, task_spec={"name": task_name, "args": task.config() if hasattr(task, "config") else {}},
+        quiet=quiet, checkpoint_dir=out / "checkpoints" / task_name / f"{model_name}{suffix}",
+        metrics_path=out / "metrics" / task_name / f"{model_name}{suffix}.jsonl",
+    )  # fmt: skip
+    result = trainer.fit()
+    evals, eval_errors = evaluate_run(model, task, plan, task.default_seqlen, seed, trainer.device, config.dtype)
+    for err in eval_errors:
+        errors.append({"task": task_name, "model": model_name, "seed": seed, **err})
+    common = {"task": task_name, "model": model_name, "seed": seed, "stopped": result.stopped}
+    records = [{**common, **r} for r in evals]
+    records += [
+        {**common, "metric": "tokens_per_s", "value": result.tokens_per_s, "length": task.default_seqlen},
+        {**common, "metric": "train_steps", "value": result.step, "length": None},
+        {**common, "metric": "train_time_s", "value": round(result.train_time_s, 3), "length": None},
+        {**common, "metric": "params", "value": model.num_params(), "length": None},
+    ]
+    for n, metric in zip(STATE_LENGTHS, ("state_bytes_1k", "state_bytes_100k")):
+        records.append({**common, "metric": metric, "value": int(model.state_bytes(1, n)), "length": n})
+    return records
+
+
+def _headline(task) -> str:
+    return getattr(task, "metric", "accuracy")
+
+
+def _check_names(names, known, option: str, where: str) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{option}: unknown {', '.join(map(repr, unknown))} for {where}; choose from "
+                          f"{', '.join(known)}")
+
+
+def print_summary(document: dict, stream=None) -> None:
+    """The report's summary table (seqlab.report.summary_table) on stdout."""
+    from seqlab.report import summary_table
+
+    print(summary_table(document), file=stream or sys.stdout)
