@@ -31,7 +31,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from seqlab.errors import InputError
+from seqlab.errors import BackendUnavailable, InputError
 from seqlab.ops._common import (
     check_backend,
     check_dim,
@@ -298,13 +298,12 @@ def ssd(
     path = select_backend(backend, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, seqlen=x.shape[1])
     if path == "triton":
         require_triton("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
+    if path == "triton" and x.shape[1] > 0:
         ssd_triton = _kernel("seqlab.ops.triton.ssd", "ssd_triton")
         if ssd_triton is None:
-            from seqlab.errors import BackendUnavailable
-
             raise BackendUnavailable("ssd: backend='triton' but seqlab.ops.triton.ssd.ssd_triton cannot be imported")
         y, final_state = ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
-    elif path == "ref" or x.shape[1] == 0:
+    elif path in ("ref", "triton") or x.shape[1] == 0:
         with _float32_compute(x):
             y, final_state = _ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     else:
@@ -399,8 +398,6 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
         require_triton("ssd_state_update", state, x, dt, A, B, C, D, z, dt_bias)
         fn = _kernel(*kernel)
         if fn is None:
-            from seqlab.errors import BackendUnavailable
-
             raise BackendUnavailable(
                 "ssd_state_update: backend='triton' but seqlab.ops.triton.decode cannot be imported"
             )
