@@ -32,6 +32,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, metavar="P")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (and random weights with --preset)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+        help="compute dtype (autocast; weights stay fp32). auto = bf16 on cuda, fp32 on cpu",
+    )
     parser.add_argument("--save-state", metavar="FILE", help="save the inference state after generating")
     parser.add_argument("--resume-state", metavar="FILE", help="continue from a state saved with --save-state")
     parser.add_argument("--no-stop", action="store_true", help="keep generating after the EOS token")
@@ -105,19 +109,21 @@ def run(args: argparse.Namespace) -> int:
             out.write(text)
             out.flush()
 
+    use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and args.device == "cuda")
     start = time.perf_counter()
-    generate(
-        model,
-        [prompt_ids],
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        on_token=on_token,
-        eos_id=None if args.no_stop else tokenizer.eos_id,
-        state=state,
-    )
+    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=use_bf16):
+        generate(
+            model,
+            [prompt_ids],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            on_token=on_token,
+            eos_id=None if args.no_stop else tokenizer.eos_id,
+            state=state,
+        )
     seconds = time.perf_counter() - start
     out.write(decoder.flush() + "\n")
     out.flush()
