@@ -339,7 +339,7 @@ def bench_ssd(c, shapes, scan_times):
         ins = None
         gins = ssd_inputs(batch, seqlen, H, P, N, grad=True)
         msb = safe(cuda_time, fwd_bwd(lambda: ssd_triton(*args(gins)), gins), max_seconds=2)
-        record(table, shape, "triton fwd + torch-path bwd", msb, ssd_floor(c, batch, seqlen, H, P, N, 128, True),
+        record(table, shape, "triton fwd+bwd", msb, ssd_floor(c, batch, seqlen, H, P, N, 128, True),
                note=f"= {msb / ms:.2f}x fwd" if ms and msb else "")
         gins = None
         torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""Chunked SSD (Mamba-2, Dao & Gu 2024, sec. 6) forward in Triton; backward through the torch chunked path.
+"""Chunked SSD (Mamba-2, Dao & Gu 2024, sec. 6), forward and backward, in Triton.
 
 Per head h with scalar A_h, per chunk of T positions (a_t = dt_t A_h, cum_t = sum of a over the chunk up to t):
     1. chunk state   S_c = sum_t exp(cum_{T-1} - cum_t) dt_t x_t B_tᵀ                  (P, N), tl.dot
@@ -10,10 +10,10 @@ With packed documents, a term that links two positions of different documents is
 state belongs to the row's first document.
 
 The algorithm is exact for any chunk length, so the kernels pick their own tile T = chunk_size clamped to
-[16, 128] (tl.dot needs 16; 128 keeps the (T, T) score tile in registers).
+[16, 64] (tl.dot needs 16; 64 keeps the backward's (T, T) tiles in registers).
 
-Backward (interim): the forward's outputs are recomputed by ``seqlab.ops.ssd(..., backend="torch")`` under
-autograd and differentiated there; it is correct but costs the torch path's time and memory.
+Backward: three kernels (per-chunk state gradients, reverse state passing, per-chunk input gradients) that
+reuse the forward's chunk states and log decays; no (L, L) or per-position state tensor is formed.
 """
 
 from __future__ import annotations
@@ -174,11 +174,13 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
 
 
 def _tile(chunk_size: int) -> int:
-    return min(128, max(16, next_pow2(chunk_size)))
+    return min(64, max(16, next_pow2(chunk_size)))
 
 
-def ssd_forward_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
-    """The three-kernel forward (no autograd). Returns (y (B, L, H, P), final_state (B, H, P, N) float32)."""
+def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
+    """The three-kernel forward (no autograd). Returns y (B, L, H, P), final_state (B, H, P, N) float32, and for
+    the backward the states entering each chunk (B, nchunks, H, P, N), the in-chunk log decays
+    (B, H, nchunks, T), the document ids and the tile T."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     x, dt, A, B, C = x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous()
@@ -210,38 +212,260 @@ def ssd_forward_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, i
                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
                                 HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
                                 IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
-    return y, final
+    return y, final, states, cum, doc, T
+
+
+# ------------------------------------------------------------------------------------------------- backward
+#
+# With dy' = dy * silu(z) and E_c = dLoss/d(state entering chunk c):
+#   E_c = sum_i exp(cum_i) dy'_i C_iᵀ + keep_c exp(cum_last_c) E_{c+1},   E_nchunks = d final_state   (reverse pass)
+# and inside chunk c (M_ij = C_i·B_j exp(cum_i - cum_j) dt_j, w_t = exp(cum_last - cum_t) dt_t, dS = E_{c+1}):
+#   dx = Mᵀ dy' + w (B dSᵀ) + D dy'          dM = dy' xᵀ,  dCB = dM ∘ exp(seg) dt_j
+#   dC = dCB B + exp(cum) dy' h_in           dB = dCBᵀ C + w (x dS)
+#   dcum from M (row sums - column sums of dM ∘ M), the carried state, the chunk state and the passing decay;
+#   d(dt A)_s = sum_{t >= s} dcum_t within the chunk.
+
+
+@triton.jit
+def _ssd_bwd_dstate_kernel(dy_ptr, z_ptr, C_ptr, doc_ptr, cum_ptr, dstates_ptr,
+                           L, H, P, G, N, nchunks,
+                           HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                           T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per chunk: the gradient reaching the chunk's entering state from this chunk's outputs, (P, N)."""
+    pid = tl.program_id(0)
+    b = pid // nchunks
+    c = pid % nchunks
+    h = tl.program_id(1)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, T)
+    t = c * T + offs_t
+    mask_t = t < L
+    mask_p = offs_p < P
+    row = b.to(tl.int64) * L + t
+    xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+        dy = dy * zv * tl.sigmoid(zv)
+    cum = tl.load(cum_ptr + ((b.to(tl.int64) * H + h) * nchunks + c) * T + offs_t)
+    scale_in = tl.exp(cum)
+    if HAS_DOC:
+        doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
+        prev_doc = tl.load(doc_ptr + b.to(tl.int64) * L + c * T - 1, mask=c > 0, other=0)
+        scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
+    Ct = tl.load(C_ptr + ((row * G + h // (H // G)) * N)[:, None] + offs_n[None, :],
+                 mask=mask_t[:, None] & (offs_n < N)[None, :], other=0.0)
+    ds = _mm(tl.trans((dy * scale_in[:, None]).to(Ct.dtype)), Ct, IEEE, UPCAST)  # (BP, BN)
+    sbase = ((b.to(tl.int64) * nchunks + c) * H + h) * P * N
+    tl.store(dstates_ptr + sbase + offs_p[:, None] * N + offs_n[None, :], ds,
+             mask=mask_p[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _ssd_bwd_state_pass_kernel(dstates_ptr, states_ptr, cum_ptr, doc_ptr, dfinal_ptr, dinit_ptr, dlast_ptr,
+                               L, H, PN, nchunks,
+                               HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr, T: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """Reverse state passing: turns per-chunk local gradients into dS_c = E_{c+1}, in place; writes d initial
+    state and, per chunk, the gradient of its total log-decay cum_last (accumulated over blocks)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PN
+    bh = b.to(tl.int64) * H + h
+    if HAS_DFINAL:
+        E = tl.load(dfinal_ptr + bh * PN + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        E = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        base = ((b.to(tl.int64) * nchunks + c) * H + h) * PN + offs
+        local = tl.load(dstates_ptr + base, mask=mask, other=0.0)
+        tl.store(dstates_ptr + base, E, mask=mask)
+        hin = tl.load(states_ptr + base, mask=mask, other=0.0)
+        decay = tl.exp(tl.load(cum_ptr + (bh * nchunks + c) * T + T - 1))
+        if HAS_DOC:
+            doc_end = tl.load(doc_ptr + b.to(tl.int64) * L + tl.minimum(c * T + T - 1, L - 1))
+            prev_end = tl.load(doc_ptr + b.to(tl.int64) * L + c * T - 1, mask=c > 0, other=0)
+            decay = tl.where(doc_end == prev_end, decay, 0.0)
+        tl.atomic_add(dlast_ptr + bh * nchunks + c, tl.sum(E * hin, axis=0) * decay)
+        E = local + decay * E
+    tl.store(dinit_ptr + bh * PN + offs, E, mask=mask)
+
+
+@triton.jit
+def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr,
+                          dstates_ptr, cum_ptr, dlast_ptr, dy_ptr,
+                          dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_ptr, dD_ptr,
+                          L, H, P, G, N, nchunks,
+                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
+                          HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
+                          UPCAST: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // nchunks
+    c = pid % nchunks
+    h = tl.program_id(1)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, T)
+    t = c * T + offs_t
+    mask_t = t < L
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    row = b.to(tl.int64) * L + t
+    raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_t, dt, 0.0)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    bh = b.to(tl.int64) * H + h
+    cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
+    cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+    bc = ((row * G + h // (H // G)) * N)[:, None] + offs_n[None, :]
+    mask_tn = mask_t[:, None] & mask_n[None, :]
+    Ct = tl.load(C_ptr + bc, mask=mask_tn, other=0.0)
+    Bt = tl.load(B_ptr + bc, mask=mask_tn, other=0.0)
+    xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
+    xf = x.to(tl.float32)
+    dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+    sbase = ((b.to(tl.int64) * nchunks + c) * H + h) * P * N
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    hin = tl.load(states_ptr + sbase + pn, mask=mask_pn, other=0.0).to(x.dtype)  # (P, N)
+    dS = tl.load(dstates_ptr + sbase + pn, mask=mask_pn, other=0.0).to(x.dtype)
+
+    causal = offs_t[:, None] >= offs_t[None, :]
+    scale_in = tl.exp(cum)
+    w = tl.exp(cum_last - cum)
+    if HAS_DOC:
+        doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
+        causal = causal & (doc[:, None] == doc[None, :])
+        prev_doc = tl.load(doc_ptr + b.to(tl.int64) * L + c * T - 1, mask=c > 0, other=0)
+        scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
+        doc_end = tl.load(doc_ptr + b.to(tl.int64) * L + tl.minimum(c * T + T - 1, L - 1))
+        w = tl.where(doc == doc_end, w, 0.0)
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # (T, T)
+    CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)
+    M = CB * decay * dt[None, :]
+    y_in = _mm(Ct, tl.trans(hin), IEEE, UPCAST)  # (T, P) carried-state term before its decay
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+    if HAS_Z:
+        y = _mm(M.to(x.dtype), x, IEEE, UPCAST) + scale_in[:, None] * y_in
+        if HAS_D:
+            y += Dv * xf
+        zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zv)
+        tl.store(dz_ptr + xo, (dy * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=mask_tp)
+        dy = dy * zv * sz
+    dyc = dy.to(x.dtype)
+    BdS = _mm(Bt, tl.trans(dS), IEEE, UPCAST)  # (T, P)
+    wdt = w * dt
+    dx = _mm(tl.trans(M.to(x.dtype)), dyc, IEEE, UPCAST) + wdt[:, None] * BdS
+    if HAS_D:
+        dx += Dv * dy
+        if D_PER_P:
+            tl.store(dD_ptr + (bh * nchunks + c) * P + offs_p, tl.sum(dy * xf, axis=0), mask=mask_p)
+        else:
+            tl.store(dD_ptr + bh * nchunks + c, tl.sum(tl.sum(dy * xf, axis=1), axis=0))
+    tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
+    dM = _mm(dyc, tl.trans(x), IEEE, UPCAST)  # (T, T)
+    dCB = dM * decay * dt[None, :]
+    dC = _mm(dCB.to(x.dtype), Bt, IEEE, UPCAST) + scale_in[:, None] * _mm(dyc, hin, IEEE, UPCAST)
+    dB = _mm(tl.trans(dCB.to(x.dtype)), Ct, IEEE, UPCAST) + wdt[:, None] * _mm(x, dS, IEEE, UPCAST)
+    g = h // (H // G)
+    gn = ((row * G + g) * N)[:, None] + offs_n[None, :]
+    tl.atomic_add(dC_ptr + gn, dC, mask=mask_tn)
+    tl.atomic_add(dB_ptr + gn, dB, mask=mask_tn)
+    # step sizes: direct factor dt_j in M and in the chunk state, then through cum
+    dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
+    ddt = tl.sum(dM * CB * decay, axis=0) + dw * w
+    MM = dM * M
+    dcum = tl.sum(MM, axis=1) - tl.sum(MM, axis=0) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
+    dcum_last = tl.sum(dw * wdt, axis=0) + tl.load(dlast_ptr + bh * nchunks + c)
+    dcum += tl.where(offs_t == T - 1, dcum_last, 0.0)
+    rev = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # sum_{t >= s} dcum_t
+    ddt += A * rev
+    tl.store(dA_ptr + bh * nchunks + c, tl.sum(dt * rev, axis=0))
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(raw)
+    tl.store(ddt_ptr + row * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
+
+
+def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus):
+    x, dt, A, B, C, D, z, dt_bias, doc, states, cum, init_given = saved
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    nchunks = cum.shape[2]
+    block_n = max(16, next_pow2(N))
+    block_p = max(16, next_pow2(P))
+    ieee = x.dtype == torch.float32 or x.dtype == torch.float64
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dy = dy.contiguous()
+    dstates = torch.empty_like(states)
+    warps = 8 if T >= 64 else 4
+    _ssd_bwd_dstate_kernel[(batch * nchunks, H, triton.cdiv(P, min(block_p, 64)))](
+        dy, z, C, doc, cum, dstates, L, H, P, G, N, nchunks,
+        HAS_Z=z is not None, HAS_DOC=doc is not None, IEEE=ieee, UPCAST=interpreting,
+        T=T, BLOCK_P=min(block_p, 64), BLOCK_N=block_n, num_warps=warps)
+    dinit = torch.empty(batch, H, P, N, **f32)
+    dlast = torch.zeros(batch, H, nchunks, **f32)
+    block = 1024
+    _ssd_bwd_state_pass_kernel[(batch, H, triton.cdiv(P * N, block))](
+        dstates, states, cum, doc, dfinal.contiguous() if dfinal is not None else None, dinit, dlast,
+        L, H, P * N, nchunks, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, T=T, BLOCK=block,
+        num_warps=4)
+    dx = torch.empty_like(x)
+    ddt = torch.empty(dt.shape, **f32)
+    dB = torch.zeros(B.shape, **f32)
+    dC = torch.zeros(C.shape, **f32)
+    dz = torch.empty_like(z) if z is not None else None
+    dA = torch.empty(batch, H, nchunks, **f32)
+    d_per_p = D is not None and D.dim() == 2
+    dD = torch.empty(batch, H, nchunks, P, **f32) if d_per_p else torch.empty(batch, H, nchunks, **f32)
+    _ssd_bwd_chunk_kernel[(batch * nchunks, H)](
+        x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy,
+        dx, ddt, dB, dC, dz, dA, dD, L, H, P, G, N, nchunks,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
+        HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting,
+        T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+    grads = dict(x=dx, dt=ddt.to(dt.dtype), A=dA.sum((0, 2)).to(A.dtype), B=dB.to(B.dtype), C=dC.to(C.dtype),
+                 z=dz, initial_state=dinit if init_given else None)
+    grads["dt_bias"] = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    grads["D"] = None if D is None else dD.sum((0, 2)).to(D.dtype)  # (H,) or (H, P)
+    return grads
 
 
 class _SSDFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
-        y, final = ssd_forward_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
-        ctx.chunk_size, ctx.dt_softplus = chunk_size, dt_softplus
+        y, final, states, cum, doc, T = _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                                 initial_state, seq_idx)
+        contig = lambda t: t.contiguous() if t is not None else None
+        ctx.save_for_backward(*(contig(t) for t in (x, dt, A, B, C, D, z)), dt_bias, doc, states, cum)
+        ctx.T, ctx.dt_softplus, ctx.init_given = T, dt_softplus, initial_state is not None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        from seqlab.ops.ssd import ssd
-
-        x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip((x, dt, A, B, C, D, z, dt_bias, initial_state),
-                                     (ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6, 7, 8, 10)))]
-        xr, dtr, Ar, Br, Cr, Dr, zr, biasr, initr = inputs
-        with torch.enable_grad():
-            y, final = ssd(xr, dtr, Ar, Br, Cr, chunk_size=ctx.chunk_size, D=Dr, z=zr, dt_bias=biasr,
-                           dt_softplus=ctx.dt_softplus, initial_state=initr, return_final_state=True,
-                           seq_idx=seq_idx, backend="torch")
-        outs, grads = [y], [dy if dy is not None else torch.zeros_like(y)]
-        if dfinal is not None:
-            outs.append(final)
-            grads.append(dfinal)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True)) if wanted else iter(())
-        g = [next(got) if (t is not None and t.requires_grad) else None for t in inputs]
-        return g[0], g[1], g[2], g[3], g[4], None, g[5], g[6], g[7], None, g[8], None
+        saved = (*ctx.saved_tensors, ctx.init_given)
+        if dy is None:
+            dy = torch.zeros_like(saved[0])
+        g = ssd_backward_triton(saved, dy, dfinal, ctx.T, ctx.dt_softplus)
+        return (g["x"], g["dt"], g["A"], g["B"], g["C"], None, g["D"], g["z"], g["dt_bias"], None,
+                g["initial_state"], None)
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
