@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqlab.errors import BackendUnavailable, InputError
+from seqlab.ops._common import triton_installed, triton_interpreting
 from seqlab.ops.conv import causal_conv1d, conv_step
 
 FAST = settings(max_examples=40, deadline=None)
@@ -235,3 +236,18 @@ def test_auto_on_cpu_never_uses_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, weight, b, s = make_inputs(2, 6, 3, 4, dtype=torch.float32)
     torch.testing.assert_close(causal_conv1d(x, weight, b, backend="auto"), causal_conv1d(x, weight, b, backend="ref"))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not (triton_installed() and triton_interpreting()), reason="needs triton with TRITON_INTERPRET=1")
+def test_triton_dispatch_matches_ref_under_interpreter():
+    x, weight, b, s = make_inputs(2, 7, 5, 4, dtype=torch.float32, seed=9)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 2, 2]])
+    y, final = causal_conv1d(x, weight, b, "silu", s, True, seq_idx, backend="triton")
+    y_ref, final_ref = causal_conv1d(x, weight, b, "silu", s, True, seq_idx, backend="ref")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_ref, rtol=0, atol=0)
+    state, state_ref = s.clone(), s.clone()
+    y = conv_step(state, x[:, 0], weight, b, "silu", backend="triton")
+    torch.testing.assert_close(y, conv_step(state_ref, x[:, 0], weight, b, "silu", backend="ref"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
