@@ -350,3 +350,16 @@ def test_split_seeds_give_different_torch_streams():
         split_seed(-1, "train")
     with pytest.raises(InputError):
         split_seed(0, "validation")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_score_of_a_perfect_and_a_constant_predictor(name):
+    task = small(name)
+    batch = next(task.batches(8, seed=9, split="test"))
+    padded = task.vocab_size + 7  # models pad their heads; padding must not count
+    perfect = torch.nn.functional.one_hot(batch.targets.clamp(min=0), padded).float()
+    perfect[..., task.vocab_size:] = -1.0
+    assert task.score(perfect, batch.targets) == {"accuracy": 1.0, "exact_match": 1.0}
+    constant = torch.zeros(*batch.targets.shape, padded)
+    constant[..., 0] = 1.0
+    assert task.score(constant, batch.targets)[task.metric] < 0.5
