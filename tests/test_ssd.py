@@ -105,7 +105,7 @@ def ssd_cases(draw):
         cuts = sorted(draw(st.sets(st.integers(1, seqlen - 1), max_size=4)))
         lengths = [b - a for a, b in zip([0, *cuts], [*cuts, seqlen])]
         seq_idx = packed_seq_idx(lengths, shape["batch"])
-    chunk_size = draw(st.sampled_from([8, 16, 64]))
+    chunk_size = draw(st.sampled_from([1, 3, 8, 16, 64]))
     dt_softplus = draw(st.booleans())
     return shape, opts, seq_idx, chunk_size, dt_softplus
 
