@@ -161,10 +161,11 @@ def _ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     else:
         h = initial_state.to(cdt)
     ys = []
-    for t in range(seqlen):
-        inp = (dt[:, t, :, None] * xc[:, t])[..., None] * Bh[:, t, :, None, :]  # (b, H, P, N)
-        h = decay[:, t, :, None, None] * h + inp
-        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
+    # unbind once: indexing [:, t] inside the loop would cost a full-size gradient buffer per step in backward
+    steps = zip(dt.unbind(1), decay.unbind(1), xc.unbind(1), Bh.unbind(1), Ch.unbind(1))
+    for dt_t, decay_t, x_t, B_t, C_t in steps:
+        h = decay_t[..., None, None] * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]  # (b, H, P, N)
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C_t))  # (b, H, P)
     y = torch.stack(ys, dim=1) if ys else xc.new_zeros(xc.shape)  # (b, l, H, P)
     return _skip_and_gate(y, xc, D, z).to(x.dtype), h
 
