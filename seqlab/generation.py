@@ -27,6 +27,7 @@ def generate(
     on_token: Callable[[int, torch.Tensor], object] | None = None,
     eos_id: int | None = None,
     state=None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids`` by up to ``max_new_tokens`` tokens; returns ``(B, L + new)`` int64 ids.
 
@@ -39,6 +40,8 @@ def generate(
     eos_id          stop when every row has produced it; rows that finished early are filled with eos_id
     state           an InferenceState to continue from (e.g. loaded from a file); ``input_ids`` are then the
                     tokens that follow it, and on return the state has consumed every returned token
+    cuda_graph      replay the decode step as a CUDA graph (None = when possible: CUDA, batch rows of one
+                    length, a state of fixed size, and a recorded step that matches an eager one)
     """
     ids = _as_batch(input_ids, model)
     _check_options(max_new_tokens, temperature, top_k, top_p, eos_id)
@@ -60,6 +63,13 @@ def generate(
                 generator.manual_seed(int(seed))
 
             logits = model(ids, state=state)[:, -1, :vocab]  # prefill: (B, V)
+            step_fn = lambda token: model(token[:, None], state=state)[:, -1, :vocab]  # noqa: E731
+            if max_new_tokens > 2 and cuda_graph is not False and ids.device.type == "cuda":
+                graph = DecodeGraph.record(model, state, logits.argmax(-1), vocab, verify=True)
+                if graph is not None:
+                    step_fn = graph.step
+                elif cuda_graph:
+                    raise InputError("cuda_graph", "a model whose decode step can be recorded", "a step that differs")
             new_tokens: list[torch.Tensor] = []
             finished = torch.zeros(Bsz, dtype=torch.bool, device=ids.device)
             fed = True  # whether the last sampled token has been consumed by the state
@@ -76,7 +86,7 @@ def generate(
                     if bool(finished.all()):
                         break
                 if step + 1 < max_new_tokens:
-                    logits = model(token[:, None], state=state)[:, -1, :vocab]
+                    logits = step_fn(token)
                     fed = True
             if not own_state and not fed:
                 model(new_tokens[-1][:, None], state=state)
@@ -85,6 +95,88 @@ def generate(
     if not new_tokens:
         return ids.clone()
     return torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+class DecodeGraph:
+    """One decode step recorded as a CUDA graph and replayed for every new token.
+
+    A decode step launches a few kernels per layer, each too small to keep the GPU busy, so at batch 1 the
+    Python and launch overhead dominates; replaying a recorded graph removes it. The recording is valid only
+    when the step's kernels do not depend on Python-side values that change between steps (a KV cache's
+    write position does; an SSM's in-place state update does not), so ``record(verify=True)`` replays the
+    graph once at a later position and keeps it only if it matches the eager step exactly.
+    """
+
+    def __init__(self, graph, token: torch.Tensor, logits: torch.Tensor, state):
+        self.graph, self.token, self.logits, self.state = graph, token, logits, state
+
+    @classmethod
+    def record(cls, model, state, token: torch.Tensor, vocab: int, verify: bool = True) -> DecodeGraph | None:
+        """Record ``model(token (B, 1), state)``; the state is left as it was. None when it cannot be used."""
+        if getattr(state, "grows_with_length", True):
+            return None
+        start = _snapshot(state)
+        static_token = token[:, None].clone()  # (B, 1)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: compile / autotune kernels outside the recording
+                    model(static_token, state=state)
+            torch.cuda.current_stream().wait_stream(side)
+            _restore(state, start)
+            graph = torch.cuda.CUDAGraph()
+            with _autocast_without_cache(), torch.cuda.graph(graph):
+                static_logits = model(static_token, state=state)[:, -1, :vocab]
+            _restore(state, start)
+        except Exception:  # a kernel or op that cannot be recorded: decode eagerly
+            _restore(state, start)
+            return None
+        recorded = cls(graph, static_token, static_logits, state)
+        if verify and not recorded._matches_eager(model, token, vocab):
+            _restore(state, start)
+            return None
+        _restore(state, start)
+        return recorded
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Consume ``token (B,)``; returns the next logits ``(B, V)`` (a view reused by the next step)."""
+        self.token.copy_(token[:, None])
+        self.graph.replay()
+        for _, mixer_state in self.state.named_states():
+            mixer_state.offset += 1
+        self.state.offset += 1
+        return self.logits
+
+    def _matches_eager(self, model, token: torch.Tensor, vocab: int) -> bool:
+        """Eager step, then compare a second eager step against the replay from the same (later) state."""
+        model(token[:, None], state=self.state)
+        middle = _snapshot(self.state)
+        eager = model(token[:, None], state=self.state)[:, -1, :vocab].clone()
+        _restore(self.state, middle)
+        replayed = self.step(token).clone()
+        return bool(torch.allclose(eager, replayed, rtol=1e-3, atol=1e-3))
+
+
+def _snapshot(state) -> tuple[dict[str, torch.Tensor], list[int], int]:
+    tensors = {k: t.clone() for k, t in state.named_tensors().items()}
+    return tensors, [s.offset for _, s in state.named_states()], state.offset
+
+
+def _restore(state, snapshot) -> None:
+    tensors, offsets, offset = snapshot
+    for key, t in state.named_tensors().items():
+        t.copy_(tensors[key])
+    for (_, s), o in zip(state.named_states(), offsets):
+        s.offset = o
+    state.offset = offset
+
+
+def _autocast_without_cache():
+    """Autocast as the caller set it, but without its weight-cast cache (cached casts cannot be recorded)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", enabled=False)
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 def sample_next(

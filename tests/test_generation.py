@@ -150,3 +150,40 @@ def test_stream_decoder_holds_back_split_multibyte_characters():
     assert "".join(pieces) == text
     assert "\ufffd" not in "".join(pieces)
     assert pieces[:3] == ["a", "", "é"]  # é is two bytes: nothing is printed after the first
+
+
+# ------------------------------------------------------------------------------------------ CUDA graph decode
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("preset", ["mamba", "mamba2", "s4"])
+def test_cuda_graph_decode_equals_eager_decode(preset):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = from_preset(preset, "tiny", initializer_range=0.2).eval()
+    ids = torch.randint(0, 256, (3, 9), device="cuda")
+    for temperature in (0.0, 1.0):
+        eager = seqlab.generate(model, ids, 20, temperature=temperature, seed=1, cuda_graph=False)
+        graphed = seqlab.generate(model, ids, 20, temperature=temperature, seed=1, cuda_graph=True)
+        assert torch.equal(eager, graphed)
+
+
+@pytest.mark.gpu
+@cuda
+def test_kv_cache_decode_is_never_recorded():
+    from seqlab.generation import DecodeGraph
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = from_preset("transformer", "tiny").eval()
+    ids = torch.randint(0, 256, (1, 5), device="cuda")
+    state = model.allocate_state(1, 32)
+    with torch.inference_mode():
+        model(ids, state=state)
+        assert DecodeGraph.record(model, state, ids[:, -1], 259) is None
+    assert torch.equal(
+        seqlab.generate(model, ids, 6, temperature=0), seqlab.generate(model, ids, 6, temperature=0, cuda_graph=False)
+    )
