@@ -134,13 +134,15 @@ def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     if initial_state is not None:
         h = initial_state.to(dtype)
     ys = []
-    for t in range(seqlen):
+    # unbind once: indexing [:, t] inside the loop would make backward materialise a full-size gradient per step
+    steps = zip(u.unbind(1), delta.unbind(1), B.unbind(1), C.unbind(1))
+    for t, (u_t, delta_t, B_t, C_t) in enumerate(steps):
         if seq_idx is not None and t > 0:
             new_doc = (seq_idx[:, t] != seq_idx[:, t - 1]).to(dtype)  # (B,)
             h = h * (1 - new_doc)[:, None, None]
-        decay = torch.exp(delta[:, t, :, None] * A)  # (B, D, N)
-        h = decay * h + delta[:, t, :, None] * B[:, t] * u[:, t, :, None]
-        ys.append((h * C[:, t]).sum(-1))  # (B, D)
+        decay = torch.exp(delta_t[:, :, None] * A)  # (B, D, N)
+        h = decay * h + delta_t[:, :, None] * B_t * u_t[:, :, None]
+        ys.append((h * C_t).sum(-1))  # (B, D)
     y = torch.stack(ys, dim=1)  # (B, L, D)
     if D is not None:
         y = y + D.to(dtype) * u
