@@ -163,6 +163,15 @@ def test_bf16_inputs_within_bound(path):
     assert relerr(y, y_ref) < 1e-5 and relerr(h, h_ref) < 1e-5
 
 
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_scan_accumulates_in_float32_under_bf16_autocast(path):
+    kw = make_inputs(2, 70, 16, 8, 2, dtype=torch.float32, seed=31, requires_grad=False)
+    y_ref, h_ref = _selective_scan_ref(*scan_args(kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = _selective_scan_fast(*scan_args(kw), chunked=FAST_PATHS[path])
+    assert relerr(y, y_ref) < 1e-5 and relerr(h, h_ref) < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["ref", "torch", "auto"])
 def test_packed_documents_match_separate_runs(backend):
     lengths = [[5, 1, 30, 12], [48]]  # two rows of the same length, packed from 4 and 1 documents

@@ -312,7 +312,8 @@ def _selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, in
         dc = F.softplus(dc)
     h0 = None if initial_state is None else initial_state.to(dtype)
     reset = None if seq_idx is None else reset_mask(seq_idx)
-    y, h = _ScanFn.apply(uc, dc, Ac, B.to(dtype), C.to(dtype), h0, reset, chunk, group)
+    with torch.autocast(u.device.type, enabled=False):  # the scan accumulates in float32 even under autocast
+        y, h = _ScanFn.apply(uc, dc, Ac, B.to(dtype), C.to(dtype), h0, reset, chunk, group)
     if D is not None:
         y = y + D.to(dtype) * uc
     if z is not None:
@@ -450,7 +451,8 @@ def selective_state_update(
     inp = (du * B3.to(dtype).unsqueeze(2)).flatten(1, 2)  # (B, D, N)
     h = inp.addcmul_(a, state.to(dtype))
     state.copy_(h)
-    y = torch.einsum("bgdn,bgn->bgd", h.unflatten(1, (G, dim // G)), C3.to(dtype)).flatten(1)  # (B, D)
+    with torch.autocast(x.device.type, enabled=False):
+        y = torch.einsum("bgdn,bgn->bgd", h.unflatten(1, (G, dim // G)), C3.to(dtype)).flatten(1)  # (B, D)
     if D is not None:
         y = y + D.to(dtype) * xc
     if z is not None:
