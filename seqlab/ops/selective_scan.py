@@ -46,11 +46,22 @@ CHUNK_SIZE = 64
 GROUP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 # CPU choice of backend="auto" between the lean loop and the chunked scan. Both run the same Function; the loop
-# issues ~1 op per time step on (B, D, N) tensors, the chunked scan ~(CHUNK_SIZE + L / CHUNK_SIZE) ops on larger
-# tensors plus ~5 extra passes over (B, L, D, N). So chunked wins while per-op overhead dominates, i.e. while
-# B * D * N is small. Measured on the 2-core CI box, OMP_NUM_THREADS=1, forward+backward, N=16 (see
-# benchmarks/RESULTS.md): the chunked scan is faster up to B*D*N ~ 4096 elements, the loop beyond.
-CPU_CHUNKED_MAX_STATE = 4096
+# issues ~1 op per time step on (B, D, N) tensors, the chunked scan ~2 * CHUNK_SIZE + L / CHUNK_SIZE ops on larger
+# tensors plus ~3 extra passes over (B, L, D, N). So the chunked scan wins while per-op overhead dominates, i.e.
+# while B * D * N is small. Measured on the 2-core box (OMP_NUM_THREADS=1, N=16, best of 5, ms fwd / fwd+bwd):
+#   B*D*N   B  L     D     loop          chunked
+#   1024    1  256   64    2.0 / 7.8     1.5 / 6.5
+#   1024    1  4096  64    38 / 123      15 / 87
+#   2048    2  1024  64    9.9 / 50      20 / 53
+#   2048    1  1024  128   9.2 / 45      7.6 / 39
+#   4096    4  256   64    7.1 / 18      3.8 / 19
+#   4096    2  1024  128   14 / 97       30 / 89
+#   4096    1  2048  256   28 / 179      73 / 195
+#   16384   4  512   256   43 / 157      60 / 142
+#   24576   1  1024  1536  92 / 344      90 / 382
+# (the box is shared, so single numbers carry ~30% noise). Rule: the chunked scan while B*D*N <= 1024, where it
+# wins every time; from 2048 up the two trade places within noise and the loop is the safe choice.
+CPU_CHUNKED_MAX_STATE = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------
