@@ -196,43 +196,49 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial
         a, xdt = F.pad(a, (0, 0, 0, pad)), F.pad(xdt, (0, 0, 0, 0, 0, pad))
         Bc, Cc = F.pad(Bc, (0, 0, 0, 0, 0, pad)), F.pad(Cc, (0, 0, 0, 0, 0, pad))
 
-    # heads split as (groups, heads per group) so that B and C broadcast over the heads of their group
-    def by_chunk(t):  # (b, c*T, G, r, ...) -> (b, G, r, c, T, ...)
-        t = t.reshape(batch, nchunks, T, *t.shape[2:])
-        return t.movedim((3, 4), (1, 2))
-
-    a = by_chunk(a.reshape(batch, -1, ngroups, heads_per_group))  # (b, G, r, c, T)
-    xdt = by_chunk(xdt.reshape(batch, -1, ngroups, heads_per_group, headdim))  # (b, G, r, c, T, P)
-    Bc = by_chunk(Bc.unsqueeze(3))  # (b, G, 1, c, T, N)
-    Cc = by_chunk(Cc.unsqueeze(3))  # (b, G, 1, c, T, N)
+    # position l = c*T + t and head h = g*r + i (r heads per group): B and C are shared by the r heads of a
+    # group, so every product with B or C folds those heads into its matrix dimension (r*P) instead of copying
+    # B, C per head.
+    G, r, P, N = ngroups, heads_per_group, headdim, d_state
+    a = a.reshape(batch, nchunks, T, G, r).permute(0, 3, 4, 1, 2)  # (b, G, r, c, T)
+    xdt = xdt.reshape(batch, nchunks, T, G, r, P)  # (b, c, T, G, r, P)
+    Bc = Bc.reshape(batch, nchunks, T, G, N).permute(0, 3, 1, 2, 4)  # (b, G, c, T, N)
+    Cc = Cc.reshape(batch, nchunks, T, G, N).permute(0, 3, 1, 2, 4)  # (b, G, c, T, N)
 
     # (a) decay inside each chunk, (b) diagonal blocks: the dual form on each chunk
     decay = torch.exp(_segsum(a))  # (b, G, r, c, T, T)
-    scores = Cc @ Bc.transpose(-1, -2)  # (b, G, 1, c, T, T)
-    y = (scores * decay) @ xdt  # (b, G, r, c, T, P)
+    scores = Cc @ Bc.transpose(-1, -2)  # (b, G, c, T, T)
+    y_diag = (scores[:, :, None] * decay) @ xdt.permute(0, 3, 4, 1, 2, 5)  # (b, G, r, c, T, P)
 
-    # (c) the state each chunk leaves behind, starting from zero: sum_s L[T-1, s] dt_s x_s ⊗ B_s
-    states = (xdt * decay[..., -1, :, None]).transpose(-1, -2) @ Bc  # (b, G, r, c, P, N)
+    # (c) the state each chunk leaves behind, starting from zero: sum_s L[T-1, s] dt_s x_s ⊗ B_s, kept
+    # transposed as (N, r*P)
+    to_end = xdt * decay[..., -1, :].permute(0, 3, 4, 1, 2)[..., None]  # (b, c, T, G, r, P)
+    to_end = to_end.permute(0, 3, 1, 2, 4, 5).reshape(batch, G, nchunks, T, r * P)  # (b, G, c, T, r*P)
+    states = Bc.transpose(-1, -2) @ to_end  # (b, G, c, N, r*P)
 
     # (d) pass states across chunk boundaries: h_c = exp(sum of chunk c's a) h_{c-1} + states_c
     cum = a.cumsum(-1)  # (b, G, r, c, T) log-decay from the chunk start through t
-    chunk_decay = torch.exp(cum[..., -1])[..., None, None]  # (b, G, r, c, 1, 1)
+    chunk_decay = torch.exp(cum[..., -1]).permute(0, 1, 3, 2)[:, :, :, None, :, None]  # (b, G, c, 1, r, 1)
+    states = states.view(batch, G, nchunks, N, r, P)
     if initial_state is None:
-        h = xdt.new_zeros(batch, ngroups, heads_per_group, headdim, d_state)
+        h = xdt.new_zeros(batch, G, N, r, P)
     else:
-        h = initial_state.to(cdt).reshape(batch, ngroups, heads_per_group, headdim, d_state)
+        h = initial_state.to(cdt).reshape(batch, G, r, P, N).permute(0, 1, 4, 2, 3)  # (b, G, N, r, P)
     entering = []
     for c in range(nchunks):
         entering.append(h)
-        h = chunk_decay[:, :, :, c] * h + states[:, :, :, c]
-    entering = torch.stack(entering, dim=3)  # (b, G, r, c, P, N)
+        h = chunk_decay[:, :, c] * h + states[:, :, c]
+    entering = torch.stack(entering, dim=2).view(batch, G, nchunks, N, r * P)  # (b, G, c, N, r*P)
 
     # (e) off-diagonal blocks: what the carried state contributes, decayed to each position
-    y = y + torch.exp(cum)[..., None] * (Cc @ entering.transpose(-1, -2))  # (b, G, r, c, T, P)
+    y_off = (Cc @ entering).view(batch, G, nchunks, T, r, P)  # (b, G, c, T, r, P)
+    y_off = y_off * torch.exp(cum).permute(0, 1, 3, 4, 2)[..., None]
 
-    y = y.movedim((1, 2), (3, 4)).reshape(batch, nchunks * T, nheads, headdim)[:, :seqlen]  # (b, l, H, P)
+    y = y_off + y_diag.permute(0, 1, 3, 4, 2, 5)  # (b, G, c, T, r, P)
+    y = y.permute(0, 2, 3, 1, 4, 5).reshape(batch, nchunks * T, nheads, headdim)[:, :seqlen]  # (b, l, H, P)
     y = _skip_and_gate(y, x.to(cdt), D, z)
-    return y.to(x.dtype), h.reshape(batch, nheads, headdim, d_state)
+    h = h.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, d_state)  # (b, H, P, N)
+    return y.to(x.dtype), h
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
