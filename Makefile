@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check seqlab tests benchmarks
 
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 arena: $(STAMP)
 	$(BIN)/seqlab arena
