@@ -277,6 +277,14 @@ def test_integer_u_and_wrong_seq_idx_shape_rejected():
         selective_scan(**{**kw, "seq_idx": kw["seq_idx"][:, :3]})
 
 
+@pytest.mark.parametrize("argument", ["delta", "B", "z", "initial_state"])
+def test_tensors_on_different_devices_rejected(argument):
+    kw = make_inputs(1, 4, 2, 2, requires_grad=False)
+    kw[argument] = kw[argument].to("meta")
+    with pytest.raises(InputError, match=f"^{argument}:"):
+        selective_scan(**kw)
+
+
 def test_state_update_bad_state_shape():
     kw = make_inputs(2, 1, 4, 3, requires_grad=False)
     with pytest.raises(InputError, match="^state:"):

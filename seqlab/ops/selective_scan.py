@@ -84,12 +84,20 @@ def _as_grouped(name: str, t: torch.Tensor, shape_3d: tuple, shape_4d: tuple, de
     return t
 
 
-def _check_groups(name: str, t: torch.Tensor, dim: int, G: int, D: int, lead: tuple, lead_names: str) -> None:
+def _check_groups(name: str, t: torch.Tensor, dim: int, lead: tuple, lead_desc: str) -> None:
+    """B/C in grouped form: leading dims ``lead``, then G groups that divide the ``dim`` channels."""
     if tuple(t.shape[: len(lead)]) != lead:
-        raise InputError(name, f"leading dims {lead} ({lead_names} of u)", f"shape {tuple(t.shape)}")
-    if G < 1 or D % G != 0:
-        raise InputError(name, f"a group count G that divides D={D} (channel d uses group d // (D // G))",
+        raise InputError(name, f"leading dims {lead} ({lead_desc})", f"shape {tuple(t.shape)}")
+    G = t.shape[len(lead)]
+    if G < 1 or dim % G != 0:
+        raise InputError(name, f"a group count G that divides D={dim} (channel d uses group d // (D // G))",
                          f"G={G} from shape {tuple(t.shape)}")
+
+
+def _check_same_device(dev: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != dev:
+            raise InputError(name, f"a tensor on {dev} like the other inputs", f"one on {t.device}")
 
 
 def _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, backend):
@@ -98,6 +106,8 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
     check_tensor("u", u, ("B", "L", "D"))
     dev = u.device
     batch, seqlen, dim = u.shape
+    if seqlen == 0:
+        raise InputError("u", "at least one time step (L >= 1)", f"shape {tuple(u.shape)}")
     check_tensor("delta", delta, ("B", "L", "D"), device=dev)
     if tuple(delta.shape) != tuple(u.shape):
         raise InputError("delta", f"shape {tuple(u.shape)} like u", f"shape {tuple(delta.shape)}")
@@ -106,7 +116,7 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
     d_state = A.shape[1]
     B4 = _as_grouped("B", B, ("B", "L", "N"), ("B", "L", "G", "N"), dev)
     C4 = _as_grouped("C", C, ("B", "L", "N"), ("B", "L", "G", "N"), dev)
-    _check_groups("B", B4, 2, B4.shape[2], dim, (batch, seqlen), "batch, length")
+    _check_groups("B", B4, dim, (batch, seqlen), "batch and length of u")
     check_dim("B", B4, 3, d_state, "N, the state size of A")
     if tuple(C4.shape) != tuple(B4.shape) or C.dim() != B.dim():
         raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
@@ -117,8 +127,8 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
     check_tensor("delta_bias", delta_bias, (dim,), optional=True, device=dev)
     check_tensor("initial_state", initial_state, (batch, dim, d_state), optional=True, device=dev)
     check_seq_idx(seq_idx, batch, seqlen)
-    if seq_idx is not None and seq_idx.device.type != dev.type:
-        raise InputError("seq_idx", f"a tensor on {dev.type} like the other inputs", f"one on {seq_idx.device}")
+    _check_same_device(dev, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                       initial_state=initial_state, seq_idx=seq_idx)
     return B4, C4
 
 
@@ -412,7 +422,7 @@ def _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend):
         raise InputError("dt", f"shape {tuple(x.shape)} like x", f"shape {tuple(dt.shape)}")
     B3 = _as_grouped("B", B, ("B", "N"), ("B", "G", "N"), dev)
     C3 = _as_grouped("C", C, ("B", "N"), ("B", "G", "N"), dev)
-    _check_groups("B", B3, 1, B3.shape[1], dim, (batch,), "batch")
+    _check_groups("B", B3, dim, (batch,), "batch of x")
     check_dim("B", B3, 2, d_state, "N, the state size of A")
     if tuple(C3.shape) != tuple(B3.shape) or C.dim() != B.dim():
         raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
@@ -421,6 +431,7 @@ def _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend):
     if z is not None and tuple(z.shape) != tuple(x.shape):
         raise InputError("z", f"shape {tuple(x.shape)} like x", f"shape {tuple(z.shape)}")
     check_tensor("dt_bias", dt_bias, (dim,), optional=True, device=dev)
+    _check_same_device(dev, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     return B3, C3
 
 
