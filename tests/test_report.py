@@ -48,6 +48,7 @@ def synthetic_results(seeds=(0, 1)) -> dict:
         "seqlab": "0.1.0", "duration_s": 12.5, "command": "seqlab arena --budget tiny --out runs/arena",
         "models": {m: {"params": 100_000 * (i + 1), "preset": m, "config": {"d_model": 64}}
                    for i, m in enumerate(MODELS)},
+        "errors": [{"task": "induction_heads", "model": "s4", "length": 2**20, "error": "OutOfMemoryError: boom"}],
         "tasks": {"induction_heads": {"seqlen": 256}, "mqar": {"seqlen": 64}},
         "published": published_results(),
     }
@@ -84,6 +85,7 @@ def test_report_is_self_contained(page):
 def test_report_shows_metadata_and_how_to_reproduce(page):
     assert "seqlab arena --budget tiny --out runs/arena" in page
     assert "test box (2 cores)" in page and "Published numbers" in page and "Training curves" in page
+    assert "OutOfMemoryError: boom" in page  # failed evaluations are listed
 
 
 def test_missing_metrics_are_shown_as_dashes():
@@ -152,3 +154,19 @@ def test_malformed_results_raise_input_error():
         render_html({"results": "not a list"})
     with pytest.raises(InputError, match="meta"):
         summary_table({"results": [], "meta": [1]})
+
+
+def test_arena_style_records_params_per_task_and_published_ranges():
+    results = synthetic_results(seeds=(0,))
+    for i, m in enumerate(MODELS):
+        results["meta"]["models"][m]["params"] = {"mqar": 1000 * (i + 1), "selective_copy": 3000 * (i + 1)}
+        for task in ("mqar", "selective_copy"):  # the arena writes params as records of their own, per task
+            n = results["meta"]["models"][m]["params"][task]
+            results["results"].append({"task": task, "model": m, "metric": "params", "value": n, "seed": 0})
+    results["meta"]["published"].append({"task": "mqar", "model": "mamba2", "metric": "accuracy", "value": 0.88,
+                                         "value_max": 0.99, "source": "Mamba-2 Fig. 8"})
+    results["meta"]["interrupted"] = True
+    _, cells = comparison(results)
+    assert cells["mamba"]["params"].value == pytest.approx(6000)  # mean of 3k and 9k
+    page = render_html(results)
+    assert "88.0–99.0 (paper)" in page and "mqar: 3k, selective_copy: 9k" in page and "interrupted" in page

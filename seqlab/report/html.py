@@ -58,6 +58,8 @@ th { background: #eef0f6; font-weight: 600; text-align: center; } td.model, th.m
 table.compare td { min-width: 76px; } table.compare td.model { font-weight: 600; }
 td .pub { display: block; color: #4b5266; font-size: 11.5px; } td small { color: #4b5266; }
 td.missing { color: #9aa0ad; text-align: center; }
+table.kv code { word-break: break-word; } table.kv td { max-width: 900px; }
+.warn { background: #fff3cd; border: 1px solid #e8d48a; padding: 8px 12px; border-radius: 6px; }
 table.kv td { text-align: left; } code, pre { font: 12.5px ui-monospace, Menlo, Consolas, monospace; }
 pre { background: #1f2430; color: #e8eaf0; padding: 12px 14px; border-radius: 6px; overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #e3e5ec; background: #fff; margin: 6px 0; }
@@ -129,7 +131,7 @@ def _comparison_table(results: dict[str, Any]) -> str:
                 ours = escape(ours)
             published = ""
             if cell.published:
-                sources = "; ".join(source for _, source in cell.published)
+                sources = "; ".join(source for _, _, source in cell.published)
                 published = f"<span class='pub' title='{escape(sources)}'>{escape(format_published(cell))}</span>"
             css = "missing" if cell.value is None else ""
             style = _cell_style(column, cell, [cells[m][column.key] for m in models])
@@ -275,7 +277,7 @@ def _compact(value: Any) -> str:
 
 
 def _metadata_section(meta: dict[str, Any]) -> str:
-    scalars = [(k, v) for k, v in meta.items() if k not in ("models", "tasks", "published", "command")]
+    scalars = [(k, v) for k, v in meta.items() if k not in ("models", "tasks", "published", "command", "errors")]
     rows = "".join(f"<tr><th class='model'>{escape(str(k))}</th><td>{escape(_compact(v))}</td></tr>"
                    for k, v in scalars)
     parts = ["<h2>Run</h2>", f"<table class='kv'>{rows}</table>" if rows else ""]
@@ -293,14 +295,35 @@ def _metadata_section(meta: dict[str, Any]) -> str:
         body = "".join(f"<tr><td class='model'>{escape(str(name))}</td><td class='model'><code>"
                        f"{escape(_compact(config))}</code></td></tr>" for name, config in tasks.items())
         parts.append(f"<h3>Tasks</h3><table class='kv'><tr><th>task</th><th>config</th></tr>{body}</table>")
+    parts.append(_errors_section(meta))
     return "".join(parts)
 
 
 def _param_text(info: Any) -> str:
+    """meta.models[m]["params"]: one number, or {task: number} when widths were matched per task."""
     from seqlab.report.table import format_count
 
-    number = as_number(info.get("params")) if isinstance(info, dict) else None
+    params = info.get("params") if isinstance(info, dict) else None
+    if isinstance(params, dict):
+        parts = [f"{task}: {format_count(n)}" for task, n in params.items() if as_number(n) is not None]
+        return ", ".join(parts) or MISSING
+    number = as_number(params)
     return format_count(number) if number is not None else MISSING
+
+
+def _errors_section(meta: dict[str, Any]) -> str:
+    """Runs or evaluation lengths that failed (meta.errors), and a warning when the run was interrupted."""
+    out = []
+    if meta.get("interrupted"):
+        out.append("<p class='warn'>This run was interrupted: the tables hold what was measured before.</p>")
+    errors = [e for e in meta.get("errors") or [] if isinstance(e, dict)]
+    if errors:
+        keys = list(dict.fromkeys(k for e in errors for k in e))
+        head = "".join(f"<th>{escape(str(k))}</th>" for k in keys)
+        rows = "".join("<tr>" + "".join(f"<td class='model'>{escape(_compact(e.get(k, '')))}</td>" for k in keys)
+                       + "</tr>" for e in errors)
+        out.append(f"<h3>Errors</h3><table class='kv'><tr>{head}</tr>{rows}</table>")
+    return "".join(out)
 
 
 def _reproduce_section(meta: dict[str, Any]) -> str:
@@ -324,13 +347,15 @@ def render_html(results: dict | str | Path) -> str:
              "grid). Induction columns: accuracy at the longest tested length, and the first length where it falls "
              "below 50% (“&gt; N”: never, up to N). Published numbers, where known, are shown under ours with "
              "“(paper)”; hover for the source. State: inference memory of a batch of one at 1K and 100K tokens "
-             "(KV cache for attention, fixed recurrent state for SSMs). Colours: red → green by score; for "
+             "(KV cache for attention, fixed recurrent state for SSMs). Throughput and parameters: mean over the "
+             "model's runs (tasks and seeds). Colours: red → green by score; for "
              "throughput and memory, relative across models on a log scale. “—”: not measured.")
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>seqlab arena report</title><style>{CSS}</style></head><body>"
         f"<h1>seqlab arena</h1><div class='sub'>{sub}</div>"
+        f"{_errors_section({'interrupted': meta.get('interrupted')})}"
         "<h2>Where each architecture wins and fails</h2>"
         f"{_comparison_table(data)}<p class='note'>{notes}</p>"
         f"<h2>Tasks</h2>{_task_sections(data)}"

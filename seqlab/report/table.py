@@ -61,7 +61,7 @@ class Cell:
     value: float | None = None  # percent for scores, a length for fail_length, raw number otherwise
     length: int | None = None  # the length a "longest" value was measured at
     never_fails: bool = False  # fail_length: accuracy stayed >= 50% at every tested length
-    published: tuple[tuple[float, str], ...] = ()  # (percent, source)
+    published: tuple[tuple[float, float | None, str], ...] = ()  # (percent, upper end of a range or None, source)
 
 
 # ---- loading and normalising --------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def scores_by_length(data: dict[str, Any], task: str, model: str, metrics: tuple
     return {}
 
 
-def _published(data: dict[str, Any], column: Column, model: str) -> tuple[tuple[float, str], ...]:
+def _published(data: dict[str, Any], column: Column, model: str) -> tuple[tuple[float, float | None, str], ...]:
     info = (data["meta"].get("models") or {}).get(model)
     names = {model.lower()}
     if isinstance(info, dict) and isinstance(info.get("preset"), str):
@@ -136,7 +136,7 @@ def _published(data: dict[str, Any], column: Column, model: str) -> tuple[tuple[
                 and p.get("metric", column.metrics[0]) in column.metrics):
             value = as_percent(p.get("value"))
             if value is not None:
-                out.append((value, str(p.get("source", "paper"))))
+                out.append((value, as_percent(p.get("value_max")), str(p.get("source", "paper"))))
     return tuple(out)
 
 
@@ -225,7 +225,8 @@ def format_value(column: Column, cell: Cell) -> str:
 
 
 def format_published(cell: Cell) -> str:
-    return ", ".join(f"{value:.1f} (paper)" for value, _ in cell.published)
+    return ", ".join(f"{value:.1f}" + (f"–{high:.1f}" if high is not None else "") + " (paper)"
+                     for value, high, _ in cell.published)
 
 
 def summary_table(results: dict | str | Path) -> str:
