@@ -257,12 +257,17 @@ def _published_section(meta: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><td class='model'>{escape(str(p.get('task', '')))}</td>"
         f"<td class='model'>{escape(str(p.get('model', '')))}</td><td>{escape(str(p.get('metric', '')))}</td>"
-        f"<td>{_fmt_pct(p.get('value'))}</td>"
+        f"<td>{_fmt_pct(p.get('value'))}{_range_end(p)}</td>"
         f"<td class='model'>{escape(str(p.get('source', '')))}</td></tr>" for p in entries)
     return ("<h2>Published numbers</h2><p class='note'>At the papers' own scale (model size, sequence length, "
             "training budget); ours are measured at the arena's budget, so compare trends, not digits.</p>"
             "<table><tr><th class='model'>task</th><th class='model'>model</th><th>metric</th><th>value %</th>"
             f"<th class='model'>source</th></tr>{rows}</table>")
+
+
+def _range_end(entry: dict[str, Any]) -> str:
+    high = as_percent(entry.get("value_max"))
+    return "" if high is None else f"–{high:.1f}"
 
 
 def _fmt_pct(value: Any) -> str:
@@ -286,8 +291,8 @@ def _metadata_section(meta: dict[str, Any]) -> str:
         body = "".join(
             f"<tr><td class='model'>{escape(name)}</td><td>{escape(_param_text(info))}</td>"
             f"<td class='model'>{escape(str(info.get('preset', '')) if isinstance(info, dict) else '')}</td>"
-            f"<td class='model'><code>{escape(_compact(info.get('config', '')) if isinstance(info, dict) else '')}"
-            "</code></td></tr>" for name, info in models.items())
+            f"<td class='model'>{_config_cell(info.get('config') if isinstance(info, dict) else None)}</td></tr>"
+            for name, info in models.items())
         parts.append("<h3>Models</h3><table class='kv'><tr><th>model</th><th>params</th><th>preset</th>"
                      f"<th>config</th></tr>{body}</table>")
     tasks = meta.get("tasks") or {}
@@ -297,6 +302,16 @@ def _metadata_section(meta: dict[str, Any]) -> str:
         parts.append(f"<h3>Tasks</h3><table class='kv'><tr><th>task</th><th>config</th></tr>{body}</table>")
     parts.append(_errors_section(meta))
     return "".join(parts)
+
+
+def _config_cell(config: Any) -> str:
+    """Short configs inline; long ones folded."""
+    if config in (None, "", {}):
+        return MISSING
+    text = escape(_compact(config))
+    if len(text) <= 100:
+        return f"<code>{text}</code>"
+    return f"<details><summary>config</summary><code>{text}</code></details>"
 
 
 def _param_text(info: Any) -> str:

@@ -95,7 +95,10 @@ def heatmaps(grids: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[
     n = len(grids)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = _figure(4.2 * cols + 0.8, 3.2 * rows + 0.4)
+    n_lengths = max(len(g[0]) for g in grids.values())
+    n_depths = max(len(g[1]) for g in grids.values())
+    panel_w, panel_h = min(4.2, 1.4 + 0.55 * n_lengths), min(3.2, 1.2 + 0.4 * n_depths)
+    fig = _figure(panel_w * cols + 0.9, panel_h * rows + 0.5)
     if fig is None:
         return None
     fig.set_layout_engine("constrained")
