@@ -64,6 +64,8 @@ class Budget:
     run_time_s: float  # wall-clock cap per (task, model, seed) training run
     total_time_s: float  # the caps shrink so the whole arena stays under this
     device: str = "auto"
+    jobs: int = 1  # CPU only: runs trained side by side, one worker process each
+    eval_reserve_s: float = 5.0  # per run: evaluation and checkpoint time kept out of the training cap
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,6 +16,7 @@ Extra fields on every record of a run: ``stopped`` ("steps" | "target_accuracy" 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 import time
@@ -122,15 +123,19 @@ def run_arena(
     command: str | None = None,
     quiet: bool = False,
     log=None,
+    jobs: int | None = None,
 ) -> dict:
-    """Train and evaluate every (task, model, seed); write out/results.json, out/report.html and checkpoints."""
+    """Train and evaluate every (task, model, seed); write out/results.json and a checkpoint per run.
+
+    On a CPU, ``jobs`` runs (default: the budget's, at most one per core) train side by side in worker processes
+    with ``cores // jobs`` threads each; on a GPU they run one after another.
+    """
     import torch
 
     import seqlab
     from seqlab.io import write_json
-    from seqlab.models import LanguageModel
     from seqlab.tasks import make_task
-    from seqlab.train import TrainConfig, Trainer, resolve_device
+    from seqlab.train import resolve_device
 
     log = log or (lambda text: print(text, flush=True))
     tasks = list(tasks or budget.default_tasks)
@@ -139,17 +144,16 @@ def run_arena(
     _check_names(models, budget.models, "--models", f"budget {budget.name!r}")
     if not seeds:
         raise ConfigError("--seeds: expected at least one seed, e.g. 0 or 0,1")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
     dev = resolve_device(device if device != "auto" else budget.device)
     out = Path(out)
     start = time.perf_counter()
-    deadline = start + budget.total_time_s
     cap = run_time_s if run_time_s is not None else budget.run_time_s
 
-    results: list[dict] = []
     meta_models: dict[str, dict] = {}
     meta_tasks: dict[str, dict] = {}
-    errors: list[dict] = []
-    n_runs, done = len(tasks) * len(models) * len(seeds), 0
+    runs: list[dict] = []
     for task_name in tasks:
         plan = budget.tasks[task_name]
         task = make_task(task_name, **plan.args)
@@ -158,9 +162,10 @@ def run_arena(
         meta_tasks[task_name] = {
             "args": task.config() if hasattr(task, "config") else dict(plan.args), "seqlen": seqlen,
             "steps": task_steps, "batch_size": plan.batch_size, "lr": plan.lr, "lr_by_model": plan.lr_by_model,
-            "warmup_steps": plan.warmup_steps, "eval_lengths": list(plan.eval_lengths or (seqlen,)),
-            "depths": list(plan.depths), "eval_samples": plan.eval_samples,
-            "metric": getattr(task, "metric", "accuracy"), "vocab_size": task.vocab_size,
+            "weight_decay": plan.weight_decay, "warmup_steps": plan.warmup_steps,
+            "eval_lengths": list(plan.eval_lengths or (seqlen,)), "depths": list(plan.depths),
+            "eval_samples": plan.eval_samples, "metric": getattr(task, "metric", "accuracy"),
+            "vocab_size": task.vocab_size,
         }  # fmt: skip
         for model_name, planned in plan_models(budget, models, task).items():
             entry = meta_models.setdefault(model_name, {
@@ -170,24 +175,54 @@ def run_arena(
             })  # fmt: skip
             entry["params"][task_name] = planned["params"]
             for seed in seeds:
-                remaining = max(1, n_runs - done)
-                run_cap = min(cap, max(3.0, (deadline - time.perf_counter()) / remaining - 2.0))
-                records = _run_one(
-                    LanguageModel, Trainer, TrainConfig, task, task_name, plan, planned, model_name, seed,
-                    task_steps, run_cap, dev, out, quiet, errors,
-                )
-                results.extend(records)
-                done += 1
-                acc = [r for r in records if r["metric"] == _headline(task) and r["length"] == seqlen]
-                stats = {r["metric"]: r["value"] for r in records if r["metric"] in ("train_steps", "train_time_s")}
-                tps = next(r["value"] for r in records if r["metric"] == "tokens_per_s")
-                log(
-                    f"[{done}/{n_runs}] {task_name:<16} {model_name:<12} seed {seed}  "
-                    f"{_headline(task)} {acc[0]['value'] if acc else float('nan'):.3f}  "
-                    f"params {planned['params']:,}  steps {stats['train_steps']}  {stats['train_time_s']:.1f}s  "
-                    f"{tps:,.0f} tok/s  stopped: {records[0]['stopped']}"
-                )
-                torch.manual_seed(seed)
+                runs.append({
+                    "index": len(runs), "task": task_name, "task_args": meta_tasks[task_name]["args"],
+                    "plan": plan, "model": model_name, "config": planned["config"].to_dict(), "seed": seed,
+                    "steps": task_steps, "device": str(dev), "out": str(out),
+                })  # fmt: skip
+
+    cores = os.cpu_count() or 1
+    jobs = 1 if dev.type != "cpu" else max(1, min(jobs or budget.jobs, cores, len(runs)))
+    threads = max(1, cores // jobs) if dev.type == "cpu" else None
+    # the whole arena stays within budget.total_time_s: each run's training is capped at its share
+    share = budget.total_time_s * jobs / max(1, len(runs)) - budget.eval_reserve_s
+    for run in runs:
+        run["time_cap"] = min(cap, max(3.0, share))
+        run["quiet"] = quiet or jobs > 1
+    results: list[dict] = []
+    errors: list[dict] = []
+    interrupted = False
+    done = 0
+
+    def collect(run, outcome):
+        nonlocal done
+        records, run_errors = outcome
+        results.extend(records)
+        errors.extend(run_errors)
+        done += 1
+        log(_progress_line(done, len(runs), run, records))
+
+    try:
+        if jobs == 1:
+            for run in runs:
+                collect(run, _run_one(run, threads))
+        else:
+            import concurrent.futures as cf
+            import multiprocessing
+
+            # slowest families first so that the two queues finish together
+            order = sorted(runs, key=lambda r: -_cost_hint(r["config"]))
+            with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_run_one, run, threads): run for run in order}
+                try:
+                    for future in cf.as_completed(futures):
+                        collect(futures[future], future.result())
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    except KeyboardInterrupt:
+        interrupted = True  # keep what was measured; interrupted runs wrote their checkpoints
+    results.sort(key=lambda r: r.pop("_index", 0))
 
     document = {
         "results": results,
@@ -201,44 +236,79 @@ def run_arena(
             "seqlab": seqlab.__version__,
             "duration_s": round(time.perf_counter() - start, 2),
             "seeds": list(seeds),
+            "jobs": jobs,
+            "threads_per_job": threads,
             "target_params": budget.target_params,
-            "run_time_cap_s": cap,
+            "run_time_cap_s": min(cap, max(3.0, share)),
             "models": meta_models,
             "tasks": meta_tasks,
             "published": [p for p in PUBLISHED if p["task"] in tasks],
             "command": command or "seqlab arena",
             "errors": errors,
+            "interrupted": interrupted,
         },
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", document)
+    if interrupted:
+        raise KeyboardInterrupt
     return document
 
 
-def _run_one(LanguageModel, Trainer, TrainConfig, task, task_name, plan, planned, model_name, seed, steps, run_cap,
-             device, out, quiet, errors) -> list[dict]:
+def _cost_hint(config: dict) -> float:
+    """Rough relative cost per token of a config on a CPU (selective scans are the slow part)."""
+    pattern = config.get("pattern", "")
+    return config["n_layers"] * config["d_model"] * (4.0 if "M" in pattern.replace("M2", "") else 1.0)
+
+
+def _progress_line(done: int, total: int, run: dict, records: list[dict]) -> str:
+    by_metric = {r["metric"]: r for r in records}
+    headline = next((r for r in records if r["metric"] == "accuracy"), None)
+    acc = f"{headline['value']:.3f} @{headline['length']}" if headline else "-"
+    return (
+        f"[{done}/{total}] {run['task']:<15} {run['model']:<12} seed {run['seed']}  accuracy {acc}  "
+        f"params {by_metric['params']['value']:,}  steps {by_metric['train_steps']['value']}  "
+        f"{by_metric['train_time_s']['value']:.1f}s  {by_metric['tokens_per_s']['value']:,.0f} tok/s  "
+        f"stopped: {records[0]['stopped']}"
+    )
+
+
+def _run_one(run: dict, threads: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Train, evaluate and measure one (task, model, seed); returns (records, errors). Runs in a worker too."""
     import torch
 
+    from seqlab.models import LanguageModel, ModelConfig
+    from seqlab.tasks import make_task
+    from seqlab.train import TrainConfig, Trainer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    plan: TaskPlan = run["plan"]
+    task_name, model_name, seed, steps = run["task"], run["model"], run["seed"], run["steps"]
+    task = make_task(task_name, **run["task_args"])
+    device = torch.device(run["device"])
+    out = Path(run["out"])
     torch.manual_seed(seed)
-    model = LanguageModel(planned["config"])
+    with torch.device(device):
+        model = LanguageModel(ModelConfig.from_dict(run["config"]))
     lr = plan.lr_by_model.get(model_name, plan.lr)
     config = TrainConfig(
         steps=steps, batch_size=plan.batch_size, lr=lr, warmup_steps=min(plan.warmup_steps, max(steps // 5, 0)),
         weight_decay=plan.weight_decay, seed=seed, eval_every=plan.eval_every, eval_batches=1,
         eval_batch_size=plan.eval_batch_size, target_accuracy=plan.target_accuracy, log_every=max(1, steps // 20),
-        device=str(device), max_time_s=run_cap,
+        device=str(device), max_time_s=run["time_cap"],
     )  # fmt: skip
     suffix = "" if seed == 0 else f"-seed{seed}"
     trainer = Trainer(
-        model, task, config, task_spec={"name": task_name, "args": task.config() if hasattr(task, "config") else {}},
-        quiet=quiet, checkpoint_dir=out / "checkpoints" / task_name / f"{model_name}{suffix}",
+        model, task, config, task_spec={"name": task_name, "args": run["task_args"]}, quiet=run["quiet"],
+        checkpoint_dir=out / "checkpoints" / task_name / f"{model_name}{suffix}",
         metrics_path=out / "metrics" / task_name / f"{model_name}{suffix}.jsonl",
     )  # fmt: skip
     result = trainer.fit()
     evals, eval_errors = evaluate_run(model, task, plan, task.default_seqlen, seed, trainer.device, config.dtype)
-    for err in eval_errors:
-        errors.append({"task": task_name, "model": model_name, "seed": seed, **err})
-    common = {"task": task_name, "model": model_name, "seed": seed, "stopped": result.stopped}
+    errors = [{"task": task_name, "model": model_name, "seed": seed, **err} for err in eval_errors]
+    common = {"task": task_name, "model": model_name, "seed": seed, "stopped": result.stopped,
+              "_index": run["index"]}  # fmt: skip
     records = [{**common, **r} for r in evals]
     records += [
         {**common, "metric": "tokens_per_s", "value": result.tokens_per_s, "length": task.default_seqlen},
@@ -248,7 +318,7 @@ def _run_one(LanguageModel, Trainer, TrainConfig, task, task_name, plan, planned
     ]
     for n, metric in zip(STATE_LENGTHS, ("state_bytes_1k", "state_bytes_100k")):
         records.append({**common, "metric": metric, "value": int(model.state_bytes(1, n)), "length": n})
-    return records
+    return records, errors
 
 
 def _headline(task) -> str:
