@@ -11,7 +11,7 @@ Glossary (Mamba-2 paper, Dao & Gu 2024, sec. 3-7):
 
 Recurrence (the "linear" form, sec. 3):
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t        y_t = h_t C_t + D x_t
-Dual ("quadratic", masked attention) form (sec. 4):
+Dual ("quadratic", structured masked attention) form (sec. 4-5):
     Y = (L ∘ C Bᵀ) (dt X),  L[t, s] = exp(sum_{s<k<=t} dt_k A) for s <= t, 0 above the diagonal.
 The chunked algorithm (sec. 6) applies the dual form inside chunks of ``chunk_size`` positions and the
 linear form across chunk boundaries.
