@@ -133,14 +133,14 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, init_ptr, doc_ptr, dy_ptr, dx_ptr, 
             # initial-state slot i holds position s = i - (W-1); it feeds pre_t for t = s + W-1-k
             si = tl.arange(0, BLOCK_S) - (W - 1)
             dinit = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
-            for k in tl.static_range(W):
-                t = si + (W - 1 - k)
-                dpre = _dpre_at(x_ptr, init_ptr, doc_ptr, w_ptr, bias_ptr, dy_ptr, b, t, offs_d, mask_d, L, DIM,
-                                W, SILU, HAS_INIT, HAS_DOC, HAS_BIAS, BLOCK_S, BLOCK_D)
+            for kk in tl.static_range(W):
+                ti = si + (W - 1 - kk)
+                dpre_i = _dpre_at(x_ptr, init_ptr, doc_ptr, w_ptr, bias_ptr, dy_ptr, b, ti, offs_d, mask_d, L, DIM,
+                                  W, SILU, HAS_INIT, HAS_DOC, HAS_BIAS, BLOCK_S, BLOCK_D)
                 if HAS_DOC:
-                    dpre = tl.where((_doc_at(doc_ptr, b, t, L) == 0)[:, None], dpre, 0.0)
-                wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
-                dinit += wk[None, :] * dpre
+                    dpre_i = tl.where((_doc_at(doc_ptr, b, ti, L) == 0)[:, None], dpre_i, 0.0)
+                w_k = tl.load(w_ptr + offs_d * W + kk, mask=mask_d, other=0.0).to(tl.float32)
+                dinit += w_k[None, :] * dpre_i
             slot = si + (W - 1)
             tl.store(dinit_ptr + (b.to(tl.int64) * DIM + offs_d[None, :]) * (W - 1) + slot[:, None],
                      dinit.to(dinit_ptr.dtype.element_ty), mask=(slot < W - 1)[:, None] & mask_d[None, :])
