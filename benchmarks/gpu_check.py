@@ -84,7 +84,7 @@ def seq_idx_for(batch, seqlen, ndocs):
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def check_selective_scan(dtype, batch, seqlen, dim, N, case, extreme=False, ndocs=3):
+def check_scan(dtype, batch, seqlen, dim, N, case, extreme=False, ndocs=3):
     from seqlab.ops import selective_scan
     from seqlab.ops.triton.selective_scan import selective_scan_triton
 
@@ -203,29 +203,31 @@ def check_decode_graph(dtype):
     compare("decode (CUDA graph x3)", "B=4", dtype, names, [*ys_g, *states_g], [*ys_r, *states_r])
 
 
-def run_checks():
+def run_checks(only=None):
     f32, bf16 = torch.float32, torch.bfloat16
     jobs = [
-        lambda: check_selective_scan(f32, 2, 2048, 1024, 16, "2x2048 D1024 N16 docs+state"),
-        lambda: check_selective_scan(bf16, 2, 2048, 1024, 16, "2x2048 D1024 N16 docs+state"),
-        lambda: check_selective_scan(f32, 1, 65536, 256, 16, "1x65536 D256 N16 docs+state", ndocs=4),
-        lambda: check_selective_scan(bf16, 1, 65536, 256, 16, "1x65536 D256 N16 docs+state", ndocs=4),
-        lambda: check_selective_scan(f32, 1, 4096, 512, 16, "extreme dt 1x4096 D512", extreme=True, ndocs=1),
-        lambda: check_selective_scan(bf16, 1, 4096, 512, 16, "extreme dt 1x4096 D512", extreme=True, ndocs=1),
-        lambda: check_ssd(f32, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state"),
-        lambda: check_ssd(bf16, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state"),
-        lambda: check_ssd(f32, 2, 1000, 8, 64, 64, 64, "2x1000 8x64 N64 chunk64 docs+state"),
-        lambda: check_ssd(f32, 1, 65536, 8, 64, 128, 256, "1x65536 8x64 N128 docs+state", ndocs=4),
-        lambda: check_ssd(bf16, 1, 65536, 8, 64, 128, 256, "1x65536 8x64 N128 docs+state", ndocs=4),
-        lambda: check_ssd(f32, 1, 4096, 16, 64, 128, 128, "extreme dt 1x4096 16x64", extreme=True, ndocs=1),
-        lambda: check_ssd(bf16, 1, 4096, 16, 64, 128, 128, "extreme dt 1x4096 16x64", extreme=True, ndocs=1),
-        lambda: check_conv(f32, 2, 4096, 4096, 4, "2x4096 D4096 W4 docs+state"),
-        lambda: check_conv(bf16, 2, 4096, 4096, 4, "2x4096 D4096 W4 docs+state"),
-        lambda: check_conv(bf16, 1, 65536, 512, 3, "1x65536 D512 W3 docs+state", ndocs=5),
-        lambda: check_decode_graph(f32),
-        lambda: check_decode_graph(bf16),
+        ("selective_scan", lambda: check_scan(f32, 2, 2048, 1024, 16, "2x2048 D1024 N16 docs+state")),
+        ("selective_scan", lambda: check_scan(bf16, 2, 2048, 1024, 16, "2x2048 D1024 N16 docs+state")),
+        ("selective_scan", lambda: check_scan(f32, 1, 65536, 256, 16, "1x65536 D256 N16 docs+state", ndocs=4)),
+        ("selective_scan", lambda: check_scan(bf16, 1, 65536, 256, 16, "1x65536 D256 N16 docs+state", ndocs=4)),
+        ("selective_scan", lambda: check_scan(f32, 1, 4096, 512, 16, "extreme dt 1x4096 D512", True, 1)),
+        ("selective_scan", lambda: check_scan(bf16, 1, 4096, 512, 16, "extreme dt 1x4096 D512", True, 1)),
+        ("ssd", lambda: check_ssd(f32, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state")),
+        ("ssd", lambda: check_ssd(bf16, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state")),
+        ("ssd", lambda: check_ssd(f32, 2, 1000, 8, 64, 64, 64, "2x1000 8x64 N64 chunk64 docs+state")),
+        ("ssd", lambda: check_ssd(f32, 1, 65536, 8, 64, 128, 256, "1x65536 8x64 N128 docs+state", ndocs=4)),
+        ("ssd", lambda: check_ssd(bf16, 1, 65536, 8, 64, 128, 256, "1x65536 8x64 N128 docs+state", ndocs=4)),
+        ("ssd", lambda: check_ssd(f32, 1, 4096, 16, 64, 128, 128, "extreme dt 1x4096 16x64", extreme=True, ndocs=1)),
+        ("ssd", lambda: check_ssd(bf16, 1, 4096, 16, 64, 128, 128, "extreme dt 1x4096 16x64", extreme=True, ndocs=1)),
+        ("conv", lambda: check_conv(f32, 2, 4096, 4096, 4, "2x4096 D4096 W4 docs+state")),
+        ("conv", lambda: check_conv(bf16, 2, 4096, 4096, 4, "2x4096 D4096 W4 docs+state")),
+        ("conv", lambda: check_conv(bf16, 1, 65536, 512, 3, "1x65536 D512 W3 docs+state", ndocs=5)),
+        ("decode_graph", lambda: check_decode_graph(f32)),
+        ("decode_graph", lambda: check_decode_graph(bf16)),
     ]
-    for job in jobs:
+    for kind, job in jobs:
+        if only and not any(o in kind for o in only):
+            continue
         try:
             job()
         except Exception:  # noqa: BLE001 - one broken check must not hide the others
@@ -241,6 +243,8 @@ def main() -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--quick-bench", action="store_true")
+    p.add_argument("--only", default="", help="comma-separated check kinds: selective_scan,ssd,conv,decode_graph")
+    p.add_argument("--bench-args", default="", help="extra arguments for benchmarks/kernels.py")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
@@ -262,7 +266,7 @@ def main() -> int:
         summary["pytest_s"] = time.time() - t0
     log("== kernel checks against the torch path")
     t0 = time.time()
-    run_checks()
+    run_checks([o for o in args.only.split(",") if o])
     summary["checks_s"] = time.time() - t0
     summary["checks"] = CHECKS
     summary["all_passed"] = all(c["ok"] for c in CHECKS)
@@ -272,7 +276,7 @@ def main() -> int:
     if not args.skip_bench:
         from benchmarks import kernels
 
-        kernels.main(["--out", args.out] + (["--quick"] if args.quick_bench else []))
+        kernels.main(["--out", args.out] + (["--quick"] if args.quick_bench else []) + args.bench_args.split())
     return 0 if summary["all_passed"] else 1
 
 

@@ -317,13 +317,36 @@ def ssd_floor(c, batch, seqlen, H, P, N, T, backward: bool):
     return floor_ms(c, nbytes, flops, tok * H * 3)
 
 
-def bench_ssd(c, shapes, scan_times):
+def bench_ssd(c, shapes, sweep: bool):
     from seqlab.ops import ssd
+    from seqlab.ops.triton import ssd as tssd
     from seqlab.ops.triton.ssd import ssd_triton
 
     H, P, N, chunk = 80, 64, 128, 256
     table = "ssd (Mamba-2-2.7B layer: d_inner 5120 = 80 heads x 64, N 128, 1 group, chunk 256, bf16)"
     log(f"\n== {table}")
+    if sweep:
+        batch, seqlen = 8, 2048
+        best = None
+        for cfg in ({"T": 64, "num_warps": 4}, {"T": 64, "num_warps": 8}, {"T": 128, "num_warps": 8},
+                    {"T": 32, "num_warps": 4}, {"T": 128, "num_warps": 4}):
+            tssd.TUNING.clear()
+            tssd.TUNING.update(cfg)
+            ins = ssd_inputs(batch, seqlen, H, P, N)
+            with torch.no_grad():
+                ms = safe(cuda_time, lambda: ssd_triton(*ins[:5], chunk, *ins[5:8], True, None, None), max_seconds=0.3)
+            gins = ssd_inputs(batch, seqlen, H, P, N, grad=True)
+            msb = safe(cuda_time, fwd_bwd(lambda: ssd_triton(*gins[:5], chunk, *gins[5:8], True, None, None), gins),
+                       max_seconds=0.3)
+            record("ssd tile sweep (8x2048)", f"{batch}x{seqlen}", f"tiles {cfg}", ms, note=f"fwd+bwd {msb}")
+            if ms and msb and (best is None or msb < best[0]):
+                best = (msb, cfg)
+            ins = gins = None
+        tssd.TUNING.clear()
+        if best:
+            tssd.TUNING.update(best[1])
+            log(f"  using tiles {best[1]}")
+            RESULTS["ssd_tiles"] = best[1]
     for batch, seqlen in shapes:
         shape = f"{batch}x{seqlen}"
         ins = ssd_inputs(batch, seqlen, H, P, N)
@@ -398,6 +421,20 @@ def bench_conv(c, shapes):
 # ----------------------------------------------------------------------------------------------- decode
 
 
+def graph_time(fn) -> float:
+    """Median ms of one replay of a CUDA graph holding 10 calls of fn, divided by 10 (launch gaps removed)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                fn()
+    torch.cuda.synchronize()
+    return cuda_time(graph.replay, max_seconds=0.3) / 10
+
+
 def bench_decode(c):
     from seqlab.ops import conv_step, selective_state_update, ssd_state_update
     from seqlab.ops.triton.decode import conv_step_triton, selective_state_update_triton, ssd_state_update_triton
@@ -415,6 +452,8 @@ def bench_decode(c):
         ms = safe(cuda_time, lambda: selective_state_update_triton(state, x, dt, A, B, C, D, z, bias, True))
         ms_t = safe(cuda_time, lambda: selective_state_update(state, x, dt, A, B, C, D, z, bias, backend="torch"))
         record(table, f"B={batch}", "selective_state_update triton (4096x16)", ms, floor_ms(c, sbytes))
+        msg = safe(graph_time, lambda: selective_state_update_triton(state, x, dt, A, B, C, D, z, bias, True))
+        record(table, f"B={batch}", "selective_state_update triton, graph", msg, floor_ms(c, sbytes))
         record(table, f"B={batch}", "selective_state_update torch", ms_t,
                note=f"triton {ms_t / ms:.1f}x faster" if ms and ms_t else "")
         H, P, N2 = 80, 64, 128
@@ -425,6 +464,8 @@ def bench_decode(c):
         ms = safe(cuda_time, lambda: ssd_state_update_triton(state2, x2, dt2, A2, B2, C2, D2, z2, None, True))
         ms_t = safe(cuda_time, lambda: ssd_state_update(state2, x2, dt2, A2, B2, C2, D2, z2, backend="torch"))
         record(table, f"B={batch}", "ssd_state_update triton (80x64x128)", ms, floor_ms(c, sbytes2))
+        msg = safe(graph_time, lambda: ssd_state_update_triton(state2, x2, dt2, A2, B2, C2, D2, z2, None, True))
+        record(table, f"B={batch}", "ssd_state_update triton, graph", msg, floor_ms(c, sbytes2))
         record(table, f"B={batch}", "ssd_state_update torch", ms_t,
                note=f"triton {ms_t / ms:.1f}x faster" if ms and ms_t else "")
         cs = r(batch, 5376, 3)
@@ -432,6 +473,8 @@ def bench_decode(c):
         ms = safe(cuda_time, lambda: conv_step_triton(cs, xc, wc, bc, "silu"))
         ms_t = safe(cuda_time, lambda: conv_step(cs, xc, wc, bc, "silu", backend="torch"))
         record(table, f"B={batch}", "conv_step triton (5376, w4)", ms, floor_ms(c, cs.numel() * 4 + xc.numel() * 4))
+        msg = safe(graph_time, lambda: conv_step_triton(cs, xc, wc, bc, "silu"))
+        record(table, f"B={batch}", "conv_step triton, graph", msg, floor_ms(c, cs.numel() * 4 + xc.numel() * 4))
         record(table, f"B={batch}", "conv_step torch", ms_t,
                note=f"triton {ms_t / ms:.1f}x faster" if ms and ms_t else "")
 
@@ -450,6 +493,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--quick", action="store_true", help="two shapes only")
     p.add_argument("--no-sweep", action="store_true", help="skip the selective-scan tile sweep")
+    p.add_argument("--no-ssd-sweep", action="store_true", help="skip the SSD tile sweep")
+    p.add_argument("--sections", default="selective_scan,ssd,conv,decode")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
@@ -458,10 +503,12 @@ def main(argv=None) -> int:
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
     c = measure_ceilings()
     sections = [("selective_scan", lambda: bench_selective_scan(c, shapes, not args.no_sweep)),
-                ("ssd", lambda: bench_ssd(c, shapes, None)),
+                ("ssd", lambda: bench_ssd(c, shapes, not args.no_ssd_sweep)),
                 ("conv", lambda: bench_conv(c, shapes)),
                 ("decode", lambda: bench_decode(c))]
     for name, fn in sections:
+        if name not in args.sections.split(","):
+            continue
         try:
             fn()
         except Exception:  # noqa: BLE001

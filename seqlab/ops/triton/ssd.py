@@ -173,8 +173,12 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
     tl.store(y_ptr + xo, y.to(y_ptr.dtype.element_ty), mask=mask_tp)
 
 
+# Overrides (keys T, num_warps) for benchmarks that sweep tile shapes; empty = defaults.
+TUNING: dict = {}
+
+
 def _tile(chunk_size: int) -> int:
-    return min(64, max(16, next_pow2(chunk_size)))
+    return TUNING.get("T") or min(64, max(16, next_pow2(chunk_size)))
 
 
 def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
@@ -196,7 +200,7 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_sta
     f32 = dict(device=x.device, dtype=torch.float32)
     states = torch.empty(batch, nchunks, H, P, N, **f32)
     cum = torch.empty(batch, H, nchunks, T, **f32)
-    warps = 8 if T >= 128 else 4
+    warps = TUNING.get("num_warps") or (8 if T >= 128 else 4)
     grid = (batch * nchunks, H, triton.cdiv(P, block_p))
     _ssd_chunk_state_kernel[grid](x, dt, A, B, dt_bias, doc, states, cum, L, H, P, G, N, nchunks,
                                   HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
@@ -415,7 +419,7 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus):
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = dy.contiguous()
     dstates = torch.empty_like(states)
-    warps = 8 if T >= 64 else 4
+    warps = TUNING.get("num_warps") or (8 if T >= 64 else 4)
     _ssd_bwd_dstate_kernel[(batch * nchunks, H, triton.cdiv(P, min(block_p, 64)))](
         dy, z, C, doc, cum, dstates, L, H, P, G, N, nchunks,
         HAS_Z=z is not None, HAS_DOC=doc is not None, IEEE=ieee, UPCAST=interpreting,
