@@ -56,6 +56,7 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         window: int | None = None,
         head_dim: int | None = None,
+        rope_fraction: float = 1.0,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -73,7 +74,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        self.rope = RotaryEmbedding(head_dim, rope_theta)
+        if not 0.0 <= rope_fraction <= 1.0:
+            raise ConfigError(f"Attention: rope_fraction must be in [0, 1], got {rope_fraction}")
+        # rotated channels per head, as GPT-NeoX / transformers count them: int(head_dim * fraction)
+        self.rope = RotaryEmbedding(head_dim, rope_theta, rotary_dim=int(head_dim * rope_fraction))
 
     @classmethod
     def from_config(cls, config, layer_idx: int = 0) -> Attention:
@@ -83,6 +87,7 @@ class Attention(nn.Module):
             n_kv_heads=getattr(config, "n_kv_heads", None),
             rope_theta=getattr(config, "rope_theta", 10000.0),
             window=getattr(config, "attn_window", None),
+            rope_fraction=getattr(config, "rope_fraction", 1.0),
         )
 
     # ----------------------------------------------------------------------------------------------- state

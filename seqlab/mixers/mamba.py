@@ -14,7 +14,8 @@ Parameter names and shapes follow the reference implementation (``in_proj``, ``c
 ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so checkpoints interoperate.
 
 ``bcdt_norm`` (Falcon Mamba): weightless RMSNorm over each of dt, B and C (their last dim) right after
-``x_proj``, which keeps the scan stable at scale.
+``x_proj``, which keeps the scan stable at scale. ``bcdt_norm_weight`` (Jamba) gives those norms learnable
+scales ``dt_norm.weight (R,)``, ``B_norm.weight (N,)``, ``C_norm.weight (N,)``; ``bcdt_norm_eps`` their eps.
 
 State: ``conv (B, D, W-1)`` the last W-1 inputs of the convolution and ``ssm (B, D, N)``, both float32.
 """
@@ -30,7 +31,7 @@ from torch import nn
 from seqlab.errors import ConfigError, InputError
 from seqlab.mixers._init import dt_bias_init
 from seqlab.mixers.base import MixerState
-from seqlab.mixers.norm import rms_norm
+from seqlab.mixers.norm import RMSNorm, rms_norm
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
 from seqlab.ops.conv import causal_conv1d, conv_step
@@ -54,6 +55,8 @@ class Mamba(nn.Module):
         proj_bias: bool = False,
         bcdt_norm: bool = False,
         norm_eps: float = 1e-5,
+        bcdt_norm_weight: bool = False,
+        bcdt_norm_eps: float | None = None,
     ):
         super().__init__()
         if dt_rank == "auto":
@@ -65,6 +68,15 @@ class Mamba(nn.Module):
         self.d_model, self.d_state, self.d_conv, self.dt_rank = d_model, d_state, d_conv, dt_rank
         self.d_inner = expand * d_model
         self.bcdt_norm, self.norm_eps = bcdt_norm, norm_eps
+        self.bcdt_norm_eps = norm_eps if bcdt_norm_eps is None else bcdt_norm_eps
+        if bcdt_norm_weight and not bcdt_norm:
+            raise ConfigError("Mamba: bcdt_norm_weight=True needs bcdt_norm=True")
+        if bcdt_norm_weight:
+            self.dt_norm, self.B_norm, self.C_norm = (
+                RMSNorm(n, eps=self.bcdt_norm_eps) for n in (dt_rank, d_state, d_state)
+            )
+        else:
+            self.dt_norm = self.B_norm = self.C_norm = None
         D = self.d_inner
 
         self.in_proj = nn.Linear(d_model, 2 * D, bias=proj_bias)
@@ -98,6 +110,8 @@ class Mamba(nn.Module):
             proj_bias=config.proj_bias,
             bcdt_norm=getattr(config, "bcdt_norm", False),
             norm_eps=getattr(config, "norm_eps", 1e-5),
+            bcdt_norm_weight=getattr(config, "bcdt_norm_weight", False),
+            bcdt_norm_eps=getattr(config, "bcdt_norm_eps", None),
         )
 
     # ----------------------------------------------------------------------------------------------- state
@@ -119,7 +133,9 @@ class Mamba(nn.Module):
         """x (..., D) -> dt (..., R), B (..., N), C (..., N), normalised when ``bcdt_norm``."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bcdt_norm:
-            dt, B, C = (rms_norm(t, None, self.norm_eps) for t in (dt, B, C))
+            scales = (None, None, None) if self.dt_norm is None else (self.dt_norm.weight, self.B_norm.weight,
+                                                                      self.C_norm.weight)
+            dt, B, C = (rms_norm(t, w, self.bcdt_norm_eps) for t, w in zip((dt, B, C), scales))
         return dt, B, C
 
     def forward(

@@ -1,7 +1,7 @@
 """Mixture of SwiGLU experts with top-k routing (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral).
 
     p = softmax(router(x))                      # (T, E) router probabilities, float32
-    (w, e) = top-k of p, w renormalised to sum 1
+    (w, e) = top-k of p, w renormalised to sum 1 (``renormalize=False`` keeps the softmax values, as Jamba does)
     y = sum_j w_j * expert_{e_j}(x)
 
 Dropless: every token reaches all k of its experts (no capacity limit). Tokens are sorted by expert so each
@@ -35,11 +35,13 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts
 class MoE(nn.Module):
     """Channel mixer ``x (B, L, d_model) -> (B, L, d_model)``; sets ``self.aux_loss`` after each forward."""
 
-    def __init__(self, d_model: int, n_experts: int = 8, top_k: int = 2, d_ff: int | None = None):
+    def __init__(
+        self, d_model: int, n_experts: int = 8, top_k: int = 2, d_ff: int | None = None, renormalize: bool = True
+    ):
         super().__init__()
         if n_experts < 1 or not 1 <= top_k <= n_experts:
             raise ConfigError(f"MoE: need n_experts >= 1 and 1 <= top_k <= n_experts, got {n_experts=} {top_k=}")
-        self.d_model, self.n_experts, self.top_k = d_model, n_experts, top_k
+        self.d_model, self.n_experts, self.top_k, self.renormalize = d_model, n_experts, top_k, renormalize
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, d_ff) for _ in range(n_experts))
         self.aux_loss: torch.Tensor | None = None
@@ -51,13 +53,15 @@ class MoE(nn.Module):
             n_experts=getattr(config, "n_experts", 8),
             top_k=getattr(config, "moe_top_k", 2),
             d_ff=getattr(config, "d_ff", None),
+            renormalize=getattr(config, "moe_renormalize", True),
         )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x (T, d)`` -> ``probs (T, E)``, ``weights (T, k)`` (renormalised), ``expert_idx (T, k)``."""
+        """``x (T, d)`` -> ``probs (T, E)``, ``weights (T, k)`` (renormalised if asked), ``expert_idx (T, k)``."""
         probs = torch.softmax(self.router(x).float(), dim=-1)  # (T, E)
         weights, expert_idx = probs.topk(self.top_k, dim=-1)  # (T, k)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return probs, weights, expert_idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,14 @@ class ModelConfig:
     n_experts: int = 8
     moe_top_k: int = 2
     moe_aux_loss_weight: float = 0.01
+    moe_renormalize: bool = True  # top-k router weights rescaled to sum 1 (Mixtral); False keeps the softmax (Jamba)
 
     # --- attention (A) ---
     n_heads: int = 4
     n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA; between -> GQA
     rope_theta: float = 10000.0
     attn_window: int | None = None  # sliding-window size, None = full causal
+    rope_fraction: float = 1.0  # share of each head's channels RoPE rotates (Bamba: 0.5); 0 = no positions (Jamba)
 
     # --- S4D (S) ---
     s4_d_state: int = 64
@@ -64,6 +66,8 @@ class ModelConfig:
     conv_bias: bool = True
     proj_bias: bool = False
     bcdt_norm: bool = False  # Falcon Mamba: RMSNorm on B, C and dt
+    bcdt_norm_weight: bool = False  # Jamba: those three norms have learnable scales (Falcon Mamba's have none)
+    bcdt_norm_eps: float | None = None  # eps of those norms; None -> norm_eps
 
     # --- Mamba-2 / SSD (M2) ---
     ssd_d_state: int = 128
