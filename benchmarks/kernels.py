@@ -227,9 +227,12 @@ def bench_selective_scan(c, shapes, sweep: bool):
     if sweep:
         batch, seqlen = 8, 2048
         best = None
-        for cfg in ({"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 8}, {"BLOCK_T": 16, "BLOCK_D": 8, "num_warps": 4},
-                    {"BLOCK_T": 8, "BLOCK_D": 32, "num_warps": 8}, {"BLOCK_T": 32, "BLOCK_D": 8, "num_warps": 8},
-                    {"BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 8}):
+        for cfg in ({"forward": "tile"}, {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 4},
+                    {"forward": "loop", "SEQ_BLOCK_D": 16, "SEQ_WARPS": 2},
+                    {"forward": "loop", "SEQ_BLOCK_D": 64, "SEQ_WARPS": 4},
+                    {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 2},
+                    {"forward": "loop", "SEQ_BLOCK_D": 128, "SEQ_WARPS": 8},
+                    {"forward": "loop", "SEQ_BLOCK_D": 64, "SEQ_WARPS": 8}):
             tss.TUNING.clear()
             tss.TUNING.update(cfg)
             ins = scan_inputs(batch, seqlen, dim, N)

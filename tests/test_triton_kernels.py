@@ -124,8 +124,19 @@ def _scan_inputs(batch, seqlen, dim, N, G, opts, seed=0, dtype=torch.float32):
     return u, delta, A, B, C, D, z, bias, h0, seq_idx
 
 
+@pytest.fixture(params=["loop", "tile"])
+def scan_forward(request):
+    """Both forward kernels: the time loop (8 steps per iteration) and the tile-parallel associative scan."""
+    from seqlab.ops.triton import selective_scan as module
+
+    module.TUNING.clear()
+    module.TUNING.update(forward=request.param, SEQ_BLOCK_D=4)
+    yield request.param
+    module.TUNING.clear()
+
+
 @pytest.mark.parametrize("case", list(SCAN_CASES))
-def test_selective_scan_triton_matches_loop(case):
+def test_selective_scan_triton_matches_loop(case, scan_forward):
     from seqlab.ops.triton.selective_scan import selective_scan_triton
 
     batch, seqlen, dim, N, G, opts = SCAN_CASES[case]

@@ -123,6 +123,121 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 
 @triton.jit
+def _split8(x):
+    """(R, 8) -> its eight (R,) columns, in order (the inverse of _join8)."""
+    x = tl.reshape(x, (x.shape[0], 2, 2, 2))  # column j = 4 i0 + 2 i1 + i2
+    a, b = tl.split(x)
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    c0, c4 = tl.split(a0)
+    c2, c6 = tl.split(a1)
+    c1, c5 = tl.split(b0)
+    c3, c7 = tl.split(b1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
+    x = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    return tl.reshape(x, (c0.shape[0], 8))
+
+
+@triton.jit
+def _seq_step(h, a_log_scale, A, dtu, Bv, Cv, reset, HAS_DOC: tl.constexpr):
+    """One recurrence step for a block of channels: h (BD, BN); dt, dtu, reset (BD,); B, C (BN,)."""
+    a = tl.exp(a_log_scale[:, None] * A)
+    if HAS_DOC:
+        a = tl.where(reset[:, None], 0.0, a)
+    h = a * h + dtu[:, None] * Bv[None, :]
+    return h, tl.sum(h * Cv[None, :], axis=1)
+
+
+@triton.jit
+def _scan_fwd_seq_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, doc_ptr,
+                         y_ptr, final_ptr, ckpt_ptr,
+                         L, DIM, G, N, n_tiles,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, STORE_CKPT: tl.constexpr,
+                         CKPT_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Forward as a plain loop over time with the (BLOCK_D, N) state in registers, 8 steps per iteration: each
+    iteration loads (BLOCK_D, 8) tiles up front and stores y once, so loads are not serialised behind stores.
+    Checkpoints every CKPT_T steps, in the layout the tile backward expects. B, C shared by the block's channels."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, 8)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    g = (pid_d * BLOCK_D) // (DIM // G)
+    state_base = pid_b.to(tl.int64) * DIM * N
+    if HAS_INIT:
+        h = tl.load(init_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    for it in range(tl.cdiv(L, 8)):
+        t0 = it * 8
+        if STORE_CKPT:
+            if t0 % CKPT_T == 0:
+                ck = (pid_b.to(tl.int64) * n_tiles + t0 // CKPT_T) * DIM * N
+                tl.store(ckpt_ptr + ck + dn, h, mask=mask_dn)
+        t = t0 + offs_s  # (8,)
+        mask_t = t < L
+        row = pid_b.to(tl.int64) * L + t
+        io = offs_d[:, None] + row[None, :] * DIM  # (BD, 8)
+        mask_io = mask_d[:, None] & mask_t[None, :]
+        u = tl.load(u_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+        raw = tl.load(delta_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+        bc = offs_n[:, None] + ((row * G + g) * N)[None, :]  # (BN, 8)
+        mask_bc = mask_n[:, None] & mask_t[None, :]
+        Bt = tl.load(B_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw = raw + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        else:
+            dt = raw
+        dt = tl.where(mask_io, dt, 0.0)
+        dtu = dt * u
+        if HAS_DOC:
+            doc = tl.load(doc_ptr + row, mask=mask_t, other=0)
+            prev = tl.load(doc_ptr + row - 1, mask=mask_t & (t > 0), other=0)
+            reset = ((doc != prev)[None, :] & mask_d[:, None])  # (BD, 8)
+        else:
+            reset = mask_io
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dtu)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(reset)
+        h, y0 = _seq_step(h, d0, A, e0, b0, c0, r0, HAS_DOC)
+        h, y1 = _seq_step(h, d1, A, e1, b1, c1, r1, HAS_DOC)
+        h, y2 = _seq_step(h, d2, A, e2, b2, c2, r2, HAS_DOC)
+        h, y3 = _seq_step(h, d3, A, e3, b3, c3, r3, HAS_DOC)
+        h, y4 = _seq_step(h, d4, A, e4, b4, c4, r4, HAS_DOC)
+        h, y5 = _seq_step(h, d5, A, e5, b5, c5, r5, HAS_DOC)
+        h, y6 = _seq_step(h, d6, A, e6, b6, c6, r6, HAS_DOC)
+        h, y7 = _seq_step(h, d7, A, e7, b7, c7, r7, HAS_DOC)
+        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7)  # (BD, 8)
+        if HAS_D:
+            y += Dskip[:, None] * u
+        if HAS_Z:
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=mask_io)
+    tl.store(final_ptr + state_base + dn, h, mask=mask_dn)
+
+
+@triton.jit
 def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, ckpt_ptr,
                      dy_ptr, dfinal_ptr,
                      du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dinit_ptr,
@@ -252,13 +367,19 @@ class _SelectiveScanFn(torch.autograd.Function):
         final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
         ckpt = torch.empty(batch, n_tiles, dim, n, device=u.device, dtype=torch.float32) if need_grad else final
         init = initial_state.contiguous() if initial_state is not None else None
-        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt,
-            L, dim, groups, n, n_tiles,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), HAS_INIT=init is not None, HAS_DOC=doc is not None,
-            STORE_CKPT=need_grad, num_warps=_num_warps(cfg), **cfg)
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                     SOFTPLUS=bool(delta_softplus), HAS_INIT=init is not None, HAS_DOC=doc is not None,
+                     STORE_CKPT=need_grad)
+        seq_block_d = TUNING.get("SEQ_BLOCK_D", 32)
+        if TUNING.get("forward", "loop") == "loop" and (dim // groups) % seq_block_d == 0 and cfg["BLOCK_T"] % 8 == 0:
+            _scan_fwd_seq_kernel[(batch, dim // seq_block_d)](
+                u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
+                CKPT_T=cfg["BLOCK_T"], BLOCK_D=seq_block_d, BLOCK_N=cfg["BLOCK_N"],
+                num_warps=TUNING.get("SEQ_WARPS", 4), **flags)
+        else:
+            _scan_fwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
+                u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
+                num_warps=_num_warps(cfg), **flags, **cfg)
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, doc, ckpt)
             ctx.delta_softplus = bool(delta_softplus)
