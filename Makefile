@@ -12,7 +12,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "torch==2.13.0"
-	$(BIN)/pip install -e ".[dev,triton,report]"
+	$(BIN)/pip install -e ".[dev,triton,report,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,9 +1,12 @@
-"""seqlab generate: stream text from a checkpoint (or a randomly initialised preset) with the byte tokenizer.
+"""seqlab generate: stream text from a checkpoint (or a randomly initialised preset) with the byte tokenizer
+(or, with ``--tokenizer DIR``, a local Hugging Face tokenizer.json; ``--checkpoint`` also reads a transformers
+checkpoint directory of an architecture ``seqlab.interop`` supports).
 
     seqlab generate --checkpoint runs/mamba --prompt "Once upon a time" --max-new-tokens 200
     seqlab generate --preset mamba --size tiny --prompt hi --max-new-tokens 5        # random weights: smoke run
     seqlab generate --checkpoint runs/mamba --prompt "Hello" --save-state chat.safetensors
     seqlab generate --checkpoint runs/mamba --prompt " and then" --resume-state chat.safetensors
+    seqlab generate --checkpoint hf/mamba-130m --tokenizer hf/mamba-130m --prompt "The" --temperature 0
 
 The prompt is echoed, then the continuation is written to stdout as it is produced; a summary line
 (tokens, seconds, tokens/s, state bytes) goes to stderr.
@@ -39,6 +42,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-state", metavar="FILE", help="save the inference state after generating")
     parser.add_argument("--resume-state", metavar="FILE", help="continue from a state saved with --save-state")
     parser.add_argument("--no-stop", action="store_true", help="keep generating after the EOS token")
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer (DIR/tokenizer.json); default: bytes"
+    )
 
 
 def _load_model(args, torch):
@@ -56,6 +62,10 @@ def _load_model(args, torch):
         directory = Path(args.checkpoint)
         if not (directory / "config.json").exists() and (directory / "checkpoint" / "config.json").exists():
             directory = directory / "checkpoint"  # a `seqlab train --out DIR` run directory
+        from seqlab.interop.hf import is_hf_checkpoint
+
+        if is_hf_checkpoint(directory):
+            return LanguageModel.from_hf(directory, device=args.device)
         return LanguageModel.load(directory, device=args.device)
     from seqlab.models.presets import from_preset
 
@@ -75,7 +85,17 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
     model = _load_model(args, torch)
-    tokenizer = ByteTokenizer()
+    if args.tokenizer is not None:
+        from seqlab.interop.hf_tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer(args.tokenizer)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"--tokenizer: it has {tokenizer.vocab_size} tokens, the model's vocabulary only "
+                f"{model.config.vocab_size}; pass the tokenizer the checkpoint was trained with"
+            )
+    else:
+        tokenizer = ByteTokenizer()
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"generate: the model's vocabulary has {model.config.vocab_size} tokens, the byte tokenizer needs "
@@ -83,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         )
     prompt_ids = tokenizer.encode(args.prompt)
     if args.resume_state is None and not prompt_ids:
+        if tokenizer.bos_id is None:
+            raise ConfigError("--prompt: this tokenizer has no BOS token to start from; pass a non-empty prompt")
         prompt_ids = [tokenizer.bos_id]
     if not prompt_ids:
         raise ConfigError("--prompt: resuming a state needs a non-empty prompt to continue with")
@@ -99,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out.write(args.prompt)
     out.flush()
     decoder = tokenizer.stream_decoder()
+    decoder.push(prompt_ids)  # context only (already echoed): subword tokenizers space the continuation by it
     count = 0
 
     def on_token(step: int, token: torch.Tensor) -> None:

@@ -265,6 +265,19 @@ class LanguageModel(nn.Module):
 
         return load_model(directory, device=device)
 
+    @classmethod
+    def from_hf(cls, directory: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
+        """A model read from a local Hugging Face checkpoint directory (see ``seqlab.interop.from_hf``)."""
+        from seqlab.interop import from_hf
+
+        return from_hf(directory, device=device)
+
+    def to_hf(self, directory: str | Path, arch: str | None = None) -> Path:
+        """Write this model as a Hugging Face checkpoint (see ``seqlab.interop.to_hf``)."""
+        from seqlab.interop import to_hf
+
+        return to_hf(self, directory, arch=arch)
+
     def extra_repr(self) -> str:
         c = self.config
         pattern = "".join(c.layer_kinds())
