@@ -111,6 +111,26 @@ def test_supported_architectures_are_the_six_families():
     }
 
 
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        ("mamba", dict(pattern="M", d_state=8, dt_rank=2, expand=2, tie_embeddings=True, bcdt_norm=False)),
+        ("falcon_mamba", dict(bcdt_norm=True, bcdt_norm_weight=False, bcdt_norm_eps=1e-6, norm_eps=1e-5,
+                              tie_embeddings=False)),
+        ("mamba2", dict(pattern="M2", ssd_d_state=8, ssd_headdim=16, ssd_ngroups=2, ssd_chunk_size=8)),
+        ("llama", dict(pattern="A", mlp="swiglu", d_ff=64, n_heads=4, n_kv_heads=2, rope_theta=500.0,
+                       rope_fraction=1.0, norm_eps=1e-6)),
+        ("jamba", dict(pattern="MMAM", mlp="moe", moe_every=2, n_experts=4, moe_top_k=2, moe_renormalize=False,
+                       rope_fraction=0.0, bcdt_norm=True, bcdt_norm_weight=True, d_ff=48)),
+        ("bamba", dict(pattern="M2 A M2", mlp="swiglu", rope_fraction=0.5, ssd_headdim=16, ssd_ngroups=2)),
+    ],
+)
+def test_config_fields_are_mapped_explicitly(hf_models, arch, expected):
+    config = config_from_hf(hf_models[arch][0])
+    assert {k: getattr(config, k) for k in expected} == expected
+    assert (config.vocab_size, config.d_model, config.pad_vocab_to_multiple) == (VOCAB, 32, 1)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(hf_models, arch):
     directory, hf = hf_models[arch]

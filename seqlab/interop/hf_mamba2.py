@@ -24,7 +24,8 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
     headdim = hf.int("head_dim", 64)
     if hf.has("num_heads") and hf.get("num_heads") * headdim != expand * d:
         hf.refuse("num_heads", f"num_heads * head_dim must equal expand * hidden_size = {expand * d}")
-    hf.expect("rmsnorm", (True,), "seqlab's Mamba-2 always applies the gated RMSNorm", True)
+    for name in ("rmsnorm", "rms_norm"):  # mamba_ssm's switch for the gated norm, when a config carries it
+        hf.expect(name, (True,), "seqlab's Mamba-2 always applies the gated RMSNorm", True)
     hf.expect("norm_before_gate", (False,), "seqlab's Mamba-2 gates before normalising (norm(y * silu(z)))", False)
     return ModelConfig(
         preset="mamba2",
