@@ -124,7 +124,7 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     T = a.shape[-1]
     ones = torch.ones(T, T, dtype=torch.bool, device=a.device)
     terms = a[..., :, None].expand(*a.shape, T).masked_fill(~ones.tril(-1), 0.0)  # [k, s] = a_k if k > s
-    return terms.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
+    return terms.cumsum(-2).masked_fill_(~ones.tril(), float("-inf"))  # in place: cumsum's backward keeps nothing
 
 
 def _log_decay(dt, A, seq_idx):
@@ -206,7 +206,7 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial
     Cc = Cc.reshape(batch, nchunks, T, G, N).permute(0, 3, 1, 2, 4)  # (b, G, c, T, N)
 
     # (a) decay inside each chunk, (b) diagonal blocks: the dual form on each chunk
-    decay = torch.exp(_segsum(a))  # (b, G, r, c, T, T)
+    decay = _segsum(a).exp_()  # (b, G, r, c, T, T)
     scores = Cc @ Bc.transpose(-1, -2)  # (b, G, c, T, T)
     y_diag = (scores[:, :, None] * decay) @ xdt.permute(0, 3, 4, 1, 2, 5)  # (b, G, r, c, T, P)
 
@@ -234,7 +234,7 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial
     y_off = (Cc @ entering).view(batch, G, nchunks, T, r, P)  # (b, G, c, T, r, P)
     y_off = y_off * torch.exp(cum).permute(0, 1, 3, 4, 2)[..., None]
 
-    y = y_off + y_diag.permute(0, 1, 3, 4, 2, 5)  # (b, G, c, T, r, P)
+    y = y_off.add_(y_diag.permute(0, 1, 3, 4, 2, 5))  # (b, G, c, T, r, P)
     y = y.permute(0, 2, 3, 1, 4, 5).reshape(batch, nchunks * T, nheads, headdim)[:, :seqlen]  # (b, l, H, P)
     y = _skip_and_gate(y, x.to(cdt), D, z)
     h = h.permute(0, 1, 3, 4, 2).reshape(batch, nheads, headdim, d_state)  # (b, H, P, N)
