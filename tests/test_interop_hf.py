@@ -389,3 +389,13 @@ def test_generate_command_with_a_local_tokenizer(hf_models, tmp_path, capsys):
     ids = seqlab.generate(from_hf(directory), [tok.encode("the cat")], max_new_tokens=6, temperature=0)[0]
     assert printed == tok.decode(ids) + "\n"
     assert printed.startswith("the cat")
+
+
+def test_half_precision_checkpoints_load_as_float32_parameters(hf_models, tmp_path):
+    _, hf = hf_models["mamba"]
+    half = transformers.AutoModelForCausalLM.from_pretrained(hf_models["mamba"][0], dtype=torch.bfloat16)
+    half.save_pretrained(tmp_path / "bf16")
+    model = from_hf(tmp_path / "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    expected = half.backbone.layers[1].mixer.x_proj.weight.float()
+    assert torch.equal(model.layers[1].mixer.x_proj.weight, expected)

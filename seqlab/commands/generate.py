@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"generate: the model's vocabulary has {model.config.vocab_size} tokens, the byte tokenizer needs "
-            f"{tokenizer.vocab_size}; this checkpoint was trained on a synthetic task, not on text"
+            f"{tokenizer.vocab_size}; pass --tokenizer DIR if the model has its own tokenizer (a synthetic-task "
+            "checkpoint cannot generate text)"
         )
     prompt_ids = tokenizer.encode(args.prompt)
     if args.resume_state is None and not prompt_ids:
