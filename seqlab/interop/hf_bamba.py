@@ -114,6 +114,7 @@ def config_to_hf(config: ModelConfig, arch: str) -> dict:
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_heads if config.n_kv_heads is None else config.n_kv_heads,
         "attn_layer_indices": [i for i, k in enumerate(config.layer_kinds()) if k == "A"],
+        "rope_theta": config.rope_theta,  # read by transformers < 5, which ignores rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta,
                             "partial_rotary_factor": BAMBA_ROPE_FRACTION},
         "mamba_n_heads": d_inner // config.ssd_headdim,

@@ -91,6 +91,7 @@ def config_to_hf(config: ModelConfig, arch: str) -> dict:
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_heads if config.n_kv_heads is None else config.n_kv_heads,
         "head_dim": config.d_model // config.n_heads,
+        "rope_theta": config.rope_theta,  # read by transformers < 5, which ignores rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "hidden_act": "silu",
         "attention_bias": False,
