@@ -320,6 +320,34 @@ def ssd_floor(c, batch, seqlen, H, P, N, T, backward: bool):
     return floor_ms(c, nbytes, flops, tok * H * 3)
 
 
+class _Skip:
+    """Stands in for a Triton kernel: launching it does nothing (to time a pipeline without one stage)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def ssd_breakdown(batch, seqlen, H, P, N, chunk):
+    """Forward time of each of the three SSD kernels: total minus the total with that kernel left out."""
+    from seqlab.ops.triton import ssd as tssd
+
+    ins = ssd_inputs(batch, seqlen, H, P, N)
+    run = lambda: tssd._forward(*ins[:5], chunk, *ins[5:8], True, None, None)
+    with torch.no_grad():
+        total = cuda_time(run)
+        parts = {}
+        for name in ("_ssd_chunk_state_kernel", "_ssd_state_pass_kernel", "_ssd_chunk_out_kernel"):
+            real = getattr(tssd, name)
+            setattr(tssd, name, _Skip())
+            try:
+                parts[name] = total - cuda_time(run)
+            finally:
+                setattr(tssd, name, real)
+    note = ", ".join(f"{k.strip('_')} {v:.3f}" for k, v in parts.items())
+    record("ssd forward breakdown (ms, total minus total without the kernel)", f"{batch}x{seqlen}", "triton fwd",
+           total, note=note)
+
+
 def bench_ssd(c, shapes, sweep: bool):
     from seqlab.ops import ssd
     from seqlab.ops.triton import ssd as tssd
@@ -350,6 +378,8 @@ def bench_ssd(c, shapes, sweep: bool):
             tssd.TUNING.update(best[1])
             log(f"  using tiles {best[1]}")
             RESULTS["ssd_tiles"] = best[1]
+    for batch, seqlen in (shapes[0], shapes[-1]):
+        safe(ssd_breakdown, batch, seqlen, H, P, N, chunk)
     for batch, seqlen in shapes:
         shape = f"{batch}x{seqlen}"
         ins = ssd_inputs(batch, seqlen, H, P, N)
