@@ -364,7 +364,7 @@ def test_registry_builds_every_kind_from_the_default_config():
     for kind, cls in MIXERS.items():
         mixer = cls.from_config(config, 0)
         assert isinstance(mixer, cls), kind
-    assert set(MIXERS) == {"A", "S", "M", "M2"}
+    assert {"A", "S", "M", "M2"} <= set(MIXERS)  # the four core families; more families add tokens
 
 
 # ---------------------------------------------------------------------------------------- gradients, dtypes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from seqlab.errors import ConfigError
 
-PATTERN_TOKEN = re.compile(r"M2|M|A|S")
+PATTERN_TOKEN = re.compile(r"M2|R6|RC|M|A|S|G|L")  # longest tokens first
 CHANNEL_MIXERS = ("none", "swiglu", "moe")
 
 
@@ -75,6 +75,23 @@ class ModelConfig:
     ssd_ngroups: int = 1
     ssd_chunk_size: int = 256
 
+    # --- linear attention (L): "linear" (Katharopoulos et al. 2020) | "gla" (gated linear attention) ---
+    la_mode: str = "linear"
+    la_chunk_size: int = 64  # also the chunk of RWKV-6's linear attention and RWKV-7's delta rule
+
+    # --- RWKV-6 / RWKV-7 (R6, R7) and RWKV channel mixing (RC); d_ff None -> 3.5 d_model for RC ---
+    rwkv_headdim: int = 64
+    rwkv_lora_rank: int = 32  # token-shift interpolation (ddlerp) and RWKV-7's a / v low-rank width
+    rwkv_decay_rank: int = 64  # data-dependent decay w
+    rwkv_gate_rank: int = 128  # RWKV-7 output gate
+    rwkv_cmix_receptance: bool = True  # RWKV-6 gates the channel mix with sigmoid(W_r x); RWKV-7 does not
+
+    # --- Griffin recurrent block (G): RG-LRU width (None -> d_model); conv width is d_conv ---
+    lru_width: int | None = None
+
+    # --- mLSTM (XL, xLSTM): up-projection factor; heads are n_heads ---
+    mlstm_expand: int = 2
+
     # --- Zamba: one shared attention+MLP block applied every k layers (0 = none) ---
     shared_attention_every: int = 0
 
@@ -86,7 +103,8 @@ class ModelConfig:
         return -(-self.vocab_size // m) * m
 
     def layer_kinds(self) -> list[str]:
-        """The mixer token of every layer: ``pattern`` tokenised (M2|M|A|S, spaces allowed), cycled to n_layers."""
+        """The mixer token of every layer: ``pattern`` tokenised (see ``PATTERN_TOKEN``, spaces allowed), cycled to
+        n_layers."""
         tokens = parse_pattern(self.pattern)
         return [tokens[i % len(tokens)] for i in range(self.n_layers)]
 
@@ -156,7 +174,9 @@ def parse_pattern(pattern: str) -> list[str]:
         if match is None:
             raise ConfigError(
                 f"config.pattern: unknown mixer token at {compact[pos:]!r} in {pattern!r}; "
-                "use M (Mamba), M2 (Mamba-2), A (attention), S (S4D), e.g. 'MMMAMMMM' or 'M2 M2 A'"
+                "use M (Mamba), M2 (Mamba-2), A (attention), S (S4D), G (Griffin RG-LRU), L (linear attention), "
+                "R6 (RWKV-6 time mixing), RC (RWKV channel mixing), "
+                "e.g. 'MMMAMMMM' or 'M2 M2 A'"
             )
         tokens.append(match.group())
         pos = match.end()

@@ -32,6 +32,13 @@ _FAMILY: dict[str, dict] = {
     # Zamba (Glorioso et al. 2024): Mamba backbone, one shared attention+MLP block every 6 layers
     "zamba": dict(pattern="M", mlp="none", shared_attention_every=6),
     "hybrid": dict(mlp="none"),
+    # Katharopoulos et al. 2020: elu+1 feature map, normalised, no decay; Llama-style blocks otherwise
+    "linear-transformer": dict(pattern="L", mlp="swiglu", la_mode="linear"),
+    # RWKV-6 "Finch" (Peng et al. 2024): one RWKV layer = time-mix block + channel-mix block
+    "rwkv6": dict(pattern="R6 RC", mlp="none"),
+    # Griffin (De et al. 2024): two RG-LRU blocks per local MQA attention block, an MLP after each
+    # (SwiGLU here; Griffin uses GeGLU)
+    "griffin": dict(pattern="G G A", mlp="swiglu", n_kv_heads=1),
 }
 
 # the small shapes every family can share: enough fields for all four mixers to be tiny / small
@@ -103,6 +110,16 @@ _SIZES: dict[str, dict[str, dict]] = {
         "small": dict(_SMALL, d_model=192, n_layers=12),
     },
     "hybrid": {"tiny": dict(_TINY), "small": dict(_SMALL, d_model=192, n_layers=6)},
+    "linear-transformer": {"tiny": dict(_TINY), "small": dict(_SMALL, d_model=192, n_layers=6, n_heads=6)},
+    # n_layers counts blocks: 2 per RWKV layer
+    "rwkv6": {
+        "tiny": dict(_TINY, n_layers=4, rwkv_headdim=16, rwkv_lora_rank=8, rwkv_decay_rank=8, la_chunk_size=16),
+        "small": dict(_SMALL, d_model=192, n_layers=12, rwkv_headdim=64, rwkv_lora_rank=32, rwkv_decay_rank=64),
+    },
+    "griffin": {
+        "tiny": dict(_TINY, n_layers=3, attn_window=8),
+        "small": dict(_SMALL, d_model=192, n_layers=6, n_heads=6, attn_window=128),
+    },
 }
 
 PRESETS: tuple[str, ...] = tuple(_FAMILY)

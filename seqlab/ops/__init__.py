@@ -25,6 +25,8 @@ _EXPORTS = {
     "s4d_discretize": "seqlab.ops.s4",
     "fft_conv": "seqlab.ops.s4",
     "s4d_step": "seqlab.ops.s4",
+    "linear_attention": "seqlab.ops.linear_attention",
+    "linear_attention_step": "seqlab.ops.linear_attention",
 }
 
 __all__ = [*_EXPORTS, "backends_table"]

@@ -14,6 +14,8 @@ OPS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "conv_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode"),
     "s4d_kernel": (("ref", "torch"), None),
     "fft_conv": (("ref", "torch"), None),
+    "linear_attention": (("ref", "torch"), None),
+    "linear_attention_step": (("ref", "torch"), None),
 }
 
 
