@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from seqlab.errors import BackendUnavailable, InputError
 from seqlab.ops.selective_scan import (
+    _scan_chunked,
+    _scan_sequential,
     _selective_scan_fast,
     _selective_scan_ref,
     selective_scan,
@@ -117,6 +119,20 @@ def test_fast_path_matches_ref_forward_and_gradients(path, s):
     g_ref, g = grads(y_ref, h_ref, kw), grads(y, h, kw)
     for name in g_ref:
         assert relerr(g[name], g_ref[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("products_by_loop", [True, False], ids=["running_product", "exp_cumsum_log"])
+@pytest.mark.parametrize("length", [1, 7, 32, 45])
+def test_chunked_linear_scan_matches_sequential(length, products_by_loop, reverse):
+    g = torch.Generator().manual_seed(length)
+    a = torch.rand(2, length, 3, 2, generator=g, dtype=torch.float64)
+    a[a < 0.1] = 0.0  # document starts cut the recurrence
+    x = torch.randn(2, length, 3, 2, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
+    want = _scan_sequential(a, x.clone(), h0, reverse)
+    got = _scan_chunked(a, x.clone(), h0, 8, reverse, products_by_loop)
+    assert relerr(got, want) < 1e-12
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
