@@ -12,6 +12,7 @@ from seqlab.mixers.griffin import GriffinRecurrent
 from seqlab.mixers.mamba import Mamba
 from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.mlp import SwiGLU
+from seqlab.mixers.mlstm import MLSTM
 from seqlab.mixers.moe import MoE
 from seqlab.mixers.norm import GatedRMSNorm, RMSNorm
 from seqlab.mixers.rope import RotaryEmbedding
@@ -27,10 +28,12 @@ MIXERS = {
     "L": LinearAttention,
     "R6": RWKV6TimeMix,
     "RC": RWKVChannelMix,
+    "XL": MLSTM,
 }
 
 __all__ = [
     "MIXERS",
+    "MLSTM",
     "Attention",
     "GatedRMSNorm",
     "GriffinRecurrent",

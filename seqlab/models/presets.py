@@ -39,6 +39,8 @@ _FAMILY: dict[str, dict] = {
     # Griffin (De et al. 2024): two RG-LRU blocks per local MQA attention block, an MLP after each
     # (SwiGLU here; Griffin uses GeGLU)
     "griffin": dict(pattern="G G A", mlp="swiglu", n_kv_heads=1),
+    # xLSTM[1:0] (Beck et al. 2024): mLSTM blocks only, no separate MLP (the block up-projects)
+    "mlstm": dict(pattern="XL", mlp="none"),
 }
 
 # the small shapes every family can share: enough fields for all four mixers to be tiny / small
@@ -120,6 +122,7 @@ _SIZES: dict[str, dict[str, dict]] = {
         "tiny": dict(_TINY, n_layers=3, attn_window=8),
         "small": dict(_SMALL, d_model=192, n_layers=6, n_heads=6, attn_window=128),
     },
+    "mlstm": {"tiny": dict(_TINY), "small": dict(_SMALL, d_model=192, n_layers=6, n_heads=4)},
 }
 
 PRESETS: tuple[str, ...] = tuple(_FAMILY)
