@@ -238,6 +238,147 @@ def _scan_fwd_seq_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
 
 
 @triton.jit
+def _seq_fwd_state(h, dt, A, dtu, Bv, reset, HAS_DOC: tl.constexpr):
+    """Recompute one step's decay a (BD, BN) and state h."""
+    a = tl.exp(dt[:, None] * A)
+    if HAS_DOC:
+        a = tl.where(reset[:, None], 0.0, a)
+    return a, a * h + dtu[:, None] * Bv[None, :]
+
+
+@triton.jit
+def _seq_bwd_step(h_prev, h, a, dt, u, dtu, Bv, Cv, dy, carry, A, Dskip, HAS_D: tl.constexpr):
+    """Adjoint of one step (dy already through the gate). carry = a_{t+1} dh_{t+1}.
+    Returns du, d dt, dB (BN,), dC (BN,), dA term (BD, BN) and the carry for step t-1."""
+    dh = dy[:, None] * Cv[None, :] + carry
+    dC = tl.sum(dy[:, None] * h, axis=0)
+    dB = tl.sum(dh * dtu[:, None], axis=0)
+    dx = tl.sum(dh * Bv[None, :], axis=1)
+    du = dx * dt
+    if HAS_D:
+        du += Dskip * dy
+    ah = a * h_prev
+    ddt = dx * u + tl.sum(dh * A * ah, axis=1)
+    return du, ddt, dB, dC, dh * dt[:, None] * ah, a * dh
+
+
+@triton.jit
+def _scan_bwd_seq_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, ckpt_ptr,
+                         dy_ptr, dfinal_ptr,
+                         du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dinit_ptr,
+                         L, DIM, G, N, n_tiles,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                         HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward of the time-loop forward (checkpoints every 8 steps): per 8-step block, in reverse, rebuild the 8
+    states from the block's checkpoint into registers, then run the adjoint steps backwards."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, 8)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    g = (pid_d * BLOCK_D) // (DIM // G)
+    state_base = pid_b.to(tl.int64) * DIM * N
+    if HAS_DFINAL:
+        carry = tl.load(dfinal_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    Dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(n_tiles):
+        it = n_tiles - 1 - i
+        hs = tl.load(ckpt_ptr + (pid_b.to(tl.int64) * n_tiles + it) * DIM * N + dn, mask=mask_dn, other=0.0)
+        t = it * 8 + offs_s
+        mask_t = t < L
+        row = pid_b.to(tl.int64) * L + t
+        io = offs_d[:, None] + row[None, :] * DIM  # (BD, 8)
+        mask_io = mask_d[:, None] & mask_t[None, :]
+        u = tl.load(u_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+        raw = tl.load(delta_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+        bc = offs_n[:, None] + ((row * G + g) * N)[None, :]  # (BN, 8)
+        mask_bc = mask_n[:, None] & mask_t[None, :]
+        Bt = tl.load(B_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw = raw + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(raw)
+        else:
+            dt = raw
+        dt = tl.where(mask_io, dt, 0.0)
+        dtu = dt * u
+        if HAS_DOC:
+            doc = tl.load(doc_ptr + row, mask=mask_t, other=0)
+            prev = tl.load(doc_ptr + row - 1, mask=mask_t & (t > 0), other=0)
+            reset = ((doc != prev)[None, :] & mask_d[:, None])
+        else:
+            reset = mask_io
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dtu)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(reset)
+        u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
+        a0, h0 = _seq_fwd_state(hs, d0, A, e0, b0, r0, HAS_DOC)
+        a1, h1 = _seq_fwd_state(h0, d1, A, e1, b1, r1, HAS_DOC)
+        a2, h2 = _seq_fwd_state(h1, d2, A, e2, b2, r2, HAS_DOC)
+        a3, h3 = _seq_fwd_state(h2, d3, A, e3, b3, r3, HAS_DOC)
+        a4, h4 = _seq_fwd_state(h3, d4, A, e4, b4, r4, HAS_DOC)
+        a5, h5 = _seq_fwd_state(h4, d5, A, e5, b5, r5, HAS_DOC)
+        a6, h6 = _seq_fwd_state(h5, d6, A, e6, b6, r6, HAS_DOC)
+        a7, h7 = _seq_fwd_state(h6, d7, A, e7, b7, r7, HAS_DOC)
+        if HAS_Z:
+            y = _join8(tl.sum(h0 * c0[None, :], axis=1), tl.sum(h1 * c1[None, :], axis=1),
+                       tl.sum(h2 * c2[None, :], axis=1), tl.sum(h3 * c3[None, :], axis=1),
+                       tl.sum(h4 * c4[None, :], axis=1), tl.sum(h5 * c5[None, :], axis=1),
+                       tl.sum(h6 * c6[None, :], axis=1), tl.sum(h7 * c7[None, :], axis=1))
+            if HAS_D:
+                y += Dskip[:, None] * u
+            zv = tl.load(z_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zv)
+            tl.store(dz_ptr + io, (dy * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=mask_io)
+            dy = dy * zv * sz
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=1)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _split8(dy)
+        du7, dt7, dB7, dC7, dA7, carry = _seq_bwd_step(h6, h7, a7, d7, u7, e7, b7, c7, p7, carry, A, Dskip, HAS_D)
+        du6, dt6, dB6, dC6, dA6, carry = _seq_bwd_step(h5, h6, a6, d6, u6, e6, b6, c6, p6, carry, A, Dskip, HAS_D)
+        du5, dt5, dB5, dC5, dA5, carry = _seq_bwd_step(h4, h5, a5, d5, u5, e5, b5, c5, p5, carry, A, Dskip, HAS_D)
+        du4, dt4, dB4, dC4, dA4, carry = _seq_bwd_step(h3, h4, a4, d4, u4, e4, b4, c4, p4, carry, A, Dskip, HAS_D)
+        du3, dt3, dB3, dC3, dA3, carry = _seq_bwd_step(h2, h3, a3, d3, u3, e3, b3, c3, p3, carry, A, Dskip, HAS_D)
+        du2, dt2, dB2, dC2, dA2, carry = _seq_bwd_step(h1, h2, a2, d2, u2, e2, b2, c2, p2, carry, A, Dskip, HAS_D)
+        du1, dt1, dB1, dC1, dA1, carry = _seq_bwd_step(h0, h1, a1, d1, u1, e1, b1, c1, p1, carry, A, Dskip, HAS_D)
+        du0, dt0, dB0, dC0, dA0, carry = _seq_bwd_step(hs, h0, a0, d0, u0, e0, b0, c0, p0, carry, A, Dskip, HAS_D)
+        dA_acc += ((dA0 + dA1) + (dA2 + dA3)) + ((dA4 + dA5) + (dA6 + dA7))
+        du = _join8(du0, du1, du2, du3, du4, du5, du6, du7)
+        ddt = _join8(dt0, dt1, dt2, dt3, dt4, dt5, dt6, dt7)
+        ddt = tl.where(mask_io, ddt, 0.0)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=mask_io)
+        tl.store(ddelta_ptr + io, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_io)
+        tl.atomic_add(dB_ptr + bc, _join8(dB0, dB1, dB2, dB3, dB4, dB5, dB6, dB7), mask=mask_bc)
+        tl.atomic_add(dC_ptr + bc, _join8(dC0, dC1, dC2, dC3, dC4, dC5, dC6, dC7), mask=mask_bc)
+    tl.store(dA_ptr + state_base + dn, dA_acc, mask=mask_dn)
+    tl.store(dinit_ptr + state_base + dn, carry, mask=mask_dn)
+    tl.store(dD_ptr + pid_b * DIM + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
+
+
+@triton.jit
 def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, ckpt_ptr,
                      dy_ptr, dfinal_ptr,
                      du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dinit_ptr,
@@ -361,6 +502,10 @@ class _SelectiveScanFn(torch.autograd.Function):
         A = A.contiguous()
         doc = doc_ids(seq_idx)
         cfg = _config(dim, n, groups)
+        seq_block_d = TUNING.get("SEQ_BLOCK_D", 32)
+        use_loop = TUNING.get("forward", "loop") == "loop" and (dim // groups) % seq_block_d == 0
+        if use_loop:
+            cfg["BLOCK_T"] = 8  # checkpoint every 8 steps: the loop backward rebuilds 8 states at a time
         n_tiles = triton.cdiv(L, cfg["BLOCK_T"])
         need_grad = any(ctx.needs_input_grad)
         y = torch.empty_like(u)
@@ -370,8 +515,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      SOFTPLUS=bool(delta_softplus), HAS_INIT=init is not None, HAS_DOC=doc is not None,
                      STORE_CKPT=need_grad)
-        seq_block_d = TUNING.get("SEQ_BLOCK_D", 32)
-        if TUNING.get("forward", "loop") == "loop" and (dim // groups) % seq_block_d == 0 and cfg["BLOCK_T"] % 8 == 0:
+        if use_loop:
             _scan_fwd_seq_kernel[(batch, dim // seq_block_d)](
                 u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
                 CKPT_T=cfg["BLOCK_T"], BLOCK_D=seq_block_d, BLOCK_N=cfg["BLOCK_N"],
@@ -384,6 +528,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, doc, ckpt)
             ctx.delta_softplus = bool(delta_softplus)
             ctx.has_init = initial_state is not None
+            ctx.cfg, ctx.loop_block_d = cfg, (seq_block_d if use_loop else 0)
         return y, final
 
     @staticmethod
@@ -391,7 +536,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, doc, ckpt = ctx.saved_tensors
         batch, L, dim = u.shape
         groups, n = B.shape[2], B.shape[3]
-        cfg = _config(dim, n, groups)
+        cfg = ctx.cfg
         n_tiles = ckpt.shape[1]
         if dy is None:
             dy = torch.zeros_like(u)
@@ -407,14 +552,17 @@ class _SelectiveScanFn(torch.autograd.Function):
         dD = torch.empty(batch, dim, **f32)
         dbias = torch.empty(batch, dim, **f32)
         dinit = torch.empty(batch, dim, n, **f32)
-        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _scan_bwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal,
-            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit,
-            L, dim, groups, n, n_tiles,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None,
-            num_warps=_num_warps(cfg), **cfg)
+        args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal,
+                du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, n_tiles)
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                     SOFTPLUS=ctx.delta_softplus, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None)
+        if ctx.loop_block_d:
+            _scan_bwd_seq_kernel[(batch, dim // ctx.loop_block_d)](
+                *args, BLOCK_D=ctx.loop_block_d, BLOCK_N=cfg["BLOCK_N"], num_warps=TUNING.get("SEQ_WARPS", 4),
+                **flags)
+        else:
+            _scan_bwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](*args, num_warps=_num_warps(cfg), **flags,
+                                                                        **cfg)
         dD = dD.sum(0).to(D.dtype) if D is not None else None
         dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         dinit = dinit if ctx.has_init else None
