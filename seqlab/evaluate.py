@@ -34,6 +34,8 @@ def evaluate_model(
     if samples < 1:
         raise ConfigError(f"eval: --samples must be >= 1, got {samples}")
     seqlen = seqlen or task.default_seqlen
+    if hasattr(task, "for_split"):  # a data source holding several splits (text): score its held-out one
+        task = task.for_split(TEST)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     generator = torch.Generator().manual_seed(split_seed(seed, TEST))
     vocab = getattr(task, "vocab_size", None)
@@ -46,8 +48,9 @@ def evaluate_model(
             n = min(batch_size, samples - seen)
             batch = task.sample(n, seqlen, generator)
             inputs, targets = batch.inputs.to(device), batch.targets.to(device)  # (n, L)
+            extra = {} if batch.seq_idx is None else {"seq_idx": batch.seq_idx.to(device)}
             with autocast_context(device, dtype):
-                logits = model(inputs)  # (n, L, V)
+                logits = model(inputs, **extra)  # (n, L, V)
             logits = logits.float()
             mask = targets != IGNORE
             predictions = (logits[..., :vocab] if vocab else logits).argmax(-1)

@@ -254,8 +254,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        extra = {} if batch.seq_idx is None else {"seq_idx": batch.seq_idx.to(self.device, non_blocking=True)}
         with autocast_context(self.device, cfg.dtype):
-            logits = self.model(inputs)  # (B, L, V)
+            logits = self.model(inputs, **extra)  # (B, L, V)
         loss = scored_loss(logits, targets)
         aux = getattr(self.model, "aux_loss", None)
         total = loss + aux.float() if isinstance(aux, torch.Tensor) else loss

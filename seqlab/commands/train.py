@@ -74,6 +74,9 @@ def build_model(preset: str, size: str, task, overrides: dict):
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", help="synthetic task name (see seqlab.tasks.TASKS)")
+    parser.add_argument("--data", metavar="PATH", help="train a language model on text instead: a file, folder, glob "
+                        "or 'stdlib' (the Python standard library's sources)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="with --data: local Hugging Face tokenizer (default bytes)")
     parser.add_argument("--model", help="model preset: transformer, s4, mamba, mamba2, jamba, zamba, hybrid, ...")
     parser.add_argument("--size", default="tiny", help="preset size (default: tiny)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
@@ -120,13 +123,20 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"--resume: no checkpoint at {str(checkpoint)!r}; start without --resume")
         info = read_trainer_json(checkpoint)
         task_spec = info["task"]
+        if args.data is not None or args.tokenizer is not None:
+            raise ConfigError("--data/--tokenizer: a resumed run keeps the data it was trained on; drop them")
         if args.task is not None and args.task != task_spec["name"]:
             raise ConfigError(f"--task: checkpoint was trained on {task_spec['name']!r}, got {args.task!r}")
         if args.set:
             raise ConfigError("--set: model overrides cannot change a resumed model; drop --set with --resume")
         from seqlab.models import LanguageModel
 
-        task = make_task_checked(task_spec["name"], task_spec.get("args", {}))
+        if "data" in task_spec:
+            from seqlab.data import TextData
+
+            task = TextData.from_spec(task_spec["data"])
+        else:
+            task = make_task_checked(task_spec["name"], task_spec.get("args", {}))
         model = LanguageModel.load(checkpoint)
         config = TrainConfig.from_dict({**info["train_config"], **given, "out_dir": str(out)})
         check_writable(out)
@@ -134,24 +144,35 @@ def run(args: argparse.Namespace) -> int:
         trainer.load_checkpoint(checkpoint)
         print(f"resuming {task_spec['name']} from step {trainer.step} in {out}")
     else:
-        if args.task is None:
-            raise ConfigError("--task: required (e.g. --task selective_copy)")
+        if (args.task is None) == (args.data is None):
+            raise ConfigError(
+                "--task/--data: pass exactly one: a synthetic task (e.g. --task selective_copy) or text to model "
+                f"(e.g. --data stdlib); got --task {args.task!r} and --data {args.data!r}"
+            )
+        if args.tokenizer is not None and args.data is None:
+            raise ConfigError("--tokenizer: only applies to text (--data PATH)")
         if args.model is None:
             raise ConfigError("--model: required (e.g. --model mamba)")
         task_args = parse_assignments(args.task_arg, "--task-arg")
         overrides = parse_assignments(args.set, "--set")
-        task = make_task_checked(args.task, task_args)
-        out = Path(args.out or f"runs/{args.task}-{args.model}-{args.size}")
+        if args.data is not None:
+            from seqlab.data import TextData
+
+            task = TextData(args.data, tokenizer=args.tokenizer, seqlen=args.seqlen or 256)
+            task_spec = {"name": "text", "args": {}, "data": task.spec()}
+        else:
+            task = make_task_checked(args.task, task_args)
+            task_spec = {"name": args.task, "args": task_args}
+        out = Path(args.out or f"runs/{task_spec['name']}-{args.model}-{args.size}")
         check_writable(out)
         if (out / CHECKPOINT_NAME).exists():
             raise ConfigError(f"--out: {str(out)!r} already holds a checkpoint; pass --resume or another --out")
         config = TrainConfig(**given, out_dir=str(out)).validate()
         torch.manual_seed(config.seed)
         model = build_model(args.model, args.size, task, overrides)
-        task_spec = {"name": args.task, "args": task_args}
         trainer = Trainer(model, task, config, task_spec=task_spec, quiet=args.quiet)
         print(
-            f"training {args.model}/{args.size} ({model.num_params():,} params) on {args.task} "
+            f"training {args.model}/{args.size} ({model.num_params():,} params) on {args.task or args.data} "
             f"for {config.steps} steps -> {out}"
         )
     result = trainer.fit()

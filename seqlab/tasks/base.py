@@ -44,6 +44,7 @@ def split_seed(seed: int, split: str) -> int:
 class Batch:
     inputs: torch.Tensor  # (B, L) int64
     targets: torch.Tensor  # (B, L) int64, IGNORE where not scored
+    seq_idx: torch.Tensor | None = None  # (B, L) document index of packed text; models reset state between documents
 
 
 class Task:
