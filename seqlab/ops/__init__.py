@@ -27,6 +27,8 @@ _EXPORTS = {
     "s4d_step": "seqlab.ops.s4",
     "linear_attention": "seqlab.ops.linear_attention",
     "linear_attention_step": "seqlab.ops.linear_attention",
+    "delta_rule": "seqlab.ops.delta_rule",
+    "delta_rule_step": "seqlab.ops.delta_rule",
 }
 
 __all__ = [*_EXPORTS, "backends_table"]

@@ -16,6 +16,8 @@ OPS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "fft_conv": (("ref", "torch"), None),
     "linear_attention": (("ref", "torch"), None),
     "linear_attention_step": (("ref", "torch"), None),
+    "delta_rule": (("ref", "torch"), None),
+    "delta_rule_step": (("ref", "torch"), None),
 }
 
 
