@@ -12,6 +12,10 @@ HELP = "evaluate a checkpoint on fresh test samples of a task (accuracy and exac
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory holding one)")
     parser.add_argument("--task", help="task name (default: the task the checkpoint was trained on)")
+    parser.add_argument("--data", metavar="PATH", help="text (file, folder, glob or 'stdlib'): report loss, bits per "
+                        "byte and perplexity on its validation split (default for checkpoints trained on text)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="with --data: local Hugging Face tokenizer (default bytes)")
+    parser.add_argument("--max-tokens", type=int, help="with text: score only the first N validation tokens")
     parser.add_argument("--lengths", help="comma-separated sequence lengths (default: the training length)")
     parser.add_argument("--seed", type=int, default=0, help="test-split seed (default 0)")
     parser.add_argument("--samples", type=int, default=256, help="samples per length (default 256)")
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = find_checkpoint(args.checkpoint)
     info = read_json(checkpoint / "trainer.json", "checkpoint") if (checkpoint / "trainer.json").exists() else {}
     spec = info.get("task") or {}
+    if args.data is not None or ("data" in spec and args.task is None):
+        return run_text(args, checkpoint, info, device, lengths)
     name = args.task or spec.get("name")
     if name is None:
         raise ConfigError("--task: required (the checkpoint does not record its task)")
@@ -85,4 +91,42 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'length':>8}  {'accuracy':>9}  {'exact':>7}  {'loss':>8}")
     for row in rows:
         print(f"  {row['length']:>8}  {row['accuracy']:>9.4f}  {row['exact_match']:>7.4f}  {row['loss']:>8.4f}")
+    return 0
+
+
+def run_text(args: argparse.Namespace, checkpoint: Path, info: dict, device, lengths: list[int] | None) -> int:
+    """Loss, bits per byte and perplexity on the validation split of text (deterministic: the stream in order)."""
+    from seqlab.data import TextData, evaluate_text
+    from seqlab.errors import ConfigError
+    from seqlab.models import LanguageModel
+
+    spec = dict((info.get("task") or {}).get("data") or {})
+    if args.data is not None:
+        spec = {**spec, "data": args.data, "tokenizer": args.tokenizer}
+    elif args.tokenizer is not None:
+        spec["tokenizer"] = args.tokenizer
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens: expected >= 1, got {args.max_tokens}")
+    data = TextData.from_spec(spec, split="validation")
+    model = LanguageModel.load(checkpoint, device=str(device))
+    if model.config.vocab_size < data.vocab_size:
+        raise ConfigError(
+            f"--tokenizer: the data needs {data.vocab_size} token ids, the model has {model.config.vocab_size}; "
+            "pass the tokenizer the checkpoint was trained with"
+        )
+    lengths = lengths or [info.get("seqlen") or data.default_seqlen]
+    dtype = (info.get("train_config") or {}).get("dtype", "auto")
+    rows = [
+        evaluate_text(model, data, seqlen=length, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                      device=device, dtype=dtype)
+        for length in lengths
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps({"checkpoint": str(checkpoint), "data": spec, "results": rows}))
+        return 0
+    print(f"{spec['data']} validation split on {checkpoint} ({data.stream.n_docs} documents)")
+    print(f"  {'length':>8}  {'tokens':>10}  {'loss':>8}  {'bpb':>7}  {'ppl':>9}")
+    for row in rows:
+        print(f"  {row['seqlen']:>8}  {row['tokens']:>10}  {row['loss']:>8.4f}  {row['bpb']:>7.4f}  "
+              f"{row['perplexity']:>9.3f}")  # fmt: skip
     return 0
