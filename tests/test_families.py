@@ -115,7 +115,7 @@ def test_griffin_layout_two_recurrent_blocks_per_local_mqa_attention():
 
 
 def test_pattern_tokens_of_the_families():
-    assert parse_pattern("R6 RC G L M2 M") == ["R6", "RC", "G", "L", "M2", "M"]
+    assert parse_pattern("R6 RC R7 G L XL M2 M") == ["R6", "RC", "R7", "G", "L", "XL", "M2", "M"]
     with pytest.raises(ConfigError, match="pattern"):
         ModelConfig(pattern="R").validate()
 

@@ -17,6 +17,7 @@ from seqlab.mixers.moe import MoE
 from seqlab.mixers.norm import GatedRMSNorm, RMSNorm
 from seqlab.mixers.rope import RotaryEmbedding
 from seqlab.mixers.rwkv6 import RWKV6TimeMix, RWKVChannelMix
+from seqlab.mixers.rwkv7 import RWKV7TimeMix
 from seqlab.mixers.s4 import S4
 
 MIXERS = {
@@ -27,6 +28,7 @@ MIXERS = {
     "G": GriffinRecurrent,
     "L": LinearAttention,
     "R6": RWKV6TimeMix,
+    "R7": RWKV7TimeMix,
     "RC": RWKVChannelMix,
     "XL": MLSTM,
 }
@@ -44,6 +46,7 @@ __all__ = [
     "MoE",
     "RMSNorm",
     "RWKV6TimeMix",
+    "RWKV7TimeMix",
     "RWKVChannelMix",
     "RotaryEmbedding",
     "S4",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from seqlab.errors import ConfigError
 
-PATTERN_TOKEN = re.compile(r"M2|R6|RC|XL|M|A|S|G|L")  # longest tokens first
+PATTERN_TOKEN = re.compile(r"M2|R6|R7|RC|XL|M|A|S|G|L")  # longest tokens first
 CHANNEL_MIXERS = ("none", "swiglu", "moe")
 
 
@@ -175,7 +175,7 @@ def parse_pattern(pattern: str) -> list[str]:
             raise ConfigError(
                 f"config.pattern: unknown mixer token at {compact[pos:]!r} in {pattern!r}; "
                 "use M (Mamba), M2 (Mamba-2), A (attention), S (S4D), G (Griffin RG-LRU), L (linear attention), "
-                "R6 (RWKV-6 time mixing), RC (RWKV channel mixing), XL (mLSTM), "
+                "R6 / R7 (RWKV-6 / RWKV-7 time mixing), RC (RWKV channel mixing), XL (mLSTM), "
                 "e.g. 'MMMAMMMM' or 'M2 M2 A'"
             )
         tokens.append(match.group())

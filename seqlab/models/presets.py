@@ -41,6 +41,8 @@ _FAMILY: dict[str, dict] = {
     "griffin": dict(pattern="G G A", mlp="swiglu", n_kv_heads=1),
     # xLSTM[1:0] (Beck et al. 2024): mLSTM blocks only, no separate MLP (the block up-projects)
     "mlstm": dict(pattern="XL", mlp="none"),
+    # RWKV-7 "Goose" (Peng et al. 2025), simplified onto the gated delta rule (see seqlab.mixers.rwkv7)
+    "rwkv7": dict(pattern="R7 RC", mlp="none", rwkv_cmix_receptance=False),
 }
 
 # the small shapes every family can share: enough fields for all four mixers to be tiny / small
@@ -123,6 +125,12 @@ _SIZES: dict[str, dict[str, dict]] = {
         "small": dict(_SMALL, d_model=192, n_layers=6, n_heads=6, attn_window=128),
     },
     "mlstm": {"tiny": dict(_TINY), "small": dict(_SMALL, d_model=192, n_layers=6, n_heads=4)},
+    "rwkv7": {
+        "tiny": dict(_TINY, n_layers=4, rwkv_headdim=16, rwkv_lora_rank=8, rwkv_decay_rank=8, rwkv_gate_rank=8,
+                     la_chunk_size=16),
+        "small": dict(_SMALL, d_model=192, n_layers=12, rwkv_headdim=64, rwkv_lora_rank=32, rwkv_decay_rank=64,
+                      rwkv_gate_rank=128),
+    },
 }
 
 PRESETS: tuple[str, ...] = tuple(_FAMILY)
