@@ -114,8 +114,9 @@ def evaluate_text(
     max_tokens: int | None = None,
     device: torch.device | str | None = None,
     dtype: str = "auto",
+    split: str = "validation",
 ) -> dict:
-    """Loss (nats/token), bits per byte and perplexity over the validation stream, read in order.
+    """Loss (nats/token), bits per byte and perplexity over the ``split`` stream (validation), read in order.
 
     The stream is cut into consecutive windows of ``seqlen`` inputs (the last one shorter), each scored from a fresh
     state with ``seq_idx``; ``max_tokens`` keeps only the first windows (a fixed prefix of the split). Deterministic:
@@ -125,13 +126,13 @@ def evaluate_text(
 
     if seqlen < 1:
         raise ConfigError(f"eval: --seqlen must be >= 1, got {seqlen}")
-    data = data.for_split("validation")
+    data = data.for_split(split)
     tokens = data.stream.tokens
     n_targets = len(tokens) - 1
     if max_tokens is not None:
         n_targets = min(n_targets, max(1, int(max_tokens)))
     if n_targets < 1:
-        raise ConfigError(f"eval: the validation split of {data.spec()['data']!r} holds no text to score")
+        raise ConfigError(f"eval: the {data.split} split of {data.spec()['data']!r} holds no text to score")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     starts = list(range(0, n_targets, seqlen))
     was_training = model.training
