@@ -222,3 +222,26 @@ def test_train_data_arguments_fail_with_clear_messages(argv, message, tmp_path, 
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert _cli("train", "--model", "mamba", "--out", tmp_path / "o", *argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_local_hf_tokenizer_gives_its_own_stream_and_bits_per_byte_by_bytes(corpus, tmp_path):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = ["<unk>", "<s>", "</s>", ".", *WORDS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+
+    words = TextData(str(corpus), tokenizer=str(tmp_path / "tok"), cache_dir=tmp_path / "cache")
+    data_bytes = TextData(str(corpus), cache_dir=tmp_path / "cache")
+    assert words.cache_folder != data_bytes.cache_folder and words.vocab_size == len(vocab)
+    stream = words.for_split("validation").stream
+    assert stream.tokens.dtype == np.uint16 and stream.tokens[0] == vocab.index("</s>")
+    assert stream.n_bytes == data_bytes.for_split("validation").stream.n_bytes
+    assert stream.n_text_tokens < stream.n_bytes / 3  # one token per word or full stop
+    result = evaluate_text(UniformLogits(len(vocab)), words, seqlen=16)
+    assert result["loss"] == pytest.approx(math.log(len(vocab)), rel=1e-6)
+    assert result["bpb"] == pytest.approx(result["loss"] / math.log(2) * result["tokens"] / stream.n_bytes, rel=1e-6)
