@@ -1,8 +1,8 @@
 """Arena budgets: which models, at what size, on which tasks, for how many steps, tested at which lengths.
 
-    cpu    (default) finishes in ~10 minutes on a 2-core CPU: short sequences, ~60-110K-parameter models, a
-           per-run wall-clock cap; sized so that the textbook gaps show (S4 vs Mamba on selective copying,
-           attention vs Mamba-1 on MQAR).
+    cpu    (default) finishes in ~10 minutes on a 2-core CPU: short sequences, ~80K-parameter models, two runs
+           side by side (one thread each), a per-run wall-clock cap; learning rates from a small sweep per
+           family (recorded in results.json).
     gpu    one GPU, ~20 minutes: longer sequences, ~0.5-1M-parameter models, induction-heads extrapolation,
            a passkey length x depth grid.
     paper  the published settings (Mamba paper sec. 4.1, Mamba-2 App. D.1): hours to days on one GPU.
@@ -65,6 +65,7 @@ class Budget:
     total_time_s: float  # the caps shrink so the whole arena stays under this
     device: str = "auto"
     jobs: int = 1  # CPU only: runs trained side by side, one worker process each
+    threads_per_job: int | None = None  # CPU only: torch threads per worker (None: cores // jobs)
     eval_reserve_s: float = 5.0  # per run: evaluation and checkpoint time kept out of the training cap
 
     def to_dict(self) -> dict:
@@ -94,17 +95,23 @@ CPU = Budget(
     target_params=80_000,
     models=_CPU_MODELS,
     tasks={
-        "selective_copy": TaskPlan(args=dict(seqlen=32, n_tokens=4, vocab_size=8), steps=400, lr=1e-2),
-        "mqar": TaskPlan(args=dict(seqlen=64, num_kv_pairs=8, vocab_size=64), steps=300, lr=3e-3),
-        "induction_heads": TaskPlan(args=dict(seqlen=64, vocab_size=16), steps=300, lr=3e-3,
+        # 8 data tokens among noise, copied in order at 8 markers; scored at the training length and at 2x
+        "selective_copy": TaskPlan(args=dict(seqlen=32, n_tokens=8, vocab_size=16), steps=1000, lr=3e-3,
+                                   eval_lengths=(32, 64),
+                                   lr_by_model={"s4": 1e-2, "mamba": 5e-3, "mamba2": 1e-2}),
+        # 4 key-value pairs, then their 4 queries among random filler
+        "mqar": TaskPlan(args=dict(seqlen=32, num_kv_pairs=4, vocab_size=32), steps=1600, lr=1e-3),
+        "induction_heads": TaskPlan(args=dict(seqlen=64, vocab_size=16), steps=1000, lr=1e-3,
                                     eval_lengths=(64, 128, 256, 1024)),
-        "passkey": TaskPlan(args=dict(seqlen=128, answer_len=2), steps=300, lr=3e-3, eval_lengths=(128, 256),
+        "passkey": TaskPlan(args=dict(seqlen=128, answer_len=2), steps=600, lr=1e-3, eval_lengths=(128, 256),
                             depths=(0.0, 0.5, 1.0), eval_samples=64),
     },
     default_models=("transformer", "s4", "mamba", "mamba2", "jamba"),
     default_tasks=("selective_copy", "mqar"),
-    run_time_s=55.0,
-    total_time_s=570.0,
+    run_time_s=110.0,
+    total_time_s=560.0,
+    jobs=2,
+    threads_per_job=1,
 )
 
 # ----------------------------------------------------------------------------------------------- gpu

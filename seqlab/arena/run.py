@@ -183,7 +183,7 @@ def run_arena(
 
     cores = os.cpu_count() or 1
     jobs = 1 if dev.type != "cpu" else max(1, min(jobs or budget.jobs, cores, len(runs)))
-    threads = max(1, cores // jobs) if dev.type == "cpu" else None
+    threads = (budget.threads_per_job or max(1, cores // jobs)) if dev.type == "cpu" else None
     # the whole arena stays within budget.total_time_s: each run's training is capped at its share
     share = budget.total_time_s * jobs / max(1, len(runs)) - budget.eval_reserve_s
     for run in runs:
