@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -69,6 +70,16 @@ def test_cache_is_reused_and_invalidated_when_a_file_changes(corpus, tmp_path, m
     assert changed != first and len(writes) == 2
     text = b"".join(bytes(s.tokens[s.tokens < 256].astype(np.uint8)) for s in streams.values())
     assert b"a changed document" in text
+
+
+def test_rebuilding_from_a_spec_warns_when_the_text_changed(corpus, tmp_path):
+    spec = TextData(str(corpus), cache_dir=tmp_path / "cache").spec()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TextData.from_spec(spec, cache_dir=tmp_path / "cache")  # unchanged: silent
+    (corpus / "doc00.txt").write_text("edited\n")
+    with pytest.warns(UserWarning, match="not the text it was"):
+        TextData.from_spec(spec, cache_dir=tmp_path / "cache")
 
 
 def test_train_and_validation_split_by_document_disjointly(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -68,13 +69,22 @@ class TextData(Task):
         self._cache_dir = cache_dir
 
     def spec(self) -> dict:
-        """What a checkpoint stores to rebuild this data source (``TextData.from_spec``)."""
-        return dict(self._config)
+        """What a checkpoint stores to rebuild this data source (``TextData.from_spec``); ``fingerprint`` names the
+        exact encoded text (corpus files, tokenizer, split)."""
+        return {**self._config, "fingerprint": self.cache_folder.name}
 
     @classmethod
     def from_spec(cls, spec: dict, split: str = "train", cache_dir=None) -> TextData:
+        """Rebuild from ``spec()``; warns when the text changed since (another Python's stdlib, edited files)."""
         known = {"data", "tokenizer", "validation_fraction", "seqlen"}
-        return cls(**{k: v for k, v in spec.items() if k in known}, split=split, cache_dir=cache_dir)
+        data = cls(**{k: v for k, v in spec.items() if k in known}, split=split, cache_dir=cache_dir)
+        if spec.get("fingerprint") not in (None, data.cache_folder.name):
+            warnings.warn(
+                f"data: {spec['data']!r} is not the text it was when this spec was saved (its files or the "
+                "tokenizer changed); batches and scores will differ from the original run",
+                stacklevel=2,
+            )
+        return data
 
     def for_split(self, split: str) -> TextData:
         """The same corpus and tokenizer, another split (nothing is re-read)."""
