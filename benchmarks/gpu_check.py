@@ -85,7 +85,7 @@ def seq_idx_for(batch, seqlen, ndocs):
 
 
 def check_scan(dtype, batch, seqlen, dim, N, case, extreme=False, ndocs=3):
-    from seqlab.ops import selective_scan
+    from seqlab.ops.selective_scan import selective_scan
     from seqlab.ops.triton.selective_scan import selective_scan_triton
 
     r = lambda *s: torch.randn(*s, device=DEVICE)
@@ -112,7 +112,7 @@ def check_scan(dtype, batch, seqlen, dim, N, case, extreme=False, ndocs=3):
 
 
 def check_ssd(dtype, batch, seqlen, H, P, N, chunk, case, extreme=False, ndocs=3):
-    from seqlab.ops import ssd
+    from seqlab.ops.ssd import ssd
     from seqlab.ops.triton.ssd import ssd_triton
 
     r = lambda *s: torch.randn(*s, device=DEVICE)
@@ -138,7 +138,7 @@ def check_ssd(dtype, batch, seqlen, H, P, N, chunk, case, extreme=False, ndocs=3
 
 
 def check_conv(dtype, batch, seqlen, dim, W, case, ndocs=3):
-    from seqlab.ops import causal_conv1d
+    from seqlab.ops.conv import causal_conv1d
     from seqlab.ops.triton.conv import causal_conv1d_triton
 
     r = lambda *s: torch.randn(*s, device=DEVICE)
@@ -156,7 +156,9 @@ def check_conv(dtype, batch, seqlen, dim, W, case, ndocs=3):
 
 def check_decode_graph(dtype):
     """Decode kernels: eager equals the torch step, and a captured CUDA graph replays the same steps."""
-    from seqlab.ops import conv_step, selective_state_update, ssd_state_update
+    from seqlab.ops.conv import conv_step
+    from seqlab.ops.selective_scan import selective_state_update
+    from seqlab.ops.ssd import ssd_state_update
     from seqlab.ops.triton.decode import conv_step_triton, selective_state_update_triton, ssd_state_update_triton
 
     r = lambda *s, dt=dtype: torch.randn(*s, device=DEVICE, dtype=dt)

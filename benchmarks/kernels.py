@@ -218,7 +218,7 @@ def scan_loop(u, delta, A, B, C, D, z, bias, steps: int):
 
 
 def bench_selective_scan(c, shapes, sweep: bool):
-    from seqlab.ops import selective_scan
+    from seqlab.ops.selective_scan import selective_scan
     from seqlab.ops.triton import selective_scan as tss
 
     dim, N = 4096, 16
@@ -349,7 +349,7 @@ def ssd_breakdown(batch, seqlen, H, P, N, chunk):
 
 
 def bench_ssd(c, shapes, sweep: bool):
-    from seqlab.ops import ssd
+    from seqlab.ops.ssd import ssd
     from seqlab.ops.triton import ssd as tssd
     from seqlab.ops.triton.ssd import ssd_triton
 
@@ -422,7 +422,7 @@ def bench_ssd(c, shapes, sweep: bool):
 
 
 def bench_conv(c, shapes):
-    from seqlab.ops import causal_conv1d
+    from seqlab.ops.conv import causal_conv1d
     from seqlab.ops.triton.conv import causal_conv1d_triton
 
     table = "causal_conv1d + SiLU (width 4, bf16)"
@@ -469,7 +469,9 @@ def graph_time(fn) -> float:
 
 
 def bench_decode(c):
-    from seqlab.ops import conv_step, selective_state_update, ssd_state_update
+    from seqlab.ops.conv import conv_step
+    from seqlab.ops.selective_scan import selective_state_update
+    from seqlab.ops.ssd import ssd_state_update
     from seqlab.ops.triton.decode import conv_step_triton, selective_state_update_triton, ssd_state_update_triton
 
     table = "decode steps (one token, state in place, bf16 activations, fp32 state)"

@@ -311,3 +311,22 @@ def test_ssd_triton_matches_ref(case):
     for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"], gs, gs_ref):
         if g_ref is not None:
             assert_close(f"grad {name}", g, g_ref)
+
+
+def test_ssd_triton_inference_forward_matches_ref():
+    """Without autograd the forward runs larger tiles (up to 128 positions); same function."""
+    from seqlab.ops.ssd import ssd
+    from seqlab.ops.triton.ssd import ssd_triton
+
+    batch, seqlen, H, P, G, N = 1, 150, 2, 16, 1, 16
+    gen = torch.Generator().manual_seed(9)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
+    x, dt, A = r(batch, seqlen, H, P), 0.5 * r(batch, seqlen, H) - 1.0, -torch.exp(0.5 * r(H))
+    B, C, z, init = r(batch, seqlen, G, N), r(batch, seqlen, G, N), r(batch, seqlen, H, P), r(batch, H, P, N)
+    seq_idx = make_seq_idx(batch, seqlen, gen)
+    with torch.no_grad():
+        y, fin = ssd_triton(x, dt, A, B, C, 128, None, z, None, True, init, seq_idx)
+    y_ref, fin_ref = ssd(*(t.double() for t in (x, dt, A, B, C)), chunk_size=128, z=z.double(),
+                         initial_state=init.double(), return_final_state=True, seq_idx=seq_idx, backend="ref")
+    assert_close("y", y, y_ref)
+    assert_close("final_state", fin, fin_ref)

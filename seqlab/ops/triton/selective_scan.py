@@ -488,6 +488,19 @@ def _config(dim: int, n: int, groups: int) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, SAME_GROUP=same_group)
 
 
+def _loop_block_d(batch: int, dim: int) -> int:
+    """Channels per program of the time-loop kernels: 32 (fastest at 8 x 2048 x 4096 on an H200) unless that leaves
+    fewer than ~1024 programs; each program's loop is latency-bound, so short batches need narrower blocks."""
+    block_d = 32
+    while block_d > 4 and batch * dim // block_d < 1024:
+        block_d //= 2
+    return block_d
+
+
+def _loop_warps(block_d: int, block_n: int) -> int:
+    return TUNING.get("SEQ_WARPS") or max(1, min(4, block_d * block_n // 256))
+
+
 def _num_warps(cfg: dict) -> int:
     return TUNING.get("num_warps") or (8 if cfg["BLOCK_T"] * cfg["BLOCK_D"] * cfg["BLOCK_N"] > 2048 else 4)
 
@@ -502,7 +515,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         A = A.contiguous()
         doc = doc_ids(seq_idx)
         cfg = _config(dim, n, groups)
-        seq_block_d = TUNING.get("SEQ_BLOCK_D", 32)
+        seq_block_d = TUNING.get("SEQ_BLOCK_D") or _loop_block_d(batch, dim)
         use_loop = TUNING.get("forward", "loop") == "loop" and (dim // groups) % seq_block_d == 0
         if use_loop:
             cfg["BLOCK_T"] = 8  # checkpoint every 8 steps: the loop backward rebuilds 8 states at a time
@@ -519,7 +532,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             _scan_fwd_seq_kernel[(batch, dim // seq_block_d)](
                 u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
                 CKPT_T=cfg["BLOCK_T"], BLOCK_D=seq_block_d, BLOCK_N=cfg["BLOCK_N"],
-                num_warps=TUNING.get("SEQ_WARPS", 4), **flags)
+                num_warps=_loop_warps(seq_block_d, cfg["BLOCK_N"]), **flags)
         else:
             _scan_fwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
                 u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
@@ -558,8 +571,8 @@ class _SelectiveScanFn(torch.autograd.Function):
                      SOFTPLUS=ctx.delta_softplus, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None)
         if ctx.loop_block_d:
             _scan_bwd_seq_kernel[(batch, dim // ctx.loop_block_d)](
-                *args, BLOCK_D=ctx.loop_block_d, BLOCK_N=cfg["BLOCK_N"], num_warps=TUNING.get("SEQ_WARPS", 4),
-                **flags)
+                *args, BLOCK_D=ctx.loop_block_d, BLOCK_N=cfg["BLOCK_N"],
+                num_warps=_loop_warps(ctx.loop_block_d, cfg["BLOCK_N"]), **flags)
         else:
             _scan_bwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](*args, num_warps=_num_warps(cfg), **flags,
                                                                         **cfg)
