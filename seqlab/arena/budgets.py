@@ -96,9 +96,9 @@ CPU = Budget(
     models=_CPU_MODELS,
     tasks={
         # 8 data tokens among noise, copied in order at 8 markers; scored at the training length and at 2x
-        "selective_copy": TaskPlan(args=dict(seqlen=32, n_tokens=8, vocab_size=16), steps=1000, lr=3e-3,
+        "selective_copy": TaskPlan(args=dict(seqlen=32, n_tokens=8, vocab_size=16), steps=800, lr=3e-3,
                                    eval_lengths=(32, 64),
-                                   lr_by_model={"s4": 1e-2, "mamba": 5e-3, "mamba2": 1e-2}),
+                                   lr_by_model={"s4": 1e-2, "mamba": 8e-3, "mamba2": 1e-2}),
         # 4 key-value pairs, then their 4 queries among random filler
         "mqar": TaskPlan(args=dict(seqlen=32, num_kv_pairs=4, vocab_size=32), steps=1600, lr=1e-3),
         "induction_heads": TaskPlan(args=dict(seqlen=64, vocab_size=16), steps=1000, lr=1e-3,

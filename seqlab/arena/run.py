@@ -200,7 +200,7 @@ def run_arena(
         results.extend(records)
         errors.extend(run_errors)
         done += 1
-        log(_progress_line(done, len(runs), run, records))
+        log(_progress_line(done, len(runs), run, records) if records else f"[{done}/{len(runs)}] {run_errors}")
 
     try:
         if jobs == 1:
@@ -212,14 +212,23 @@ def run_arena(
 
             # slowest families first so that the two queues finish together
             order = sorted(runs, key=lambda r: -_cost_hint(r["config"]))
-            with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+            try:
                 futures = {pool.submit(_run_one, run, threads): run for run in order}
-                try:
-                    for future in cf.as_completed(futures):
-                        collect(futures[future], future.result())
-                except KeyboardInterrupt:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+                for future in cf.as_completed(futures):
+                    run = futures[future]
+                    try:
+                        outcome = future.result()
+                    except (KeyboardInterrupt, cf.process.BrokenProcessPool) as err:
+                        raise KeyboardInterrupt from err
+                    except Exception as err:  # one broken run must not cost the others' results
+                        outcome = ([], [{"task": run["task"], "model": run["model"], "seed": run["seed"],
+                                         "error": f"{type(err).__name__}: {err}"[:300]}])  # fmt: skip
+                    collect(run, outcome)
+            except KeyboardInterrupt:
+                _stop_pool(pool)
+                raise
+            pool.shutdown()
     except KeyboardInterrupt:
         interrupted = True  # keep what was measured; interrupted runs wrote their checkpoints
     results.sort(key=lambda r: r.pop("_index", 0))
@@ -253,6 +262,17 @@ def run_arena(
     if interrupted:
         raise KeyboardInterrupt
     return document
+
+
+def _stop_pool(pool, grace_s: float = 15.0) -> None:
+    """Cancel queued runs; give running workers a moment to checkpoint (they see Ctrl-C too), then end them."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.perf_counter() + grace_s
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.perf_counter()))
+        if process.is_alive():
+            process.terminate()
 
 
 def _cost_hint(config: dict) -> float:
