@@ -62,14 +62,20 @@ class _FixedDepth:
 
 
 def machine_description(device) -> str:
-    import os
-
     import torch
 
-    text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}"
+    processor = platform.processor() or "cpu"
+    text = f"{platform.system()} {platform.machine()}, {_usable_cores()} usable CPU cores, {processor}"
     if device.type == "cuda":
         text += f", {torch.cuda.get_device_name(device)}"
     return text
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. under taskset), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def plan_models(budget: Budget, model_names, task) -> dict[str, dict]:
@@ -181,7 +187,7 @@ def run_arena(
                     "steps": task_steps, "device": str(dev), "out": str(out),
                 })  # fmt: skip
 
-    cores = os.cpu_count() or 1
+    cores = _usable_cores()
     jobs = 1 if dev.type != "cpu" else max(1, min(jobs or budget.jobs, cores, len(runs)))
     threads = (budget.threads_per_job or max(1, cores // jobs)) if dev.type == "cpu" else None
     # the whole arena stays within budget.total_time_s: each run's training is capped at its share
