@@ -71,6 +71,18 @@ def test_chunked_matches_ref(batch, seqlen, nheads, dk, dv, chunk_size, decay, b
     torch.testing.assert_close(s, s_ref, **F64)
 
 
+@pytest.mark.parametrize("bonus", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_per_channel_decay_with_sub_chunks_matches_ref(bonus, packed):
+    # chunks of 64 = 4 sub-chunks of 16: the factored off-diagonal blocks and the dense diagonal blocks
+    kw = make_inputs(2, 150, 2, 4, 3, decay="channel", bonus=bonus, initial_state=True, strength=4.0, seed=12)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7 + [3] * 113, [0] * 150]) if packed else None
+    o_ref, s_ref = linear_attention(**kw, seq_idx=seq_idx, return_final_state=True, backend="ref")
+    o, s = linear_attention(**kw, seq_idx=seq_idx, return_final_state=True, chunk_size=64, backend="torch")
+    torch.testing.assert_close(o, o_ref, **F64)
+    torch.testing.assert_close(s, s_ref, **F64)
+
+
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("bonus", [False, True])
 def test_gradients_match_ref_and_pass_gradcheck(decay, bonus):
@@ -92,6 +104,19 @@ def test_gradients_match_ref_and_pass_gradcheck(decay, bonus):
         return linear_attention(**{**kw, **dict(zip(names, tensors))}, chunk_size=3, backend="torch")
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_sub_chunk_gradients_match_ref():
+    kw = make_inputs(1, 40, 1, 2, 2, decay="channel", bonus=True, initial_state=True, seed=13)
+    names = ["q", "k", "v", "g", "u", "initial_state"]
+    for n in names:
+        kw[n].requires_grad_(True)
+    grads = []
+    for backend in ("torch", "ref"):
+        o, s = linear_attention(**kw, return_final_state=True, chunk_size=32, backend=backend)
+        grads.append(torch.autograd.grad(o.sin().sum() + s.sum(), [kw[n] for n in names]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **F64)
 
 
 def test_normalized_output_is_a_weighted_mean_of_values():

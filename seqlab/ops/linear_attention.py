@@ -25,7 +25,9 @@ chunk start through t). Then
 (with u, the read-out at t uses b_{t-1} for s < t and adds the diagonal term q_t·(u ⊙ k_t) v_t). Every
 exponent is a sum of log-decays over a non-empty-or-empty forward segment, hence <= 0: strong decays never
 produce exp of a large positive number (the usual q·exp(b), k·exp(-b) factorisation would overflow). For the
-vector decay this materialises the (T, T, K) decay tensor per chunk, O(b·H·L·T·K) extra memory.
+vector decay, chunks longer than SUB_CHUNK = 16 are split once more (``_subchunk_scores``): blocks between
+sub-chunks factor through the sub-chunk boundary into plain matmuls of rescaled q and k (both factors <= 1), and
+only the diagonal (16, 16, K) blocks hold dense per-channel decays.
 
 Documents packed into one row (``seq_idx``): a position that starts a document sees a zero state. The ref path
 multiplies the state by 0 there; the chunked path masks intra-chunk pairs from different documents and the
@@ -50,6 +52,8 @@ from seqlab.ops._common import check_backend, check_dim, check_seq_idx, check_te
 CPU_LOOP_MAX_LEN = 2
 # added to the normaliser q·z (Katharopoulos et al. 2020 use 1e-6)
 NORMALIZE_EPS = 1e-6
+# sub-chunk of the per-channel-decay chunked path (see _subchunk_scores)
+SUB_CHUNK = 16
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -162,6 +166,44 @@ def _segment_sums(g):
     return terms.cumsum(-3)
 
 
+def _subchunk_scores(q, k, g, strict, c):
+    """Intra-chunk scores for a per-channel decay without the (T, T, K) tensor (secondary chunking).
+
+    q, k, g (..., T, K) with T = n * c. A query in sub-chunk i reads a key in an earlier sub-chunk j through the
+    boundary p_i just before sub-chunk i: exp(sum_{s<r<=t}) = exp(sum_{p_i<r<=t}) · exp(sum_{s<r<=p_i}), both
+    factors <= 1, so those blocks are plain matmuls of rescaled q and k; only the n diagonal (c, c) blocks use the
+    dense (c, c, K) decays. Every sum is taken over its own terms (no differences of large cumulative sums).
+    ``strict`` (the bonus form) reads through t - 1 and leaves the diagonal to the caller.
+    Returns the (..., T, T) scores (causal, not document-masked) and the (..., T, K) log-decay from s to the chunk
+    end. Extra memory O(T·(n + c)·K) per chunk instead of O(T²·K).
+    """
+    *lead, T, K = q.shape
+    n = T // c
+    qs, ks, gs = (t.reshape(*lead, n, c, K) for t in (q, k, g))
+    within = gs.cumsum(-2)  # (..., n, c, K) from the sub-chunk start through t
+    q_exp = torch.cat([torch.zeros_like(within[..., :1, :]), within[..., :-1, :]], dim=-2) if strict else within
+    seg_c = _segment_sums(gs)  # (..., n, c, c, K) inside each sub-chunk: [t, s] = sum over (s, t]
+    suffix = seg_c[..., -1, :, :]  # (..., n, c, K) sum over (s, end of its sub-chunk]
+    seg_n = _segment_sums(within[..., -1, :])  # (..., n, n, K) [a, j] = sum of whole sub-chunks j+1..a
+    lower = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # [i, j]: j < i
+    # row i holds the whole sub-chunks strictly between j and i: seg_n[i - 1, j]
+    between = torch.cat([seg_n[..., :1, :, :], seg_n[..., :-1, :, :]], dim=-3)
+    between = between.masked_fill(~lower[..., None], float("-inf"))  # (..., n_i, n_j, K)
+    k_off = ks[..., None, :, :, :] * torch.exp(suffix[..., None, :, :, :] + between[..., None, :])  # (.., i, j, c, K)
+    off = (qs * torch.exp(q_exp))[..., :, None, :, :] @ k_off.transpose(-1, -2)  # (..., n_i, n_j, c, c)
+
+    tri = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1 if strict else 0)
+    if strict:
+        seg_c = torch.cat([seg_c[..., :1, :, :], seg_c[..., :-1, :, :]], dim=-3)
+    decay = torch.exp(seg_c.masked_fill(~tri[..., None], float("-inf")))  # (..., n, c, c, K)
+    diag = torch.einsum("...ntk,...nsk,...ntsk->...nts", qs, ks, decay)  # (..., n, c, c)
+    eye = torch.eye(n, dtype=torch.bool, device=q.device)
+    blocks = torch.where(eye[:, :, None, None], diag[..., :, None, :, :], off)  # (..., n_i, n_j, c, c)
+    scores = blocks.transpose(-3, -2).reshape(*lead, T, T)
+    to_end = (suffix + seg_n[..., -1, :, None, :]).reshape(*lead, T, K)
+    return scores, to_end
+
+
 def _chunk(t, nchunks, T):
     """(b, l, H, ...) -> (b, H, c, T, ...)."""
     t = t.reshape(t.shape[0], nchunks, T, *t.shape[2:])
@@ -199,7 +241,6 @@ def _linear_attention_chunked(q, k, v, g, u, scale, normalize, initial_state, se
     else:
         b_q = torch.cat([torch.zeros_like(b_in[:, :, :, :1]), b_in[:, :, :, :-1]], dim=3)
     b_end = b_in[:, :, :, -1:]  # (b, H, c, 1, K')
-    seg = _segment_sums(gc)  # (b, H, c, T, T, K') [t, s] = sum_{s<r<=t} g_r
 
     idx = torch.arange(T, device=q.device)
     causal = idx[:, None] > idx[None, :] if u is not None else idx[:, None] >= idx[None, :]  # (T, T) [t, s]
@@ -213,22 +254,29 @@ def _linear_attention_chunked(q, k, v, g, u, scale, normalize, initial_state, se
     else:
         pair, fresh, to_end, carries = causal, None, None, None
 
-    # intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(seg_q[t, s, k]), masked before the exp
-    seg_q = seg  # read-out at t decays through t, or through t - 1 with the bonus: row t - 1 (row 0 is masked)
-    if u is not None:
-        seg_q = torch.cat([seg[..., :1, :, :], seg[..., :-1, :, :]], dim=-3)
-    decay = torch.exp(seg_q.masked_fill(~pair[..., None], float("-inf")))
-    if vector:
-        scores = torch.einsum("bhctk,bhcsk,bhctsk->bhcts", qc, kc, decay)
+    # intra-chunk scores A[t, s] = sum_k q_tk k_sk exp(seg_q[t, s, k]), and the log-decay from s to the chunk end
+    if vector and T > SUB_CHUNK and T % SUB_CHUNK == 0:
+        scores, to_end_exp = _subchunk_scores(qc, kc, gc, u is not None, SUB_CHUNK)
+        if reset is not None:
+            scores = scores * pair.to(cdt)  # every exponent was <= 0: masking after the exp is safe
     else:
-        scores = (qc @ kc.transpose(-1, -2)) * decay[..., 0]  # (b, H, c, T, T)
+        seg = _segment_sums(gc)  # (b, H, c, T, T, K') [t, s] = sum_{s<r<=t} g_r
+        to_end_exp = seg[..., -1, :, :]  # (b, H, c, T, K')
+        seg_q = seg  # read-out at t decays through t, or through t - 1 with the bonus: row t - 1 (row 0 is masked)
+        if u is not None:
+            seg_q = torch.cat([seg[..., :1, :, :], seg[..., :-1, :, :]], dim=-3)
+        decay = torch.exp(seg_q.masked_fill(~pair[..., None], float("-inf")))  # masked before the exp
+        if vector:
+            scores = torch.einsum("bhctk,bhcsk,bhctsk->bhcts", qc, kc, decay)
+        else:
+            scores = (qc @ kc.transpose(-1, -2)) * decay[..., 0]  # (b, H, c, T, T)
     o = scores @ vc  # (b, H, c, T, V)
     if u is not None:
         bonus = (qc * kc * u.to(cdt)[None, :, None, None, :]).sum(-1, keepdim=True)  # (b, H, c, T, 1)
         o = o + bonus * vc
 
     # the state each chunk leaves behind from zero, then the states entering each chunk
-    k_end = kc * torch.exp(seg[..., -1, :, :])  # (b, H, c, T, K): decay from s to the chunk end
+    k_end = kc * torch.exp(to_end_exp)  # (b, H, c, T, K): decay from s to the chunk end
     if to_end is not None:
         k_end = k_end * to_end
     chunk_states = k_end.transpose(-1, -2) @ vc  # (b, H, c, K, V)
