@@ -22,7 +22,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError, InputError
 from seqlab.mixers.base import MixerState
-from seqlab.ops.linear_attention import linear_attention
+from seqlab.ops.linear_attention import linear_attention, linear_attention_step
 
 MODES = ("linear", "gla")
 GLA_GATE_RANK = 16
@@ -85,6 +85,20 @@ class LinearAttention(nn.Module):
         else:
             g = F.logsigmoid(self.gk_proj(x).float()).view(heads) / GLA_GATE_TEMPERATURE  # (B, L, H, K)
             normalize = False
+        if state is not None and L == 1:  # decode: one recurrent step
+            out = linear_attention_step(state["S"], q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0],
+                                        normalize=normalize)[:, None]  # (B, 1, H, V)
+            state.offset += 1
+        else:
+            out = self._parallel(q, k, v, g, normalize, state, seq_idx)
+        if self.mode == "gla":
+            of = out.float()
+            of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.float()
+            out = of.to(x.dtype).reshape(Bsz, L, self.d_model) * F.silu(self.g_proj(x))
+        return self.o_proj(out.reshape(Bsz, L, self.d_model))
+
+    def _parallel(self, q, k, v, g, normalize, state, seq_idx):
+        """Chunked linear attention over the whole input, continuing from and updating ``state`` if given."""
         out = linear_attention(
             q, k, v, g=g, normalize=normalize, initial_state=None if state is None else state["S"],
             return_final_state=state is not None, seq_idx=seq_idx, chunk_size=self.chunk_size,
@@ -92,9 +106,5 @@ class LinearAttention(nn.Module):
         if state is not None:
             out, S = out
             state["S"].copy_(S.detach())
-            state.offset += L
-        if self.mode == "gla":
-            of = out.float()
-            of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.float()
-            out = of.to(x.dtype).reshape(Bsz, L, self.d_model) * F.silu(self.g_proj(x))
-        return self.o_proj(out.reshape(Bsz, L, self.d_model))
+            state.offset += q.shape[1]
+        return out

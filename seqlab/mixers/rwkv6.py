@@ -32,7 +32,7 @@ from torch import nn
 from seqlab.errors import ConfigError, InputError
 from seqlab.mixers.base import MixerState
 from seqlab.ops._common import reset_mask
-from seqlab.ops.linear_attention import linear_attention
+from seqlab.ops.linear_attention import linear_attention, linear_attention_step
 
 GROUP_NORM_EPS = 64e-5  # RWKV-6: 1e-5 * head_size_divisor**2 with divisor 8
 
@@ -132,14 +132,20 @@ class RWKV6TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # (B, L, d)
         log_decay = -torch.exp(w.float()).view(heads)  # (B, L, H, K), <= 0
-        out = linear_attention(
-            r, k, v, g=log_decay, u=self.time_faaaa, scale=1.0, initial_state=None if state is None else state["S"],
-            return_final_state=state is not None, seq_idx=seq_idx, chunk_size=self.chunk_size,
-        )  # (B, L, H, K)
-        if state is not None:
-            out, S = out
-            state["S"].copy_(S.detach())
-            state.offset += L
+        if state is not None and L == 1:  # decode: one recurrent step
+            out = linear_attention_step(state["S"], r[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], self.time_faaaa,
+                                        scale=1.0)[:, None]  # (B, 1, H, K)
+            state.offset += 1
+        else:
+            out = linear_attention(
+                r, k, v, g=log_decay, u=self.time_faaaa, scale=1.0,
+                initial_state=None if state is None else state["S"], return_final_state=state is not None,
+                seq_idx=seq_idx, chunk_size=self.chunk_size,
+            )  # (B, L, H, K)
+            if state is not None:
+                out, S = out
+                state["S"].copy_(S.detach())
+                state.offset += L
         out = self.ln_x(out.reshape(Bsz * L, d)).view(Bsz, L, d)
         return self.o_proj(out * g)
 

@@ -33,7 +33,7 @@ from torch import nn
 from seqlab.errors import ConfigError
 from seqlab.mixers.base import MixerState
 from seqlab.mixers.rwkv6 import GROUP_NORM_EPS, _layer_ratios, check_input, token_shift
-from seqlab.ops.delta_rule import delta_rule
+from seqlab.ops.delta_rule import delta_rule, delta_rule_step
 
 
 class RWKV7TimeMix(nn.Module):
@@ -100,14 +100,20 @@ class RWKV7TimeMix(nn.Module):
         beta = torch.sigmoid(self.a0 + xa @ self.a1 @ self.a2).float().view(heads).mean(-1)  # (B, L, H)
         g = torch.sigmoid(xg @ self.g1) @ self.g2  # (B, L, d)
         kk = F.normalize((k * self.k_k.view(H, K)).float(), dim=-1)  # (B, L, H, K)
-        out = delta_rule(
-            r, kk.to(r.dtype), v, beta, g=log_decay, scale=1.0, initial_state=None if state is None else state["S"],
-            return_final_state=state is not None, seq_idx=seq_idx, chunk_size=self.chunk_size,
-        )  # (B, L, H, K)
-        if state is not None:
-            out, S = out
-            state["S"].copy_(S.detach())
-            state.offset += L
+        kk = kk.to(r.dtype)
+        if state is not None and L == 1:  # decode: one recurrent step
+            out = delta_rule_step(state["S"], r[:, 0], kk[:, 0], v[:, 0], beta[:, 0], log_decay[:, 0],
+                                  scale=1.0)[:, None]  # (B, 1, H, K)
+            state.offset += 1
+        else:
+            out = delta_rule(
+                r, kk, v, beta, g=log_decay, scale=1.0, initial_state=None if state is None else state["S"],
+                return_final_state=state is not None, seq_idx=seq_idx, chunk_size=self.chunk_size,
+            )  # (B, L, H, K)
+            if state is not None:
+                out, S = out
+                state["S"].copy_(S.detach())
+                state.offset += L
         out = self.ln_x(out.reshape(Bsz * L, d)).view(Bsz, L, d)
-        bonus = (r * kk.to(r.dtype) * self.r_k).sum(-1, keepdim=True) * v  # (B, L, H, K), added after the norm
+        bonus = (r * kk * self.r_k).sum(-1, keepdim=True) * v  # (B, L, H, K), added after the norm
         return self.o_proj((out + bonus.reshape(Bsz, L, d)) * g)
