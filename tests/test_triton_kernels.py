@@ -330,3 +330,92 @@ def test_ssd_triton_inference_forward_matches_ref():
                          initial_state=init.double(), return_final_state=True, seq_idx=seq_idx, backend="ref")
     assert_close("y", y, y_ref)
     assert_close("final_state", fin, fin_ref)
+
+
+# ----------------------------------------------------------------------------------------- GPU front end on CPU
+
+
+_LAUNCHED: list = []  # (module, kernel name, signature, constexprs) of every launch under the interpreter
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record_launches():
+    """Under the interpreter, remember each kernel specialisation the tests launch (see the last test)."""
+    if not _INTERPRET:
+        yield
+        return
+    import inspect
+
+    from triton.runtime import interpreter
+
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+              torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        params = list(inspect.signature(self.fn).parameters.values())
+        bound = dict(zip([p.name for p in params], args), **kwargs)
+        sig, consts = {}, {}
+        for i, p in enumerate(params):
+            v = bound.get(p.name)
+            if "constexpr" in str(p.annotation) or v is None:
+                sig[p.name], consts[(i,)] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                sig[p.name] = "*" + dtypes[v.dtype]
+            else:
+                sig[p.name] = "i32" if isinstance(v, int) and abs(v) < 2**31 else "i64"
+        _LAUNCHED.append((self.fn.__module__, self.fn.__name__, sig, consts))
+        return original(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    yield
+    interpreter.InterpretedFunction.run = original
+
+
+def test_every_launched_kernel_compiles_for_sm90_front_end():
+    """The interpreter runs code the GPU compiler rejects (e.g. a variable whose shape changes inside a runtime
+    `if`); lower every specialisation the tests above launched to Triton IR for sm_90, in a clean process."""
+    if not _INTERPRET or not _LAUNCHED:
+        pytest.skip("only meaningful after the interpreter tests of this file ran")
+    import json
+    import subprocess
+    import sys
+
+    specs = {}  # one compile per distinct specialisation
+    for m, n, s, c in _LAUNCHED:
+        key = (m, n, json.dumps(s, sort_keys=True), repr(sorted(c.items())))
+        specs[key] = (m, n, s, [[k[0], v] for k, v in c.items()])
+    script = """
+import importlib, json, sys
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+except ImportError as err:
+    print("SKIP", err); sys.exit(0)
+target = GPUTarget("cuda", 90, 32)
+backend = CUDABackend(target)
+options = backend.parse_options({})
+failures = 0
+for module, name, sig, consts in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(module), name)
+    ctx = triton._C.libtriton.ir.context()
+    triton._C.libtriton.ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(i,): v for i, v in consts})
+    try:
+        src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+    except Exception as err:
+        failures += 1
+        print("FAIL", name, {i: v for i, v in consts}, str(err)[-800:])
+print("failures", failures)
+sys.exit(1 if failures else 0)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", script], input=json.dumps(list(specs.values())), text=True,
+                         capture_output=True, env=env, timeout=300)
+    if res.stdout.startswith("SKIP"):
+        pytest.skip(f"this triton has no front-end API for the check: {res.stdout.strip()}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
