@@ -43,7 +43,7 @@ __all__ = ["selective_scan", "selective_state_update"]
 CHUNK_SIZE = 64
 # Elements of one (B, T, D, N) work tensor of a time group; the torch paths materialise a handful of these at
 # once (about 4 in forward, 7 in backward), so peak extra memory is ~7 * GROUP_ELEMENTS * 4 bytes per call.
-GROUP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+GROUP_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 # CPU choice of backend="auto" between the lean loop and the chunked scan. Both run the same Function; the loop
 # issues ~1 op per time step on (B, D, N) tensors, the chunked scan ~2 * CHUNK_SIZE + L / CHUNK_SIZE ops on larger
@@ -185,8 +185,8 @@ def _scan_sequential(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, re
     return x
 
 
-def _scan_chunked(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, chunk: int, reverse: bool = False,
-                  products_by_loop: bool | None = None) -> torch.Tensor:
+def _scan_chunked(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, chunk: int,
+                  reverse: bool = False) -> torch.Tensor:
     """Same recurrence as ``_scan_sequential``, as a two-level chunked scan; x is overwritten with h.
 
     1. Split time into nc chunks of ``chunk`` steps and scan all chunks at once from a zero state
@@ -196,8 +196,7 @@ def _scan_chunked(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, chunk
     3. Carry the state across chunks, H_k = P_{k,last} H_{k-1} + h_{k,last} (nc ops on (B, D, N)).
     4. Correct every position: h_j += P_j * H_{k-1}.
     Steps left over when T is not a multiple of ``chunk`` run sequentially at the end (in scan order).
-    ``products_by_loop`` picks how P is formed: a running product (CPU default) or exp(cumsum(log a)) (GPU
-    default). Peak extra memory: one (B, T, D, N) buffer for P (two with the cumsum).
+    Peak extra memory: one (B, T, D, N) buffer for P.
     """
     T = x.shape[1]
     main = (T // chunk) * chunk
@@ -208,17 +207,11 @@ def _scan_chunked(a: torch.Tensor, x: torch.Tensor, h_start: torch.Tensor, chunk
     xs = x[:, span].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
     as_ = a[:, span].unflatten(1, (nc, chunk))  # (B, nc, c, D, N)
     first, last, step = (chunk - 1, 0, -1) if reverse else (0, chunk - 1, 1)
-    products_by_loop = not x.is_cuda if products_by_loop is None else products_by_loop
-    if products_by_loop:  # torch.cumsum/cumprod over a middle dim are ~10x slower than this loop on the CPU
-        P = torch.empty_like(xs)
-        P[:, :, first] = as_[:, :, first]
-    else:  # one kernel instead of `chunk` on the GPU: P = exp(cumsum(log a)), log a in [-inf, 0]
-        log_a = torch.log(as_)
-        P = (log_a.flip(2).cumsum(2).flip(2) if reverse else log_a.cumsum(2)).exp_()
+    P = torch.empty_like(xs)  # running product: torch.cumprod over a middle dim is ~10x slower on the CPU
+    P[:, :, first] = as_[:, :, first]
     for j in range(first + step, last + step, step):
         xs[:, :, j].addcmul_(as_[:, :, j], xs[:, :, j - step])
-        if products_by_loop:
-            torch.mul(as_[:, :, j], P[:, :, j - step], out=P[:, :, j])
+        torch.mul(as_[:, :, j], P[:, :, j - step], out=P[:, :, j])
     carry = torch.empty_like(xs[:, :, 0])  # (B, nc, D, N): the state entering each chunk
     order = list(reversed(range(nc))) if reverse else list(range(nc))
     carry[:, order[0]] = h_start
