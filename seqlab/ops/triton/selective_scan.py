@@ -5,12 +5,18 @@ Recurrence per channel d and state index n (ZOH for A, Euler for B, as in the Ma
     h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t          h: (B, D, N) float32
     y_t  = <h_t, C_t> + D u_t,   then y_t *= silu(z_t)
 
-Programs run over (batch, block of BLOCK_D channels). Time goes in tiles of BLOCK_T steps: a tile's
-(BLOCK_T, BLOCK_D, N) states are built in registers by an associative scan of the affine maps
-h -> a h + b, so the (B, L, D, N) state sequence never reaches memory. For the backward the forward
-stores only the state at each tile start (checkpoints, (B, L / BLOCK_T, D, N) float32); the backward walks
-the tiles in reverse, rebuilds each tile's states from its checkpoint, and runs the adjoint recurrence
-dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1} as a reverse associative scan.
+Programs run over (batch, block of channels) and keep the (channels, N) state in registers, so the
+(B, L, D, N) state sequence never reaches memory. Two kernel pairs:
+
+- time loop (default when a block's channels share one B/C group): 8 steps per iteration; each iteration loads
+  (channels, 8) tiles first and stores y once. The forward stores the state every 8 steps (checkpoints,
+  (B, L / 8, D, N) float32, only under autograd); the backward walks the 8-step blocks in reverse, rebuilds the
+  8 states of a block from its checkpoint in registers and runs the adjoint steps
+  dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1} backwards. 2.5-3x faster than the tile kernels on an H200.
+- tile scan (any grouping): BLOCK_T steps at once as an associative scan of the affine maps h -> a h + b over a
+  (BLOCK_T, BLOCK_D, N) register tile, checkpoints every BLOCK_T steps, reverse associative scan backward.
+
+dB and dC are summed over channels with atomic adds (float32); dA, dD, d delta_bias per batch row, then summed.
 """
 
 from __future__ import annotations
