@@ -19,6 +19,9 @@ X_LABELS = {"flops": "training FLOPs (log scale)", "wall_s": "training wall time
             "tokens": "training tokens (log scale)"}  # fmt: skip
 
 
+_SIZE_DASHES = ("-", "--", ":", "-.")
+
+
 def _label(entry: dict) -> str:
     return f"{entry['model']}/{entry['size']}"
 
@@ -40,12 +43,13 @@ def loss_curves(curves: list[dict], x: str, records: list[dict] | None = None) -
     fig = plots._figure(6.4, 3.8) if lines else None
     if fig is None:
         return None
-    styles = plots.model_styles([_label(c) for c, _ in lines])
+    families = plots.model_styles(list(dict.fromkeys(c["model"] for c, _ in lines)))  # colour + marker per family
+    sizes = list(dict.fromkeys(c["size"] for c, _ in lines))  # dash per size
     ax = fig.add_subplot(1, 1, 1)
     final = {_label(r): r for r in records or [] if "val_loss" in r}
     for c, pts in lines:
-        style = dict(styles[_label(c)])
-        marker = style.pop("marker")
+        style = {"color": families[c["model"]]["color"], "linestyle": _SIZE_DASHES[sizes.index(c["size"]) % 4]}
+        marker = families[c["model"]]["marker"]
         ax.plot([p[x] for p in pts], _smooth([p["loss"] for p in pts]), label=_label(c), linewidth=1.5, **style)
         rec = final.get(_label(c))
         if rec and rec.get(x):
