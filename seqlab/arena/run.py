@@ -270,7 +270,7 @@ def run_arena(
     return document
 
 
-def _stop_pool(pool, grace_s: float = 15.0) -> None:
+def _stop_pool(pool, grace_s: float = 5.0) -> None:
     """Cancel queued runs; give running workers a moment to checkpoint (they see Ctrl-C too), then end them."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
