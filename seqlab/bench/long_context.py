@@ -157,15 +157,23 @@ def one_shot(model, name: str, lengths: list[int], device, time_limit: float | N
     return points
 
 
+def check_passkey_context(context: int, answer_len: int = 5) -> None:
+    """ConfigError unless ``context`` tokens hold the needle and the question."""
+    from seqlab.tasks.passkey import Passkey
+
+    least = Passkey(answer_len=answer_len).min_seqlen - answer_len
+    if context < least:
+        raise ConfigError(f"--context: the passkey needs at least {least} tokens, got {context}")
+
+
 def passkey_inputs(context: int, depth: float, answer_len: int = 5, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
     """The passkey task's sequence up to its answer: (prompt ``(1, context)`` ending in the question, the
     ``answer_len`` answer ids)."""
     from seqlab.tasks.passkey import Passkey
 
+    check_passkey_context(context, answer_len)
     total = context + answer_len
-    task = Passkey(seqlen=max(total, 64), answer_len=answer_len)
-    if total < task.min_seqlen:
-        raise ConfigError(f"--context: the passkey needs at least {task.min_seqlen - answer_len} tokens, got {context}")
+    task = Passkey(seqlen=total, answer_len=answer_len)
     batch = task.sample(1, total, torch.Generator().manual_seed(seed), depth=depth)
     return batch.inputs[:, :context], batch.inputs[0, context:].tolist()
 

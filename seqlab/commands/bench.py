@@ -180,6 +180,7 @@ def _run_long_context(args: argparse.Namespace) -> int:
             raise ConfigError(f"--passkey-depths: expected numbers in [0, 1], got {args.passkey_depths!r}") from None
         if not depths or any(not 0 <= d <= 1 for d in depths):
             raise ConfigError(f"--passkey-depths: expected numbers in [0, 1], got {args.passkey_depths!r}")
+        LC.check_passkey_context(context)
     compare = parse_models(args.compare) if args.compare else []
     if args.checkpoint is None:
         (spec, name, size), = parse_models(args.model)
