@@ -96,8 +96,8 @@ def test_train_and_validation_split_by_document_disjointly(tmp_path):
 
 @pytest.mark.parametrize("preset", ["mamba2", "transformer", "mamba"])
 def test_packed_row_with_seq_idx_matches_each_document_alone(preset, tmp_path):
-    corpus = make_corpus(tmp_path / "short", n_docs=16, max_words=10)
-    data = TextData(str(corpus), cache_dir=tmp_path / "cache", seqlen=96)
+    corpus = make_corpus(tmp_path / "short", n_docs=40, max_words=10)
+    data = TextData(str(corpus), cache_dir=tmp_path / "cache", seqlen=96, validation_fraction=0.25)
     batch = data.sample(3, 96, torch.Generator().manual_seed(1))
     assert batch.seq_idx.shape == batch.inputs.shape and int(batch.seq_idx.max()) >= 2
     torch.manual_seed(0)
@@ -200,6 +200,15 @@ def test_bad_corpus_paths_fail_with_clear_messages(spec, message, tmp_path):
     (tmp_path / "blank" / "a.txt").write_text("")
     with pytest.raises(ConfigError, match=message):
         find_documents(spec.format(tmp=tmp_path))
+
+
+def test_a_split_shorter_than_a_window_fails_before_training(tmp_path):
+    root = make_corpus(tmp_path / "two", n_docs=2, max_words=6)
+    data = TextData(str(root), cache_dir=tmp_path / "cache")
+    shortest = min(len(data), len(data.for_split("validation")))
+    data.sample(1, shortest - 1, torch.Generator())  # fits both splits
+    with pytest.raises(ConfigError, match="split of .* fewer than seqlen"):
+        data.sample(1, shortest, torch.Generator())  # refused at the first batch, whichever split is short
 
 
 def _cli(*argv):

@@ -67,6 +67,7 @@ class TextData(Task):
         self._config = {"data": str(data), "tokenizer": None if tokenizer is None else str(tokenizer),
                         "validation_fraction": validation_fraction, "seqlen": seqlen}  # fmt: skip
         self._cache_dir = cache_dir
+        self._checked_lengths: set[int] = set()
 
     def spec(self) -> dict:
         """What a checkpoint stores to rebuild this data source (``TextData.from_spec``); ``fingerprint`` names the
@@ -98,16 +99,26 @@ class TextData(Task):
 
     def sample(self, batch_size: int, seqlen: int, generator: torch.Generator) -> Batch:
         self._check_sample_args(batch_size, seqlen, 2)
+        self.check_window(seqlen)
         tokens = self.stream.tokens
-        if len(tokens) < seqlen + 1:
-            raise ConfigError(
-                f"--seqlen: the {self.split} split of {self._config['data']!r} holds {len(tokens)} tokens, fewer "
-                f"than seqlen + 1 = {seqlen + 1}; use a shorter --seqlen or a larger corpus"
-            )
         starts = torch.randint(0, len(tokens) - seqlen, (batch_size,), generator=generator).numpy()
         positions = starts[:, None] + np.arange(seqlen + 1)  # (B, L + 1)
         window = torch.from_numpy(tokens[positions].astype(np.int64))
         return Batch(window[:, :-1], window[:, 1:], seq_idx=self.document_index(positions[:, :-1]))
+
+    def check_window(self, seqlen: int) -> None:
+        """Windows of seqlen + 1 tokens must fit in this split -- and, when training, in the validation split too
+        (checked at the first training batch, not at the end of training)."""
+        if seqlen in self._checked_lengths:
+            return
+        splits = self.streams if self.split == "train" else {self.split: self.stream}
+        for name, stream in splits.items():
+            if len(stream.tokens) < seqlen + 1:
+                raise ConfigError(
+                    f"--seqlen: the {name} split of {self._config['data']!r} holds {len(stream.tokens)} tokens, "
+                    f"fewer than seqlen + 1 = {seqlen + 1}; use a shorter --seqlen or more text (split by document)"
+                )
+        self._checked_lengths.add(seqlen)
 
     def document_index(self, positions: np.ndarray) -> torch.Tensor:
         """(B, L) stream positions -> (B, L) int32 document numbers counted from 0 in each row."""
