@@ -11,8 +11,16 @@ transformers' BambaConfig), rotate-half pairing within those channels: seqlab's 
 
 from __future__ import annotations
 
-from seqlab.interop.hf_common import HFConfig, attention_pairs, mamba2_pairs, swiglu_pairs
-from seqlab.mixers.mlp import default_d_ff
+from seqlab.interop.hf_common import (
+    HFConfig,
+    attention_heads,
+    decoder_fields_from_hf,
+    decoder_fields_to_hf,
+    decoder_pairs,
+    decoder_problems,
+    mamba2_pairs,
+    rope_to_hf,
+)
 from seqlab.models.config import ModelConfig
 
 ARCHITECTURES = ("BambaForCausalLM",)
@@ -26,9 +34,7 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
     hf.time_step_limit()
     d = hf.int("hidden_size")
     n_layers = hf.int("num_hidden_layers")
-    n_heads = hf.int("num_attention_heads")
-    if n_heads < 1 or d % n_heads:
-        hf.refuse("num_attention_heads", f"it must divide hidden_size={d}")
+    n_heads = attention_heads(hf, d)
     expand = hf.int("mamba_expand", 2)
     mamba_heads = hf.int("mamba_n_heads", 128)
     headdim = hf.get("mamba_d_head", "auto")
@@ -45,15 +51,8 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         d_model=d,
         n_layers=n_layers,
         pattern=" ".join("A" if i in attn else "M2" for i in range(n_layers)),
-        vocab_size=hf.int("vocab_size"),
-        pad_vocab_to_multiple=1,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
         mlp="swiglu",
-        d_ff=hf.int("intermediate_size"),
-        n_heads=n_heads,
-        n_kv_heads=hf.int("num_key_value_heads", n_heads),
+        **decoder_fields_from_hf(hf, n_heads, norm_eps=1e-5),
         rope_theta=theta,
         rope_fraction=BAMBA_ROPE_FRACTION,
         d_conv=hf.int("mamba_d_conv", 4),
@@ -68,18 +67,8 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
 
 
 def pairs(config: ModelConfig) -> list[tuple[str, str]]:
-    out = [("embedding.weight", "model.embed_tokens.weight"), ("norm_f.weight", "model.final_layernorm.weight")]
-    for i, kind in enumerate(config.layer_kinds()):
-        s, h = f"layers.{i}.", f"model.layers.{i}."
-        out += [(s + "norm.weight", h + "input_layernorm.weight"), (s + "norm2.weight", h + "pre_ff_layernorm.weight")]
-        if kind == "A":
-            out += attention_pairs(s + "mixer.", h + "self_attn.")
-        else:
-            out += mamba2_pairs(s + "mixer.", h + "mamba.", config)
-        out += swiglu_pairs(s + "mlp.", h + "feed_forward.")
-    if not config.tie_embeddings:
-        out.append(("lm_head.weight", "lm_head.weight"))
-    return out
+    return decoder_pairs(config, norm_f="final_layernorm", norm2="pre_ff_layernorm", mlp="feed_forward",
+                         ssm_pairs=mamba2_pairs)
 
 
 def export_problems(config: ModelConfig, arch: str) -> list[str]:
@@ -93,30 +82,15 @@ def export_problems(config: ModelConfig, arch: str) -> list[str]:
         problems.append(
             f"rope_fraction must be {BAMBA_ROPE_FRACTION} (Bamba rotates half of each head), got {config.rope_fraction}"
         )
-    if config.attn_window is not None:
-        problems.append(f"attn_window must be None, got {config.attn_window}")
-    if config.d_model % config.n_heads:
-        problems.append(f"n_heads={config.n_heads} must divide d_model={config.d_model}")
-    return problems
+    return problems + decoder_problems(config, arch)
 
 
 def config_to_hf(config: ModelConfig, arch: str) -> dict:
     d_inner = config.expand * config.d_model
     return {
-        "model_type": "bamba",
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layers,
-        "vocab_size": config.vocab_size,
-        "tie_word_embeddings": config.tie_embeddings,
-        "rms_norm_eps": config.norm_eps,
-        "initializer_range": config.initializer_range,
-        "intermediate_size": default_d_ff(config.d_model) if config.d_ff is None else config.d_ff,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_heads if config.n_kv_heads is None else config.n_kv_heads,
+        **decoder_fields_to_hf(config, "bamba"),
+        **rope_to_hf(config, partial_rotary_factor=BAMBA_ROPE_FRACTION),
         "attn_layer_indices": [i for i, k in enumerate(config.layer_kinds()) if k == "A"],
-        "rope_theta": config.rope_theta,  # read by transformers < 5, which ignores rope_parameters
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta,
-                            "partial_rotary_factor": BAMBA_ROPE_FRACTION},
         "mamba_n_heads": d_inner // config.ssd_headdim,
         "mamba_d_head": config.ssd_headdim,
         "mamba_n_groups": config.ssd_ngroups,
@@ -126,7 +100,6 @@ def config_to_hf(config: ModelConfig, arch: str) -> dict:
         "mamba_chunk_size": config.ssd_chunk_size,
         "mamba_conv_bias": config.conv_bias,
         "mamba_proj_bias": config.proj_bias,
-        "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
     }

@@ -18,8 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from seqlab.interop.hf_common import HFConfig, attention_pairs, layer_period, mamba_pairs, moe_pairs, swiglu_pairs
-from seqlab.mixers.mlp import default_d_ff
+from seqlab.interop.hf_common import (
+    HFConfig,
+    attention_heads,
+    decoder_fields_from_hf,
+    decoder_fields_to_hf,
+    decoder_pairs,
+    decoder_problems,
+    layer_period,
+    mamba_pairs,
+)
 from seqlab.models.config import ModelConfig
 
 ARCHITECTURES = ("JambaForCausalLM",)
@@ -31,9 +39,7 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
     hf.check_neutral()
     d = hf.int("hidden_size")
     n_layers = hf.int("num_hidden_layers")
-    n_heads = hf.int("num_attention_heads")
-    if n_heads < 1 or d % n_heads:
-        hf.refuse("num_attention_heads", f"it must divide hidden_size={d}")
+    n_heads = attention_heads(hf, d)
     period, offset = hf.int("attn_layer_period", 8), hf.int("attn_layer_offset", 4)
     if period < 1 or offset >= period:
         hf.refuse("attn_layer_offset", f"expected 0 <= attn_layer_offset < attn_layer_period={period}")
@@ -54,20 +60,13 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         d_model=d,
         n_layers=n_layers,
         pattern=pattern,
-        vocab_size=hf.int("vocab_size"),
-        pad_vocab_to_multiple=1,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
         mlp=mlp,
-        d_ff=hf.int("intermediate_size"),
+        **decoder_fields_from_hf(hf, n_heads, norm_eps=1e-6),
         moe_every=moe_every,
         n_experts=max(n_experts, 1),
         moe_top_k=min(hf.int("num_experts_per_tok", 2), max(n_experts, 1)),
         moe_aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)),
         moe_renormalize=False,
-        n_heads=n_heads,
-        n_kv_heads=hf.int("num_key_value_heads", n_heads),
         rope_fraction=0.0,
         d_state=hf.int("mamba_d_state", 16),
         d_conv=hf.int("mamba_d_conv", 4),
@@ -81,21 +80,8 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
 
 
 def pairs(config: ModelConfig) -> list[tuple[str, str]]:
-    out = [("embedding.weight", "model.embed_tokens.weight"), ("norm_f.weight", "model.final_layernorm.weight")]
-    for i, kind in enumerate(config.layer_kinds()):
-        s, h = f"layers.{i}.", f"model.layers.{i}."
-        out += [(s + "norm.weight", h + "input_layernorm.weight"), (s + "norm2.weight", h + "pre_ff_layernorm.weight")]
-        if kind == "A":
-            out += attention_pairs(s + "mixer.", h + "self_attn.")
-        else:
-            out += mamba_pairs(s + "mixer.", h + "mamba.", config)
-        if config.channel_mixer(i) == "moe":
-            out += moe_pairs(s + "mlp.", h + "feed_forward.", config.n_experts)
-        else:
-            out += swiglu_pairs(s + "mlp.", h + "feed_forward.")
-    if not config.tie_embeddings:
-        out.append(("lm_head.weight", "lm_head.weight"))
-    return out
+    return decoder_pairs(config, norm_f="final_layernorm", norm2="pre_ff_layernorm", mlp="feed_forward",
+                         ssm_pairs=mamba_pairs)
 
 
 def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,11 +118,7 @@ def export_problems(config: ModelConfig, arch: str) -> list[str]:
         problems.append(f"rope_fraction must be 0 (Jamba's attention has no positions), got {config.rope_fraction}")
     if config.mlp == "moe" and config.moe_renormalize:
         problems.append("moe_renormalize must be False (Jamba keeps the softmax weights of the top-k experts)")
-    if config.attn_window is not None:
-        problems.append(f"attn_window must be None, got {config.attn_window}")
-    if config.d_model % config.n_heads:
-        problems.append(f"n_heads={config.n_heads} must divide d_model={config.d_model}")
-    return problems
+    return problems + decoder_problems(config, arch)
 
 
 def config_to_hf(config: ModelConfig, arch: str) -> dict:
@@ -148,16 +130,7 @@ def config_to_hf(config: ModelConfig, arch: str) -> dict:
     else:
         n_experts, e_period, e_offset = config.n_experts, 1, 0
     return {
-        "model_type": "jamba",
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layers,
-        "vocab_size": config.vocab_size,
-        "tie_word_embeddings": config.tie_embeddings,
-        "rms_norm_eps": config.norm_eps,
-        "initializer_range": config.initializer_range,
-        "intermediate_size": default_d_ff(config.d_model) if config.d_ff is None else config.d_ff,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_heads if config.n_kv_heads is None else config.n_kv_heads,
+        **decoder_fields_to_hf(config, "jamba"),
         "attn_layer_period": period,
         "attn_layer_offset": offset,
         "num_experts": n_experts,
@@ -171,6 +144,5 @@ def config_to_hf(config: ModelConfig, arch: str) -> dict:
         "mamba_dt_rank": -(-config.d_model // 16) if config.dt_rank == "auto" else config.dt_rank,
         "mamba_conv_bias": config.conv_bias,
         "mamba_proj_bias": config.proj_bias,
-        "hidden_act": "silu",
         "use_mamba_kernels": False,
     }

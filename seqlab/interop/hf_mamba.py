@@ -11,7 +11,13 @@ what both settings compute for a float32 model (they differ only for half-precis
 from __future__ import annotations
 
 from seqlab.errors import ConfigError
-from seqlab.interop.hf_common import HFConfig, mamba_pairs
+from seqlab.interop.hf_common import (
+    HFConfig,
+    backbone_fields_from_hf,
+    backbone_fields_to_hf,
+    backbone_pairs,
+    mamba_pairs,
+)
 from seqlab.models.config import ModelConfig
 
 ARCHITECTURES = ("MambaForCausalLM", "FalconMambaForCausalLM")
@@ -32,35 +38,17 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         d_model=d,
         n_layers=hf.int("num_hidden_layers"),
         pattern="M",
-        vocab_size=hf.int("vocab_size"),
-        pad_vocab_to_multiple=1,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        initializer_range=float(hf.get("initializer_range", 0.1)),
-        rescale_prenorm_residual=bool(hf.get("rescale_prenorm_residual", False)),
-        mlp="none",
+        **backbone_fields_from_hf(hf, tie=True),
         d_state=hf.int("state_size"),
-        d_conv=hf.int("conv_kernel", 4),
         expand=expand,
         dt_rank=hf.dt_rank("time_step_rank", d),
-        dt_min=float(hf.get("time_step_min", 0.001)),
-        dt_max=float(hf.get("time_step_max", 0.1)),
-        dt_init_floor=float(hf.get("time_step_floor", 1e-4)),
-        conv_bias=bool(hf.get("use_conv_bias", True)),
-        proj_bias=bool(hf.get("use_bias", False)),
         bcdt_norm=falcon,
         bcdt_norm_eps=float(hf.get("mixer_rms_eps", 1e-6)) if falcon else None,
     ).validate()
 
 
 def pairs(config: ModelConfig) -> list[tuple[str, str]]:
-    out = [("embedding.weight", "backbone.embeddings.weight"), ("norm_f.weight", "backbone.norm_f.weight")]
-    for i in range(config.n_layers):
-        out.append((f"layers.{i}.norm.weight", f"backbone.layers.{i}.norm.weight"))
-        out += mamba_pairs(f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer.", config)
-    if not config.tie_embeddings:
-        out.append(("lm_head.weight", "lm_head.weight"))
-    return out
+    return backbone_pairs(config, mamba_pairs)
 
 
 def export_problems(config: ModelConfig, arch: str) -> list[str]:
@@ -81,25 +69,10 @@ def config_to_hf(config: ModelConfig, arch: str) -> dict:
     falcon = arch == "FalconMambaForCausalLM"
     d_inner = config.expand * config.d_model
     out = {
-        "model_type": "falcon_mamba" if falcon else "mamba",
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layers,
-        "vocab_size": config.vocab_size,
-        "tie_word_embeddings": config.tie_embeddings,
-        "layer_norm_epsilon": config.norm_eps,
-        "initializer_range": config.initializer_range,
+        **backbone_fields_to_hf(config, "falcon_mamba" if falcon else "mamba"),
         "state_size": config.d_state,
-        "conv_kernel": config.d_conv,
-        "expand": config.expand,
         "intermediate_size": d_inner,
         "time_step_rank": _dt_rank(config),
-        "time_step_min": config.dt_min,
-        "time_step_max": config.dt_max,
-        "time_step_floor": config.dt_init_floor,
-        "use_conv_bias": config.conv_bias,
-        "use_bias": config.proj_bias,
-        "hidden_act": "silu",
-        "residual_in_fp32": True,
     }
     if falcon:
         out["mixer_rms_eps"] = config.norm_eps if config.bcdt_norm_eps is None else config.bcdt_norm_eps

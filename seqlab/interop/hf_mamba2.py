@@ -8,7 +8,13 @@ than (0, inf) clamps the step size, which seqlab's SSD does not do: refused.
 
 from __future__ import annotations
 
-from seqlab.interop.hf_common import HFConfig, mamba2_pairs
+from seqlab.interop.hf_common import (
+    HFConfig,
+    backbone_fields_from_hf,
+    backbone_fields_to_hf,
+    backbone_pairs,
+    mamba2_pairs,
+)
 from seqlab.models.config import ModelConfig
 
 ARCHITECTURES = ("Mamba2ForCausalLM",)
@@ -32,20 +38,8 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         d_model=d,
         n_layers=hf.int("num_hidden_layers"),
         pattern="M2",
-        vocab_size=hf.int("vocab_size"),
-        pad_vocab_to_multiple=1,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        initializer_range=float(hf.get("initializer_range", 0.1)),
-        rescale_prenorm_residual=bool(hf.get("rescale_prenorm_residual", False)),
-        mlp="none",
-        d_conv=hf.int("conv_kernel", 4),
+        **backbone_fields_from_hf(hf, tie=False),
         expand=expand,
-        dt_min=float(hf.get("time_step_min", 0.001)),
-        dt_max=float(hf.get("time_step_max", 0.1)),
-        dt_init_floor=float(hf.get("time_step_floor", 1e-4)),
-        conv_bias=bool(hf.get("use_conv_bias", True)),
-        proj_bias=bool(hf.get("use_bias", False)),
         ssd_d_state=hf.int("state_size"),
         ssd_headdim=headdim,
         ssd_ngroups=hf.int("n_groups", 1),
@@ -54,13 +48,7 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
 
 
 def pairs(config: ModelConfig) -> list[tuple[str, str]]:
-    out = [("embedding.weight", "backbone.embeddings.weight"), ("norm_f.weight", "backbone.norm_f.weight")]
-    for i in range(config.n_layers):
-        out.append((f"layers.{i}.norm.weight", f"backbone.layers.{i}.norm.weight"))
-        out += mamba2_pairs(f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer.", config)
-    if not config.tie_embeddings:
-        out.append(("lm_head.weight", "lm_head.weight"))
-    return out
+    return backbone_pairs(config, mamba2_pairs)
 
 
 def export_problems(config: ModelConfig, arch: str) -> list[str]:
@@ -75,25 +63,10 @@ def export_problems(config: ModelConfig, arch: str) -> list[str]:
 def config_to_hf(config: ModelConfig, arch: str) -> dict:
     d_inner = config.expand * config.d_model
     return {
-        "model_type": "mamba2",
-        "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layers,
-        "vocab_size": config.vocab_size,
-        "tie_word_embeddings": config.tie_embeddings,
-        "layer_norm_epsilon": config.norm_eps,
-        "initializer_range": config.initializer_range,
+        **backbone_fields_to_hf(config, "mamba2"),
         "state_size": config.ssd_d_state,
         "head_dim": config.ssd_headdim,
         "num_heads": d_inner // config.ssd_headdim,
         "n_groups": config.ssd_ngroups,
         "chunk_size": config.ssd_chunk_size,
-        "conv_kernel": config.d_conv,
-        "expand": config.expand,
-        "time_step_min": config.dt_min,
-        "time_step_max": config.dt_max,
-        "time_step_floor": config.dt_init_floor,
-        "use_conv_bias": config.conv_bias,
-        "use_bias": config.proj_bias,
-        "hidden_act": "silu",
-        "residual_in_fp32": True,
     }
