@@ -1,0 +1,134 @@
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP): every rank writes its own shards of the
+model and optimizer state; loading reshards to the current world size (a checkpoint written by 2 ranks loads in 1
+process, or in 4), because DCP stores each tensor's global layout.
+
+Layout of a checkpoint directory written in a distributed run::
+
+    dcp/                              DCP files: .metadata + one __<rank>_0.distcp per rank (model + optimizer)
+    model.safetensors, config.json    the full model, gathered to rank 0 (``LanguageModel.load`` reads it as is)
+    ...                               whatever the caller writes on rank 0 (trainer.json, RNG states)
+
+The directory is first written under a temporary sibling and renamed into place by rank 0 once every rank has
+finished, so a crash never leaves a half-written checkpoint in place of a good one. Multi-node runs need the
+directory on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from seqlab.errors import CheckpointError
+
+DCP_DIR = "dcp"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` holds a DCP checkpoint (written by ``save_sharded``)."""
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state on CPU, on rank 0 (other ranks get {}); a collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 write_rank0: Callable[[Path], None] | None = None) -> Path:
+    """Write model + optimizer shards (every rank calls this), the full model (rank 0) and the caller's files
+    (``write_rank0(tmp_dir)`` on rank 0) into ``path``, replacing it atomically. ``model`` is the unwrapped model
+    (DDP's ``.module``, or the FSDP2-sharded model itself)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-sharded")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
+    full = full_model_state(model)
+    if _rank() == 0:
+        try:
+            _write_full_model(model, full, tmp)
+            if write_rank0 is not None:
+                write_rank0(tmp)
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _barrier()
+    return path
+
+
+def _write_full_model(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """config.json + model.safetensors in the layout ``seqlab.models.checkpoint`` reads (tied head stored once)."""
+    from seqlab.io import save_tensors
+
+    config = getattr(model, "config", None)
+    tensors = dict(state)
+    if config is not None and getattr(config, "tie_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    if config is not None and hasattr(config, "to_json"):
+        import seqlab
+        from seqlab.models.checkpoint import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+
+        (directory / CONFIG_FILE).write_text(config.to_json() + "\n")
+        meta = {"format": FORMAT, "seqlab_version": seqlab.__version__}
+        save_tensors(directory / WEIGHTS_FILE, tensors, metadata=meta)
+    else:
+        save_tensors(directory / "model.safetensors", tensors)
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a ``save_sharded`` checkpoint into ``model`` (and ``optimizer``) at any world size, including a plain
+    single process without a process group; every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"checkpoint: {str(path / DCP_DIR)!r} holds no sharded checkpoint (.metadata missing)")
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+        _dcp_load(dcp, state, path)
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    _dcp_load(dcp, state, path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _dcp_load(dcp, state: dict, path: Path) -> None:
+    try:
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint: {str(path)!r} does not match the model or optimizer ({err})") from err
