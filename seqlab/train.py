@@ -70,6 +70,11 @@ class TrainConfig:
     device: str = "auto"  # auto -> cuda when available
     dtype: str = "auto"  # autocast dtype: auto -> bf16 on CUDA, fp32 on CPU (parameters always fp32)
     max_time_s: float | None = None  # wall-clock cap on training; the result records that it stopped early
+    # scaling out (seqlab.distributed; launch with torchrun). Global batch = batch_size x grad_accum x DP world size
+    parallel: str = "none"  # none | ddp | fsdp
+    tp: int = 1  # tensor-parallel degree (attention / SwiGLU / MoE experts sharded over the ranks)
+    checkpoint_activations: bool = False  # recompute each block's activations in backward
+    grad_accum: int = 1  # micro batches of batch_size per optimizer step
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -87,6 +92,9 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, "an integer >= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
             ("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            ("parallel", self.parallel in ("none", "ddp", "fsdp"), "one of none, ddp, fsdp"),
+            ("tp", self.tp >= 1, "an integer >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -223,17 +231,27 @@ class Trainer:
         metrics_path: str | Path | None = None,
     ):
         self.config = config.validate()
-        self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.parallel = None  # seqlab.distributed.training.ParallelContext when scaling out
+        if config.parallel != "none" or config.tp > 1 or config.checkpoint_activations:
+            from seqlab.distributed.training import ParallelContext
+
+            self.parallel = ParallelContext(config)
+        self.device = resolve_device(config.device) if self.parallel is None else self.parallel.device
+        self.raw_model = model.to(self.device)  # unwrapped: aux_loss, evaluation, saving
+        self.model = self.raw_model if self.parallel is None else self.parallel.wrap(self.raw_model)
+        self.is_main = self.parallel is None or self.parallel.is_main
         self.task = task
         self.task_spec = task_spec or {"name": getattr(task, "name", type(task).__name__), "args": {}}
         self.seqlen = config.seqlen or task.default_seqlen
         self.quiet = quiet
         self.callback = callback
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=1e-8
+            parameter_groups(self.raw_model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=1e-8
         )
-        self.generator = torch.Generator().manual_seed(split_seed(config.seed, TRAIN))
+        if self.parallel is None:
+            self.generator = torch.Generator().manual_seed(split_seed(config.seed, TRAIN))
+        else:  # per data-parallel rank, disjoint and deterministic
+            self.generator = self.parallel.generator(config.seed)
         self.step = 0
         self.elapsed = 0.0  # training seconds over all runs of this job (evaluation excluded)
         self.last_eval: dict | None = None
@@ -245,36 +263,49 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
-        """One optimizer step on a fresh batch; returns its metrics."""
+        """One optimizer step on ``grad_accum`` fresh micro batches; returns its metrics (averaged over ranks)."""
         cfg = self.config
-        batch = self.task.sample(cfg.batch_size, self.seqlen, self.generator)
-        inputs = batch.inputs.to(self.device, non_blocking=True)
-        targets = batch.targets.to(self.device, non_blocking=True)
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        extra = {} if batch.seq_idx is None else {"seq_idx": batch.seq_idx.to(self.device, non_blocking=True)}
-        with autocast_context(self.device, cfg.dtype):
-            logits = self.model(inputs, **extra)  # (B, L, V)
-        loss = scored_loss(logits, targets)
-        aux = getattr(self.model, "aux_loss", None)
-        total = loss + aux.float() if isinstance(aux, torch.Tensor) else loss
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss_sum, correct, scored = 0.0, 0, 0
+        for micro in range(cfg.grad_accum):
+            batch = self.task.sample(cfg.batch_size, self.seqlen, self.generator)
+            inputs = batch.inputs.to(self.device, non_blocking=True)
+            targets = batch.targets.to(self.device, non_blocking=True)
+            extra = {} if batch.seq_idx is None else {"seq_idx": batch.seq_idx.to(self.device, non_blocking=True)}
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or self.parallel is None else self.parallel.no_sync(self.model)
+            with sync:
+                with autocast_context(self.device, cfg.dtype):
+                    logits = self.model(inputs, **extra)  # (B, L, V)
+                loss = scored_loss(logits, targets)
+                aux = getattr(self.raw_model, "aux_loss", None)
+                total = loss + aux.float() if isinstance(aux, torch.Tensor) else loss
+                (total / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+            c, s = count_correct(logits.detach(), targets, getattr(self.task, "vocab_size", None))
+            correct, scored = correct + c, scored + s
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if self.parallel is None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            else:
+                self.parallel.clip(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        correct, scored = count_correct(logits.detach(), targets, getattr(self.task, "vocab_size", None))
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()), "acc": correct / max(scored, 1), "lr": lr}
+        loss_mean, acc = loss_sum / cfg.grad_accum, correct / max(scored, 1)
+        if self.parallel is not None:
+            loss_mean, acc = self.parallel.mean(loss_mean, acc)
+        return {"step": self.step, "loss": loss_mean, "acc": acc, "lr": lr}
 
     def evaluate(self) -> dict:
         from seqlab.evaluate import evaluate_model
 
         cfg = self.config
         result = evaluate_model(
-            self.model,
+            self.raw_model,
             self.task,
             seqlen=self.seqlen,
             samples=cfg.eval_batches * (cfg.eval_batch_size or cfg.batch_size),
@@ -292,8 +323,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``config.steps``, the target accuracy or the time cap; Ctrl-C saves a checkpoint first."""
         cfg = self.config
-        progress = Progress(self.quiet)
-        tokens_per_step = cfg.batch_size * self.seqlen
+        progress = Progress(self.quiet or not self.is_main)
+        data_world = 1 if self.parallel is None else self.parallel.data_world
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * data_world * self.seqlen  # global
         losses: list[float] = []
         record: dict = {}
         stopped = "steps"
@@ -363,7 +395,7 @@ class Trainer:
         )
 
     def _log(self, record: dict) -> None:
-        if self._metrics_path is None:
+        if self._metrics_path is None or not self.is_main:
             return
         self._metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with self._metrics_path.open("a") as handle:
@@ -398,8 +430,11 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ConfigError("train: cannot save a checkpoint without --out (no checkpoint directory)")
+        if self.parallel is not None:  # sharded (torch.distributed.checkpoint); every rank takes part
+            return self.parallel.save_checkpoint(self, path, lambda tmp, rng: write_json(
+                tmp / "trainer.json", self._trainer_info(world_size=self.parallel.env.world_size)))
         with atomic_dir(path) as tmp:
-            save_model(self.model, tmp)
+            save_model(self.raw_model, tmp)
             tensors, meta = optimizer_state(self.optimizer)
             save_tensors(tmp / "optimizer.safetensors", tensors)
             write_json(tmp / "optimizer.json", meta)
@@ -407,27 +442,42 @@ class Trainer:
             if self.device.type == "cuda":
                 rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
             save_tensors(tmp / "trainer_state.safetensors", rng)
-            write_json(
-                tmp / "trainer.json",
-                {
-                    "format": FORMAT_VERSION,
-                    "step": self.step,
-                    "elapsed_s": self.elapsed,
-                    "train_config": dataclasses.asdict(self.config),
-                    "task": self.task_spec,
-                    "seqlen": self.seqlen,
-                    "last_eval": self.last_eval,
-                    "best_accuracy": self.best_accuracy,
-                    "rng_states": "trainer_state.safetensors",
-                },
-            )
+            write_json(tmp / "trainer.json", self._trainer_info())
         return path
+
+    def _trainer_info(self, world_size: int = 1) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "train_config": dataclasses.asdict(self.config),
+            "task": self.task_spec,
+            "seqlen": self.seqlen,
+            "last_eval": self.last_eval,
+            "best_accuracy": self.best_accuracy,
+            "rng_states": "trainer_state.safetensors",
+            "world_size": world_size,
+        }
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, step, data position and RNG states saved by ``save_checkpoint``."""
         path = Path(path)
+        if (path / "dcp").is_dir():  # written by a distributed run: resharded to this world size
+            from seqlab.distributed.training import load_trainer_checkpoint
+
+            info = load_trainer_checkpoint(self, path)
+            self.step = int(info["step"])
+            self.elapsed = float(info.get("elapsed_s", 0.0))
+            self.last_eval = info.get("last_eval")
+            self.best_accuracy = info.get("best_accuracy")
+            return
+        if self.parallel is not None and (self.config.parallel == "fsdp" or self.config.tp > 1):
+            raise CheckpointError(
+                f"checkpoint: {str(path)!r} was written by a single process; resume it with --parallel none or ddp "
+                "(fsdp and --tp resume from checkpoints written by a distributed run)"
+            )
         info = read_trainer_json(path)
-        load_model_weights(self.model, path)
+        load_model_weights(self.raw_model, path)
         tensors = load_tensors(path / "optimizer.safetensors", what="optimizer state")
         meta = read_json(path / "optimizer.json", what="optimizer state")
         load_optimizer_state(self.optimizer, tensors, meta, self.device)
