@@ -97,11 +97,19 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
     parser.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task argument (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    scale = parser.add_argument_group("scaling out (launch with torchrun --nproc-per-node N -m seqlab train ...)")
+    scale.add_argument("--parallel", choices=("none", "ddp", "fsdp"), help="data parallelism (default none)")
+    scale.add_argument("--tp", type=int, help="tensor-parallel degree (attention/SwiGLU/MoE; = world size)")
+    scale.add_argument("--checkpoint-activations", action="store_true", default=None,
+                       help="recompute block activations in backward (less memory)")
+    scale.add_argument("--grad-accum", type=int, help="micro batches per step; global batch = batch-size x "
+                       "grad-accum x data-parallel processes")
 
 
 TRAIN_OPTIONS = (
     "steps", "batch_size", "seqlen", "lr", "weight_decay", "warmup_steps", "schedule", "eval_every",
-    "target_accuracy", "checkpoint_every", "seed", "dtype", "device",
+    "target_accuracy", "checkpoint_every", "seed", "dtype", "device", "parallel", "tp", "checkpoint_activations",
+    "grad_accum",
 )  # fmt: skip
 
 
@@ -142,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable(out)
         trainer = Trainer(model, task, config, task_spec=task_spec, quiet=args.quiet)
         trainer.load_checkpoint(checkpoint)
-        print(f"resuming {task_spec['name']} from step {trainer.step} in {out}")
+        if trainer.is_main:
+            print(f"resuming {task_spec['name']} from step {trainer.step} in {out}")
     else:
         if (args.task is None) == (args.data is None):
             raise ConfigError(
@@ -171,11 +180,20 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(config.seed)
         model = build_model(args.model, args.size, task, overrides)
         trainer = Trainer(model, task, config, task_spec=task_spec, quiet=args.quiet)
-        print(
-            f"training {args.model}/{args.size} ({model.num_params():,} params) on {args.task or args.data} "
-            f"for {config.steps} steps -> {out}"
-        )
-    result = trainer.fit()
+        if trainer.is_main:
+            print(
+                f"training {args.model}/{args.size} ({model.num_params():,} params) on {args.task or args.data} "
+                f"for {config.steps} steps -> {out}"
+            )
+    try:
+        result = trainer.fit()
+    finally:
+        if trainer.parallel is not None:
+            from seqlab.distributed import cleanup
+
+            cleanup()
+    if not trainer.is_main:
+        return 0
     ev = result.eval or {}
     loss = f"{result.loss:.4f}" if result.loss is not None else "-"
     print(
