@@ -9,7 +9,7 @@ Light to import: the names below load their modules (and torch) on first use.
 
 from __future__ import annotations
 
-import importlib
+from seqlab._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,11 +23,4 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'seqlab' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

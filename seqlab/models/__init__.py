@@ -5,8 +5,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from seqlab._lazy import lazy_exports
 from seqlab.models.config import ModelConfig
 
 _EXPORTS = {
@@ -21,11 +20,4 @@ _EXPORTS = {
 }
 
 __all__ = ["ModelConfig", *_EXPORTS]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'seqlab.models' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
