@@ -227,6 +227,9 @@ def test_train_on_text_resumes_evaluates_and_generates(corpus, tmp_path, monkeyp
     assert _cli("eval", "--checkpoint", out, "--json") == 0
     row = __import__("json").loads(capsys.readouterr().out)["results"][0]
     assert row["bpb"] > 0 and row["seqlen"] == 32
+    assert _cli("eval", "--checkpoint", out, "--data", corpus, "--split", "train", "--json") == 0
+    row = __import__("json").loads(capsys.readouterr().out)["results"][0]
+    assert row["tokens"] == len(TextData(str(corpus))) - 1  # the whole train stream, in order
     state = tmp_path / "state.safetensors"
     args = ("generate", "--checkpoint", out, "--max-new-tokens", 4, "--seed", 0)
     assert _cli(*args, "--prompt", "state", "--save-state", state) == 0

@@ -15,7 +15,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="PATH", help="text (file, folder, glob or 'stdlib'): report loss, bits per "
                         "byte and perplexity on its validation split (default for checkpoints trained on text)")
     parser.add_argument("--tokenizer", metavar="DIR", help="with --data: local Hugging Face tokenizer (default bytes)")
-    parser.add_argument("--max-tokens", type=int, help="with text: score only the first N validation tokens")
+    parser.add_argument("--max-tokens", type=int, help="with text: score only the first N tokens of the split")
+    parser.add_argument("--split", choices=("validation", "train"), default="validation",
+                        help="with text: the documents to score (default: the held-out validation ones)")
     parser.add_argument("--lengths", help="comma-separated sequence lengths (default: the training length)")
     parser.add_argument("--seed", type=int, default=0, help="test-split seed (default 0)")
     parser.add_argument("--samples", type=int, default=256, help="samples per length (default 256)")
@@ -118,13 +120,14 @@ def run_text(args: argparse.Namespace, checkpoint: Path, info: dict, device, len
     dtype = (info.get("train_config") or {}).get("dtype", "auto")
     rows = [
         evaluate_text(model, data, seqlen=length, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, split=args.split)
         for length in lengths
     ]  # fmt: skip
     if args.json:
         print(json.dumps({"checkpoint": str(checkpoint), "data": spec, "results": rows}))
         return 0
-    print(f"{spec['data']} validation split on {checkpoint} ({data.stream.n_docs} documents)")
+    scored = data.for_split(args.split).stream
+    print(f"{spec['data']} {args.split} split on {checkpoint} ({scored.n_docs} documents)")
     print(f"  {'length':>8}  {'tokens':>10}  {'loss':>8}  {'bpb':>7}  {'ppl':>9}")
     for row in rows:
         print(f"  {row['seqlen']:>8}  {row['tokens']:>10}  {row['loss']:>8.4f}  {row['bpb']:>7.4f}  "

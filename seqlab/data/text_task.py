@@ -153,7 +153,11 @@ def evaluate_text(
     if max_tokens is not None:
         n_targets = min(n_targets, max(1, int(max_tokens)))
     if n_targets < 1:
-        raise ConfigError(f"eval: the {data.split} split of {data.spec()['data']!r} holds no text to score")
+        other = "train" if data.split == "validation" else "validation"
+        raise ConfigError(
+            f"eval: the {data.split} split of {data.spec()['data']!r} holds no documents; score the {other} split "
+            "(--split) or give more documents"
+        )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     starts = list(range(0, n_targets, seqlen))
     was_training = model.training
