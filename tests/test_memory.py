@@ -106,6 +106,12 @@ def test_cli_unknown_model_is_a_clear_error(capsys):
         ("jamba", "small", {}),
         ("hybrid", "tiny", {"pattern": "M2 A S M"}),
         ("transformer", "tiny", {"attn_window": 8}),
+        ("rwkv6", "tiny", {}),
+        ("griffin", "tiny", {}),
+        ("mlstm", "tiny", {}),
+        ("linear-transformer", "tiny", {}),
+        ("rwkv7", "tiny", {}),
+        ("hybrid", "tiny", {"pattern": "M2 L A"}),
     ],
 )
 def test_planner_matches_the_real_modules(preset, size, overrides):

@@ -7,12 +7,15 @@ against the real modules (``num_params`` and ``state_bytes`` of models built on 
 Accounting, per sequence of ``context`` tokens and a batch of ``batch`` sequences:
 - weights: parameter count x bytes of ``dtype``.
 - KV cache: attention layers x 2 (K and V) x n_kv_heads x head_dim x min(context, window) x dtype bytes.
+- other families (linear attention, RWKV, Griffin, mLSTM): parameters and state bytes come from the modules
+  themselves, built on the meta device (their states are constant-size).
 - recurrent state: per Mamba-1 layer d_inner x d_state (float32, the scan's accumulator) plus the conv window
   d_inner x (d_conv - 1) in ``dtype``; Mamba-2 likewise with nheads x headdim x d_state and conv_dim =
   d_inner + 2 ngroups d_state; S4D H x N/2 complex64. Constant in ``context``.
 - activations: the peak of one layer's live intermediates during a one-shot prefill of the whole context
   (projections, conv and scan outputs, MLP hidden) plus the residual stream; logits of the last position only.
-  Chunked prefill replaces ``context`` by the chunk length here. With eager (non-fused) attention the
+  Chunked prefill replaces ``context`` by the chunk length here (layers of the other families count a generic
+  six projections of width d_model). With eager (non-fused) attention the
   (heads x context x context) score matrix comes on top: ``attention_score_entries`` counts it.
 """
 
@@ -59,6 +62,10 @@ class ArchSpec:
     # S4D
     s4_layers: int = 0
     s4_d_state: int = 64
+    # layers of other families (linear attention, RWKV, Griffin, mLSTM, ...): counted from the built modules
+    other_layers: int = 0
+    other_params: int = 0
+    other_state_bytes: int = 0  # per sequence; these families keep a constant-size state
     # channel mixing
     d_ff: int = 0
     mlp_layers: int = 0
@@ -102,6 +109,7 @@ def param_count(spec: ArchSpec) -> int:
         # log_dt, D; log A_real, A_imag and complex C over N/2 modes; GLU out-projection (H -> 2H, bias); norm
         layer = 2 * h + 4 * h * (spec.s4_d_state // 2) + 2 * h * h + 2 * h + d
         total += layer * spec.s4_layers
+    total += spec.other_params
     total += (3 * d * spec.d_ff + d) * spec.mlp_layers
     total += (spec.n_experts * 3 * d * spec.d_ff + d * spec.n_experts + d) * spec.moe_layers
     return total
@@ -119,7 +127,8 @@ def recurrent_state_bytes(spec: ArchSpec, batch: int, dtype_bytes: int) -> int:
     conv_dim = di + 2 * spec.ssd_ngroups * spec.ssd_d_state
     mamba2 = spec.ssd_nheads * spec.ssd_headdim * spec.ssd_d_state * 4 + conv_dim * w * dtype_bytes
     s4 = spec.d_model * (spec.s4_d_state // 2) * 8
-    return batch * (spec.mamba_layers * mamba + spec.mamba2_layers * mamba2 + spec.s4_layers * s4)
+    modelled = spec.mamba_layers * mamba + spec.mamba2_layers * mamba2 + spec.s4_layers * s4
+    return batch * (modelled + spec.other_state_bytes)
 
 
 def attention_score_entries(spec: ArchSpec, context: int) -> int:
@@ -142,6 +151,8 @@ def activation_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int)
         per_token.append(2 * di + 2 * g * n + spec.ssd_nheads + (di + 2 * g * n) + di)
     if spec.s4_layers:
         per_token.append(4 * d)
+    if spec.other_layers:  # a generic estimate: ~6 projections of width d_model live at once
+        per_token.append(6 * d)
     if spec.mlp_layers:
         per_token.append(3 * spec.d_ff)
     if spec.moe_layers:

@@ -8,12 +8,36 @@ from seqlab.bench.memory import ArchSpec, public_specs
 from seqlab.errors import ConfigError
 from seqlab.models.config import ModelConfig
 
+ANALYTIC_KINDS = ("A", "S", "M", "M2")
+
+
+def _other_layers(config: ModelConfig, kinds: list[str]) -> tuple[int, int, int]:
+    """(layers, parameters, state bytes per sequence) of the layers whose kind has no formula here, counted on
+    modules built on the meta device (nothing is allocated)."""
+    import torch
+
+    from seqlab.mixers import MIXERS
+
+    others = [i for i, kind in enumerate(kinds) if kind not in ANALYTIC_KINDS]
+    params = state = 0
+    with torch.device("meta"):
+        for i in others:
+            mixer = MIXERS[kinds[i]].from_config(config, i)
+            params += sum(p.numel() for p in mixer.parameters()) + config.d_model  # + the block's pre-norm
+            per_seq = mixer.state_bytes(1, 1, torch.float32)
+            if mixer.state_bytes(1, 4096, torch.float32) != per_seq:
+                raise ConfigError(f"memory: layer {i} ({kinds[i]!r}) has a state that grows with length; "
+                                  "the planner has no formula for it")
+            state += per_seq
+    return len(others), params, state
+
 
 def spec_from_config(config: ModelConfig, name: str | None = None) -> ArchSpec:
     """The ArchSpec of a seqlab ModelConfig: layer counts from its pattern, shapes from its fields."""
     from seqlab.mixers.mlp import default_d_ff
 
     kinds = config.layer_kinds()
+    other_layers, other_params, other_state = _other_layers(config, kinds)
     channels = [config.channel_mixer(i) for i in range(config.n_layers)]
     k = config.shared_attention_every
     shared_uses = sum(1 for i in range(config.n_layers) if k and (i + 1) % k == 0)
@@ -46,6 +70,9 @@ def spec_from_config(config: ModelConfig, name: str | None = None) -> ArchSpec:
         ssd_ngroups=config.ssd_ngroups,
         s4_layers=kinds.count("S"),
         s4_d_state=config.s4_d_state,
+        other_layers=other_layers,
+        other_params=other_params,
+        other_state_bytes=other_state,
         d_ff=config.d_ff or default_d_ff(config.d_model),
         mlp_layers=channels.count("swiglu"),
         moe_layers=channels.count("moe"),
