@@ -9,6 +9,7 @@ reaches p; Holtzman et al. 2020), then a draw from a seeded ``torch.Generator``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -41,7 +42,7 @@ def generate(
     state           an InferenceState to continue from (e.g. loaded from a file); ``input_ids`` are then the
                     tokens that follow it, and on return the state has consumed every returned token
     cuda_graph      replay the decode step as a CUDA graph (None = when possible: CUDA, batch rows of one
-                    length, a state of fixed size, and a recorded step that matches an eager one)
+                    length, and a recorded step that matches an eager one; KV caches decode at fixed shapes)
     """
     ids = _as_batch(input_ids, model)
     _check_options(max_new_tokens, temperature, top_k, top_p, eos_id)
@@ -102,37 +103,43 @@ class DecodeGraph:
 
     A decode step launches a few kernels per layer, each too small to keep the GPU busy, so at batch 1 the
     Python and launch overhead dominates; replaying a recorded graph removes it. The recording is valid only
-    when the step's kernels do not depend on Python-side values that change between steps (a KV cache's
-    write position does; an SSM's in-place state update does not), so ``record(verify=True)`` replays the
-    graph once at a later position and keeps it only if it matches the eager step exactly.
+    when the step's kernels do not depend on Python-side values that change between steps. An SSM's in-place
+    state update does not; a KV cache's write position would, so while recording every MixerState carries
+    ``device_offset``, a device tensor that ``step`` sets to the position before each replay, and attention
+    reads its position from it (fixed-shape decode over the whole preallocated cache). ``record(verify=True)``
+    replays the graph once at a later position and keeps it only if it matches the eager step.
     """
 
-    def __init__(self, graph, token: torch.Tensor, logits: torch.Tensor, state):
-        self.graph, self.token, self.logits, self.state = graph, token, logits, state
+    def __init__(self, graph, token: torch.Tensor, logits: torch.Tensor, state, position: torch.Tensor):
+        self.graph, self.token, self.logits, self.state, self.position = graph, token, logits, state, position
 
     @classmethod
     def record(cls, model, state, token: torch.Tensor, vocab: int, verify: bool = True) -> DecodeGraph | None:
         """Record ``model(token (B, 1), state)``; the state is left as it was. None when it cannot be used."""
-        if getattr(state, "grows_with_length", True):
+        if not hasattr(state, "named_states"):
             return None
         start = _snapshot(state)
         static_token = token[:, None].clone()  # (B, 1)
+        position = torch.zeros(1, dtype=torch.long, device=token.device)  # the step's position, on the device
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: compile / autotune kernels outside the recording
-                    model(static_token, state=state)
+                    position.fill_(state.offset)
+                    with _device_offset(state, position):
+                        model(static_token, state=state)
             torch.cuda.current_stream().wait_stream(side)
             _restore(state, start)
             graph = torch.cuda.CUDAGraph()
-            with _autocast_without_cache(), torch.cuda.graph(graph):
+            position.fill_(state.offset)
+            with _autocast_without_cache(), _device_offset(state, position), torch.cuda.graph(graph):
                 static_logits = model(static_token, state=state)[:, -1, :vocab]
             _restore(state, start)
         except Exception:  # a kernel or op that cannot be recorded: decode eagerly
             _restore(state, start)
             return None
-        recorded = cls(graph, static_token, static_logits, state)
+        recorded = cls(graph, static_token, static_logits, state, position)
         if verify and not recorded._matches_eager(model, token, vocab):
             _restore(state, start)
             return None
@@ -142,6 +149,7 @@ class DecodeGraph:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Consume ``token (B,)``; returns the next logits ``(B, V)`` (a view reused by the next step)."""
         self.token.copy_(token[:, None])
+        self.position.fill_(self.state.offset)
         self.graph.replay()
         for _, mixer_state in self.state.named_states():
             mixer_state.offset += 1
@@ -156,6 +164,20 @@ class DecodeGraph:
         _restore(self.state, middle)
         replayed = self.step(token).clone()
         return bool(torch.allclose(eager, replayed, rtol=1e-3, atol=1e-3))
+
+
+@contextlib.contextmanager
+def _device_offset(state, position: torch.Tensor):
+    """Within the block every MixerState of ``state`` exposes ``device_offset = position`` (a (1,) int64 device
+    tensor holding ``state.offset``): mixers whose step depends on the position (attention) read it from there."""
+    states = [s for _, s in state.named_states()]
+    for s in states:
+        s.device_offset = position
+    try:
+        yield
+    finally:
+        for s in states:
+            s.device_offset = None
 
 
 def _snapshot(state) -> tuple[dict[str, torch.Tensor], list[int], int]:

@@ -173,3 +173,39 @@ def test_cli_end_to_end_writes_json(tmp_path, capsys):
 def test_bad_arguments_fail_fast(argv, message, capsys):
     assert main(["bench", "generate", "--models", "mamba:tiny", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- fixed-shape (graph-ready) attention decode
+
+
+@pytest.mark.parametrize(
+    "overrides, capacity",
+    [({}, 40), ({"n_kv_heads": 1}, 40), ({"attn_window": 6}, 40), ({"attn_window": 64}, 40)],
+    ids=["mha", "gqa", "ring-window", "window-wider-than-cache"],
+)
+def test_fixed_shape_attention_decode_equals_eager_decode(overrides, capacity):
+    """The step a CUDA graph records (position read from a device tensor) equals the eager step, token by token,
+    including after a packed prefill whose last document starts mid-row (RoPE restarts there)."""
+    from seqlab.generation import _device_offset
+
+    model = tiny("transformer", initializer_range=0.2, **overrides)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (2, 9), generator=gen)
+    seq_idx = torch.tensor([[0] * 9, [0] * 4 + [1] * 5])
+    eager_state, fixed_state = model.allocate_state(2, capacity), model.allocate_state(2, capacity)
+    position = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        model(ids, state=eager_state, seq_idx=seq_idx)
+        model(ids, state=fixed_state, seq_idx=seq_idx)
+        token = ids[:, -1:]
+        for _ in range(20):
+            eager = model(token, state=eager_state)
+            position.fill_(fixed_state.offset)
+            with _device_offset(fixed_state, position):
+                fixed = model(token, state=fixed_state)
+            torch.testing.assert_close(fixed, eager, rtol=1e-5, atol=1e-5)  # float32
+            token = eager[:, -1, :256].argmax(-1, keepdim=True)
+    assert fixed_state.offset == eager_state.offset == 29
+    for key, t in eager_state.named_tensors().items():
+        torch.testing.assert_close(fixed_state.named_tensors()[key], t, rtol=1e-6, atol=1e-6)
+    assert all(getattr(s, "device_offset", None) is None for _, s in fixed_state.named_states())

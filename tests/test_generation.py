@@ -173,17 +173,19 @@ def test_cuda_graph_decode_equals_eager_decode(preset):
 
 @pytest.mark.gpu
 @cuda
-def test_kv_cache_decode_is_never_recorded():
+@pytest.mark.parametrize("overrides", [{}, {"attn_window": 4}], ids=["full", "ring-window"])
+def test_kv_cache_decode_graph_equals_eager_decode(overrides):
     from seqlab.generation import DecodeGraph
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = from_preset("transformer", "tiny").eval()
-    ids = torch.randint(0, 256, (1, 5), device="cuda")
-    state = model.allocate_state(1, 32)
+        model = from_preset("transformer", "tiny", initializer_range=0.2, **overrides).eval()
+    ids = torch.randint(0, 256, (2, 5), device="cuda")
+    state = model.allocate_state(2, 32)
     with torch.inference_mode():
         model(ids, state=state)
-        assert DecodeGraph.record(model, state, ids[:, -1], 259) is None
+        assert DecodeGraph.record(model, state, ids[:, -1], 259) is not None  # fixed-shape decode records
     assert torch.equal(
-        seqlab.generate(model, ids, 6, temperature=0), seqlab.generate(model, ids, 6, temperature=0, cuda_graph=False)
+        seqlab.generate(model, ids, 20, temperature=0, cuda_graph=True),
+        seqlab.generate(model, ids, 20, temperature=0, cuda_graph=False),
     )

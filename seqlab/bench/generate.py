@@ -3,8 +3,9 @@
 
 Each model runs its best path: the whole prompt in one prefill call into a preallocated state (KV cache or
 constant-size recurrent state), then greedy decode steps; a step is replayed from a recorded CUDA graph when
-the state has a fixed size (``seqlab.generation.DecodeGraph``; attention's step depends on the Python-side
-write position and stays eager). Fused kernels come from the ops' ``backend="auto"``.
+it can be recorded (``seqlab.generation.DecodeGraph``: SSM states have a fixed size; attention decodes at
+fixed shapes over the whole preallocated KV cache, its write position held in a device tensor). Fused kernels
+come from the ops' ``backend="auto"``. ``cuda_graph`` in the results says whether the graph was used.
 
 Reported per (model, batch):
     prefill_s, decode_s        the prompt's one call (its last logits give the first new token); the

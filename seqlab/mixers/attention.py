@@ -169,6 +169,25 @@ class Attention(nn.Module):
             mask = mask & (delta < self.window)
         return mask
 
+    def _decode_fixed(self, q, k, v, state: MixerState, position: torch.Tensor) -> torch.Tensor:
+        """One-token decode that reads the position from the device tensor ``position (1,)`` int64 (set by the
+        caller to ``state.offset``) instead of from Python: every shape and kernel argument is the same at each
+        step, so the step can be recorded once as a CUDA graph and replayed (``seqlab.generation.DecodeGraph``).
+        Same result as the eager one-token step: write the key into its slot, attend over all S slots, masked."""
+        k_cache, v_cache, doc_start = state["k"], state["v"], state["doc_start"]
+        S = k_cache.shape[1]
+        pos = (position - doc_start)[:, None]  # (B, 1) RoPE positions inside the current document
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        slot = torch.remainder(position, S)  # (1,) linear cache: the position itself; ring: position mod S
+        k_cache.index_copy_(1, slot, k.detach().to(k_cache.dtype))
+        v_cache.index_copy_(1, slot, v.detach().to(v_cache.dtype))
+        kpos = position - torch.remainder(position - torch.arange(S, device=q.device), S)  # (S,) position per slot
+        # (B, S): written and in the current document; S <= window, so every slot is inside the window
+        mask = (kpos >= 0) & (kpos[None, :] >= doc_start[:, None])
+        y = self._sdpa(q.to(k_cache.dtype), k_cache, v_cache, mask[:, None, None, :]).to(v.dtype)
+        state.offset += 1
+        return y
+
     def _attend_cached(self, q, k, v, state: MixerState, seq_idx) -> torch.Tensor:
         """Attend over the cached past plus this chunk; the chunk is appended to the cache."""
         Bsz, L = q.shape[:2]
@@ -180,6 +199,9 @@ class Attention(nn.Module):
             raise InputError(
                 "x", f"at most {S - offset} more positions (KV cache allocated for max_seqlen={S})", f"{L} positions"
             )
+        position = getattr(state, "device_offset", None)
+        if position is not None and L == 1 and seq_idx is None:
+            return self._decode_fixed(q, k, v, state, position)
         device = q.device
         t = torch.arange(L, device=device)
         qpos = offset + t  # (L,) absolute positions
