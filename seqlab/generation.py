@@ -63,7 +63,7 @@ def generate(
             else:
                 generator.manual_seed(int(seed))
 
-            logits = model(ids, state=state)[:, -1, :vocab]  # prefill: (B, V)
+            logits = model(ids, state=state, last_only=True)[:, -1, :vocab]  # prefill: (B, V)
             step_fn = lambda token: model(token[:, None], state=state)[:, -1, :vocab]  # noqa: E731
             if max_new_tokens > 2 and cuda_graph is not False and ids.device.type == "cuda":
                 graph = DecodeGraph.record(model, state, logits.argmax(-1), vocab, verify=True)

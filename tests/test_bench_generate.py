@@ -209,3 +209,15 @@ def test_fixed_shape_attention_decode_equals_eager_decode(overrides, capacity):
     for key, t in eager_state.named_tensors().items():
         torch.testing.assert_close(fixed_state.named_tensors()[key], t, rtol=1e-6, atol=1e-6)
     assert all(getattr(s, "device_offset", None) is None for _, s in fixed_state.named_states())
+
+
+@pytest.mark.parametrize("name", ["transformer", "mamba2"])
+def test_last_only_logits_equal_the_last_row_of_the_full_logits(name):
+    model = tiny(name)
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model(ids)
+        state = model.allocate_state(2, 11)
+        last = model(ids, state=state, last_only=True)
+    assert last.shape == (2, 1, full.shape[-1]) and state.offset == 11
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)

@@ -156,7 +156,7 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
             state.reset()
             _sync(device)
             t0 = time.perf_counter()
-            token = model(ids, state=state)[:, -1, :vocab].argmax(-1)  # (B,) first new token
+            token = model(ids, state=state, last_only=True)[:, -1, :vocab].argmax(-1)  # (B,) first new token
             _sync(device)
             t1 = time.perf_counter()
             for _ in range(gen_len - 1):

@@ -151,8 +151,14 @@ class LanguageModel(nn.Module):
     # --------------------------------------------------------------------------------------------- forward
 
     def forward(
-        self, input_ids: torch.Tensor, state: InferenceState | None = None, seq_idx: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        state: InferenceState | None = None,
+        seq_idx: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """``last_only``: logits of the last position only, ``(B, 1, V_padded)`` (a prefill before generation
+        needs no more; the full ``(B, L, V)`` float32 logits of a long batch can outweigh the model)."""
         self._check_inputs(input_ids, state)
         x_emb = self.embedding(input_ids)  # (B, L, d)
         h = x_emb
@@ -162,6 +168,8 @@ class LanguageModel(nn.Module):
                 shared_state = None if state is None else state.shared[j]
                 h = h + self.shared_proj[j](self.shared_block(h, x_emb, state=shared_state, seq_idx=seq_idx))
             h = block(h, state=None if state is None else state.layers[i], seq_idx=seq_idx)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, d)
         logits = self.lm_head(self.norm_f(h)).float()  # (B, L, V_padded)
         if state is not None:
             state.offset += input_ids.shape[1]
