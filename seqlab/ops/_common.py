@@ -7,6 +7,7 @@ Every op takes ``backend="auto" | "ref" | "torch" | "triton"``. ``ref`` is a pla
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -54,6 +55,22 @@ def require_triton(op: str, *tensors: torch.Tensor | None) -> None:
         )
 
 
+def triton_entry(module: str, name: str, *, required: bool = False):
+    """The Triton entry point ``module.name``; None when it cannot be imported here (BackendUnavailable instead
+    when ``required``)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        if required:
+            raise BackendUnavailable(f"backend='triton': cannot load {module}.{name} ({err})") from err
+        return None
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype scans accumulate in: float64 stays float64 (for gradcheck), everything else computes in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def check_tensor(
     name: str,
     t: torch.Tensor | None,
@@ -93,13 +110,19 @@ def check_dim(name: str, t: torch.Tensor, dim: int, size: int, meaning: str) -> 
         raise InputError(name, f"size {size} in dim {dim} ({meaning})", f"shape {tuple(t.shape)}")
 
 
-def check_seq_idx(seq_idx: torch.Tensor | None, batch: int, seqlen: int) -> None:
+def check_seq_idx(
+    seq_idx: torch.Tensor | None, batch: int, seqlen: int, device: torch.device | None = None, like: str = "x"
+) -> None:
+    """Raise InputError unless ``seq_idx`` is None or an int (B, L) tensor; with ``device``, also unless it is on
+    that device type (the device of the input named ``like``)."""
     if seq_idx is None:
         return
     if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
         raise InputError("seq_idx", "an int32/int64 tensor of shape (B, L)", getattr(seq_idx, "dtype", seq_idx))
     if tuple(seq_idx.shape) != (batch, seqlen):
         raise InputError("seq_idx", f"shape ({batch}, {seqlen})", f"shape {tuple(seq_idx.shape)}")
+    if device is not None and seq_idx.device.type != device.type:
+        raise InputError("seq_idx", f"a tensor on {device.type} like {like}", f"one on {seq_idx.device}")
 
 
 def reset_mask(seq_idx: torch.Tensor) -> torch.Tensor:

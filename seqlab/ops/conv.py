@@ -22,13 +22,19 @@ masked per tap when documents are packed; autograd), ``triton`` (fused GPU kerne
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
-from seqlab.errors import BackendUnavailable, InputError
-from seqlab.ops._common import check_backend, check_dim, check_seq_idx, check_tensor, require_triton, triton_usable
+from seqlab.errors import InputError
+from seqlab.ops._common import (
+    check_backend,
+    check_dim,
+    check_seq_idx,
+    check_tensor,
+    require_triton,
+    triton_entry,
+    triton_usable,
+)
 
 ACTIVATIONS = (None, "silu")
 
@@ -60,14 +66,20 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
-def _triton_kernel(module: str, name: str, required: bool):
-    """The Triton entry point ``module.name``, or None when it cannot be imported (raises when ``required``)."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        if required:
-            raise BackendUnavailable(f"backend='triton': cannot load {module}.{name} ({err})") from err
-        return None
+def _check_real(name: str, t: torch.Tensor | None) -> None:
+    if t is not None and t.is_complex():
+        raise InputError(name, "a real floating-point tensor", f"dtype {t.dtype}")
+
+
+def _triton_kernel(op: str, backend: str, x: torch.Tensor, tensors: tuple, entry: tuple[str, str]):
+    """The Triton entry point to run, or None for the PyTorch paths: ``backend="triton"`` requires it; ``"auto"``
+    takes it on CUDA when Triton is usable and the kernel module imports."""
+    if backend == "triton":
+        require_triton(op, *tensors)
+        return triton_entry(*entry, required=True)
+    if backend == "auto" and x.is_cuda and triton_usable(*tensors):
+        return triton_entry(*entry)
+    return None
 
 
 def _document_ids(seq_idx: torch.Tensor, width: int) -> torch.Tensor:
@@ -107,21 +119,13 @@ def causal_conv1d(
     Bsz, L, D = x.shape
     W = weight.shape[1]
     check_tensor("initial_state", initial_state, (Bsz, D, W - 1), optional=True, device=x.device)
-    if initial_state is not None and initial_state.is_complex():
-        raise InputError("initial_state", "a real floating-point tensor", f"dtype {initial_state.dtype}")
-    check_seq_idx(seq_idx, Bsz, L)
-    if seq_idx is not None and seq_idx.device.type != x.device.type:
-        raise InputError("seq_idx", f"a tensor on {x.device.type} like x", f"one on {seq_idx.device}")
+    _check_real("initial_state", initial_state)
+    check_seq_idx(seq_idx, Bsz, L, device=x.device)
     if L < 1:
         raise InputError("x", "at least one position (L >= 1)", f"shape {tuple(x.shape)}")
 
-    kernel = None
-    if backend == "triton":
-        require_triton("causal_conv1d", x, weight, bias, initial_state)
-        kernel = _triton_kernel("seqlab.ops.triton.conv", "causal_conv1d_triton", required=True)
-    elif backend == "auto" and x.is_cuda and triton_usable(x, weight, bias, initial_state):
-        kernel = _triton_kernel("seqlab.ops.triton.conv", "causal_conv1d_triton", required=False)
-
+    entry = ("seqlab.ops.triton.conv", "causal_conv1d_triton")
+    kernel = _triton_kernel("causal_conv1d", backend, x, (x, weight, bias, initial_state), entry)
     if kernel is not None:
         y, final_state = kernel(x, weight, bias, activation, initial_state, seq_idx)
     elif backend == "ref":
@@ -229,16 +233,10 @@ def conv_step(
     Bsz, D = x.shape
     W = weight.shape[1]
     check_tensor("conv_state", conv_state, (Bsz, D, W - 1), device=x.device)
-    if conv_state.is_complex():
-        raise InputError("conv_state", "a real floating-point tensor", f"dtype {conv_state.dtype}")
+    _check_real("conv_state", conv_state)
 
-    kernel = None
-    if backend == "triton":
-        require_triton("conv_step", conv_state, x, weight, bias)
-        kernel = _triton_kernel("seqlab.ops.triton.decode", "conv_step_triton", required=True)
-    elif backend == "auto" and x.is_cuda and triton_usable(conv_state, x, weight, bias):
-        kernel = _triton_kernel("seqlab.ops.triton.decode", "conv_step_triton", required=False)
-
+    entry = ("seqlab.ops.triton.decode", "conv_step_triton")
+    kernel = _triton_kernel("conv_step", backend, x, (conv_state, x, weight, bias), entry)
     if kernel is not None:
         return kernel(conv_state, x, weight, bias, activation)
     if backend == "ref":

@@ -33,8 +33,10 @@ from seqlab.ops._common import (
     check_dim,
     check_seq_idx,
     check_tensor,
+    compute_dtype,
     require_triton,
     reset_mask,
+    triton_entry,
     triton_usable,
 )
 
@@ -66,10 +68,6 @@ CPU_CHUNKED_MAX_STATE = 1024
 
 # ----------------------------------------------------------------------------------------------------------------
 # validation
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _as_grouped(name: str, t: torch.Tensor, shape_3d: tuple, shape_4d: tuple, device: torch.device) -> torch.Tensor:
@@ -141,7 +139,7 @@ def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
 
     Peak extra memory O(B*D*N) per step plus autograd's saved per-step tensors, O(B*L*D*N) in all.
     """
-    dtype = _compute_dtype(u)
+    dtype = compute_dtype(u)
     batch, seqlen, dim = u.shape
     G = B.shape[2]
     u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
@@ -322,7 +320,7 @@ def _selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, in
     scan itself is ``_ScanFn``. Peak extra memory O(B*T*D*N) for a time group of T = group_len steps
     (about 7 tensors of GROUP_ELEMENTS elements in backward), plus O(B*L*D) for activations.
     """
-    dtype = _compute_dtype(u)
+    dtype = compute_dtype(u)
     batch, seqlen, dim = u.shape
     chunk = (chunk_size or CHUNK_SIZE) if chunked else 0
     group = group_len or _group_len(batch, dim, A.shape[1], u.device, chunk)
@@ -347,15 +345,8 @@ def _selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, in
 # dispatch
 
 
-@functools.cache
-def _triton_module(name: str):
-    """The Triton kernel module, or None when it cannot be imported here."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"seqlab.ops.triton.{name}")
-    except ImportError:
-        return None
+def _kernel_importable(module: str, name: str) -> bool:
+    return triton_entry(f"seqlab.ops.triton.{module}", name) is not None
 
 
 def _cpu_prefers_chunked(batch: int, dim: int, d_state: int) -> bool:
@@ -388,7 +379,7 @@ def selective_scan(
     tensors = (u, delta, A, B4, C4, D, z, delta_bias, initial_state)
     if backend == "auto":
         if u.is_cuda:
-            use_triton = triton_usable(*tensors) and _triton_module("selective_scan") is not None
+            use_triton = triton_usable(*tensors) and _kernel_importable("selective_scan", "selective_scan_triton")
             backend = "triton" if use_triton else "torch"
         else:
             backend = "torch" if _cpu_prefers_chunked(u.shape[0], u.shape[2], A.shape[1]) else "loop"
@@ -456,7 +447,7 @@ def selective_state_update(
     """
     B3, C3 = _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend)
     if backend == "triton" or (backend == "auto" and x.is_cuda and triton_usable(state, x, dt, A, B3, C3)
-                               and _triton_module("decode") is not None):
+                               and _kernel_importable("decode", "selective_state_update_triton")):
         require_triton("selective_state_update", state, x, dt, A, B3, C3, D, z, dt_bias)
         from seqlab.ops.triton.decode import selective_state_update_triton
 

@@ -26,8 +26,6 @@ Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (f
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +35,10 @@ from seqlab.ops._common import (
     check_dim,
     check_seq_idx,
     check_tensor,
+    compute_dtype,
     require_triton,
     reset_mask,
+    triton_entry,
     triton_usable,
 )
 
@@ -63,38 +63,46 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, chunk_size=
     check_tensor("A", A, (nheads,), device=dev)
     check_tensor("B", B, ("B", "L", "G", "N"), device=dev)
     check_tensor("C", C, ("B", "L", "G", "N"), device=dev)
-    for name, t in (("B", B), ("C", C)):
-        check_dim(name, t, 0, batch, "batch of x")
-        check_dim(name, t, 1, seqlen, "seqlen of x")
-        if t.dtype != x.dtype:
-            raise InputError(name, f"dtype {x.dtype} like x", f"dtype {t.dtype}")
-    ngroups, d_state = B.shape[2], B.shape[3]
-    if ngroups == 0 or nheads % ngroups != 0:
-        raise InputError("B", f"a number of groups G dividing nheads={nheads} (dim 2)", f"G={ngroups}")
-    if C.shape != B.shape:
-        raise InputError("C", f"shape {tuple(B.shape)} like B", f"shape {tuple(C.shape)}")
-    if D is not None:
-        check_tensor("D", D, None, device=dev)
-        if tuple(D.shape) not in ((nheads,), (nheads, headdim)):
-            raise InputError("D", f"shape ({nheads},) or ({nheads}, {headdim})", f"shape {tuple(D.shape)}")
-    check_tensor("z", z, (batch, seqlen, nheads, headdim), optional=True, device=dev)
-    if z is not None and z.dtype != x.dtype:
-        raise InputError("z", f"dtype {x.dtype} like x", f"dtype {z.dtype}")
-    check_tensor("dt_bias", dt_bias, (nheads,), optional=True, device=dev)
+    d_state = _check_groups(x, B, C, ((batch, "batch of x"), (seqlen, "seqlen of x")))
+    _check_skip_gate_bias(x, D, z, dt_bias)
     check_tensor("initial_state", initial_state, (batch, nheads, headdim, d_state), optional=True, device=dev)
-    check_seq_idx(seq_idx, batch, seqlen)
-    if seq_idx is not None and seq_idx.device.type != dev.type:
-        raise InputError("seq_idx", f"a tensor on {dev.type} like x", f"one on {seq_idx.device}")
+    check_seq_idx(seq_idx, batch, seqlen, device=dev)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError("chunk_size", "a positive int", repr(chunk_size))
 
 
+def _check_groups(x, B, C, lead: tuple) -> int:
+    """B and C (*lead, G, N) with x (*lead, ..., H, P): the ``lead`` sizes ((size, meaning) pairs), x's dtype,
+    G dividing H, C shaped like B. Returns N."""
+    nheads = x.shape[-2]
+    for name, t in (("B", B), ("C", C)):
+        for i, (size, meaning) in enumerate(lead):
+            check_dim(name, t, i, size, meaning)
+        if t.dtype != x.dtype:
+            raise InputError(name, f"dtype {x.dtype} like x", f"dtype {t.dtype}")
+    g = len(lead)
+    ngroups, d_state = B.shape[g], B.shape[g + 1]
+    if ngroups == 0 or nheads % ngroups != 0:
+        raise InputError("B", f"a number of groups G dividing nheads={nheads} (dim {g})", f"G={ngroups}")
+    if C.shape != B.shape:
+        raise InputError("C", f"shape {tuple(B.shape)} like B", f"shape {tuple(C.shape)}")
+    return d_state
+
+
+def _check_skip_gate_bias(x, D, z, dt_bias) -> None:
+    """D (H,) or (H, P); z shaped like x (..., H, P) in x's dtype; dt_bias (H,)."""
+    nheads, headdim = x.shape[-2:]
+    if D is not None:
+        check_tensor("D", D, None, device=x.device)
+        if tuple(D.shape) not in ((nheads,), (nheads, headdim)):
+            raise InputError("D", f"shape ({nheads},) or ({nheads}, {headdim})", f"shape {tuple(D.shape)}")
+    check_tensor("z", z, tuple(x.shape), optional=True, device=x.device)
+    if z is not None and z.dtype != x.dtype:
+        raise InputError("z", f"dtype {x.dtype} like x", f"dtype {z.dtype}")
+    check_tensor("dt_bias", dt_bias, (nheads,), optional=True, device=x.device)
+
+
 # ------------------------------------------------------------------------------------------- shared pieces
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64 (for gradcheck); everything else computes in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _step_size(dt, dt_bias, dt_softplus, dtype):
@@ -149,7 +157,7 @@ def _ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     Peak extra memory: one state (b, H, P, N) plus the outputs; under autograd every step's state is kept,
     O(b·L·H·P·N).
     """
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     batch, seqlen, nheads, headdim = x.shape
     dt = _step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
     decay = torch.exp(_log_decay(dt, A, seq_idx))  # (b, l, H), 0 at document starts
@@ -179,7 +187,7 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial
     Peak extra memory: the decay and score matrices of every chunk, O(b·H·L·T) for T = chunk_size, plus the
     chunk states O(b·H·P·N·L/T) and a few copies of the inputs in float32.
     """
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, d_state = B.shape[2], B.shape[3]
     heads_per_group = nheads // ngroups
@@ -249,14 +257,6 @@ def _float32_compute(x: torch.Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def _kernel(module: str, name: str):
-    """The Triton entry point, or None when its module is missing or fails to import."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 def select_backend(
     backend: str, x: torch.Tensor, *tensors, seqlen=None, kernel=("seqlab.ops.triton.ssd", "ssd_triton")
 ) -> str:
@@ -267,7 +267,7 @@ def select_backend(
     if backend != "auto":
         return backend
     if x.is_cuda:
-        if triton_usable(x, *tensors) and _kernel(*kernel) is not None:
+        if triton_usable(x, *tensors) and triton_entry(*kernel) is not None:
             return "triton"
         return "torch"
     return "ref" if seqlen is not None and seqlen <= CPU_LOOP_MAX_LEN else "torch"
@@ -306,7 +306,7 @@ def ssd(
     if path == "triton":
         require_triton("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
     if path == "triton" and x.shape[1] > 0:
-        ssd_triton = _kernel("seqlab.ops.triton.ssd", "ssd_triton")
+        ssd_triton = triton_entry("seqlab.ops.triton.ssd", "ssd_triton")
         if ssd_triton is None:
             raise BackendUnavailable("ssd: backend='triton' but seqlab.ops.triton.ssd.ssd_triton cannot be imported")
         y, final_state = ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
@@ -334,7 +334,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True
 
 
 def _ssd_quadratic(x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx):
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     nheads = x.shape[2]
     dt = _step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
     a = _log_decay(dt, A, seq_idx).transpose(1, 2)  # (b, H, l)
@@ -358,23 +358,9 @@ def _validate_step(state, x, dt, A, B, C, D, z, dt_bias):
     check_tensor("A", A, (nheads,), device=dev)
     check_tensor("B", B, (batch, "G", "N"), device=dev)
     check_tensor("C", C, (batch, "G", "N"), device=dev)
-    for name, t in (("B", B), ("C", C)):
-        if t.dtype != x.dtype:
-            raise InputError(name, f"dtype {x.dtype} like x", f"dtype {t.dtype}")
-    ngroups, d_state = B.shape[1], B.shape[2]
-    if ngroups == 0 or nheads % ngroups != 0:
-        raise InputError("B", f"a number of groups G dividing nheads={nheads} (dim 1)", f"G={ngroups}")
-    if C.shape != B.shape:
-        raise InputError("C", f"shape {tuple(B.shape)} like B", f"shape {tuple(C.shape)}")
+    d_state = _check_groups(x, B, C, ((batch, "batch of x"),))
     check_tensor("state", state, (batch, nheads, headdim, d_state), device=dev)
-    if D is not None:
-        check_tensor("D", D, None, device=dev)
-        if tuple(D.shape) not in ((nheads,), (nheads, headdim)):
-            raise InputError("D", f"shape ({nheads},) or ({nheads}, {headdim})", f"shape {tuple(D.shape)}")
-    check_tensor("z", z, (batch, nheads, headdim), optional=True, device=dev)
-    if z is not None and z.dtype != x.dtype:
-        raise InputError("z", f"dtype {x.dtype} like x", f"dtype {z.dtype}")
-    check_tensor("dt_bias", dt_bias, (nheads,), optional=True, device=dev)
+    _check_skip_gate_bias(x, D, z, dt_bias)
 
 
 def _ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
@@ -403,7 +389,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     path = select_backend(backend, x, state, dt, A, B, C, D, z, dt_bias, kernel=kernel)
     if path == "triton":
         require_triton("ssd_state_update", state, x, dt, A, B, C, D, z, dt_bias)
-        fn = _kernel(*kernel)
+        fn = triton_entry(*kernel)
         if fn is None:
             raise BackendUnavailable(
                 "ssd_state_update: backend='triton' but seqlab.ops.triton.decode cannot be imported"
