@@ -135,8 +135,9 @@ def _sync(device: torch.device) -> None:
 
 
 def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.device, repeats: int = 1,
-                cuda_graph: bool = True, generator: torch.Generator | None = None) -> tuple[float, float, bool]:
-    """Median (prefill seconds, decode seconds) of greedy generation, and whether a CUDA graph replayed the step.
+                cuda_graph: bool = True, generator: torch.Generator | None = None) -> tuple[float, float, str]:
+    """Median (prefill seconds, decode seconds) of greedy generation, and how the step ran: "graph", "eager" or
+    "eager: out of memory while recording" (recording copies the state; a KV cache near the memory limit fails).
 
     One untimed warm-up run first; the state is allocated and the graph recorded once, outside the timing."""
     from seqlab.generation import DecodeGraph
@@ -146,11 +147,18 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
     state = model.allocate_state(batch, prompt_len + gen_len, device=device)
     with torch.inference_mode():
         step = lambda token: model(token[:, None], state=state)[:, -1, :vocab]  # noqa: E731
-        graph = None
+        graph, how = None, "eager"
         if cuda_graph and device.type == "cuda" and gen_len > 1:
-            graph = DecodeGraph.record(model, state, ids[:, -1], vocab, verify=True)
+            try:
+                graph = DecodeGraph.record(model, state, ids[:, -1], vocab, verify=True)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                if not _is_oom(err):
+                    raise
+                how = "eager: out of memory while recording"
+                state.reset()
+                torch.cuda.empty_cache()
             if graph is not None:
-                step = graph.step
+                step, how = graph.step, "graph"
 
         def once() -> tuple[float, float]:
             state.reset()
@@ -166,7 +174,7 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
 
         once()
         runs = [once() for _ in range(max(repeats, 1))]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), graph is not None
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), how
 
 
 def bench_seqlab(model, name: str, batches: list[int], prompt_len: int, gen_len: int, device, repeats: int = 1,
@@ -190,10 +198,12 @@ def bench_seqlab(model, name: str, batches: list[int], prompt_len: int, gen_len:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
-                prefill_s, decode_s, graphed = time_seqlab(
+                prefill_s, decode_s, how = time_seqlab(
                     model, batch, prompt_len, gen_len, device, repeats, cuda_graph, generator
                 )
-                result.cuda_graph = graphed
+                result.cuda_graph = how == "graph"
+                if how.startswith("eager:"):
+                    result.notes.append(how)
                 result.finish(prefill_s, decode_s)
                 if device.type == "cuda":
                     result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
