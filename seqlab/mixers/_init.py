@@ -1,12 +1,19 @@
-"""Initialisers shared by the selective SSM mixers."""
+"""Initialisers shared by the SSM mixers."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
 
 from seqlab.errors import ConfigError
+
+
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Mark SSM parameters (A, D, step sizes) that the optimizer must not decay towards zero."""
+    for p in params:
+        p._no_weight_decay = True
 
 
 def dt_bias_init(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError, InputError
-from seqlab.mixers.base import MixerState
+from seqlab.mixers.base import MixerState, check_mixer_input
 from seqlab.mixers.rope import RotaryEmbedding
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5
@@ -117,11 +117,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise InputError("x", f"a (B, L, {self.d_model}) tensor", f"shape {tuple(x.shape)}")
+        check_mixer_input(x, self.d_model, seq_idx)
         Bsz, L, _ = x.shape
-        if seq_idx is not None and tuple(seq_idx.shape) != (Bsz, L):
-            raise InputError("seq_idx", f"shape ({Bsz}, {L})", f"shape {tuple(seq_idx.shape)}")
         q = self.q_proj(x).view(Bsz, L, self.n_heads, self.head_dim)  # (B, L, H, hd)
         k = self.k_proj(x).view(Bsz, L, self.n_kv_heads, self.head_dim)  # (B, L, H_kv, hd)
         v = self.v_proj(x).view(Bsz, L, self.n_kv_heads, self.head_dim)

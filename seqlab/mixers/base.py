@@ -14,6 +14,16 @@ from __future__ import annotations
 
 import torch
 
+from seqlab.errors import InputError
+
+
+def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | None = None) -> None:
+    """Raise InputError unless ``x`` is (B, L, d_model) and ``seq_idx``, when given, is (B, L)."""
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise InputError("x", f"a (B, L, {d_model}) tensor", f"shape {tuple(x.shape)}")
+    if seq_idx is not None and tuple(seq_idx.shape) != tuple(x.shape[:2]):
+        raise InputError("seq_idx", f"shape {tuple(x.shape[:2])}", f"shape {tuple(seq_idx.shape)}")
+
 
 class MixerState:
     """Named tensors of one mixer's state for a batch, plus the number of positions already consumed."""

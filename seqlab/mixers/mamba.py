@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab.errors import ConfigError, InputError
-from seqlab.mixers._init import dt_bias_init
-from seqlab.mixers.base import MixerState
+from seqlab.errors import ConfigError
+from seqlab.mixers._init import dt_bias_init, no_weight_decay
+from seqlab.mixers.base import MixerState, check_mixer_input
 from seqlab.mixers.norm import RMSNorm, rms_norm
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
@@ -91,8 +91,7 @@ class Mamba(nn.Module):
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(D, 1)  # (D, N)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(D))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        no_weight_decay(self.A_log, self.D)
         self.out_proj = nn.Linear(D, d_model, bias=proj_bias)
 
     @classmethod
@@ -141,8 +140,7 @@ class Mamba(nn.Module):
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise InputError("x", f"a (B, L, {self.d_model}) tensor", f"shape {tuple(x.shape)}")
+        check_mixer_input(x, self.d_model)
         L = x.shape[1]
         A = -torch.exp(self.A_log.float())  # (D, N)
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)

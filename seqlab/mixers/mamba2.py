@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqlab.errors import ConfigError, InputError
-from seqlab.mixers._init import dt_bias_init
-from seqlab.mixers.base import MixerState
+from seqlab.errors import ConfigError
+from seqlab.mixers._init import dt_bias_init, no_weight_decay
+from seqlab.mixers.base import MixerState, check_mixer_input
 from seqlab.mixers.norm import GatedRMSNorm
 
 # functions imported from their modules: ``seqlab.ops.ssd`` names both a module and a function
@@ -70,8 +70,7 @@ class Mamba2(nn.Module):
         lo, hi = A_init_range
         self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(lo, hi)))
         self.D = nn.Parameter(torch.ones(nheads))
-        for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
+        no_weight_decay(self.dt_bias, self.A_log, self.D)
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=proj_bias)
 
@@ -111,8 +110,7 @@ class Mamba2(nn.Module):
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise InputError("x", f"a (B, L, {self.d_model}) tensor", f"shape {tuple(x.shape)}")
+        check_mixer_input(x, self.d_model)
         Bsz, L, _ = x.shape
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         A = -torch.exp(self.A_log.float())  # (H,)

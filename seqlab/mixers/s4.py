@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError, InputError
-from seqlab.mixers.base import MixerState
+from seqlab.mixers._init import no_weight_decay
+from seqlab.mixers.base import MixerState, check_mixer_input
 from seqlab.ops.s4 import fft_conv, s4d_discretize, s4d_init, s4d_kernel, s4d_step
 
 
@@ -65,8 +66,7 @@ class S4(nn.Module):
         self.A_imag = nn.Parameter(A.imag.float().clone())
         self.C = nn.Parameter(torch.view_as_real(torch.randn(H, N2, dtype=torch.complex64)).clone())  # (H, N2, 2)
         self.D = nn.Parameter(torch.randn(H))
-        for p in (self.log_dt, self.log_A_real, self.A_imag):
-            p._no_weight_decay = True
+        no_weight_decay(self.log_dt, self.log_A_real, self.A_imag)
         self.out_proj = nn.Linear(H, 2 * H)  # followed by GLU
 
     @classmethod
@@ -101,8 +101,7 @@ class S4(nn.Module):
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise InputError("x", f"a (B, L, {self.d_model}) tensor", f"shape {tuple(x.shape)}")
+        check_mixer_input(x, self.d_model)
         Bsz, L, _ = x.shape
         u = x.float()  # the SSM runs in float32 (complex64)
         log_dt, A, C, D = self.log_dt.float(), self._A(), self._C(), self.D.float()
