@@ -106,22 +106,47 @@ def _true_start(decay: torch.Tensor, h_local: torch.Tensor, seq_idx, group) -> t
     """
     rank, _ = _rank_and_size(group)
     batch = h_local.shape[0]
-    decay = decay.expand_as(h_local)
+    decay = decay.to(h_local.dtype).expand_as(h_local)
     packed = gather_from_ranks(torch.cat([decay.reshape(batch, -1), h_local.reshape(batch, -1)], dim=1), group)
     decays, states = (t.reshape(-1, *h_local.shape) for t in packed.chunk(2, dim=2))  # (R, B, ...) each
-    keeps = _boundary_keep(seq_idx, group)  # (R, B)
-    h = torch.zeros_like(h_local)
-    for r in range(rank):
-        h = decays[r] * h + states[r]
-        if keeps is not None:  # rank r+1 starts a new document: nothing carries over
-            h = h * keeps[r + 1].view(-1, *([1] * (h.dim() - 1)))
+    h = combine_states(decays, states, _boundary_keep(seq_idx, group), rank)
     return h, packed.sum() * 0.0
 
 
-def _check_no_initial(initial_state, name: str) -> None:
-    if initial_state is not None:
-        raise InputError("initial_state", f"None under context parallelism ({name} starts every sequence at zero)",
-                         "a tensor")
+def combine_states(decays: torch.Tensor, states: torch.Tensor, keeps: torch.Tensor | None, upto: int) -> torch.Tensor:
+    """The true start state of chunk ``upto`` from the chunks' summaries: ``decays``, ``states`` (R, B, ...)
+    stacked per chunk, ``keeps`` (R, B) 0.0 where chunk r starts a new document (or None).
+
+        h_start[0] = 0,   h_start[r] = keep[r] * (Decay[r-1] * h_start[r-1] + h_local[r-1])
+    """
+    h = torch.zeros_like(states[0])
+    for r in range(upto):
+        h = decays[r] * h + states[r]
+        if keeps is not None:  # chunk r+1 starts a new document: nothing carries over
+            h = h * keeps[r + 1].view(-1, *([1] * (h.dim() - 1)))
+    return h
+
+
+def ssd_chunk_decay(dt, A, dt_bias=None, dt_softplus=True, seq_idx=None) -> torch.Tensor:
+    """Decay of a whole chunk per head: exp(A_h * sum_t Δ_t,h), 0 when a document starts inside it.
+    dt (B, L, H), A (H,) -> (B, H) float32 (float64 for float64 dt)."""
+    dtype = torch.float64 if dt.dtype == torch.float64 else torch.float32
+    delta = dt.to(dtype) + (0 if dt_bias is None else dt_bias.to(dtype))
+    delta = F.softplus(delta) if dt_softplus else delta  # (B, L, H)
+    decay = torch.exp(A.to(dtype) * delta.sum(dim=1))  # (B, H)
+    inside = _inside_keep(seq_idx)
+    return decay if inside is None else decay * inside[:, None]
+
+
+def scan_chunk_decay(delta, A, delta_bias=None, delta_softplus=True, seq_idx=None) -> torch.Tensor:
+    """Decay of a whole chunk per (D, N) channel: exp(A[d, n] * sum_t Δ_t,d), 0 when a document starts inside it.
+    delta (B, L, D), A (D, N) -> (B, D, N) float32 (float64 for float64 delta)."""
+    dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    step = delta.to(dtype) + (0 if delta_bias is None else delta_bias.to(dtype))
+    step = F.softplus(step) if delta_softplus else step  # (B, L, D)
+    decay = torch.exp(step.sum(dim=1)[:, :, None] * A.to(dtype))  # (B, D, N)
+    inside = _inside_keep(seq_idx)
+    return decay if inside is None else decay * inside[:, None, None]
 
 
 def ssd_context_parallel(
@@ -138,12 +163,7 @@ def ssd_context_parallel(
     first = ssd(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                 return_final_state=True, seq_idx=seq_idx, backend=backend)
     y, h_local = first  # h_local (B, H, P, N) from a zero start
-    delta = dt.float() + (0 if dt_bias is None else dt_bias.float())
-    delta = F.softplus(delta) if dt_softplus else delta  # (B, L_r, H)
-    decay = torch.exp(A.float() * delta.sum(dim=1))  # (B, H)
-    inside = _inside_keep(seq_idx)
-    if inside is not None:
-        decay = decay * inside[:, None]
+    decay = ssd_chunk_decay(dt, A, dt_bias, dt_softplus, seq_idx)  # (B, H)
     h_start, touch = _true_start(decay[:, :, None, None], h_local, seq_idx, group)
     if rank == 0:
         y = y + touch.to(y.dtype)
@@ -164,12 +184,7 @@ def selective_scan_context_parallel(
     rank, _ = _rank_and_size(group)
     y, h_local = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                                 return_final_state=True, seq_idx=seq_idx, backend=backend)  # h_local (B, D, N)
-    step = delta.float() + (0 if delta_bias is None else delta_bias.float())
-    step = F.softplus(step) if delta_softplus else step  # (B, L_r, D)
-    decay = torch.exp(step.sum(dim=1)[:, :, None] * A.float())  # (B, D, N): per-channel decay
-    inside = _inside_keep(seq_idx)
-    if inside is not None:
-        decay = decay * inside[:, None, None]
+    decay = scan_chunk_decay(delta, A, delta_bias, delta_softplus, seq_idx)  # (B, D, N)
     h_start, touch = _true_start(decay, h_local, seq_idx, group)
     if rank == 0:
         y = y + touch.to(y.dtype)
