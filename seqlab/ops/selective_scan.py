@@ -92,6 +92,25 @@ def _check_groups(name: str, t: torch.Tensor, dim: int, lead: tuple, lead_desc: 
                          f"G={G} from shape {tuple(t.shape)}")
 
 
+def _grouped_B_C(B, C, lead_names: tuple, lead: tuple, lead_desc: str, dim: int, d_state: int, device):
+    """Check B and C, (*lead, N) or (*lead, G, N) alike, and return both in grouped form (*lead, G, N)."""
+    shape_3d, shape_4d = (*lead_names, "N"), (*lead_names, "G", "N")
+    Bg = _as_grouped("B", B, shape_3d, shape_4d, device)
+    Cg = _as_grouped("C", C, shape_3d, shape_4d, device)
+    _check_groups("B", Bg, dim, lead, lead_desc)
+    check_dim("B", Bg, len(lead) + 1, d_state, "N, the state size of A")
+    if tuple(Cg.shape) != tuple(Bg.shape) or C.dim() != B.dim():
+        raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
+    return Bg, Cg
+
+
+def _check_like(name: str, t, labels: tuple, like_name: str, like: torch.Tensor, optional: bool = False) -> None:
+    """A tensor (dims named ``labels``) that must have the shape of ``like``."""
+    check_tensor(name, t, labels, optional=optional, device=like.device)
+    if t is not None and tuple(t.shape) != tuple(like.shape):
+        raise InputError(name, f"shape {tuple(like.shape)} like {like_name}", f"shape {tuple(t.shape)}")
+
+
 def _check_same_device(dev: torch.device, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != dev:
@@ -106,22 +125,13 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
     batch, seqlen, dim = u.shape
     if seqlen == 0:
         raise InputError("u", "at least one time step (L >= 1)", f"shape {tuple(u.shape)}")
-    check_tensor("delta", delta, ("B", "L", "D"), device=dev)
-    if tuple(delta.shape) != tuple(u.shape):
-        raise InputError("delta", f"shape {tuple(u.shape)} like u", f"shape {tuple(delta.shape)}")
+    _check_like("delta", delta, ("B", "L", "D"), "u", u)
     check_tensor("A", A, ("D", "N"), device=dev)
     check_dim("A", A, 0, dim, "D, the channels of u")
     d_state = A.shape[1]
-    B4 = _as_grouped("B", B, ("B", "L", "N"), ("B", "L", "G", "N"), dev)
-    C4 = _as_grouped("C", C, ("B", "L", "N"), ("B", "L", "G", "N"), dev)
-    _check_groups("B", B4, dim, (batch, seqlen), "batch and length of u")
-    check_dim("B", B4, 3, d_state, "N, the state size of A")
-    if tuple(C4.shape) != tuple(B4.shape) or C.dim() != B.dim():
-        raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
+    B4, C4 = _grouped_B_C(B, C, ("B", "L"), (batch, seqlen), "batch and length of u", dim, d_state, dev)
     check_tensor("D", D, (dim,), optional=True, device=dev)
-    check_tensor("z", z, ("B", "L", "D"), optional=True, device=dev)
-    if z is not None and tuple(z.shape) != tuple(u.shape):
-        raise InputError("z", f"shape {tuple(u.shape)} like u", f"shape {tuple(z.shape)}")
+    _check_like("z", z, ("B", "L", "D"), "u", u, optional=True)
     check_tensor("delta_bias", delta_bias, (dim,), optional=True, device=dev)
     check_tensor("initial_state", initial_state, (batch, dim, d_state), optional=True, device=dev)
     check_seq_idx(seq_idx, batch, seqlen)
@@ -409,19 +419,10 @@ def _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend):
     if tuple(state.shape) != (batch, dim, d_state):
         want = f"shape {(batch, dim, d_state)} (B of x, D of x, N of A)"
         raise InputError("state", want, f"shape {tuple(state.shape)}")
-    check_tensor("dt", dt, ("B", "D"), device=dev)
-    if tuple(dt.shape) != tuple(x.shape):
-        raise InputError("dt", f"shape {tuple(x.shape)} like x", f"shape {tuple(dt.shape)}")
-    B3 = _as_grouped("B", B, ("B", "N"), ("B", "G", "N"), dev)
-    C3 = _as_grouped("C", C, ("B", "N"), ("B", "G", "N"), dev)
-    _check_groups("B", B3, dim, (batch,), "batch of x")
-    check_dim("B", B3, 2, d_state, "N, the state size of A")
-    if tuple(C3.shape) != tuple(B3.shape) or C.dim() != B.dim():
-        raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
+    _check_like("dt", dt, ("B", "D"), "x", x)
+    B3, C3 = _grouped_B_C(B, C, ("B",), (batch,), "batch of x", dim, d_state, dev)
     check_tensor("D", D, (dim,), optional=True, device=dev)
-    check_tensor("z", z, ("B", "D"), optional=True, device=dev)
-    if z is not None and tuple(z.shape) != tuple(x.shape):
-        raise InputError("z", f"shape {tuple(x.shape)} like x", f"shape {tuple(z.shape)}")
+    _check_like("z", z, ("B", "D"), "x", x, optional=True)
     check_tensor("dt_bias", dt_bias, (dim,), optional=True, device=dev)
     _check_same_device(dev, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     return B3, C3
