@@ -16,7 +16,9 @@ Reported per (model, batch):
                                context of the decode, and floor / measured step time
 Out of memory is a result (``status`` "oom"), as is "skipped: ..." for larger batches after an OOM or a run
 over ``time_limit``. With ``hf=True`` the same architectures also run through transformers' own
-implementations (exported with ``seqlab.interop.to_hf``), timed with ``model.generate``.
+implementations (exported with ``seqlab.interop.to_hf``), timed with ``model.generate`` (greedy, a static KV
+cache for Llama; transformers' Mamba runs fused only when the mamba_ssm / causal_conv1d packages are installed,
+which the results' notes record).
 """
 
 from __future__ import annotations
@@ -265,29 +267,41 @@ def hf_notes(hf_model) -> list[str]:
 
 def time_hf(hf_model, batch: int, prompt_len: int, gen_len: int, vocab: int, device: torch.device,
             repeats: int = 1, static_cache: bool = True) -> tuple[float, float]:
-    """Median (prefill seconds, decode seconds) of ``hf_model.generate``: prefill = generate 1 token,
-    decode = generate gen_len tokens minus that."""
+    """Median (prefill seconds, decode seconds) of ``hf_model.generate`` (greedy, exactly ``gen_len`` tokens).
+
+    A logits processor notes the time when the prompt's logits first arrive: prefill = start to then,
+    decode = then to the end (the same split as the seqlab side)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FirstLogitsClock(LogitsProcessor):
+        def __init__(self):
+            self.at = None
+
+        def __call__(self, input_ids, scores):
+            if self.at is None:
+                _sync(device)
+                self.at = time.perf_counter()
+            return scores
+
     ids = torch.randint(0, vocab, (batch, prompt_len), device=device)
     mask = torch.ones_like(ids)
-    full = _hf_generate_kwargs(hf_model, gen_len, static_cache)
-    first = dict(full, max_new_tokens=1, min_new_tokens=1)
+    kwargs = _hf_generate_kwargs(hf_model, gen_len, static_cache)
 
-    def timed(kwargs) -> float:
+    def once() -> tuple[float, float]:
+        clock = FirstLogitsClock()
         _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = hf_model.generate(ids, attention_mask=mask, **kwargs)
+            out = hf_model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([clock]), **kwargs)
         _sync(device)
-        if out.shape[1] != prompt_len + kwargs["max_new_tokens"]:
-            made, asked = out.shape[1] - prompt_len, kwargs["max_new_tokens"]
-            raise RuntimeError(f"transformers generated {made} tokens, not {asked}")
-        return time.perf_counter() - t0
+        end = time.perf_counter()
+        if out.shape[1] != prompt_len + gen_len:
+            raise RuntimeError(f"transformers generated {out.shape[1] - prompt_len} tokens, not {gen_len}")
+        return clock.at - t0, end - clock.at
 
-    timed(first)
-    timed(full)
-    prefill = statistics.median(timed(first) for _ in range(max(repeats, 1)))
-    total = statistics.median(timed(full) for _ in range(max(repeats, 1)))
-    return prefill, max(total - prefill, 0.0)
+    once()
+    runs = [once() for _ in range(max(repeats, 1))]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def bench_hf(model, name: str, batches: list[int], prompt_len: int, gen_len: int, device, dtype: torch.dtype,
