@@ -136,11 +136,7 @@ def mamba_pairs(s: str, h: str, config) -> list[tuple[str, str]]:
     [dt, B, C]. Jamba's learnable ``dt/b/c_layernorm`` are our ``dt_norm``, ``B_norm``, ``C_norm``."""
     names = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
              "out_proj.weight"]
-    if config.proj_bias:
-        names += ["in_proj.bias", "out_proj.bias"]
-    if config.conv_bias:
-        names.append("conv1d.bias")
-    pairs = [(s + n, h + n) for n in names]
+    pairs = [(s + n, h + n) for n in names + _ssm_bias_names(config)]
     if config.bcdt_norm and config.bcdt_norm_weight:
         pairs += [(s + "dt_norm.weight", h + "dt_layernorm.weight"), (s + "B_norm.weight", h + "b_layernorm.weight"),
                   (s + "C_norm.weight", h + "c_layernorm.weight")]
@@ -151,11 +147,13 @@ def mamba2_pairs(s: str, h: str, config) -> list[tuple[str, str]]:
     """Mamba-2 mixer (Mamba2Mixer / BambaMixer): same names; ``in_proj`` rows are [z, xBC, dt] on both sides,
     ``conv1d.weight`` (d_inner + 2 G N, 1, d_conv), ``norm.weight`` the gated RMSNorm (per group)."""
     names = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
-    if config.proj_bias:
-        names += ["in_proj.bias", "out_proj.bias"]
-    if config.conv_bias:
-        names.append("conv1d.bias")
-    return [(s + n, h + n) for n in names]
+    return [(s + n, h + n) for n in names + _ssm_bias_names(config)]
+
+
+def _ssm_bias_names(config) -> list[str]:
+    """The optional biases both SSM mixers share: in/out projections (``proj_bias``), convolution (``conv_bias``)."""
+    names = ["in_proj.bias", "out_proj.bias"] if config.proj_bias else []
+    return names + ["conv1d.bias"] if config.conv_bias else names
 
 
 def attention_pairs(s: str, h: str) -> list[tuple[str, str]]:
@@ -174,20 +172,6 @@ def moe_pairs(s: str, h: str, n_experts: int) -> list[tuple[str, str]]:
     for e in range(n_experts):
         pairs += swiglu_pairs(f"{s}experts.{e}.", f"{h}experts.{e}.")
     return pairs
-
-
-def layer_period(kinds: list[str], token: str) -> tuple[int, int] | None:
-    """The smallest ``(period, offset)`` with ``kinds[i] == token`` exactly when ``i % period == offset``;
-    None when no such period exists (e.g. two ``token`` layers in one period)."""
-    n = len(kinds)
-    hits = [i for i, k in enumerate(kinds) if k == token]
-    if not hits:
-        return n + 1, n  # offset beyond the last layer: no layer of this kind
-    for period in range(1, n + 1):
-        offset = hits[0] % period
-        if offset == hits[0] and all((kinds[i] == token) == (i % period == offset) for i in range(n)):
-            return period, offset
-    return None
 
 
 def head_pairs(config) -> list[tuple[str, str]]:
@@ -329,3 +313,20 @@ def decoder_problems(config, arch: str) -> list[str]:
     if config.d_model % config.n_heads:
         problems.append(f"n_heads={config.n_heads} must divide d_model={config.d_model}")
     return problems
+
+
+# ------------------------------------------------------------------------------------------- layer patterns
+
+
+def layer_period(kinds: list[str], token: str) -> tuple[int, int] | None:
+    """The smallest ``(period, offset)`` with ``kinds[i] == token`` exactly when ``i % period == offset``;
+    None when no such period exists (e.g. two ``token`` layers in one period)."""
+    n = len(kinds)
+    hits = [i for i, k in enumerate(kinds) if k == token]
+    if not hits:
+        return n + 1, n  # offset beyond the last layer: no layer of this kind
+    for period in range(1, n + 1):
+        offset = hits[0] % period
+        if offset == hits[0] and all((kinds[i] == token) == (i % period == offset) for i in range(n)):
+            return period, offset
+    return None
