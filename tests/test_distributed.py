@@ -423,9 +423,19 @@ def _data_parallel_checks(rank, world, out_dir):
             trainer.fit()
             got = full_model_state(trainer.raw_model) if parallel == "fsdp" else trainer.raw_model.state_dict()
             ref = _reference_params(config)
+            # exact resume: 2 steps, a sharded checkpoint (all ranks' data streams), a fresh trainer, 1 more step
+            first = Trainer(_tiny_model(), _task(), config, quiet=True)
+            first.train_step()
+            first.train_step()
+            first.save_checkpoint(Path(out_dir, f"{parallel}-step2"))
+            second = Trainer(_tiny_model(), _task(), config, quiet=True)
+            second.load_checkpoint(Path(out_dir, f"{parallel}-step2"))
+            second.train_step()
+            resumed = full_model_state(second.raw_model) if parallel == "fsdp" else second.raw_model.state_dict()
             if rank != 0:
-                return {"params": 0.0}
-            return {"params": max(_maxdiff(got[k], ref[k]) for k in ref)}
+                return {"params": 0.0, "resume": 0.0}
+            return {"params": max(_maxdiff(got[k], ref[k]) for k in ref),
+                    "resume": max(_maxdiff(resumed[k], got[k]) for k in got)}
 
         _record(results, parallel, check)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -439,8 +449,9 @@ def data_parallel_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_data_parallel_matches_one_process_on_the_global_batch(data_parallel_run, parallel):
+def test_data_parallel_matches_one_process_on_the_global_batch_and_resumes_exactly(data_parallel_run, parallel):
     _check(data_parallel_run[1], parallel, 2e-5)
+    assert all(res[parallel]["resume"] == 0.0 for res in data_parallel_run[1])  # bit for bit on CPU
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -503,6 +514,21 @@ def test_tensor_parallel_checks_head_divisibility():
 
     with pytest.raises(ConfigError, match="n_kv_heads = 1 in attn must be divisible"):
         shard_attention(Attention(32, n_heads=4, n_kv_heads=1), Mesh(), where="attn")
+
+
+def test_activation_checkpointing_keeps_gradients_and_parameter_names():
+    from seqlab.distributed.data_parallel import checkpoint_activations
+
+    model = _tiny_model()
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    checkpoint_activations(model)
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints stay loadable
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref(ids).square().mean().backward()
+    model(ids).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8, msg=name)
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -37,7 +37,8 @@ class ParallelContext:
         if config.parallel != "none" and not env.distributed:
             raise ConfigError(
                 f"--parallel {config.parallel}: needs several processes; launch with "
-                f"torchrun --nproc-per-node N -m seqlab train ... --parallel {config.parallel}"
+                f"torchrun --nproc-per-node N -m seqlab train ... --parallel {config.parallel} "
+                "(or pass --parallel none to train, or resume, in one process)"
             )
         dp.check_parallel(config.parallel, env.world_size, config.tp)
         self.env: DistributedEnv = env
