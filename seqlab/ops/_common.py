@@ -1,4 +1,5 @@
-"""Shared helpers of the ops layer: argument checks and backend selection.
+"""Shared helpers of the ops layer: argument checks, backend selection, and the compute dtype and step size
+conventions of the selective SSM ops.
 
 Every op takes ``backend="auto" | "ref" | "torch" | "triton"``. ``ref`` is a plain sequential loop,
 ``torch`` a parallel/chunked PyTorch algorithm (CPU and GPU, autograd), ``triton`` fused GPU kernels.
@@ -13,6 +14,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from seqlab.errors import BackendUnavailable, InputError
 
@@ -69,6 +71,14 @@ def triton_entry(module: str, name: str, *, required: bool = False):
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype scans accumulate in: float64 stays float64 (for gradcheck), everything else computes in float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def step_size(delta: torch.Tensor, bias: torch.Tensor | None, softplus: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Δ = softplus(delta + bias) (or delta + bias without ``softplus``), in ``dtype``."""
+    delta = delta.to(dtype)
+    if bias is not None:
+        delta = delta + bias.to(dtype)
+    return F.softplus(delta) if softplus else delta
 
 
 def check_tensor(

@@ -36,6 +36,7 @@ from seqlab.ops._common import (
     compute_dtype,
     require_triton,
     reset_mask,
+    step_size,
     triton_entry,
     triton_usable,
 )
@@ -144,6 +145,15 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, 
 # ref: the readable definition
 
 
+def _skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None):
+    """y + D u, then y * silu(z) (Mamba's skip connection and output gate); y, u (..., D) in the compute dtype."""
+    if D is not None:
+        y = y + D.to(y.dtype) * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
 def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
     """Per-timestep loop in float32 (float64 for float64 u). B, C grouped (B, L, G, N).
 
@@ -152,13 +162,10 @@ def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
     dtype = compute_dtype(u)
     batch, seqlen, dim = u.shape
     G = B.shape[2]
-    u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
+    u, A = u.to(dtype), A.to(dtype)
     B = B.to(dtype).repeat_interleave(dim // G, dim=2)  # (B, L, D, N)
     C = C.to(dtype).repeat_interleave(dim // G, dim=2)  # (B, L, D, N)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = step_size(delta, delta_bias, delta_softplus, dtype)
     h = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device)
     if initial_state is not None:
         h = initial_state.to(dtype)
@@ -173,11 +180,7 @@ def _selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ini
         h = decay * h + delta_t[:, :, None] * B_t * u_t[:, :, None]
         ys.append((h * C_t).sum(-1))  # (B, D)
     y = torch.stack(ys, dim=1)  # (B, L, D)
-    if D is not None:
-        y = y + D.to(dtype) * u
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y, h
+    return _skip_and_gate(y, u, D, z), h
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,20 +338,12 @@ def _selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, in
     chunk = (chunk_size or CHUNK_SIZE) if chunked else 0
     group = group_len or _group_len(batch, dim, A.shape[1], u.device, chunk)
     uc, Ac = u.to(dtype), A.to(dtype)
-    dc = delta.to(dtype)
-    if delta_bias is not None:
-        dc = dc + delta_bias.to(dtype)
-    if delta_softplus:
-        dc = F.softplus(dc)
+    dc = step_size(delta, delta_bias, delta_softplus, dtype)
     h0 = None if initial_state is None else initial_state.to(dtype)
     reset = None if seq_idx is None else reset_mask(seq_idx)
     with torch.autocast(u.device.type, enabled=False):  # the scan accumulates in float32 even under autocast
         y, h = _ScanFn.apply(uc, dc, Ac, B.to(dtype), C.to(dtype), h0, reset, chunk, group)
-    if D is not None:
-        y = y + D.to(dtype) * uc
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y, h
+    return _skip_and_gate(y, uc, D, z), h
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,14 +448,10 @@ def selective_state_update(
         from seqlab.ops.triton.decode import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus)
-    dtype = state.dtype if state.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(state)
     batch, dim = x.shape
     G = B3.shape[1]
-    xc, delta = x.to(dtype), dt.to(dtype)
-    if dt_bias is not None:
-        delta = delta + dt_bias.to(dtype)
-    if dt_softplus:
-        delta = F.softplus(delta)
+    xc, delta = x.to(dtype), step_size(dt, dt_bias, dt_softplus, dtype)
     a = torch.exp(delta.unsqueeze(-1) * A.to(dtype))  # (B, D, N)
     du = (delta * xc).view(batch, G, dim // G, 1)
     inp = (du * B3.to(dtype).unsqueeze(2)).flatten(1, 2)  # (B, D, N)
@@ -468,8 +459,4 @@ def selective_state_update(
     state.copy_(h)
     with torch.autocast(x.device.type, enabled=False):
         y = torch.einsum("bgdn,bgn->bgd", h.unflatten(1, (G, dim // G)), C3.to(dtype)).flatten(1)  # (B, D)
-    if D is not None:
-        y = y + D.to(dtype) * xc
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y.to(x.dtype)
+    return _skip_and_gate(y, xc, D, z).to(x.dtype)

@@ -38,6 +38,7 @@ from seqlab.ops._common import (
     compute_dtype,
     require_triton,
     reset_mask,
+    step_size,
     triton_entry,
     triton_usable,
 )
@@ -105,14 +106,6 @@ def _check_skip_gate_bias(x, D, z, dt_bias) -> None:
 # ------------------------------------------------------------------------------------------- shared pieces
 
 
-def _step_size(dt, dt_bias, dt_softplus, dtype):
-    """Δ = softplus(dt + dt_bias) (or dt + dt_bias), in the compute dtype."""
-    dt = dt.to(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dtype)
-    return F.softplus(dt) if dt_softplus else dt
-
-
 def _skip_and_gate(y, x, D, z):
     """y + D x, then y * silu(z); y and x (..., H, P) in the compute dtype."""
     if D is not None:
@@ -159,7 +152,7 @@ def _ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     """
     cdt = compute_dtype(x)
     batch, seqlen, nheads, headdim = x.shape
-    dt = _step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
+    dt = step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
     decay = torch.exp(_log_decay(dt, A, seq_idx))  # (b, l, H), 0 at document starts
     xc = x.to(cdt)
     Bh = _heads_of_groups(B.to(cdt), nheads)  # (b, l, H, N)
@@ -195,7 +188,7 @@ def _ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial
     nchunks = -(-seqlen // T)
     pad = nchunks * T - seqlen
 
-    dt = _step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
+    dt = step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
     a = _log_decay(dt, A, seq_idx)  # (b, l, H)
     xdt = x.to(cdt) * dt[..., None]  # (b, l, H, P)
     Bc, Cc = B.to(cdt), C.to(cdt)
@@ -336,7 +329,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True
 def _ssd_quadratic(x, dt, A, B, C, D, z, dt_bias, dt_softplus, seq_idx):
     cdt = compute_dtype(x)
     nheads = x.shape[2]
-    dt = _step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
+    dt = step_size(dt, dt_bias, dt_softplus, cdt)  # (b, l, H)
     a = _log_decay(dt, A, seq_idx).transpose(1, 2)  # (b, H, l)
     decay = torch.exp(_segsum(a))  # (b, H, l, l)
     Bh = _heads_of_groups(B.to(cdt), nheads)  # (b, l, H, N)
@@ -367,7 +360,7 @@ def _ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """One step of the recurrence, updating ``state`` (b, H, P, N) in place; computes in the state's dtype."""
     cdt = state.dtype
     nheads = x.shape[1]
-    dt = _step_size(dt, dt_bias, dt_softplus, cdt)  # (b, H)
+    dt = step_size(dt, dt_bias, dt_softplus, cdt)  # (b, H)
     decay = torch.exp(dt * A.to(cdt))  # (b, H)
     xc = x.to(cdt)
     Bh = _heads_of_groups(B.to(cdt), nheads)  # (b, H, N)
