@@ -52,9 +52,9 @@ def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def spawn(fn, *args) -> None:
-    """Run ``fn(rank, world, *args)`` in WORLD fresh processes joined in a gloo group on 127.0.0.1."""
-    mp.spawn(_entry, args=(WORLD, _free_port(), fn.__name__, args), nprocs=WORLD, join=True)
+def spawn(fn, *args, world: int = WORLD) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group on 127.0.0.1."""
+    mp.spawn(_entry, args=(world, _free_port(), fn.__name__, args), nprocs=world, join=True)
 
 
 def _record(results: dict, name: str, check) -> None:
@@ -107,7 +107,7 @@ def _cp_ssd(seq_idx):
                                 seq_idx=None if seq_idx is None else split_sequence(seq_idx), return_final_state=True)
     (y * split_sequence(dy)).sum().backward()
     grads = _grads_all_reduced(leaves)
-    last = dist.get_rank() == WORLD - 1
+    last = dist.get_rank() == dist.get_world_size() - 1
     return {"y": _maxdiff(y, split_sequence(y_ref)), "final_state": _maxdiff(h, h_ref) if last else 0.0,
             "grad": max(_maxdiff(a, b) for a, b in zip(grads, g_ref))}
 
@@ -133,7 +133,7 @@ def _cp_scan(seq_idx):
                                            return_final_state=True)
     (y * split_sequence(dy)).sum().backward()
     grads = _grads_all_reduced(leaves)
-    last = dist.get_rank() == WORLD - 1
+    last = dist.get_rank() == dist.get_world_size() - 1
     return {"y": _maxdiff(y, split_sequence(y_ref)), "final_state": _maxdiff(h, h_ref) if last else 0.0,
             "grad": max(_maxdiff(a, b) for a, b in zip(grads, g_ref))}
 
@@ -238,6 +238,25 @@ def test_chunk_summaries_combine_to_the_true_start_state(op, packed):
         if packed:  # a document starting exactly at the chunk boundary gets nothing
             truth = truth * keeps[r].view(-1, *([1] * (truth.dim() - 1)))
         torch.testing.assert_close(combine_states(decays, states, keeps, r), truth, rtol=1e-10, atol=1e-12)
+
+
+def _cp_op_checks(rank, world, out_dir):
+    seq_idx = torch.tensor([[0] * 10 + [1] * 22, [0] * 16 + [1] * 16])
+    results: dict = {}
+    for name, packed in (("plain", None), ("packed", seq_idx)):
+        _record(results, f"cp_ssd[{name}]", lambda p=packed: _cp_ssd(p))
+        _record(results, f"cp_selective_scan[{name}]", lambda p=packed: _cp_scan(p))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_context_parallel_ops_match_single_device_on_four_ranks(tmp_path):
+    """4 ranks: earlier ranks' decays enter the start state (and its gradient) through the collectives."""
+    spawn(_cp_op_checks, str(tmp_path), world=4)
+    results = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(4)]
+    for op in ("cp_ssd", "cp_selective_scan"):
+        for packed in ("plain", "packed"):
+            _check(results, f"{op}[{packed}]", 1e-9)
 
 
 # ------------------------------------------------------------------------------------ tensor parallel
