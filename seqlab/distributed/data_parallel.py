@@ -74,7 +74,9 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    # an MoE expert that receives no token in a step has no gradient: DDP must be told to look for those
+    unused = any(hasattr(m, "n_experts") and hasattr(m, "router") for m in model.modules())
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
 
 
 def shard_fsdp(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
