@@ -140,6 +140,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     def show(r):
         print(G.format_row(r), flush=True)
 
+    meta = dict(_meta(device, dtype_name), prompt_len=prompt_len, gen_len=gen_len, batches=batches,
+                vocab_size=args.vocab_size, repeats=repeats, bandwidth_bytes_per_s=bandwidth)
+
+    def save():  # after every model, so a run cut short still leaves what it measured
+        if args.json:
+            from seqlab.io import write_json
+
+            write_json(args.json, {"meta": meta, "records": G.records(results)})
+
     for spec, name, size in models:
         model = G.build_model(name, size, device, dtype, vocab_size=args.vocab_size)
         print(f"# {spec}: {model.num_params() / 1e6:,.2f}M parameters, "
@@ -152,12 +161,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        from seqlab.io import write_json
-
-        meta = dict(_meta(device, dtype_name), prompt_len=prompt_len, gen_len=gen_len, batches=batches,
-                    vocab_size=args.vocab_size, repeats=repeats, bandwidth_bytes_per_s=bandwidth)
-        write_json(args.json, {"meta": meta, "records": G.records(results)})
+        save()
     return 0
 
 
@@ -200,6 +204,14 @@ def _run_long_context(args: argparse.Namespace) -> int:
         print(LC.format_point(p), flush=True)
 
     points, passkeys = [], []
+    meta = dict(_meta(device, dtype_name), context=context, chunk=chunk, weights=weights)
+
+    def save():  # after every run, so a run cut short still leaves what it measured
+        if args.json:
+            from seqlab.io import write_json
+
+            write_json(args.json, {"meta": meta, "points": LC.records(points), "passkey": LC.records(passkeys)})
+
     if depths is None:
         points += LC.chunked_prefill(model, spec, context, chunk, device, time_limit=args.time_limit, on_point=show)[0]
     for depth in depths or []:
@@ -209,6 +221,8 @@ def _run_long_context(args: argparse.Namespace) -> int:
         passkeys.append(result)
         print(f"  passkey at depth {depth:.2f}: answer {result.answer!r}, decoded {result.decoded!r}, "
               f"retrieved {result.retrieved}" + (" (random weights)" if weights == "random" else ""), flush=True)
+        save()
+    save()
     del model
     for cspec, cname, csize in compare:
         if device.type == "cuda":
@@ -216,11 +230,7 @@ def _run_long_context(args: argparse.Namespace) -> int:
         other = build_model(cname, csize, device, dtype)
         points += LC.one_shot(other, cspec, LC.milestones(context, chunk), device, args.time_limit, on_point=show)
         del other
-    if args.json:
-        from seqlab.io import write_json
-
-        meta = dict(_meta(device, dtype_name), context=context, chunk=chunk, weights=weights)
-        write_json(args.json, {"meta": meta, "points": LC.records(points), "passkey": LC.records(passkeys)})
+        save()
     return 0
 
 
