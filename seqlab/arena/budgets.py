@@ -3,7 +3,7 @@
     cpu    (default) finishes in ~10 minutes on a 2-core CPU: short sequences, ~80K-parameter models, two runs
            side by side (one thread each), a per-run wall-clock cap; learning rates from a small sweep per
            family (recorded in results.json).
-    gpu    one GPU, ~20 minutes: longer sequences, ~0.5-1M-parameter models, induction-heads extrapolation,
+    gpu    one GPU, ~35 minutes: longer sequences, ~0.5-1M-parameter models, induction-heads extrapolation,
            a passkey length x depth grid.
     paper  the published settings (Mamba paper sec. 4.1, Mamba-2 App. D.1): hours to days on one GPU.
     smoke  seconds; for tests of the pipeline only (numbers mean nothing).
@@ -87,7 +87,17 @@ _CPU_MODELS = {
     ),
     # Zamba-style: Mamba backbone, one shared attention+MLP block every 2 layers
     "zamba": ModelPlan("zamba", n_layers=4, overrides=dict(n_heads=4, d_state=16, shared_attention_every=2)),
+    # the newer recurrent families (not in the default line-up: the 10-minute limit holds five models);
+    # RWKV counts two blocks (time mix + channel mix) per layer, Griffin needs 3 layers for its "G G A" pattern
+    "linear-transformer": ModelPlan("linear-transformer", n_layers=2, overrides=dict(n_heads=4, la_chunk_size=32)),
+    "rwkv6": ModelPlan("rwkv6", n_layers=4,
+                       overrides=dict(rwkv_headdim=8, rwkv_lora_rank=8, rwkv_decay_rank=8, la_chunk_size=32)),
+    "rwkv7": ModelPlan("rwkv7", n_layers=4, overrides=dict(rwkv_headdim=16, rwkv_lora_rank=8, rwkv_decay_rank=8,
+                                                           rwkv_gate_rank=16, la_chunk_size=32)),
+    "griffin": ModelPlan("griffin", n_layers=3, overrides=dict(n_heads=4, n_kv_heads=1, attn_window=32)),
+    "mlstm": ModelPlan("mlstm", n_layers=2, overrides=dict(n_heads=4)),
 }
+NEW_FAMILIES = ("linear-transformer", "rwkv6", "rwkv7", "griffin", "mlstm")
 
 CPU = Budget(
     name="cpu",
@@ -126,11 +136,19 @@ _GPU_MODELS = {
                        widths=_GPU_WIDTHS),
     "zamba": ModelPlan("zamba", n_layers=6, overrides=dict(n_heads=4, d_state=16, shared_attention_every=3),
                        widths=_GPU_WIDTHS),
+    "linear-transformer": ModelPlan("linear-transformer", n_layers=2, overrides=dict(n_heads=4), widths=_GPU_WIDTHS),
+    "rwkv6": ModelPlan("rwkv6", n_layers=4, overrides=dict(rwkv_headdim=16, rwkv_lora_rank=16, rwkv_decay_rank=16),
+                       widths=_GPU_WIDTHS),
+    "rwkv7": ModelPlan("rwkv7", n_layers=4, overrides=dict(rwkv_headdim=16, rwkv_lora_rank=16, rwkv_decay_rank=16,
+                                                           rwkv_gate_rank=32), widths=_GPU_WIDTHS),
+    "griffin": ModelPlan("griffin", n_layers=3, overrides=dict(n_heads=4, n_kv_heads=1, attn_window=128),
+                         widths=_GPU_WIDTHS),
+    "mlstm": ModelPlan("mlstm", n_layers=2, overrides=dict(n_heads=4), widths=_GPU_WIDTHS),
 }
 
 GPU = Budget(
     name="gpu",
-    description="one GPU, ~20 minutes: longer sequences, ~0.8M-parameter models, extrapolation and passkey grids",
+    description="one GPU, ~35 minutes: longer sequences, ~0.8M-parameter models, extrapolation and passkey grids",
     target_params=800_000,
     models=_GPU_MODELS,
     tasks={
@@ -146,10 +164,10 @@ GPU = Budget(
                             warmup_steps=200, eval_lengths=(512, 1024, 2048, 4096), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
                             eval_samples=64, eval_batch_size=16),
     },
-    default_models=("transformer", "s4", "mamba", "mamba2", "jamba", "zamba"),
+    default_models=("transformer", "s4", "mamba", "mamba2", "jamba", "zamba", *NEW_FAMILIES),
     default_tasks=("selective_copy", "mqar", "induction_heads", "passkey"),
     run_time_s=45.0,
-    total_time_s=1170.0,
+    total_time_s=2200.0,  # 11 models x 4 tasks at <= 45 s + 5 s evaluation each
 )
 
 # ----------------------------------------------------------------------------------------------- paper
@@ -165,6 +183,16 @@ _PAPER_MODELS = {
     "jamba": ModelPlan("jamba", n_layers=8, overrides=dict(n_heads=2, d_state=16, n_experts=4), widths=(64,)),
     "zamba": ModelPlan("zamba", n_layers=6, overrides=dict(n_heads=2, d_state=16, shared_attention_every=3),
                        widths=(64,)),
+    # the newer families at the same 2-layer, D = 64 shape (RWKV: 2 layers = 4 blocks; Griffin: one "G G A" period)
+    "linear-transformer": ModelPlan("linear-transformer", n_layers=2, overrides=dict(n_heads=2, mlp="none"),
+                                    widths=(64,)),
+    "rwkv6": ModelPlan("rwkv6", n_layers=4, overrides=dict(rwkv_headdim=32, rwkv_lora_rank=16, rwkv_decay_rank=16),
+                       widths=(64,)),
+    "rwkv7": ModelPlan("rwkv7", n_layers=4, overrides=dict(rwkv_headdim=32, rwkv_lora_rank=16, rwkv_decay_rank=16,
+                                                           rwkv_gate_rank=32), widths=(64,)),
+    "griffin": ModelPlan("griffin", n_layers=3, overrides=dict(n_heads=2, n_kv_heads=1, attn_window=1024),
+                         widths=(64,)),
+    "mlstm": ModelPlan("mlstm", n_layers=2, overrides=dict(n_heads=2), widths=(64,)),
 }
 
 PAPER = Budget(
@@ -184,7 +212,7 @@ PAPER = Budget(
                             eval_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
                             depths=(0.0, 0.25, 0.5, 0.75, 1.0), eval_samples=32, eval_batch_size=1),
     },
-    default_models=("transformer", "s4", "mamba", "mamba2", "jamba", "zamba"),
+    default_models=("transformer", "s4", "mamba", "mamba2", "jamba", "zamba", *NEW_FAMILIES),
     default_tasks=("selective_copy", "induction_heads", "mqar"),
     run_time_s=float("inf"),
     total_time_s=float("inf"),
