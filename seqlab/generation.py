@@ -180,15 +180,32 @@ def _device_offset(state, position: torch.Tensor):
             s.device_offset = None
 
 
-def _snapshot(state) -> tuple[dict[str, torch.Tensor], list[int], int]:
-    tensors = {k: t.clone() for k, t in state.named_tensors().items()}
+# positions the recording and its check write before restoring: warm-up and capture at the offset, the check at
+# offset and offset + 1
+_WRITTEN_POSITIONS = 3
+
+
+def _snapshot(state) -> tuple[dict[str, tuple[int | None, int, torch.Tensor]], list[int], int]:
+    """Copies of what a few decode steps can change: fixed-size tensors whole; of a tensor sized by the capacity
+    (a KV cache, ``state.seq_dims``) only the slots from the offset on, so recording a graph for a large cache
+    does not double its memory."""
+    tensors = {}
+    seq_dims = getattr(state, "seq_dims", {})
+    for key, t in state.named_tensors().items():
+        dim = seq_dims.get(key)
+        if dim is None:
+            tensors[key] = (None, 0, t.clone())
+        else:
+            start = min(state.offset, t.shape[dim])
+            tensors[key] = (dim, start, t.narrow(dim, start, min(_WRITTEN_POSITIONS, t.shape[dim] - start)).clone())
     return tensors, [s.offset for _, s in state.named_states()], state.offset
 
 
 def _restore(state, snapshot) -> None:
     tensors, offsets, offset = snapshot
     for key, t in state.named_tensors().items():
-        t.copy_(tensors[key])
+        dim, start, saved = tensors[key]
+        (t if dim is None else t.narrow(dim, start, saved.shape[dim])).copy_(saved)
     for (_, s), o in zip(state.named_states(), offsets):
         s.offset = o
     state.offset = offset

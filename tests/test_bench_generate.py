@@ -221,3 +221,25 @@ def test_last_only_logits_equal_the_last_row_of_the_full_logits(name):
         last = model(ids, state=state, last_only=True)
     assert last.shape == (2, 1, full.shape[-1]) and state.offset == 11
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, overrides", [("transformer", {}), ("transformer", {"attn_window": 4}), ("mamba2", {})])
+def test_decode_graph_snapshot_restores_three_steps_without_copying_the_whole_cache(name, overrides):
+    from seqlab.generation import _restore, _snapshot
+
+    model = tiny(name, **overrides)
+    state = model.allocate_state(2, 64)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids, state=state)
+        before = {k: t.clone() for k, t in state.named_tensors().items()}
+        saved = _snapshot(state)
+        for _ in range(3):
+            model(ids[:, -1:], state=state)
+        _restore(state, saved)
+    assert state.offset == 7 and all(s.offset == 7 for _, s in state.named_states())
+    for key, t in state.named_tensors().items():
+        assert torch.equal(t, before[key]), key
+    copied = sum(entry[2].numel() for entry in saved[0].values())
+    if state.grows_with_length:
+        assert copied < sum(t.numel() for t in before.values()) / 10  # 3 of 64 cache slots
