@@ -430,7 +430,7 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ConfigError("train: cannot save a checkpoint without --out (no checkpoint directory)")
-        if self.parallel is not None:  # sharded (torch.distributed.checkpoint); every rank takes part
+        if self.parallel is not None and self.parallel.env.distributed:  # sharded (DCP); every rank takes part
             return self.parallel.save_checkpoint(self, path, lambda tmp, rng: write_json(
                 tmp / "trainer.json", self._trainer_info(world_size=self.parallel.env.world_size)))
         with atomic_dir(path) as tmp:
