@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,17 +34,13 @@ WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _entry(rank: int, world: int, store: str, fn_name: str, args: tuple) -> None:
+    # the variables torchrun sets (the group already exists, so they are only read, never used to connect)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # rendezvous through a file: no port to race other processes for; gloo then talks over loopback
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         globals()[fn_name](rank, world, *args)
     finally:
@@ -54,7 +49,10 @@ def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
 
 def spawn(fn, *args, world: int = WORLD) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group on 127.0.0.1."""
-    mp.spawn(_entry, args=(world, _free_port(), fn.__name__, args), nprocs=world, join=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(world, str(Path(tmp, "store")), fn.__name__, args), nprocs=world, join=True)
 
 
 def _record(results: dict, name: str, check) -> None:
@@ -553,10 +551,11 @@ def test_activation_checkpointing_keeps_gradients_and_parameter_names():
 # ------------------------------------------------------------------------------------ command line
 def test_torchrun_train_ddp_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "seqlab", "train", "--task", "mqar", "--model", "mamba2",
+    # c10d rendezvous on 127.0.0.1 port 0: torchrun binds a free loopback port itself (no race for it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "127.0.0.1:0", "-m", "seqlab", "train", "--task", "mqar", "--model", "mamba2",
            "--size", "tiny", "--steps", "3", "--parallel", "ddp", "--out", str(tmp_path / "run"), "--quiet"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training mamba2/tiny") == 1  # rank 0 only
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
