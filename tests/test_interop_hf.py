@@ -104,10 +104,10 @@ def _seqlab_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ import, forward
 
 
-def test_supported_architectures_are_the_six_families():
+def test_supported_architectures_are_the_seven_families():
     assert set(SUPPORTED_ARCHITECTURES) == {
         "MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM", "LlamaForCausalLM", "JambaForCausalLM",
-        "BambaForCausalLM",
+        "BambaForCausalLM", "RecurrentGemmaForCausalLM",
     }
 
 

@@ -24,10 +24,10 @@ from types import ModuleType
 import torch
 
 from seqlab.errors import CheckpointError, ConfigError
-from seqlab.interop import hf_bamba, hf_jamba, hf_llama, hf_mamba, hf_mamba2
+from seqlab.interop import hf_bamba, hf_jamba, hf_llama, hf_mamba, hf_mamba2, hf_recurrent_gemma
 from seqlab.interop.hf_common import HFConfig
 
-FAMILIES: tuple[ModuleType, ...] = (hf_mamba, hf_mamba2, hf_llama, hf_jamba, hf_bamba)
+FAMILIES: tuple[ModuleType, ...] = (hf_mamba, hf_mamba2, hf_llama, hf_jamba, hf_bamba, hf_recurrent_gemma)
 ARCHITECTURES: dict[str, ModuleType] = {arch: family for family in FAMILIES for arch in family.ARCHITECTURES}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(ARCHITECTURES)
 _MODEL_TYPES = {t: arch for family in FAMILIES for t, arch in family.MODEL_TYPES.items()}
@@ -104,6 +104,8 @@ def from_hf(directory: str | Path, device: str | torch.device = "cpu"):
     hf_tensors = load_hf_tensors(directory)
     if hasattr(family, "unfuse_experts"):
         hf_tensors = family.unfuse_experts(hf_tensors)
+    if hasattr(family, "tensors_from_hf"):  # parametrisations that differ (e.g. RecurrentGemma's 1 + w norms)
+        hf_tensors = family.tensors_from_hf(hf_tensors)
     with torch.device(device):
         model = LanguageModel(config)
     tensors = _rename_to_seqlab(hf_tensors, family.pairs(config), model, hf)

@@ -57,6 +57,7 @@ class Attention(nn.Module):
         window: int | None = None,
         head_dim: int | None = None,
         rope_fraction: float = 1.0,
+        out_bias: bool = False,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)  # bias: RecurrentGemma
         if not 0.0 <= rope_fraction <= 1.0:
             raise ConfigError(f"Attention: rope_fraction must be in [0, 1], got {rope_fraction}")
         # rotated channels per head, as GPT-NeoX / transformers count them: int(head_dim * fraction)
@@ -88,6 +89,7 @@ class Attention(nn.Module):
             rope_theta=getattr(config, "rope_theta", 10000.0),
             window=getattr(config, "attn_window", None),
             rope_fraction=getattr(config, "rope_fraction", 1.0),
+            out_bias=getattr(config, "attn_out_bias", False),
         )
 
     # ----------------------------------------------------------------------------------------------- state

@@ -1,4 +1,8 @@
-"""SwiGLU feed-forward block (Shazeer 2020; Llama): ``down(silu(gate(x)) * up(x))``, no biases."""
+"""SwiGLU feed-forward block (Shazeer 2020; Llama): ``down(silu(gate(x)) * up(x))``, no biases.
+
+``activation="gelu"`` / ``"gelu_tanh"`` gives GeGLU (Gemma, RecurrentGemma); ``bias=True`` adds biases to the three
+projections (RecurrentGemma).
+"""
 
 from __future__ import annotations
 
@@ -16,22 +20,38 @@ def default_d_ff(d_model: int) -> int:
     return 64 * math.ceil(8 * d_model / 3 / 64)
 
 
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation_fn(name: str, field: str):
+    """The activation called ``name``; ConfigError naming the config ``field`` otherwise."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"config.{field}: expected one of {list(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 class SwiGLU(nn.Module):
     """Position-wise channel mixer ``x (B, L, d_model) -> (B, L, d_model)``; stateless."""
 
-    def __init__(self, d_model: int, d_ff: int | None = None):
+    def __init__(self, d_model: int, d_ff: int | None = None, activation: str = "silu", bias: bool = False):
         super().__init__()
         d_ff = default_d_ff(d_model) if d_ff is None else d_ff
         if d_ff < 1:
             raise ConfigError(f"SwiGLU: d_ff must be >= 1, got {d_ff}")
         self.d_model, self.d_ff = d_model, d_ff
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.act = activation_fn(activation, "mlp_act")
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     @classmethod
     def from_config(cls, config, layer_idx: int = 0) -> SwiGLU:
-        return cls(config.d_model, getattr(config, "d_ff", None))
+        return cls(config.d_model, getattr(config, "d_ff", None), activation=getattr(config, "mlp_act", "silu"),
+                   bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

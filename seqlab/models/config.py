@@ -31,6 +31,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True  # GPT-2 / Mamba: out-projections scaled by 1/sqrt(n_layers)
+    embed_scale: float = 1.0  # token embeddings multiplied by this (Gemma / RecurrentGemma: sqrt(d_model))
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2 / RecurrentGemma: 30)
 
     # --- channel mixing after each mixer: "none" | "swiglu" | "moe" ---
     mlp: str = "none"
@@ -39,6 +41,8 @@ class ModelConfig:
     n_experts: int = 8
     moe_top_k: int = 2
     moe_aux_loss_weight: float = 0.01
+    mlp_act: str = "silu"  # gate activation of the gated MLP: silu (SwiGLU) | gelu | gelu_tanh (GeGLU)
+    mlp_bias: bool = False  # biases on the gated MLP's three projections (RecurrentGemma)
     moe_renormalize: bool = True  # top-k router weights rescaled to sum 1 (Mixtral); False keeps the softmax (Jamba)
 
     # --- attention (A) ---
@@ -46,6 +50,7 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA; between -> GQA
     rope_theta: float = 10000.0
     attn_window: int | None = None  # sliding-window size, None = full causal
+    attn_out_bias: bool = False  # bias on the output projection (RecurrentGemma)
     rope_fraction: float = 1.0  # share of each head's channels RoPE rotates (Bamba: 0.5); 0 = no positions (Jamba)
 
     # --- S4D (S) ---
@@ -88,6 +93,10 @@ class ModelConfig:
 
     # --- Griffin recurrent block (G): RG-LRU width (None -> d_model); conv width is d_conv ---
     lru_width: int | None = None
+    lru_act: str = "gelu"  # gate-branch activation: gelu | gelu_tanh (RecurrentGemma)
+    lru_bias: bool = False  # biases on linear_x, linear_y and out_proj (RecurrentGemma)
+    lru_heads: int = 1  # >1: block-diagonal input / recurrence gates with this many blocks (RecurrentGemma)
+    lru_reset_input: bool = False  # True: no sqrt(1 - a^2) input scaling at a document's first token (RecurrentGemma)
 
     # --- mLSTM (XL, xLSTM): up-projection factor; heads are n_heads ---
     mlstm_expand: int = 2

@@ -161,6 +161,8 @@ class LanguageModel(nn.Module):
         needs no more; the full ``(B, L, V)`` float32 logits of a long batch can outweigh the model)."""
         self._check_inputs(input_ids, state)
         x_emb = self.embedding(input_ids)  # (B, L, d)
+        if self.config.embed_scale != 1.0:
+            x_emb = x_emb * self.config.embed_scale  # Gemma: sqrt(d_model)
         h = x_emb
         for i, block in enumerate(self.layers):
             j = self.shared_before.get(i)
@@ -171,6 +173,9 @@ class LanguageModel(nn.Module):
         if last_only:
             h = h[:, -1:]  # (B, 1, d)
         logits = self.lm_head(self.norm_f(h)).float()  # (B, L, V_padded)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap  # Gemma 2 / RecurrentGemma soft-capping
         if state is not None:
             state.offset += input_ids.shape[1]
         self.aux_loss = self._aux_loss(logits.device)
