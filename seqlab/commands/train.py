@@ -185,6 +185,13 @@ def run(args: argparse.Namespace) -> int:
                 f"training {args.model}/{args.size} ({model.num_params():,} params) on {args.task or args.data} "
                 f"for {config.steps} steps -> {out}"
             )
+    if trainer.parallel is not None and trainer.is_main:
+        par, cfg = trainer.parallel, trainer.config
+        print(
+            f"{par.env.world_size} process(es), --parallel {cfg.parallel}, --tp {cfg.tp}: global batch = "
+            f"{cfg.batch_size} x {cfg.grad_accum} (accumulation) x {par.data_world} (data-parallel ranks) = "
+            f"{cfg.batch_size * cfg.grad_accum * par.data_world} sequences per step"
+        )
     try:
         result = trainer.fit()
     finally:
