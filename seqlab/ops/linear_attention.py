@@ -33,11 +33,10 @@ Documents packed into one row (``seq_idx``): a position that starts a document s
 multiplies the state by 0 there; the chunked path masks intra-chunk pairs from different documents and the
 incoming/outgoing chunk state where a document starts inside the chunk.
 
-Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``auto`` (CPU: ref for L <= 2, else torch;
-CUDA: torch). ``triton`` is not implemented yet and raises BackendUnavailable. Kernel plan: one program per
-(batch, head, V-tile) walks the chunks in order keeping S in registers/SRAM (fp32), loading q, k, v, g tiles of
-one chunk, computing the intra-chunk (T, T) scores with the decay applied in log space relative to sub-chunks of
-16 positions (so exponents stay <= 0 for tensor-core matmuls), and a backward that recomputes chunk states.
+Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.linear_attention``:
+chunked forward and backward kernels for no decay or a scalar per-head decay, without the bonus u; other cases
+raise BackendUnavailable naming what is missing), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the
+kernel has been measured against the torch path on a GPU).
 """
 
 from __future__ import annotations
@@ -46,7 +45,15 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import BackendUnavailable, InputError
-from seqlab.ops._common import check_backend, check_dim, check_seq_idx, check_tensor, reset_mask
+from seqlab.ops._common import (
+    check_backend,
+    check_dim,
+    check_seq_idx,
+    check_tensor,
+    require_triton,
+    reset_mask,
+    triton_entry,
+)
 
 # the loop beats the chunked path only for the shortest inputs (same reasoning as ssd.CPU_LOOP_MAX_LEN)
 CPU_LOOP_MAX_LEN = 2
@@ -301,15 +308,33 @@ def _linear_attention_chunked(q, k, v, g, u, scale, normalize, initial_state, se
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _select(backend, q):
+def _select(backend, q, g=None, u=None, decode=False):
     if backend == "auto":
         return "ref" if not q.is_cuda and q.shape[1] <= CPU_LOOP_MAX_LEN else "torch"
     if backend == "triton":
-        raise BackendUnavailable(
-            "linear_attention: no Triton kernel yet; use backend='torch' (chunked) or 'ref' (see the module "
-            "docstring for the kernel plan)"
-        )
+        unsupported = None
+        if decode:
+            unsupported = "a decode step (no kernel: the torch step is a few einsums)"
+        elif u is not None:
+            unsupported = "the bonus u (RWKV-6)"
+        elif g is not None and g.dim() == q.dim():
+            unsupported = "a per-key-channel decay g of shape (b, l, H, K) (GLA, RWKV-6)"
+        if unsupported:
+            raise BackendUnavailable(
+                "linear_attention: the Triton kernel covers no decay and a scalar per-head decay g (b, l, H) "
+                f"without u; it does not support {unsupported}; use backend='torch' (chunked) or 'ref'"
+            )
+        require_triton("linear_attention", q, g)
     return backend
+
+
+def _linear_attention_triton(q, k, v, g, scale, normalize, initial_state, seq_idx, chunk_size):
+    """The Triton kernel on float32 operands; the scale and the normaliser column are applied here (autograd)."""
+    kernel = triton_entry("seqlab.ops.triton.linear_attention", "linear_attention_triton", required=True)
+    qc, kc, vc, gc = _prepare(q, k, v, g, scale, normalize, torch.float32)
+    init = None if initial_state is None else initial_state.to(torch.float32)
+    o, S = kernel(qc, kc, vc, gc, init, seq_idx, chunk_size)
+    return _finish(o, normalize).to(q.dtype), S
 
 
 def linear_attention(
@@ -332,13 +357,15 @@ def linear_attention(
     g: None, (b, l, H) or (b, l, H, K) log-decays (<= 0); u: (H, K) RWKV-6 bonus; scale: multiplies q (default
     K^-1/2); normalize: divide by q·z (linear Transformer); initial_state (b, H, K, V) (V + 1 with normalize);
     seq_idx (b, l) int document index. Returns o or (o, final_state) with final_state float32 (float64 for
-    float64 inputs). backend: "auto" | "ref" | "torch" ("triton" raises BackendUnavailable).
+    float64 inputs). backend: "auto" | "ref" | "torch" | "triton" (no decay or g (b, l, H), no u).
     """
     check_backend(backend)
     _validate(q, k, v, g, u, initial_state, seq_idx, normalize, chunk_size)
-    path = _select(backend, q)
+    path = _select(backend, q, g, u)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        if path == "ref":
+        if path == "triton":
+            o, S = _linear_attention_triton(q, k, v, g, scale, normalize, initial_state, seq_idx, chunk_size)
+        elif path == "ref":
             o, S = _linear_attention_ref(q, k, v, g, u, scale, normalize, initial_state, seq_idx)
         else:
             o, S = _linear_attention_chunked(q, k, v, g, u, scale, normalize, initial_state, seq_idx, chunk_size)
@@ -360,7 +387,7 @@ def linear_attention_step(state, q, k, v, g=None, u=None, scale=None, normalize=
     nheads, dk, dv = _check_common(q, k, v, g, u, (batch,), q.device)
     width = dv + 1 if normalize else dv
     check_tensor("state", state, (batch, nheads, dk, width), device=q.device)
-    _select(backend, q)
+    _select(backend, q, g, u, decode=True)
     with torch.autocast(device_type=q.device.type, enabled=False):
         cdt = state.dtype
         qc, kc, vc, gc = _prepare(q, k, v, g, scale, normalize, cdt)

@@ -1,0 +1,223 @@
+"""Chunked linear attention with no decay or a scalar per-head log-decay, forward and backward, in Triton.
+
+Same recurrence as ``seqlab.ops.linear_attention`` (S_t = exp(g_t) S_{t-1} + k_t v_tᵀ, o_t = q_tᵀ S_t). Per head,
+per chunk of T positions with cum_t = sum of g over the chunk through t (cum_last its value at the chunk end):
+    o_t   = sum_{s<=t} (q_t·k_s) exp(cum_t - cum_s) v_s  +  exp(cum_t) q_tᵀ S_in          (tl.dot, (T, T) tile)
+    S_out = exp(cum_last) S_in + sum_s exp(cum_last - cum_s) k_s v_sᵀ
+Every exponent is <= 0 (masked pairs are excluded before the exp). With packed documents a pair of positions
+in different documents is masked, the incoming state reaches only the positions of its own document, and only
+the last document's positions reach the outgoing state.
+
+Forward: one program per (batch, head, V-tile) walks the chunks in order, keeping S (K, V-tile) in float32
+registers and writing the state entering each chunk. Backward: one program per (batch, head) walks the chunks in
+reverse with dS (K, V), reusing those states; the gradient of cum is turned into the gradient of g by a reverse
+cumulative sum inside the chunk.
+
+Supported: g None or (B, L, H); no bonus u. The per-key-channel decay (GLA, RWKV-6) and the bonus are not
+implemented here (the dispatcher says so). The scale and the normaliser column are applied by the caller in torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from seqlab.ops.triton import doc_ids, next_pow2
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H,
+                 HAS_G: tl.constexpr, HAS_DOC: tl.constexpr, T: tl.constexpr):
+    """Decay factors of chunk c: D (T, T) pair decays (masked), r (T,) read-out of S_in, w (T,) write into S_out,
+    lam (scalar) survival of S_in, and cum (T,)."""
+    t = c * T + offs_t
+    if HAS_G:
+        gt = tl.load(g_ptr + (b.to(tl.int64) * L + t) * H + h, mask=mask_t, other=0.0).to(tl.float32)
+    else:
+        gt = tl.zeros((T,), dtype=tl.float32)
+    cum = tl.cumsum(gt, axis=0)  # (T,)
+    cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+    pair = offs_t[:, None] >= offs_t[None, :]  # (T, T) [t, s]: s <= t
+    r = tl.exp(cum)
+    w = tl.exp(cum_last - cum)
+    lam = tl.exp(cum_last)
+    if HAS_DOC:
+        row = b.to(tl.int64) * L
+        doc = tl.load(doc_ptr + row + t, mask=mask_t, other=-1)
+        prev = tl.load(doc_ptr + row + tl.maximum(c * T - 1, 0))
+        prev = tl.where(c > 0, prev, 0)  # the initial state belongs to the row's first document
+        last = tl.load(doc_ptr + row + tl.minimum(c * T + T - 1, L - 1))
+        pair = pair & (doc[:, None] == doc[None, :])
+        r = tl.where(doc == prev, r, 0.0)
+        w = tl.where(doc == last, w, 0.0)
+        lam = tl.where(last == prev, lam, 0.0)
+    diff = tl.where(pair, cum[:, None] - cum[None, :], 0.0)
+    D = tl.where(pair, tl.exp(diff), 0.0)
+    return D, r, w, lam, cum
+
+
+@triton.jit
+def _la_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, doc_ptr, init_ptr, o_ptr, states_ptr, final_ptr,
+                   L, H, K, V, nchunks,
+                   HAS_G: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, IEEE: tl.constexpr,
+                   T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    offs_k = tl.arange(0, BK)
+    offs_t = tl.arange(0, T)
+    mask_v, mask_k = offs_v < V, offs_k < K
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_off = (b.to(tl.int64) * H + h) * K * V + offs_k[:, None] * V + offs_v[None, :]  # (BK, BV)
+    if HAS_INIT:
+        S = tl.load(init_ptr + state_off, mask=mask_kv, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BK, BV), dtype=tl.float32)
+    for c in range(nchunks):
+        tl.store(states_ptr + (b.to(tl.int64) * H + h) * nchunks * K * V + c * K * V
+                 + offs_k[:, None] * V + offs_v[None, :], S, mask=mask_kv)
+        t = c * T + offs_t
+        mask_t = t < L
+        row = (b.to(tl.int64) * L + t) * H + h  # (T,)
+        mask_tk = mask_t[:, None] & mask_k[None, :]
+        mask_tv = mask_t[:, None] & mask_v[None, :]
+        q = tl.load(q_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + row[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+        D, r, w, lam, cum = _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_DOC, T)
+        A = _dot(q, tl.trans(k), IEEE) * D  # (T, T)
+        o = _dot(A, v, IEEE) + _dot(q * r[:, None], S, IEEE)  # (T, BV)
+        tl.store(o_ptr + row[:, None] * V + offs_v[None, :], o, mask=mask_tv)
+        S = lam * S + _dot(tl.trans(k * w[:, None]), v, IEEE)
+    tl.store(final_ptr + state_off, S, mask=mask_kv)
+
+
+@triton.jit
+def _la_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, doc_ptr, states_ptr, do_ptr, dfinal_ptr,
+                   dq_ptr, dk_ptr, dv_ptr, dg_ptr, dinit_ptr,
+                   L, H, K, V, nchunks,
+                   HAS_G: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, IEEE: tl.constexpr,
+                   T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_v = tl.arange(0, BV)
+    offs_k = tl.arange(0, BK)
+    offs_t = tl.arange(0, T)
+    mask_v, mask_k = offs_v < V, offs_k < K
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_off = (b.to(tl.int64) * H + h) * K * V + offs_k[:, None] * V + offs_v[None, :]
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + state_off, mask=mask_kv, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BK, BV), dtype=tl.float32)
+    for cc in range(nchunks):
+        c = nchunks - 1 - cc
+        t = c * T + offs_t
+        mask_t = t < L
+        row = (b.to(tl.int64) * L + t) * H + h
+        mask_tk = mask_t[:, None] & mask_k[None, :]
+        mask_tv = mask_t[:, None] & mask_v[None, :]
+        q = tl.load(q_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + row[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + row[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+        S_in = tl.load(states_ptr + (b.to(tl.int64) * H + h) * nchunks * K * V + c * K * V
+                       + offs_k[:, None] * V + offs_v[None, :], mask=mask_kv, other=0.0)
+        D, r, w, lam, cum = _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_DOC, T)
+        dov = _dot(do, tl.trans(v), IEEE)  # (T, T) [t, s] = dO_t · v_s
+        qk = _dot(q, tl.trans(k), IEEE)  # (T, T)
+        M = dov * D
+        do_s = _dot(do, tl.trans(S_in), IEEE)  # (T, BK) = S_in dO_t
+        v_ds = _dot(v, tl.trans(dS), IEEE)  # (T, BK) = dS v_s
+        dq = _dot(M, k, IEEE) + r[:, None] * do_s
+        dk = _dot(tl.trans(M), q, IEEE) + w[:, None] * v_ds
+        dv = _dot(tl.trans(qk * D), do, IEEE) + w[:, None] * _dot(k, dS, IEEE)
+        tl.store(dq_ptr + row[:, None] * K + offs_k[None, :], dq, mask=mask_tk)
+        tl.store(dk_ptr + row[:, None] * K + offs_k[None, :], dk, mask=mask_tk)
+        tl.store(dv_ptr + row[:, None] * V + offs_v[None, :], dv, mask=mask_tv)
+        if HAS_G:
+            P = M * qk  # d loss / d (cum_t - cum_s) of every pair
+            into = w * tl.sum(k * v_ds, axis=1)  # (T,) d loss / d log w_s
+            dcum = tl.sum(P, axis=1) - tl.sum(P, axis=0) + r * tl.sum(q * do_s, axis=1) - into
+            dlast = lam * tl.sum(tl.sum(S_in * dS, axis=1), axis=0) + tl.sum(into, axis=0)
+            dcum += tl.where(offs_t == T - 1, dlast, 0.0)
+            # g_r enters cum_t for every t >= r: a reverse cumulative sum
+            dg = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum
+            tl.store(dg_ptr + row, dg, mask=mask_t)
+        dS = lam * dS + _dot(tl.trans(q * r[:, None]), do, IEEE)
+    tl.store(dinit_ptr + state_off, dS, mask=mask_kv)
+
+
+def _tiles(q, v, chunk_size):
+    K, V = q.shape[-1], v.shape[-1]
+    T = min(64, max(16, next_pow2(min(chunk_size, q.shape[1]))))  # the result does not depend on T
+    return T, max(16, next_pow2(K)), max(16, next_pow2(V))
+
+
+def _ieee(q) -> bool:
+    return q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class _LinearAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, seq_idx, chunk_size):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = None if g is None else g.contiguous()
+        batch, L, H, K = q.shape
+        V = v.shape[-1]
+        T, BK, BV_full = _tiles(q, v, chunk_size)
+        BV = min(BV_full, 64)
+        nchunks = -(-L // T)
+        doc = doc_ids(seq_idx)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        o = torch.empty(batch, L, H, V, **f32)
+        states = torch.empty(batch, H, nchunks, K, V, **f32)
+        final = torch.empty(batch, H, K, V, **f32)
+        init = None if initial_state is None else initial_state.contiguous()
+        grid = (batch * H, triton.cdiv(V, BV))
+        _la_fwd_kernel[grid](q, k, v, g, doc, init, o, states, final, L, H, K, V, nchunks,
+                             HAS_G=g is not None, HAS_DOC=doc is not None, HAS_INIT=init is not None,
+                             IEEE=_ieee(q), T=T, BK=BK, BV=BV)
+        ctx.save_for_backward(q, k, v, g, doc, states)
+        ctx.init_info = None if initial_state is None else initial_state.dtype
+        ctx.T, ctx.BK, ctx.BV = T, BK, BV_full
+        return o.to(q.dtype), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, doc, states = ctx.saved_tensors
+        batch, L, H, K = q.shape
+        V = v.shape[-1]
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dq = torch.empty(batch, L, H, K, **f32)
+        dk = torch.empty(batch, L, H, K, **f32)
+        dv = torch.empty(batch, L, H, V, **f32)
+        dg = torch.empty(batch, L, H, **f32) if g is not None else None
+        dinit = torch.empty(batch, H, K, V, **f32)
+        do = torch.zeros(batch, L, H, V, **f32) if do is None else do.contiguous()
+        dfinal = None if dfinal is None else dfinal.contiguous()
+        _la_bwd_kernel[(batch * H,)](q, k, v, g, doc, states, do, dfinal, dq, dk, dv, dg, dinit,
+                                     L, H, K, V, states.shape[2],
+                                     HAS_G=g is not None, HAS_DOC=doc is not None, HAS_DFINAL=dfinal is not None,
+                                     IEEE=_ieee(q), T=ctx.T, BK=ctx.BK, BV=ctx.BV)
+        dinit = None if ctx.init_info is None else dinit.to(ctx.init_info)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if g is None else dg.to(g.dtype), dinit,
+                None, None)
+
+
+def linear_attention_triton(q, k, v, g, initial_state, seq_idx, chunk_size):
+    """q, k (B, L, H, K) (already scaled); v (B, L, H, V); g None or (B, L, H) log-decays; initial_state
+    (B, H, K, V) float32 or None; seq_idx (B, L) or None. Returns (o float32 -> dtype of q, final_state float32)."""
+    return _LinearAttentionFn.apply(q, k, v, g, initial_state, seq_idx, chunk_size)
