@@ -15,7 +15,6 @@ directory on a filesystem every node sees.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from seqlab.errors import CheckpointError
+from seqlab.io import replace_dir
 
 DCP_DIR = "dcp"
 
@@ -72,13 +72,7 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
             _write_full_model(model, full, tmp)
             if write_rank0 is not None:
                 write_rank0(tmp)
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
