@@ -15,7 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-HELP = "convert Hugging Face checkpoints (Mamba, Mamba-2, Falcon Mamba, Llama, Jamba, Bamba) to and from seqlab"
+HELP = (
+    "convert Hugging Face checkpoints (Mamba, Mamba-2, Falcon Mamba, Llama, Jamba, Bamba, RecurrentGemma) "
+    "to and from seqlab"
+)
 
 
 def register(parser: argparse.ArgumentParser) -> None:

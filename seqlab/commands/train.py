@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-HELP = "train a model preset on a synthetic task (checkpoints, metrics.jsonl, exact --resume)"
+HELP = "train a model preset on a synthetic task or on text (checkpoints, metrics.jsonl, exact --resume)"
 
 
 def parse_assignments(pairs: list[str] | None, option: str) -> dict:
