@@ -221,9 +221,9 @@ def test_bad_input_is_an_input_error_naming_the_argument(argument, change):
         linear_attention(**kw)
 
 
-def test_triton_backend_is_unavailable_with_a_clear_message():
-    with pytest.raises(BackendUnavailable, match="Triton"):
-        linear_attention(**make_inputs(), backend="triton")
+def test_triton_backend_refuses_the_bonus_with_a_clear_message():
+    with pytest.raises(BackendUnavailable, match="Triton kernel .* bonus u"):
+        linear_attention(**make_inputs(bonus=True), backend="triton")
     state = torch.zeros(1, 1, 2, 2)
     with pytest.raises(InputError, match="^state:"):
         linear_attention_step(state, torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.zeros(1, 1, 2))

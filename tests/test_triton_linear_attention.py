@@ -1,6 +1,6 @@
 """The Triton linear-attention kernels equal the per-timestep recurrence (float64 ``ref``), forward and gradients,
-for no decay and a scalar per-head decay, with the normaliser, an initial state and packed documents; cases the
-kernel does not cover are refused with a message that names them.
+for no decay, a per-head and a per-key-channel decay, with the normaliser, an initial state and packed
+documents; what the kernel does not cover (the bonus u) is refused with a message that names it.
 
 On the CPU these run under TRITON_INTERPRET=1 (``make test`` sets it) on small shapes; on a CUDA machine natively.
 Tolerance: relative error ||out - ref|| / ||ref|| <= 1e-4 for float32 inputs (float32 accumulation); bf16 inputs
@@ -47,8 +47,9 @@ def make_inputs(batch, seqlen, nheads, dk, dv, *, decay, normalize=False, initia
               v=randn(batch, seqlen, nheads, dv))
     if normalize:  # positive features, as a feature map gives
         kw["q"], kw["k"] = kw["q"].exp(), kw["k"].exp()
-    if decay == "head":
-        kw["g"] = -strength * torch.rand(batch, seqlen, nheads, generator=gen, dtype=torch.float64)
+    if decay != "none":
+        shape = (batch, seqlen, nheads) + ((dk,) if decay == "channel" else ())
+        kw["g"] = -strength * torch.rand(*shape, generator=gen, dtype=torch.float64)
     if initial_state:
         kw["initial_state"] = randn(batch, nheads, dk, dv + int(normalize)).abs()
     if docs:
@@ -88,6 +89,9 @@ CASES = [  # (batch, seqlen, nheads, dk, dv, chunk_size, decay, normalize, initi
     (1, 70, 3, 4, 7, 16, "head", True, True, True),  # normaliser + documents across chunk boundaries
     (2, 33, 1, 20, 18, 32, "none", True, False, True),
     (1, 1, 2, 3, 2, 64, "head", False, True, False),  # a single position
+    (2, 37, 2, 5, 3, 64, "channel", False, True, False),  # GLA-style decay: 16-long chunks whatever chunk_size
+    (1, 50, 2, 8, 6, 16, "channel", True, True, True),
+    (2, 16, 1, 16, 16, 16, "channel", False, False, False),
 ]
 
 
@@ -99,8 +103,9 @@ def test_linear_attention_triton_matches_ref_forward_and_gradients(case):
     _check(kw, chunk_size=chunk_size, normalize=normalize)
 
 
-def test_linear_attention_triton_strong_decays_stay_finite_and_exact():
-    kw = make_inputs(2, 50, 2, 8, 8, decay="head", initial_state=True, strength=40.0, seed=3)
+@pytest.mark.parametrize("decay", ["head", "channel"])
+def test_linear_attention_triton_strong_decays_stay_finite_and_exact(decay):
+    kw = make_inputs(2, 50, 2, 8, 8, decay=decay, initial_state=True, strength=40.0, seed=3)
     _check(kw, chunk_size=64)
 
 
@@ -110,8 +115,7 @@ def test_linear_attention_triton_bf16_inputs_within_1e_2():
 
 
 @pytest.mark.parametrize("missing, extra", [
-    ("per-key-channel decay", dict(g=torch.zeros(1, 8, 2, 4))),
-    ("bonus u", dict(g=torch.zeros(1, 8, 2), u=torch.zeros(2, 4))),
+    ("bonus u", dict(g=torch.zeros(1, 8, 2, 4), u=torch.zeros(2, 4))),
 ])  # fmt: skip
 def test_unsupported_cases_name_what_the_kernel_lacks(missing, extra):
     kw = make_inputs(1, 8, 2, 4, 4, decay="none")
@@ -128,10 +132,12 @@ def _specialisations():
     from seqlab.ops.triton import linear_attention as la
 
     specs = []
-    for has_g in (False, True):
+    for has_g, vec in ((False, False), (True, False), (True, True)):
         for has_doc in (False, True):
             for T, BK, BV in ((16, 16, 16), (64, 32, 64)):
-                common = dict(HAS_G=has_g, HAS_DOC=has_doc, IEEE=True, T=T, BK=BK, BV=BV)
+                if vec and T != 16:
+                    continue
+                common = dict(HAS_G=has_g, VEC=vec, HAS_DOC=has_doc, IEEE=True, T=T, BK=BK, BV=BV)
                 fwd = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "g_ptr": "*fp32" if has_g else None,
                        "doc_ptr": "*i32" if has_doc else None, "init_ptr": "*fp32", "o_ptr": "*fp32",
                        "states_ptr": "*fp32", "final_ptr": "*fp32", "L": "i32", "H": "i32", "K": "i32", "V": "i32",

@@ -34,9 +34,9 @@ multiplies the state by 0 there; the chunked path masks intra-chunk pairs from d
 incoming/outgoing chunk state where a document starts inside the chunk.
 
 Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.linear_attention``:
-chunked forward and backward kernels for no decay or a scalar per-head decay, without the bonus u; other cases
-raise BackendUnavailable naming what is missing), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the
-kernel has been measured against the torch path on a GPU).
+chunked forward and backward kernels for no decay, a per-head or a per-key-channel decay, without the bonus u;
+u raises BackendUnavailable), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been
+measured against the torch path on a GPU).
 """
 
 from __future__ import annotations
@@ -317,12 +317,10 @@ def _select(backend, q, g=None, u=None, decode=False):
             unsupported = "a decode step (no kernel: the torch step is a few einsums)"
         elif u is not None:
             unsupported = "the bonus u (RWKV-6)"
-        elif g is not None and g.dim() == q.dim():
-            unsupported = "a per-key-channel decay g of shape (b, l, H, K) (GLA, RWKV-6)"
         if unsupported:
             raise BackendUnavailable(
-                "linear_attention: the Triton kernel covers no decay and a scalar per-head decay g (b, l, H) "
-                f"without u; it does not support {unsupported}; use backend='torch' (chunked) or 'ref'"
+                "linear_attention: the Triton kernel covers no decay and per-head or per-channel decays g without "
+                f"u; it does not support {unsupported}; use backend='torch' (chunked) or 'ref'"
             )
         require_triton("linear_attention", q, g)
     return backend
@@ -357,7 +355,7 @@ def linear_attention(
     g: None, (b, l, H) or (b, l, H, K) log-decays (<= 0); u: (H, K) RWKV-6 bonus; scale: multiplies q (default
     K^-1/2); normalize: divide by q·z (linear Transformer); initial_state (b, H, K, V) (V + 1 with normalize);
     seq_idx (b, l) int document index. Returns o or (o, final_state) with final_state float32 (float64 for
-    float64 inputs). backend: "auto" | "ref" | "torch" | "triton" (no decay or g (b, l, H), no u).
+    float64 inputs). backend: "auto" | "ref" | "torch" | "triton" (no bonus u).
     """
     check_backend(backend)
     _validate(q, k, v, g, u, initial_state, seq_idx, normalize, chunk_size)

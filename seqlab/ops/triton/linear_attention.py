@@ -13,8 +13,10 @@ registers and writing the state entering each chunk. Backward: one program per (
 reverse with dS (K, V), reusing those states; the gradient of cum is turned into the gradient of g by a reverse
 cumulative sum inside the chunk.
 
-Supported: g None or (B, L, H); no bonus u. The per-key-channel decay (GLA, RWKV-6) and the bonus are not
-implemented here (the dispatcher says so). The scale and the normaliser column are applied by the caller in torch.
+A per-key-channel decay g (B, L, H, K) (GLA, RWKV-6's w) replaces the scalar factors by (T, K) ones and the pair
+decays by a (T, T, K) tile (every exponent still <= 0), reduced over K without tl.dot; its chunks are 16 long.
+Not implemented: the bonus u (the dispatcher refuses it by name). The scale and the normaliser column are applied
+by the caller in torch.
 """
 
 from __future__ import annotations
@@ -67,10 +69,39 @@ def _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H,
 
 
 @triton.jit
+def _chunk_terms_vec(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, offs_k, mask_k, L, H, K,
+                     HAS_DOC: tl.constexpr, T: tl.constexpr, BK: tl.constexpr):
+    """Per-key-channel decay factors of chunk c: D3 (T, T, BK) pair decays, r (T, BK), w (T, BK), lam (BK,)."""
+    t = c * T + offs_t
+    row = (b.to(tl.int64) * L + t) * H + h
+    gt = tl.load(g_ptr + row[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                 other=0.0).to(tl.float32)
+    cum = tl.cumsum(gt, axis=0)  # (T, BK)
+    cum_last = tl.sum(tl.where((offs_t == T - 1)[:, None], cum, 0.0), axis=0)  # (BK,)
+    pair = offs_t[:, None] >= offs_t[None, :]  # (T, T)
+    r = tl.exp(cum)
+    w = tl.exp(cum_last[None, :] - cum)
+    lam = tl.exp(cum_last)
+    if HAS_DOC:
+        base = b.to(tl.int64) * L
+        doc = tl.load(doc_ptr + base + t, mask=mask_t, other=-1)
+        prev = tl.load(doc_ptr + base + tl.maximum(c * T - 1, 0))
+        prev = tl.where(c > 0, prev, 0)
+        last = tl.load(doc_ptr + base + tl.minimum(c * T + T - 1, L - 1))
+        pair = pair & (doc[:, None] == doc[None, :])
+        r = tl.where((doc == prev)[:, None], r, 0.0)
+        w = tl.where((doc == last)[:, None], w, 0.0)
+        lam = tl.where(last == prev, lam, 0.0)
+    diff = tl.where(pair[:, :, None], cum[:, None, :] - cum[None, :, :], 0.0)  # (T, T, BK), <= 0 where kept
+    D3 = tl.where(pair[:, :, None], tl.exp(diff), 0.0)
+    return D3, r, w, lam
+
+
+@triton.jit
 def _la_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, doc_ptr, init_ptr, o_ptr, states_ptr, final_ptr,
                    L, H, K, V, nchunks,
-                   HAS_G: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr, IEEE: tl.constexpr,
-                   T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                   HAS_G: tl.constexpr, VEC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_INIT: tl.constexpr,
+                   IEEE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -95,11 +126,19 @@ def _la_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, doc_ptr, init_ptr, o_ptr, states_
         q = tl.load(q_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + row[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
-        D, r, w, lam, cum = _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_DOC, T)
-        A = _dot(q, tl.trans(k), IEEE) * D  # (T, T)
-        o = _dot(A, v, IEEE) + _dot(q * r[:, None], S, IEEE)  # (T, BV)
-        tl.store(o_ptr + row[:, None] * V + offs_v[None, :], o, mask=mask_tv)
-        S = lam * S + _dot(tl.trans(k * w[:, None]), v, IEEE)
+        if VEC:
+            D3, r, w, lam = _chunk_terms_vec(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, offs_k, mask_k, L, H, K,
+                                             HAS_DOC, T, BK)
+            A = tl.sum(q[:, None, :] * k[None, :, :] * D3, axis=2)  # (T, T)
+            o = _dot(A, v, IEEE) + _dot(q * r, S, IEEE)  # (T, BV)
+            tl.store(o_ptr + row[:, None] * V + offs_v[None, :], o, mask=mask_tv)
+            S = lam[:, None] * S + _dot(tl.trans(k * w), v, IEEE)
+        else:
+            D, r, w, lam, cum = _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_DOC, T)
+            A = _dot(q, tl.trans(k), IEEE) * D  # (T, T)
+            o = _dot(A, v, IEEE) + _dot(q * r[:, None], S, IEEE)  # (T, BV)
+            tl.store(o_ptr + row[:, None] * V + offs_v[None, :], o, mask=mask_tv)
+            S = lam * S + _dot(tl.trans(k * w[:, None]), v, IEEE)
     tl.store(final_ptr + state_off, S, mask=mask_kv)
 
 
@@ -107,8 +146,8 @@ def _la_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, doc_ptr, init_ptr, o_ptr, states_
 def _la_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, doc_ptr, states_ptr, do_ptr, dfinal_ptr,
                    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dinit_ptr,
                    L, H, K, V, nchunks,
-                   HAS_G: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, IEEE: tl.constexpr,
-                   T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                   HAS_G: tl.constexpr, VEC: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                   IEEE: tl.constexpr, T: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -135,34 +174,68 @@ def _la_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, doc_ptr, states_ptr, do_ptr, dfin
         do = tl.load(do_ptr + row[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
         S_in = tl.load(states_ptr + (b.to(tl.int64) * H + h) * nchunks * K * V + c * K * V
                        + offs_k[:, None] * V + offs_v[None, :], mask=mask_kv, other=0.0)
-        D, r, w, lam, cum = _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_DOC, T)
-        dov = _dot(do, tl.trans(v), IEEE)  # (T, T) [t, s] = dO_t · v_s
-        qk = _dot(q, tl.trans(k), IEEE)  # (T, T)
-        M = dov * D
-        do_s = _dot(do, tl.trans(S_in), IEEE)  # (T, BK) = S_in dO_t
-        v_ds = _dot(v, tl.trans(dS), IEEE)  # (T, BK) = dS v_s
-        dq = _dot(M, k, IEEE) + r[:, None] * do_s
-        dk = _dot(tl.trans(M), q, IEEE) + w[:, None] * v_ds
-        dv = _dot(tl.trans(qk * D), do, IEEE) + w[:, None] * _dot(k, dS, IEEE)
-        tl.store(dq_ptr + row[:, None] * K + offs_k[None, :], dq, mask=mask_tk)
-        tl.store(dk_ptr + row[:, None] * K + offs_k[None, :], dk, mask=mask_tk)
-        tl.store(dv_ptr + row[:, None] * V + offs_v[None, :], dv, mask=mask_tv)
-        if HAS_G:
-            P = M * qk  # d loss / d (cum_t - cum_s) of every pair
-            into = w * tl.sum(k * v_ds, axis=1)  # (T,) d loss / d log w_s
-            dcum = tl.sum(P, axis=1) - tl.sum(P, axis=0) + r * tl.sum(q * do_s, axis=1) - into
-            dlast = lam * tl.sum(tl.sum(S_in * dS, axis=1), axis=0) + tl.sum(into, axis=0)
-            dcum += tl.where(offs_t == T - 1, dlast, 0.0)
-            # g_r enters cum_t for every t >= r: a reverse cumulative sum
-            dg = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum
-            tl.store(dg_ptr + row, dg, mask=mask_t)
-        dS = lam * dS + _dot(tl.trans(q * r[:, None]), do, IEEE)
+        if VEC:
+            D3, r, w, lam = _chunk_terms_vec(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, offs_k, mask_k, L, H, K,
+                                             HAS_DOC, T, BK)
+            dov = _dot(do, tl.trans(v), IEEE)  # (T, T) [t, s] = dO_t · v_s
+            X3 = dov[:, :, None] * D3  # (T, T, BK)
+            dq_pair = tl.sum(X3 * k[None, :, :], axis=1)  # (T, BK)
+            dk_pair = tl.sum(X3 * q[:, None, :], axis=0)  # (T, BK)
+            A = tl.sum(q[:, None, :] * k[None, :, :] * D3, axis=2)  # (T, T)
+            do_s = _dot(do, tl.trans(S_in), IEEE)  # (T, BK)
+            v_ds = _dot(v, tl.trans(dS), IEEE)  # (T, BK)
+            tl.store(dq_ptr + row[:, None] * K + offs_k[None, :], dq_pair + r * do_s, mask=mask_tk)
+            tl.store(dk_ptr + row[:, None] * K + offs_k[None, :], dk_pair + w * v_ds, mask=mask_tk)
+            dv = _dot(tl.trans(A), do, IEEE) + _dot(k * w, dS, IEEE)
+            tl.store(dv_ptr + row[:, None] * V + offs_v[None, :], dv, mask=mask_tv)
+            into = w * k * v_ds  # (T, BK) d loss / d log w
+            dcum = q * dq_pair - k * dk_pair + r * q * do_s - into  # (T, BK)
+            dlast = lam * tl.sum(S_in * dS, axis=1) + tl.sum(into, axis=0)  # (BK,)
+            dcum += tl.where((offs_t == T - 1)[:, None], dlast[None, :], 0.0)
+            dg = tl.sum(dcum, axis=0)[None, :] - tl.cumsum(dcum, axis=0) + dcum
+            tl.store(dg_ptr + row[:, None] * K + offs_k[None, :], dg, mask=mask_tk)
+            dS = lam[:, None] * dS + _dot(tl.trans(q * r), do, IEEE)
+        else:
+            dS = _bwd_chunk_scalar(q, k, v, do, S_in, dS, g_ptr, doc_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, b, h, c,
+                                   offs_t, mask_t, row, mask_tk, mask_tv, offs_k, offs_v, L, H, K, V,
+                                   HAS_G, HAS_DOC, IEEE, T)
     tl.store(dinit_ptr + state_off, dS, mask=mask_kv)
 
 
-def _tiles(q, v, chunk_size):
+@triton.jit
+def _bwd_chunk_scalar(q, k, v, do, S_in, dS, g_ptr, doc_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, b, h, c,
+                      offs_t, mask_t, row, mask_tk, mask_tv, offs_k, offs_v, L, H, K, V,
+                      HAS_G: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr, T: tl.constexpr):
+    """One chunk of the backward for no decay or a scalar decay; returns dS entering the chunk."""
+    D, r, w, lam, cum = _chunk_terms(g_ptr, doc_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_DOC, T)
+    dov = _dot(do, tl.trans(v), IEEE)  # (T, T) [t, s] = dO_t · v_s
+    qk = _dot(q, tl.trans(k), IEEE)  # (T, T)
+    M = dov * D
+    do_s = _dot(do, tl.trans(S_in), IEEE)  # (T, BK) = S_in dO_t
+    v_ds = _dot(v, tl.trans(dS), IEEE)  # (T, BK) = dS v_s
+    dq = _dot(M, k, IEEE) + r[:, None] * do_s
+    dk = _dot(tl.trans(M), q, IEEE) + w[:, None] * v_ds
+    dv = _dot(tl.trans(qk * D), do, IEEE) + w[:, None] * _dot(k, dS, IEEE)
+    tl.store(dq_ptr + row[:, None] * K + offs_k[None, :], dq, mask=mask_tk)
+    tl.store(dk_ptr + row[:, None] * K + offs_k[None, :], dk, mask=mask_tk)
+    tl.store(dv_ptr + row[:, None] * V + offs_v[None, :], dv, mask=mask_tv)
+    if HAS_G:
+        P = M * qk  # d loss / d (cum_t - cum_s) of every pair
+        into = w * tl.sum(k * v_ds, axis=1)  # (T,) d loss / d log w_s
+        dcum = tl.sum(P, axis=1) - tl.sum(P, axis=0) + r * tl.sum(q * do_s, axis=1) - into
+        dlast = lam * tl.sum(tl.sum(S_in * dS, axis=1), axis=0) + tl.sum(into, axis=0)
+        dcum += tl.where(offs_t == T - 1, dlast, 0.0)
+        # g_r enters cum_t for every t >= r: a reverse cumulative sum
+        dg = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum
+        tl.store(dg_ptr + row, dg, mask=mask_t)
+    dS = lam * dS + _dot(tl.trans(q * r[:, None]), do, IEEE)
+    return dS
+
+
+def _tiles(q, v, chunk_size, vec: bool):
     K, V = q.shape[-1], v.shape[-1]
-    T = min(64, max(16, next_pow2(min(chunk_size, q.shape[1]))))  # the result does not depend on T
+    # the result does not depend on T; a per-channel decay holds (T, T, K) tiles, so its chunks are 16 long
+    T = 16 if vec else min(64, max(16, next_pow2(min(chunk_size, q.shape[1]))))
     return T, max(16, next_pow2(K)), max(16, next_pow2(V))
 
 
@@ -177,7 +250,8 @@ class _LinearAttentionFn(torch.autograd.Function):
         g = None if g is None else g.contiguous()
         batch, L, H, K = q.shape
         V = v.shape[-1]
-        T, BK, BV_full = _tiles(q, v, chunk_size)
+        vec = g is not None and g.dim() == 4
+        T, BK, BV_full = _tiles(q, v, chunk_size, vec)
         BV = min(BV_full, 64)
         nchunks = -(-L // T)
         doc = doc_ids(seq_idx)
@@ -188,11 +262,11 @@ class _LinearAttentionFn(torch.autograd.Function):
         init = None if initial_state is None else initial_state.contiguous()
         grid = (batch * H, triton.cdiv(V, BV))
         _la_fwd_kernel[grid](q, k, v, g, doc, init, o, states, final, L, H, K, V, nchunks,
-                             HAS_G=g is not None, HAS_DOC=doc is not None, HAS_INIT=init is not None,
+                             HAS_G=g is not None, VEC=vec, HAS_DOC=doc is not None, HAS_INIT=init is not None,
                              IEEE=_ieee(q), T=T, BK=BK, BV=BV)
         ctx.save_for_backward(q, k, v, g, doc, states)
         ctx.init_info = None if initial_state is None else initial_state.dtype
-        ctx.T, ctx.BK, ctx.BV = T, BK, BV_full
+        ctx.T, ctx.BK, ctx.BV, ctx.vec = T, BK, BV_full, vec
         return o.to(q.dtype), final
 
     @staticmethod
@@ -204,13 +278,14 @@ class _LinearAttentionFn(torch.autograd.Function):
         dq = torch.empty(batch, L, H, K, **f32)
         dk = torch.empty(batch, L, H, K, **f32)
         dv = torch.empty(batch, L, H, V, **f32)
-        dg = torch.empty(batch, L, H, **f32) if g is not None else None
+        dg = torch.empty(g.shape, **f32) if g is not None else None
         dinit = torch.empty(batch, H, K, V, **f32)
         do = torch.zeros(batch, L, H, V, **f32) if do is None else do.contiguous()
         dfinal = None if dfinal is None else dfinal.contiguous()
         _la_bwd_kernel[(batch * H,)](q, k, v, g, doc, states, do, dfinal, dq, dk, dv, dg, dinit,
                                      L, H, K, V, states.shape[2],
-                                     HAS_G=g is not None, HAS_DOC=doc is not None, HAS_DFINAL=dfinal is not None,
+                                     HAS_G=g is not None, VEC=ctx.vec, HAS_DOC=doc is not None,
+                                     HAS_DFINAL=dfinal is not None,
                                      IEEE=_ieee(q), T=ctx.T, BK=ctx.BK, BV=ctx.BV)
         dinit = None if ctx.init_info is None else dinit.to(ctx.init_info)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if g is None else dg.to(g.dtype), dinit,
@@ -218,6 +293,6 @@ class _LinearAttentionFn(torch.autograd.Function):
 
 
 def linear_attention_triton(q, k, v, g, initial_state, seq_idx, chunk_size):
-    """q, k (B, L, H, K) (already scaled); v (B, L, H, V); g None or (B, L, H) log-decays; initial_state
+    """q, k (B, L, H, K) (already scaled); v (B, L, H, V); g None, (B, L, H) or (B, L, H, K) log-decays; initial_state
     (B, H, K, V) float32 or None; seq_idx (B, L) or None. Returns (o float32 -> dtype of q, final_state float32)."""
     return _LinearAttentionFn.apply(q, k, v, g, initial_state, seq_idx, chunk_size)
