@@ -4,7 +4,7 @@ Specs:
 - context parallelism (sequence split along L over 2 ranks) equals one device, forward and backward:
   SSD, selective scan, causal conv (halo), whole Mamba-2 and Mamba-1 mixers, with and without packed documents;
 - tensor parallelism (DTensor) equals the unsharded module: attention (GQA), SwiGLU, MoE experts, a whole
-  Transformer; unshardable mixers are refused by name;
+  Transformer (Mamba-2: tests/test_tp_mamba.py); unshardable mixers are refused by name;
 - DDP and FSDP2 training gives the same parameters as one process stepping on the same global batch;
 - a checkpoint written by 2 processes loads in 1 (resharded), bit-exact weights and optimizer state;
 - ``torchrun --nproc-per-node 2 -m seqlab train ... --parallel ddp`` runs end to end.
@@ -321,14 +321,14 @@ def _tp_transformer():
     return {"y": _maxdiff(logits, ref(ids)), "grad": grad_err}
 
 
-def _tp_refuses_mamba2():
+def _tp_refuses_mamba():
     from seqlab.distributed.tensor_parallel import parallelize_model
     from seqlab.models.presets import from_preset
 
-    try:
-        parallelize_model(from_preset("mamba2", "tiny", vocab_size=64), None)
+    try:  # Mamba-1 (selective scan) is not sharded; Mamba-2 is (tests/test_tp_mamba.py)
+        parallelize_model(from_preset("mamba", "tiny", vocab_size=64), None)
     except ConfigError as err:
-        return {"named": float("Mamba2" in str(err))}
+        return {"named": float("the Mamba mixer" in str(err))}
     return {"named": 0.0}
 
 
@@ -342,7 +342,7 @@ def _module_checks(rank, world, out_dir):
         for kind in ("mamba2", "mamba"):
             _record(results, f"cp_mixer[{kind}-{name}]", lambda k=kind, p=packed: _cp_mixer(k, p))
     for name, check in (("attention", _tp_attention), ("swiglu", _tp_swiglu), ("moe", _tp_moe),
-                        ("transformer", _tp_transformer), ("refuses_mamba2", _tp_refuses_mamba2)):
+                        ("transformer", _tp_transformer), ("refuses_mamba", _tp_refuses_mamba)):
         _record(results, f"tp_{name}", check)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -379,9 +379,9 @@ def test_tensor_parallel_matches_unsharded(module_results, module):
     _check(module_results, f"tp_{module}", 1e-5)
 
 
-def test_tensor_parallel_refuses_mamba2_by_name(module_results):
+def test_tensor_parallel_refuses_mamba_by_name(module_results):
     for res in module_results:
-        assert res["tp_refuses_mamba2"] == {"named": 1.0}, res["tp_refuses_mamba2"]
+        assert res["tp_refuses_mamba"] == {"named": 1.0}, res["tp_refuses_mamba"]
 
 
 # ------------------------------------------------------------------------------------ data parallel

@@ -8,10 +8,12 @@ Each rank then holds n_heads / tp query heads and n_kv_heads / tp KV heads, so b
 Embedding, norms and the head stay replicated; their gradients are identical on every rank (the column-wise
 inputs' gradients are all-reduced by DTensor).
 
-Not sharded (a clear error names the mixer): Mamba-2, Mamba, S4 and the recurrent families. Mamba-2's in_proj is
-one fused [z, xBC, dt] projection and its depthwise conv, gated norm and out_proj follow the same head/group
-layout; sharding it needs each segment split per head and per group (and ngroups divisible by the degree) --
-the layout is known, the sharded forward is not written yet. Use data or context parallelism for SSM layers.
+    Mamba-2     shard by head (``seqlab.distributed.tp_mamba``): z/x/dt rows of in_proj, conv channels, A_log,
+                dt_bias, D and norm per head; out_proj row-wise; B/C per group when ngroups divides by the degree,
+                else replicated; the gated norm all-reduces its sums of squares when a group spans ranks
+
+Not sharded (a clear error names the mixer): Mamba, S4 and the other recurrent families. Use data or context
+parallelism for those layers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError
 
-SHARDABLE_MIXERS = ("Attention",)
+SHARDABLE_MIXERS = ("Attention", "Mamba2")
 
 
 def _check_divisible(what: str, value: int, tp: int, where: str) -> None:
@@ -52,21 +54,30 @@ def shard_swiglu(mlp: nn.Module, mesh, where: str = "mlp") -> None:
 
 
 def parallelize_model(model: nn.Module, mesh) -> nn.Module:
-    """Shard every attention, SwiGLU and MoE expert of a ``LanguageModel`` over the 1-D ``mesh`` in place.
+    """Shard every attention, Mamba-2 mixer, SwiGLU and MoE expert of a ``LanguageModel`` over the 1-D ``mesh`` in
+    place (a Mamba-2 mixer is replaced by its ``Mamba2TensorParallel`` shard).
 
-    Raises ConfigError naming the first layer whose mixer cannot be sharded (checked before anything changes).
+    Raises ConfigError naming the first layer whose mixer cannot be sharded, or whose head count does not divide
+    by the degree (checked before anything changes).
     """
+    from seqlab.distributed.tp_mamba import shard_mamba2
     from seqlab.mixers.attention import Attention
+    from seqlab.mixers.mamba2 import Mamba2
     from seqlab.mixers.mlp import SwiGLU
 
     for i, block in enumerate(getattr(model, "layers", [])):
-        if not isinstance(block.mixer, Attention):
+        if isinstance(block.mixer, Mamba2):
+            _check_divisible("nheads", block.mixer.nheads, mesh.size(), f"layers.{i}.mixer (Mamba2)")
+        elif not isinstance(block.mixer, Attention):
             name = type(block.mixer).__name__
             raise ConfigError(
                 f"--tp: layer {i} uses the {name} mixer, which tensor parallelism does not shard (only "
                 f"{', '.join(SHARDABLE_MIXERS)} mixers with SwiGLU/MoE channel mixers are sharded); use "
                 "--parallel ddp/fsdp (data parallelism) or context parallelism for SSM layers"
             )
+    for i, block in enumerate(getattr(model, "layers", [])):
+        if isinstance(block.mixer, Mamba2):
+            block.mixer = shard_mamba2(block.mixer, mesh, where=f"layers.{i}.mixer")
     for name, module in model.named_modules():
         if isinstance(module, Attention):
             shard_attention(module, mesh, where=name)
