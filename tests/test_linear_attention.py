@@ -221,9 +221,12 @@ def test_bad_input_is_an_input_error_naming_the_argument(argument, change):
         linear_attention(**kw)
 
 
-def test_triton_backend_refuses_the_bonus_with_a_clear_message():
-    with pytest.raises(BackendUnavailable, match="Triton kernel .* bonus u"):
-        linear_attention(**make_inputs(bonus=True), backend="triton")
+def test_triton_backend_has_no_decode_step_and_says_so():
+    kw = make_inputs(seqlen=1, bonus=True, dtype=torch.float32)
+    state = torch.zeros(2, 3, 4, 5)
+    with pytest.raises(BackendUnavailable, match="Triton"):
+        linear_attention_step(state, kw["q"][:, 0], kw["k"][:, 0], kw["v"][:, 0], g=kw["g"][:, 0], u=kw["u"],
+                              backend="triton")
     state = torch.zeros(1, 1, 2, 2)
     with pytest.raises(InputError, match="^state:"):
         linear_attention_step(state, torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.zeros(1, 1, 2))

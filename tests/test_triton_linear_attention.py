@@ -1,6 +1,6 @@
 """The Triton linear-attention kernels equal the per-timestep recurrence (float64 ``ref``), forward and gradients,
-for no decay, a per-head and a per-key-channel decay, with the normaliser, an initial state and packed
-documents; what the kernel does not cover (the bonus u) is refused with a message that names it.
+for no decay, a per-head and a per-key-channel decay, with the RWKV bonus u, the normaliser, an initial state and
+packed documents; the decode step, which has no kernel, is refused with a message that says so.
 
 On the CPU these run under TRITON_INTERPRET=1 (``make test`` sets it) on small shapes; on a CUDA machine natively.
 Tolerance: relative error ||out - ref|| / ||ref|| <= 1e-4 for float32 inputs (float32 accumulation); bf16 inputs
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from seqlab.errors import BackendUnavailable
-from seqlab.ops.linear_attention import linear_attention
+from seqlab.ops.linear_attention import linear_attention, linear_attention_step
 
 triton = pytest.importorskip("triton")
 
@@ -35,8 +35,8 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def make_inputs(batch, seqlen, nheads, dk, dv, *, decay, normalize=False, initial_state=False, docs=False,
-                strength=1.0, seed=0):
+def make_inputs(batch, seqlen, nheads, dk, dv, *, decay, bonus=False, normalize=False, initial_state=False,
+                docs=False, strength=1.0, seed=0):
     """float64 inputs on DEVICE; ``strength`` scales the log-decays (uniform in [-strength, 0])."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -50,6 +50,8 @@ def make_inputs(batch, seqlen, nheads, dk, dv, *, decay, normalize=False, initia
     if decay != "none":
         shape = (batch, seqlen, nheads) + ((dk,) if decay == "channel" else ())
         kw["g"] = -strength * torch.rand(*shape, generator=gen, dtype=torch.float64)
+    if bonus:
+        kw["u"] = randn(nheads, dk)
     if initial_state:
         kw["initial_state"] = randn(batch, nheads, dk, dv + int(normalize)).abs()
     if docs:
@@ -82,30 +84,33 @@ def _check(kw, dtype=torch.float32, tol=1e-4, **options):
     assert not bad, f"relative errors above {tol:.0e}: {bad}"
 
 
-CASES = [  # (batch, seqlen, nheads, dk, dv, chunk_size, decay, normalize, initial_state, docs)
-    (1, 16, 1, 16, 16, 16, "none", False, False, False),
-    (2, 37, 2, 5, 3, 16, "head", False, True, False),  # ragged last chunk, K and V not powers of two
-    (2, 45, 2, 8, 6, 64, "head", False, False, True),  # one chunk holding several documents
-    (1, 70, 3, 4, 7, 16, "head", True, True, True),  # normaliser + documents across chunk boundaries
-    (2, 33, 1, 20, 18, 32, "none", True, False, True),
-    (1, 1, 2, 3, 2, 64, "head", False, True, False),  # a single position
-    (2, 37, 2, 5, 3, 64, "channel", False, True, False),  # GLA-style decay: 16-long chunks whatever chunk_size
-    (1, 50, 2, 8, 6, 16, "channel", True, True, True),
-    (2, 16, 1, 16, 16, 16, "channel", False, False, False),
+CASES = [  # (batch, seqlen, nheads, dk, dv, chunk_size, decay, bonus, normalize, initial_state, docs)
+    (1, 16, 1, 16, 16, 16, "none", False, False, False, False),
+    (2, 37, 2, 5, 3, 16, "head", False, False, True, False),  # ragged last chunk, K and V not powers of two
+    (2, 45, 2, 8, 6, 64, "head", False, False, False, True),  # one chunk holding several documents
+    (1, 70, 3, 4, 7, 16, "head", False, True, True, True),  # normaliser + documents across chunk boundaries
+    (2, 33, 1, 20, 18, 32, "none", False, True, False, True),
+    (1, 1, 2, 3, 2, 64, "head", False, False, True, False),  # a single position
+    (2, 37, 2, 5, 3, 64, "channel", False, False, True, False),  # GLA-style decay: 16-long chunks
+    (1, 50, 2, 8, 6, 16, "channel", False, True, True, True),
+    (2, 16, 1, 16, 16, 16, "channel", False, False, False, False),
+    (2, 41, 2, 8, 8, 16, "channel", True, False, True, True),  # RWKV-6: per-channel decay + bonus
+    (1, 29, 2, 5, 4, 32, "head", True, False, True, False),
+    (1, 20, 1, 4, 4, 16, "none", True, True, False, True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_linear_attention_triton_matches_ref_forward_and_gradients(case):
-    batch, seqlen, nheads, dk, dv, chunk_size, decay, normalize, init, docs = case
-    kw = make_inputs(batch, seqlen, nheads, dk, dv, decay=decay, normalize=normalize, initial_state=init, docs=docs,
-                     seed=seqlen)
+    batch, seqlen, nheads, dk, dv, chunk_size, decay, bonus, normalize, init, docs = case
+    kw = make_inputs(batch, seqlen, nheads, dk, dv, decay=decay, bonus=bonus, normalize=normalize, initial_state=init,
+                     docs=docs, seed=seqlen)
     _check(kw, chunk_size=chunk_size, normalize=normalize)
 
 
-@pytest.mark.parametrize("decay", ["head", "channel"])
-def test_linear_attention_triton_strong_decays_stay_finite_and_exact(decay):
-    kw = make_inputs(2, 50, 2, 8, 8, decay=decay, initial_state=True, strength=40.0, seed=3)
+@pytest.mark.parametrize("decay, bonus", [("head", False), ("channel", False), ("channel", True)])
+def test_linear_attention_triton_strong_decays_stay_finite_and_exact(decay, bonus):
+    kw = make_inputs(2, 50, 2, 8, 8, decay=decay, bonus=bonus, initial_state=True, strength=40.0, seed=3)
     _check(kw, chunk_size=64)
 
 
@@ -114,41 +119,39 @@ def test_linear_attention_triton_bf16_inputs_within_1e_2():
     _check(kw, dtype=torch.bfloat16, tol=1e-2, chunk_size=32)
 
 
-@pytest.mark.parametrize("missing, extra", [
-    ("bonus u", dict(g=torch.zeros(1, 8, 2, 4), u=torch.zeros(2, 4))),
-])  # fmt: skip
-def test_unsupported_cases_name_what_the_kernel_lacks(missing, extra):
-    kw = make_inputs(1, 8, 2, 4, 4, decay="none")
-    kw.update({n: t.to(DEVICE) for n, t in extra.items()})
-    with pytest.raises(BackendUnavailable, match=missing):
-        linear_attention(**kw, backend="triton")
+def test_decode_step_has_no_triton_kernel_and_says_so():
+    state = torch.zeros(1, 2, 4, 4, device=DEVICE)
+    q = torch.zeros(1, 2, 4, device=DEVICE)
+    with pytest.raises(BackendUnavailable, match="no Triton decode kernel"):
+        linear_attention_step(state, q, q, q, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------- GPU front end on CPU
 
 
 def _specialisations():
-    """(module, kernel, signature, constexprs) of the kernel launches the tests above make (flag combinations)."""
+    """(module, kernel, signature, constexprs) of every flag combination the wrapper can launch."""
     from seqlab.ops.triton import linear_attention as la
 
+    f32, i32 = "*fp32", "i32"
     specs = []
     for has_g, vec in ((False, False), (True, False), (True, True)):
-        for has_doc in (False, True):
-            for T, BK, BV in ((16, 16, 16), (64, 32, 64)):
-                if vec and T != 16:
-                    continue
-                common = dict(HAS_G=has_g, VEC=vec, HAS_DOC=has_doc, IEEE=True, T=T, BK=BK, BV=BV)
-                fwd = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "g_ptr": "*fp32" if has_g else None,
-                       "doc_ptr": "*i32" if has_doc else None, "init_ptr": "*fp32", "o_ptr": "*fp32",
-                       "states_ptr": "*fp32", "final_ptr": "*fp32", "L": "i32", "H": "i32", "K": "i32", "V": "i32",
-                       "nchunks": "i32", **dict.fromkeys(common), "HAS_INIT": None}
-                specs.append((la.__name__, "_la_fwd_kernel", fwd, dict(common, HAS_INIT=True)))
-                bwd = {"q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32", "g_ptr": "*fp32" if has_g else None,
-                       "doc_ptr": "*i32" if has_doc else None, "states_ptr": "*fp32", "do_ptr": "*fp32",
-                       "dfinal_ptr": "*fp32", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "dv_ptr": "*fp32",
-                       "dg_ptr": "*fp32" if has_g else None, "dinit_ptr": "*fp32", "L": "i32", "H": "i32",
-                       "K": "i32", "V": "i32", "nchunks": "i32", **dict.fromkeys(common), "HAS_DFINAL": None}
-                specs.append((la.__name__, "_la_bwd_kernel", bwd, dict(common, HAS_DFINAL=True)))
+        for bonus in (False, True):
+            for has_doc in (False, True):
+                for T, BK, BV in ((16, 16, 16),) if vec else ((16, 16, 16), (64, 32, 64)):
+                    consts = dict(HAS_G=has_g, VEC=vec, BONUS=bonus, HAS_DOC=has_doc, IEEE=True, T=T, BK=BK, BV=BV)
+                    optional = {"g_ptr": f32 if has_g else None, "u_ptr": f32 if bonus else None,
+                                "doc_ptr": "*i32" if has_doc else None}
+                    sizes = dict.fromkeys(("L", "H", "K", "V", "nchunks"), i32)
+                    fwd = dict(dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "init_ptr", "o_ptr", "states_ptr",
+                                              "final_ptr"), f32), **optional, **sizes)
+                    fwd.update(dict.fromkeys([*consts, "HAS_INIT"]))
+                    specs.append((la.__name__, "_la_fwd_kernel", fwd, dict(consts, HAS_INIT=True)))
+                    bwd = dict(dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "states_ptr", "do_ptr", "dfinal_ptr",
+                                              "dq_ptr", "dk_ptr", "dv_ptr", "dinit_ptr"), f32), **optional, **sizes)
+                    bwd.update(dg_ptr=f32 if has_g else None, du_ptr=f32 if bonus else None)
+                    bwd.update(dict.fromkeys([*consts, "HAS_DFINAL"]))
+                    specs.append((la.__name__, "_la_bwd_kernel", bwd, dict(consts, HAS_DFINAL=True)))
     return specs
 
 

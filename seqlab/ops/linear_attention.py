@@ -34,9 +34,9 @@ multiplies the state by 0 there; the chunked path masks intra-chunk pairs from d
 incoming/outgoing chunk state where a document starts inside the chunk.
 
 Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.linear_attention``:
-chunked forward and backward kernels for no decay, a per-head or a per-key-channel decay, without the bonus u;
-u raises BackendUnavailable), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been
-measured against the torch path on a GPU).
+chunked forward and backward kernels for every decay kind, the bonus u, the normaliser and packed documents; no
+decode kernel), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been measured against
+the torch path on a GPU).
 """
 
 from __future__ import annotations
@@ -312,26 +312,22 @@ def _select(backend, q, g=None, u=None, decode=False):
     if backend == "auto":
         return "ref" if not q.is_cuda and q.shape[1] <= CPU_LOOP_MAX_LEN else "torch"
     if backend == "triton":
-        unsupported = None
         if decode:
-            unsupported = "a decode step (no kernel: the torch step is a few einsums)"
-        elif u is not None:
-            unsupported = "the bonus u (RWKV-6)"
-        if unsupported:
             raise BackendUnavailable(
-                "linear_attention: the Triton kernel covers no decay and per-head or per-channel decays g without "
-                f"u; it does not support {unsupported}; use backend='torch' (chunked) or 'ref'"
+                "linear_attention_step: no Triton decode kernel (the torch step is a few einsums); use "
+                "backend='torch' or 'auto'"
             )
         require_triton("linear_attention", q, g)
     return backend
 
 
-def _linear_attention_triton(q, k, v, g, scale, normalize, initial_state, seq_idx, chunk_size):
+def _linear_attention_triton(q, k, v, g, u, scale, normalize, initial_state, seq_idx, chunk_size):
     """The Triton kernel on float32 operands; the scale and the normaliser column are applied here (autograd)."""
     kernel = triton_entry("seqlab.ops.triton.linear_attention", "linear_attention_triton", required=True)
     qc, kc, vc, gc = _prepare(q, k, v, g, scale, normalize, torch.float32)
     init = None if initial_state is None else initial_state.to(torch.float32)
-    o, S = kernel(qc, kc, vc, gc, init, seq_idx, chunk_size)
+    uc = None if u is None else u.to(torch.float32)
+    o, S = kernel(qc, kc, vc, gc, uc, init, seq_idx, chunk_size)
     return _finish(o, normalize).to(q.dtype), S
 
 
@@ -355,14 +351,14 @@ def linear_attention(
     g: None, (b, l, H) or (b, l, H, K) log-decays (<= 0); u: (H, K) RWKV-6 bonus; scale: multiplies q (default
     K^-1/2); normalize: divide by q·z (linear Transformer); initial_state (b, H, K, V) (V + 1 with normalize);
     seq_idx (b, l) int document index. Returns o or (o, final_state) with final_state float32 (float64 for
-    float64 inputs). backend: "auto" | "ref" | "torch" | "triton" (no bonus u).
+    float64 inputs). backend: "auto" | "ref" | "torch" | "triton".
     """
     check_backend(backend)
     _validate(q, k, v, g, u, initial_state, seq_idx, normalize, chunk_size)
     path = _select(backend, q, g, u)
     with torch.autocast(device_type=q.device.type, enabled=False):
         if path == "triton":
-            o, S = _linear_attention_triton(q, k, v, g, scale, normalize, initial_state, seq_idx, chunk_size)
+            o, S = _linear_attention_triton(q, k, v, g, u, scale, normalize, initial_state, seq_idx, chunk_size)
         elif path == "ref":
             o, S = _linear_attention_ref(q, k, v, g, u, scale, normalize, initial_state, seq_idx)
         else:
