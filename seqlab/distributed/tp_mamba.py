@@ -14,7 +14,8 @@ those heads:
 
 Collectives (Megatron, Shoeybi et al. 2019, Sec. 3): ``copy_to_tp`` is the identity forward and all-reduces the
 gradient (the replicated input and replicated B/C weights); ``reduce_from_tp`` all-reduces forward and passes the
-gradient through (the loss is replicated, so every rank already holds the full output gradient).
+gradient through (the loss is replicated, so every rank already holds the full output gradient);
+``all_reduce_sum`` all-reduces both ways (the norm's sums of squares: a total every rank's channels use).
 
 Sharded parameters are DTensors ``Shard(dim)`` over the mesh whose local tensors are the rank's slices; their
 global tensor is the concatenation of the ranks' slices (a permutation of the original rows), so gradient-norm
@@ -61,6 +62,21 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward; all-reduce (sum) of the gradient over ``group`` backward."""
     return _CopyToTP.apply(x, group)
@@ -69,6 +85,12 @@ def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce (sum) over ``group`` forward; the gradient passes through unchanged."""
     return _ReduceFromTP.apply(x, group)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce (sum) forward and backward: every rank uses the total, so each part's gradient is the sum of all
+    ranks' gradients of the total."""
+    return _AllReduceSum.apply(x, group)
 
 
 def _span(start: int, stop: int) -> torch.Tensor:
@@ -220,12 +242,9 @@ class Mamba2TensorParallel(nn.Module):
             h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
             h = h.flatten(-2)
         else:
-            from torch.distributed.nn.functional import all_reduce
-
             groups = self.full_d_inner // self.norm_group_size
             sq = h.new_zeros(*h.shape[:-1], groups).index_add(-1, self.channel_group, h.pow(2))  # (B, L, G)
-            # every rank uses the total; its gradient is the sum of every rank's (all_reduce's backward)
-            sq = all_reduce(sq, group=self.group)
+            sq = all_reduce_sum(sq, group=self.group)
             h = h * torch.rsqrt(sq / self.norm_group_size + self.norm_eps).index_select(-1, self.channel_group)
         return (h * self._local(self.norm.weight).float()).to(y.dtype)
 
