@@ -7,7 +7,8 @@ Specs:
   replicated, a group straddling the ranks), with packed documents;
 - decoding token by token with the local shards' states equals the parallel forward;
 - ``state_dict()`` of a sharded model is the unsharded checkpoint (original names and layout) and loads back;
-- a whole ``mamba2`` tiny model under ``parallelize_model`` equals the unsharded model (logits and gradients);
+- a whole ``mamba2`` tiny model, and a Mamba-2 + attention hybrid with SwiGLU, under ``parallelize_model`` equal
+  the unsharded model (logits and gradients);
 - 3 AdamW steps with ``--tp 2`` (clipping active) give the parameters of one process, and resuming from a
   step-2 checkpoint gives those of the uninterrupted run;
 - nheads not divisible by the degree raises ConfigError naming it;
@@ -141,12 +142,18 @@ def _state_dict_roundtrip(ngroups: int):
     return {"gathered": err, "loaded": max(_maxdiff(back[k], ref[k]) for k in ref)}
 
 
-def _model():
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _model(preset: str):
     from seqlab.distributed.tensor_parallel import parallelize_model
+    from seqlab.distributed.tp_mamba import Mamba2TensorParallel
     from seqlab.models.presets import from_preset
 
     torch.manual_seed(16)
-    model = from_preset("mamba2", "tiny", vocab_size=64)
+    kw = {"pattern": "M2 A", "mlp": "swiglu"} if preset == "hybrid" else {}
+    model = from_preset(preset, "tiny", vocab_size=64, **kw)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = copy.deepcopy(model)
     ref_logits = ref(ids)
@@ -155,12 +162,14 @@ def _model():
     logits = model(ids)
     logits.square().mean().backward()
     refs = dict(ref.named_parameters())
+    # Mamba-2 shards are compared slice by slice below
+    sharded_mamba = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, Mamba2TensorParallel))
     grad_err = 0.0
     for name, p in model.named_parameters():
-        if ".mixer." in name:
-            continue  # compared slice by slice in the mixer checks
-        grad_err = max(grad_err, _maxdiff(p.grad, refs[name].grad))
-    mixer_err = max(_shard_grad_error(b.mixer, r.mixer) for b, r in zip(model.layers, ref.layers))
+        if not name.startswith(sharded_mamba):  # replicated, or a DTensor of attention / SwiGLU
+            grad_err = max(grad_err, _maxdiff(_full(p.grad), refs[name].grad))
+    mixer_err = max(_shard_grad_error(b.mixer, r.mixer) for b, r in zip(model.layers, ref.layers)
+                    if type(r.mixer).__name__ == "Mamba2")
     return {"logits": _maxdiff(logits, ref_logits), "grad": grad_err, "mixer_grad": mixer_err}
 
 
@@ -208,7 +217,8 @@ def _checks(rank, world, out_dir):
                     lambda g=ngroups, p=packed: _mixer(g, p))
         _record(results, f"decode[g{ngroups}]", lambda g=ngroups: _decode(g))
         _record(results, f"state_dict[g{ngroups}]", lambda g=ngroups: _state_dict_roundtrip(g))
-    _record(results, "model", _model)
+    for preset in ("mamba2", "hybrid"):
+        _record(results, f"model[{preset}]", lambda p=preset: _model(p))
     _record(results, "training", lambda: _training(out_dir))
     dist.barrier()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -237,8 +247,10 @@ def test_sharded_state_dict_is_the_unsharded_checkpoint(results, ngroups):
     _check(results, f"state_dict[g{ngroups}]", 0.0)
 
 
-def test_tensor_parallel_mamba2_model_matches_unsharded(results):
-    _check(results, "model", TOL)
+@pytest.mark.parametrize("preset", ["mamba2", "hybrid"])
+def test_tensor_parallel_mamba2_model_matches_unsharded(results, preset):
+    """``mamba2`` tiny, and a hybrid of Mamba-2 and attention layers with SwiGLU (DTensor-sharded) after them."""
+    _check(results, f"model[{preset}]", TOL)
 
 
 def test_tensor_parallel_training_matches_one_process_and_resumes(results):
