@@ -72,7 +72,7 @@ class TrainConfig:
     max_time_s: float | None = None  # wall-clock cap on training; the result records that it stopped early
     # scaling out (seqlab.distributed; launch with torchrun). Global batch = batch_size x grad_accum x DP world size
     parallel: str = "none"  # none | ddp | fsdp
-    tp: int = 1  # tensor-parallel degree (attention / SwiGLU / MoE experts sharded over the ranks)
+    tp: int = 1  # tensor-parallel degree (attention, Mamba-2 heads, SwiGLU, MoE experts sharded over the ranks)
     checkpoint_activations: bool = False  # recompute each block's activations in backward
     grad_accum: int = 1  # micro batches of batch_size per optimizer step
 
