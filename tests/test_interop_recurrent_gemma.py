@@ -95,3 +95,15 @@ def test_recurrent_gemma_export_is_refused_with_a_reason(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="RecurrentGemma"):
         to_hf(model, tmp_path / "out", arch="RecurrentGemmaForCausalLM")
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_recurrent_gemma_packed_documents_equal_separate_runs(checkpoint):
+    """seq_idx restarts every document exactly as a fresh sequence (RecurrentGemma's position-0 reset included)."""
+    model = from_hf(checkpoint[0]).eval()
+    gen = torch.Generator().manual_seed(5)
+    first, second = torch.randint(0, VOCAB, (1, 7), generator=gen), torch.randint(0, VOCAB, (1, 11), generator=gen)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 11])
+    with torch.no_grad():
+        packed = model(torch.cat([first, second], dim=1), seq_idx=seq_idx)
+        separate = torch.cat([model(first), model(second)], dim=1)
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)

@@ -58,6 +58,9 @@ class BlockDiagonalLinear(nn.Module):
         y = torch.einsum("...hi,hij->...hj", xh, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
         return y.reshape(x.shape)
 
+    def extra_repr(self) -> str:
+        return f"width={self.heads * self.block}, heads={self.heads}"
+
 
 class GriffinRecurrent(nn.Module):
     """Sequence mixer ``x (B, L, d_model) -> (B, L, d_model)``: Griffin's recurrent block."""
