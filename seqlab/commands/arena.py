@@ -12,7 +12,7 @@ HELP = "train every architecture on synthetic memory tasks at matched size; writ
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated tasks (default: the budget's, cpu: selective_copy,mqar)")
     parser.add_argument("--models", help="comma-separated line-up (default: the budget's; see --list)")
-    parser.add_argument("--budget", default="cpu", help="cpu (default, ~10 min on 2 cores) | gpu (~35 min) | paper")
+    parser.add_argument("--budget", default="cpu", help="cpu (default, ~10 min on 2 cores) | gpu (~20 min) | paper")
     parser.add_argument("--out", default="arena-out", help="output directory (default ./arena-out)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
