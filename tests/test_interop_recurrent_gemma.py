@@ -1,6 +1,6 @@
 """RecurrentGemmaForCausalLM checkpoints load into seqlab's griffin family exactly: a tiny random model built with
 transformers, saved to a temporary directory and read back gives the same logits (fp32, 1e-4) and the same greedy
-continuation; what seqlab cannot represent is refused by name."""
+continuation, and writes back to the same model; what either side cannot represent is refused by name."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from seqlab import generate
 from seqlab.errors import ConfigError
 from seqlab.interop import from_hf, to_hf
+from seqlab.models.presets import from_preset
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,10 +91,21 @@ def test_unrepresentable_recurrent_gemma_fields_are_refused_by_name(checkpoint, 
         from_hf(directory)
 
 
-def test_recurrent_gemma_export_is_refused_with_a_reason(checkpoint, tmp_path):
-    model = from_hf(checkpoint[0])
-    with pytest.raises(ConfigError, match="RecurrentGemma"):
-        to_hf(model, tmp_path / "out", arch="RecurrentGemmaForCausalLM")
+def test_recurrent_gemma_round_trip_through_to_hf_gives_the_same_logits_in_transformers(checkpoint, tmp_path):
+    directory, hf = checkpoint
+    to_hf(from_hf(directory), tmp_path / "again")  # the architecture is inferred from the config
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    ids = torch.randint(0, VOCAB, (2, 15), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, hf(ids, use_cache=False).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_griffin_preset_export_to_recurrent_gemma_names_every_difference(tmp_path):
+    with pytest.raises(ConfigError, match="lru_reset_input must be True") as err:
+        to_hf(from_preset("griffin", "tiny"), tmp_path / "out", arch="RecurrentGemmaForCausalLM")
+    for field in ("mlp_act", "lru_heads", "embed_scale", "logit_softcap", "attn_out_bias"):
+        assert field in str(err.value)
     assert not (tmp_path / "out").exists()
 
 

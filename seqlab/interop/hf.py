@@ -7,9 +7,11 @@ A directory holds ``config.json`` and the weights as ``model.safetensors``, shar
 (``model.safetensors.index.json``), or ``pytorch_model.bin`` (read with ``torch.load(weights_only=True)``, never
 unpickling code). Weights are converted to float32 (seqlab keeps float32 parameters).
 
-Each architecture has a module (``hf_mamba``, ``hf_mamba2``, ``hf_llama``, ``hf_jamba``, ``hf_bamba``) with
-``config_from_hf``, ``config_to_hf``, ``pairs`` (the explicit list of (seqlab, transformers) weight names) and
-``export_problems``. Anything in a config that seqlab cannot represent raises ConfigError naming the field.
+Each architecture has a module (``hf_mamba``, ``hf_mamba2``, ``hf_llama``, ``hf_jamba``, ``hf_bamba``,
+``hf_recurrent_gemma``) with ``config_from_hf``, ``config_to_hf``, ``pairs`` (the explicit list of (seqlab,
+transformers) weight names) and ``export_problems``; optional ``tensors_from_hf`` / ``tensors_to_hf`` convert
+parametrisations that differ (RecurrentGemma's 1 + w norm weights). Anything in a config that seqlab cannot
+represent raises ConfigError naming the field.
 
 Vocabulary: imports keep transformers' vocabulary size exactly (``pad_vocab_to_multiple=1``); exports drop the rows
 seqlab adds to pad the vocabulary, so transformers' logits equal seqlab's ``logits[..., :vocab_size]``.
@@ -226,6 +228,8 @@ def infer_architecture(config) -> str:
         return "JambaForCausalLM"
     if kinds <= {"M2", "A"} and config.mlp == "swiglu":
         return "BambaForCausalLM"
+    if kinds <= {"G", "A"} and config.lru_reset_input:
+        return "RecurrentGemmaForCausalLM"
     raise ConfigError(
         f"to_hf: no supported transformers architecture holds pattern {' '.join(config.layer_kinds())!r} with "
         f"mlp={config.mlp!r}; supported architectures: {list(SUPPORTED_ARCHITECTURES)}"
@@ -268,6 +272,8 @@ def to_hf(model, directory: str | Path, arch: str | None = None) -> Path:
         if s in ("embedding.weight", "lm_head.weight"):
             t = t[: config.vocab_size]  # drop seqlab's padding rows
         out[h] = t
+    if hasattr(family, "tensors_to_hf"):
+        out = family.tensors_to_hf(out)
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,6 @@
 """RecurrentGemmaForCausalLM -> seqlab ``griffin`` (Botev et al. 2024, "RecurrentGemma"; De et al. 2024, "Griffin").
 
-Import only. transformers layout: ``model.embed_tokens``, ``model.layers.i.{temporal_pre_norm, temporal_block,
+Import and export. transformers layout: ``model.embed_tokens``, ``model.layers.i.{temporal_pre_norm, temporal_block,
 channel_pre_norm, mlp_block.{gate,up,down}_proj}``, ``model.final_norm``, ``lm_head`` (tied). A temporal block is
 ``block_types[i % len(block_types)]``: "recurrent" -> Griffin's RG-LRU block (``G``), "attention" -> local MQA
 (``A``, window ``attention_window_size``, RoPE on half of each head's channels).
@@ -131,9 +131,66 @@ def tensors_from_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def tensors_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``tensors_from_hf`` (on transformers names)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("_norm.weight", "final_norm.weight")):
+            t = t - 1.0
+        elif name.endswith("rg_lru.recurrent_param"):
+            t = -t
+        out[name] = t
+    return out
+
+
 def export_problems(config: ModelConfig, arch: str) -> list[str]:
-    return ["seqlab reads RecurrentGemmaForCausalLM checkpoints but does not write them"]
+    """Every field that keeps this config from being exactly a RecurrentGemmaForCausalLM."""
+    problems = []
+    kinds = config.layer_kinds()
+    if not set(kinds) <= set(_BLOCK_TOKENS.values()):
+        problems.append(f"pattern must hold only G and A layers, got {''.join(kinds)!r}")
+    if config.mlp != "swiglu" or config.moe_every:
+        problems.append(f"mlp must be the gated MLP on every layer, got mlp={config.mlp!r} "
+                        f"moe_every={config.moe_every}")
+    if config.mlp_act != "gelu_tanh" or config.lru_act != "gelu_tanh":
+        problems.append(f"mlp_act and lru_act must be 'gelu_tanh', got {config.mlp_act!r} / {config.lru_act!r}")
+    flags = dict(mlp_bias=config.mlp_bias, lru_bias=config.lru_bias, attn_out_bias=config.attn_out_bias,
+                 lru_reset_input=config.lru_reset_input)
+    problems += [f"{name} must be True" for name, value in flags.items() if not value]
+    if config.lru_heads != config.n_heads:
+        problems.append(f"lru_heads must equal n_heads={config.n_heads}, got {config.lru_heads}")
+    scale = float(torch.tensor(config.d_model**0.5, dtype=torch.bfloat16))
+    if config.embed_scale != scale:
+        problems.append(f"embed_scale must be bf16(sqrt(d_model)) = {scale}, got {config.embed_scale}")
+    if config.logit_softcap is None:
+        problems.append("logit_softcap must be set (RecurrentGemma always soft-caps its logits)")
+    if config.attn_window is None and "A" in kinds:
+        problems.append("attn_window must be set (RecurrentGemma's attention is local)")
+    if config.d_ff is None:
+        problems.append("d_ff must be set explicitly (intermediate_size = 2 d_ff)")
+    return problems
 
 
 def config_to_hf(config: ModelConfig, arch: str) -> dict:
-    raise NotImplementedError("RecurrentGemmaForCausalLM export is not implemented (see export_problems)")
+    tokens = {token: name for name, token in _BLOCK_TOKENS.items()}
+    return {
+        "model_type": "recurrent_gemma",
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "block_types": [tokens[k] for k in config.layer_kinds()],
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": config.tie_embeddings,
+        "rms_norm_eps": config.norm_eps,
+        "logits_soft_cap": config.logit_softcap,
+        "intermediate_size": 2 * config.d_ff,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads or config.n_heads,
+        "head_dim": config.d_model // config.n_heads,
+        "attention_window_size": config.attn_window or 2048,
+        "attention_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta,
+                            "partial_rotary_factor": config.rope_fraction},
+        "conv1d_width": config.d_conv,
+        "lru_width": config.lru_width or config.d_model,
+    }
