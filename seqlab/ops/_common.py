@@ -57,6 +57,24 @@ def require_triton(op: str, *tensors: torch.Tensor | None) -> None:
         )
 
 
+# The largest sizes the fused kernels are built for: the selective scan holds a (channels x N) state in registers;
+# the SSD kernels tile (P x N) chunk states and keep a whole head (P) in one block in their backward.
+TRITON_LIMITS = {
+    "selective_scan": {"A": ("d_state N", 1, 256)},
+    "ssd": {"x": ("headdim P", 3, 128), "B": ("d_state N", 3, 256)},
+}
+
+
+def triton_misfit(op: str, **tensors: torch.Tensor) -> InputError | None:
+    """An InputError naming the first tensor too large for ``op``'s Triton kernels, or None when they fit."""
+    for name, (what, dim, limit) in TRITON_LIMITS.get(op, {}).items():
+        t = tensors.get(name)
+        if t is not None and t.shape[dim] > limit:
+            return InputError(name, f"{what} <= {limit} for backend='triton' (use backend='torch')",
+                              f"{what} = {t.shape[dim]} in shape {tuple(t.shape)}")
+    return None
+
+
 def triton_entry(module: str, name: str, *, required: bool = False):
     """The Triton entry point ``module.name``; None when it cannot be imported here (BackendUnavailable instead
     when ``required``)."""

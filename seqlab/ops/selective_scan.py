@@ -38,6 +38,7 @@ from seqlab.ops._common import (
     reset_mask,
     step_size,
     triton_entry,
+    triton_misfit,
     triton_usable,
 )
 
@@ -385,11 +386,14 @@ def selective_scan(
     if backend == "auto":
         if u.is_cuda:
             use_triton = triton_usable(*tensors) and _kernel_importable("selective_scan", "selective_scan_triton")
-            backend = "triton" if use_triton else "torch"
+            backend = "triton" if use_triton and triton_misfit("selective_scan", A=A) is None else "torch"
         else:
             backend = "torch" if _cpu_prefers_chunked(u.shape[0], u.shape[2], A.shape[1]) else "loop"
     if backend == "triton":
         require_triton("selective_scan", *tensors)
+        misfit = triton_misfit("selective_scan", A=A)
+        if misfit is not None:
+            raise misfit
         from seqlab.ops.triton.selective_scan import selective_scan_triton
 
         y, h = selective_scan_triton(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, initial_state, seq_idx)

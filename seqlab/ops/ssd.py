@@ -40,6 +40,7 @@ from seqlab.ops._common import (
     reset_mask,
     step_size,
     triton_entry,
+    triton_misfit,
     triton_usable,
 )
 
@@ -296,6 +297,11 @@ def ssd(
     check_backend(backend)
     _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, chunk_size)
     path = select_backend(backend, x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, seqlen=x.shape[1])
+    misfit = triton_misfit("ssd", x=x, B=B)
+    if path == "triton" and misfit is not None:
+        if backend == "triton":
+            raise misfit
+        path = "torch"  # auto: sizes the kernels are not built for take the chunked torch path
     if path == "triton":
         require_triton("ssd", x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx)
     if path == "triton" and x.shape[1] > 0:
