@@ -26,33 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_harness import WORLD, spawn
 
 from seqlab.errors import ConfigError
 
-WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _entry(rank: int, world: int, store: str, fn_name: str, args: tuple) -> None:
-    # the variables torchrun sets (the group already exists, so they are only read, never used to connect)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    # rendezvous through a file: no port to race other processes for; gloo then talks over loopback
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        globals()[fn_name](rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, *args, world: int = WORLD) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group on 127.0.0.1."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, str(Path(tmp, "store")), fn.__name__, args), nprocs=world, join=True)
 
 
 def _record(results: dict, name: str, check) -> None:

@@ -30,33 +30,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import ROOT, WORLD, _check, _record
+from dist_harness import WORLD, spawn
+from test_distributed import ROOT, _check, _record
 
 from seqlab.errors import ConfigError
 
 TOL = 1e-5
 _D_MODEL = {1: 16, 2: 16, 3: 12}  # headdim 4, expand 2: 8, 8 and 6 heads
-
-
-def _entry(rank: int, world: int, store: str, fn_name: str, args: tuple) -> None:
-    # the variables torchrun sets (read by the trainer; the group already exists)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        globals()[fn_name](rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, *args, world: int = WORLD) -> None:
-    """Run ``fn(rank, world, *args)`` of this module in ``world`` processes joined in a gloo group (file store)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, str(Path(tmp, "store")), fn.__name__, args), nprocs=world, join=True)
 
 
 def _mesh():
