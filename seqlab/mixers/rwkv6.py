@@ -66,7 +66,22 @@ def default_cmix_d_ff(d_model: int) -> int:
     return 32 * round(3.5 * d_model / 32)
 
 
-class RWKV6TimeMix(nn.Module):
+class ShiftAndMatrixState:
+    """The state of an RWKV time mix (float32, constant in length): the previous token's input ``shift``
+    (B, d_model) for the token shift, and the per-head matrix state ``S`` (B, H, K, K)."""
+
+    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None) -> MixerState:
+        device = next(self.parameters()).device if device is None else device
+        return MixerState(
+            shift=torch.zeros(batch, self.d_model, device=device, dtype=torch.float32),
+            S=torch.zeros(batch, self.nheads, self.headdim, self.headdim, device=device, dtype=torch.float32),
+        )
+
+    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32) -> int:
+        return 4 * batch * (self.d_model + self.nheads * self.headdim * self.headdim)
+
+
+class RWKV6TimeMix(ShiftAndMatrixState, nn.Module):
     """Sequence mixer ``x (B, L, d_model) -> (B, L, d_model)``: RWKV-6 time mixing."""
 
     def __init__(self, d_model: int, headdim: int = 64, lora_rank: int = 32, decay_rank: int = 64,
@@ -107,16 +122,6 @@ class RWKV6TimeMix(nn.Module):
         return cls(config.d_model, headdim=config.rwkv_headdim, lora_rank=config.rwkv_lora_rank,
                    decay_rank=config.rwkv_decay_rank, chunk_size=config.la_chunk_size, layer_idx=layer_idx,
                    n_layers=config.n_layers)
-
-    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None) -> MixerState:
-        device = self.time_decay.device if device is None else device
-        return MixerState(
-            shift=torch.zeros(batch, self.d_model, device=device, dtype=torch.float32),
-            S=torch.zeros(batch, self.nheads, self.headdim, self.headdim, device=device, dtype=torch.float32),
-        )
-
-    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32) -> int:
-        return 4 * batch * (self.d_model + self.nheads * self.headdim * self.headdim)
 
     def forward(self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None):
         check_input(x, self.d_model)

@@ -32,11 +32,11 @@ from torch import nn
 
 from seqlab.errors import ConfigError
 from seqlab.mixers.base import MixerState
-from seqlab.mixers.rwkv6 import GROUP_NORM_EPS, _layer_ratios, check_input, token_shift
+from seqlab.mixers.rwkv6 import GROUP_NORM_EPS, ShiftAndMatrixState, _layer_ratios, check_input, token_shift
 from seqlab.ops.delta_rule import delta_rule, delta_rule_step
 
 
-class RWKV7TimeMix(nn.Module):
+class RWKV7TimeMix(ShiftAndMatrixState, nn.Module):
     """Sequence mixer ``x (B, L, d_model) -> (B, L, d_model)``: simplified RWKV-7 time mixing (module docstring)."""
 
     def __init__(self, d_model: int, headdim: int = 64, lora_rank: int = 32, decay_rank: int = 64,
@@ -75,16 +75,6 @@ class RWKV7TimeMix(nn.Module):
         return cls(config.d_model, headdim=config.rwkv_headdim, lora_rank=config.rwkv_lora_rank,
                    decay_rank=config.rwkv_decay_rank, gate_rank=config.rwkv_gate_rank,
                    chunk_size=config.la_chunk_size, layer_idx=layer_idx, n_layers=config.n_layers)
-
-    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None) -> MixerState:
-        device = self.w0.device if device is None else device
-        return MixerState(
-            shift=torch.zeros(batch, self.d_model, device=device, dtype=torch.float32),
-            S=torch.zeros(batch, self.nheads, self.headdim, self.headdim, device=device, dtype=torch.float32),
-        )
-
-    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32) -> int:
-        return 4 * batch * (self.d_model + self.nheads * self.headdim * self.headdim)
 
     def forward(self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None):
         check_input(x, self.d_model)
