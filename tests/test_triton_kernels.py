@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_compile import assert_compiles_for_sm90
 
 triton = pytest.importorskip("triton")
 
@@ -378,44 +379,9 @@ def test_every_launched_kernel_compiles_for_sm90_front_end():
     if not _INTERPRET or not _LAUNCHED:
         pytest.skip("only meaningful after the interpreter tests of this file ran")
     import json
-    import subprocess
-    import sys
 
     specs = {}  # one compile per distinct specialisation
     for m, n, s, c in _LAUNCHED:
         key = (m, n, json.dumps(s, sort_keys=True), repr(sorted(c.items())))
         specs[key] = (m, n, s, [[k[0], v] for k, v in c.items()])
-    script = """
-import importlib, json, sys
-import triton
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-except ImportError as err:
-    print("SKIP", err); sys.exit(0)
-target = GPUTarget("cuda", 90, 32)
-backend = CUDABackend(target)
-options = backend.parse_options({})
-failures = 0
-for module, name, sig, consts in json.load(sys.stdin):
-    fn = getattr(importlib.import_module(module), name)
-    ctx = triton._C.libtriton.ir.context()
-    triton._C.libtriton.ir.load_dialects(ctx)
-    backend.load_dialects(ctx)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(i,): v for i, v in consts})
-    try:
-        src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
-    except Exception as err:
-        failures += 1
-        print("FAIL", name, {i: v for i, v in consts}, str(err)[-800:])
-print("failures", failures)
-sys.exit(1 if failures else 0)
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", script], input=json.dumps(list(specs.values())), text=True,
-                         capture_output=True, env=env, timeout=300)
-    if res.stdout.startswith("SKIP"):
-        pytest.skip(f"this triton has no front-end API for the check: {res.stdout.strip()}")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_compiles_for_sm90(list(specs.values()))

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from triton_compile import assert_compiles_for_sm90
 
 from seqlab.errors import BackendUnavailable
 from seqlab.ops.linear_attention import linear_attention, linear_attention_step
@@ -159,9 +160,6 @@ def test_linear_attention_kernels_compile_for_sm90_front_end():
     """The interpreter runs code the GPU compiler rejects; lower every flag combination to Triton IR for sm_90 in a
     clean process (no GPU needed)."""
     import inspect
-    import json
-    import subprocess
-    import sys
 
     from seqlab.ops.triton import linear_attention as la
 
@@ -172,36 +170,4 @@ def test_linear_attention_kernels_compile_for_sm90_front_end():
         signature = {p: ("constexpr" if sig[p] is None else sig[p]) for p in params}
         constexprs = [[params.index(p), consts.get(p)] for p in params if sig[p] is None]
         payload.append((module, name, signature, constexprs))
-    script = """
-import importlib, json, sys
-import triton
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-except ImportError as err:
-    print("SKIP", err); sys.exit(0)
-target = GPUTarget("cuda", 90, 32)
-backend = CUDABackend(target)
-options = backend.parse_options({})
-failures = 0
-for module, name, sig, consts in json.load(sys.stdin):
-    fn = getattr(importlib.import_module(module), name)
-    ctx = triton._C.libtriton.ir.context()
-    triton._C.libtriton.ir.load_dialects(ctx)
-    backend.load_dialects(ctx)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(i,): v for i, v in consts})
-    try:
-        src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
-    except Exception as err:
-        failures += 1
-        print("FAIL", name, consts, str(err)[-800:])
-print("failures", failures)
-sys.exit(1 if failures else 0)
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", script], input=json.dumps(payload), text=True, capture_output=True,
-                         env=env, timeout=300)
-    if res.stdout.startswith("SKIP"):
-        pytest.skip(f"this triton has no front-end API for the check: {res.stdout.strip()}")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_compiles_for_sm90(payload)
