@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from seqlab.bench._device import is_oom, synchronize
 from seqlab.bench.roofline import decode_step_bytes, floor_seconds
 from seqlab.errors import ConfigError
 
@@ -124,15 +125,6 @@ def parse_models(text: str, default_size: str = "small", **overrides) -> list[tu
     return specs
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------------- seqlab path
 
 
@@ -154,7 +146,7 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
             try:
                 graph = DecodeGraph.record(model, state, ids[:, -1], vocab, verify=True)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 how = "eager: out of memory while recording"
                 state.reset()
@@ -164,14 +156,14 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
 
         def once() -> tuple[float, float]:
             state.reset()
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             token = model(ids, state=state, last_only=True)[:, -1, :vocab].argmax(-1)  # (B,) first new token
-            _sync(device)
+            synchronize(device)
             t1 = time.perf_counter()
             for _ in range(gen_len - 1):
                 token = step(token).argmax(-1)
-            _sync(device)
+            synchronize(device)
             return t1 - t0, time.perf_counter() - t1
 
         once()
@@ -212,7 +204,7 @@ def bench_seqlab(model, name: str, batches: list[int], prompt_len: int, gen_len:
                 if result.total_s > time_limit:
                     stop = f"skipped: batch {batch} took over {time_limit:g} s"
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 result.status = "oom"
                 stop = f"skipped: oom at batch {batch}"
@@ -279,7 +271,7 @@ def time_hf(hf_model, batch: int, prompt_len: int, gen_len: int, vocab: int, dev
 
         def __call__(self, input_ids, scores):
             if self.at is None:
-                _sync(device)
+                synchronize(device)
                 self.at = time.perf_counter()
             return scores
 
@@ -289,11 +281,11 @@ def time_hf(hf_model, batch: int, prompt_len: int, gen_len: int, vocab: int, dev
 
     def once() -> tuple[float, float]:
         clock = FirstLogitsClock()
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = hf_model.generate(ids, attention_mask=mask, logits_processor=LogitsProcessorList([clock]), **kwargs)
-        _sync(device)
+        synchronize(device)
         end = time.perf_counter()
         if out.shape[1] != prompt_len + gen_len:
             raise RuntimeError(f"transformers generated {out.shape[1] - prompt_len} tokens, not {gen_len}")
@@ -352,7 +344,7 @@ def bench_hf(model, name: str, batches: list[int], prompt_len: int, gen_len: int
                 if result.total_s > time_limit:
                     stop = f"skipped: batch {batch} took over {time_limit:g} s"
             except Exception as err:
-                if _is_oom(err):
+                if is_oom(err):
                     result.status = "oom"
                     stop = f"skipped: oom at batch {batch}"
                 else:

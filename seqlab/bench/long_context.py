@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from seqlab.bench._device import is_oom, synchronize
 from seqlab.errors import ConfigError
 
 BYTE_VOCAB = 259
@@ -63,15 +64,6 @@ def milestones(context: int, chunk: int) -> list[int]:
     return points + [context]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
 def chunked_prefill(model, name: str, context: int, chunk: int, device, ids: torch.Tensor | None = None,
                     depth: float | None = None, extra_positions: int = 0, time_limit: float | None = None,
                     seed: int = 0, on_point: Callable[[LongContextPoint], None] | None = None):
@@ -90,7 +82,7 @@ def chunked_prefill(model, name: str, context: int, chunk: int, device, ids: tor
     points: list[LongContextPoint] = []
     logits = None
     done, last_mark, last_time = 0, 0, 0.0
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         for mark in marks:
@@ -105,7 +97,7 @@ def chunked_prefill(model, name: str, context: int, chunk: int, device, ids: tor
                         piece = ids[:, done : done + n].to(device)
                     logits = model(piece, state=state, last_only=True)[:, -1, :vocab]  # (1, V)
                     done += n
-                _sync(device)
+                synchronize(device)
                 elapsed = time.perf_counter() - start
                 point = LongContextPoint(
                     name, "chunked", mark, "ok", depth, elapsed, (mark - last_mark) / max(elapsed - last_time, 1e-9),
@@ -135,11 +127,11 @@ def one_shot(model, name: str, lengths: list[int], device, time_limit: float | N
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 ids = torch.randint(0, vocab, (1, length), device=device, generator=generator)
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     model(ids, last_only=True)  # the logits of one position: the cost is the model's
-                _sync(device)
+                synchronize(device)
                 point.seconds = time.perf_counter() - t0
                 point.tokens_per_s = length / point.seconds
                 if device.type == "cuda":
@@ -147,7 +139,7 @@ def one_shot(model, name: str, lengths: list[int], device, time_limit: float | N
                 if time_limit is not None and point.seconds > time_limit:
                     stop = f"skipped: {length} took over {time_limit:g} s"
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 point.status = "oom"
                 stop = f"skipped: oom at {length}"

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from seqlab.bench._device import is_oom
 from seqlab.errors import ConfigError
 
 MODES = ("forward", "train", "decode")
@@ -37,10 +38,6 @@ class ScalingPoint:
     tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
     state_bytes: int | None = None
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def time_call(fn: Callable[[], object], device: torch.device, min_repeats: int = 2, min_seconds: float = 0.3) -> float:
@@ -146,7 +143,7 @@ def measure(
                     point.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
                 over_time = seconds > time_limit
             except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 point.status = "oom"
                 over_time = True  # longer lengths need more memory still
