@@ -176,11 +176,30 @@ def bench_seqlab(model, name: str, batches: list[int], prompt_len: int, gen_len:
                  on_result: Callable[[GenerateResult], None] | None = None) -> list[GenerateResult]:
     """One GenerateResult per batch size (increasing); OOM and over-time become results for larger batches."""
     device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def measure(batch: int, result: GenerateResult) -> None:
+        prefill_s, decode_s, how = time_seqlab(model, batch, prompt_len, gen_len, device, repeats, cuda_graph,
+                                               generator)
+        result.cuda_graph = how == "graph"
+        if how.startswith("eager:"):
+            result.notes.append(how)
+        result.finish(prefill_s, decode_s)
+
+    return _sweep(model, name, "seqlab", batches, prompt_len, gen_len, device, bandwidth, time_limit, measure,
+                  on_result)
+
+
+def _sweep(model, name: str, side: str, batches: list[int], prompt_len: int, gen_len: int, device: torch.device,
+           bandwidth: float | None, time_limit: float, measure: Callable[[int, GenerateResult], None],
+           on_result: Callable[[GenerateResult], None] | None, notes: tuple[str, ...] = (),
+           record_errors: bool = False) -> list[GenerateResult]:
+    """``measure(batch, result)`` for each batch size (increasing), into results that carry the decode step's byte
+    floor. Out of memory and over-time stop the sweep and are recorded; other errors too when ``record_errors``."""
     results: list[GenerateResult] = []
     stop = None
-    generator = torch.Generator(device=device).manual_seed(0)
     for batch in sorted(batches):
-        result = GenerateResult(name, "seqlab", batch, prompt_len, gen_len, "ok")
+        result = GenerateResult(name, side, batch, prompt_len, gen_len, "ok", notes=list(notes))
         counts = decode_step_bytes(model, batch, prompt_len + gen_len // 2)
         result.step_bytes, result.weight_bytes, result.state_bytes = counts["total"], counts["weights"], counts["state"]
         if bandwidth:
@@ -192,22 +211,20 @@ def bench_seqlab(model, name: str, batches: list[int], prompt_len: int, gen_len:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
-                prefill_s, decode_s, how = time_seqlab(
-                    model, batch, prompt_len, gen_len, device, repeats, cuda_graph, generator
-                )
-                result.cuda_graph = how == "graph"
-                if how.startswith("eager:"):
-                    result.notes.append(how)
-                result.finish(prefill_s, decode_s)
+                measure(batch, result)
                 if device.type == "cuda":
                     result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
                 if result.total_s > time_limit:
                     stop = f"skipped: batch {batch} took over {time_limit:g} s"
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                if not is_oom(err):
+            except Exception as err:
+                if is_oom(err):
+                    result.status = "oom"
+                    stop = f"skipped: oom at batch {batch}"
+                elif record_errors:
+                    result.status = f"error: {type(err).__name__}: {err}"[:300]
+                    stop = "skipped: an earlier batch failed"
+                else:
                     raise
-                result.status = "oom"
-                stop = f"skipped: oom at batch {batch}"
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -319,42 +336,15 @@ def bench_hf(model, name: str, batches: list[int], prompt_len: int, gen_len: int
             hf_model = load_hf(model, directory, dtype, device, compile_step)
         except Exception as err:  # an architecture without an export, or a transformers that cannot load it
             return unavailable(f"{type(err).__name__}: {err}"[:300])
-    notes = hf_notes(hf_model)
     vocab = model.config.vocab_size
-    results: list[GenerateResult] = []
-    stop = None
-    for batch in sorted(batches):
-        result = GenerateResult(name, "hf", batch, prompt_len, gen_len, "ok", notes=list(notes))
-        counts = decode_step_bytes(model, batch, prompt_len + gen_len // 2)
-        result.step_bytes, result.weight_bytes, result.state_bytes = counts["total"], counts["weights"], counts["state"]
-        if bandwidth:
-            result.floor_step_s = floor_seconds(counts["total"], bandwidth)
-        if stop is not None:
-            result.status = stop
-        else:
-            try:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                static = static_cache and "cache_implementation" in _hf_generate_kwargs(hf_model, gen_len, True)
-                result.notes.append("static cache" if static else "transformers' default cache")
-                result.finish(*time_hf(hf_model, batch, prompt_len, gen_len, vocab, device, repeats, static_cache))
-                if device.type == "cuda":
-                    result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
-                if result.total_s > time_limit:
-                    stop = f"skipped: batch {batch} took over {time_limit:g} s"
-            except Exception as err:
-                if is_oom(err):
-                    result.status = "oom"
-                    stop = f"skipped: oom at batch {batch}"
-                else:
-                    result.status = f"error: {type(err).__name__}: {err}"[:300]
-                    stop = "skipped: an earlier batch failed"
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    del hf_model
-    return results
+
+    def measure(batch: int, result: GenerateResult) -> None:
+        static = static_cache and "cache_implementation" in _hf_generate_kwargs(hf_model, gen_len, True)
+        result.notes.append("static cache" if static else "transformers' default cache")
+        result.finish(*time_hf(hf_model, batch, prompt_len, gen_len, vocab, device, repeats, static_cache))
+
+    return _sweep(model, name, "hf", batches, prompt_len, gen_len, device, bandwidth, time_limit, measure,
+                  on_result, notes=tuple(hf_notes(hf_model)), record_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------- driver
