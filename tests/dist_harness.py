@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from seqlab.distributed.setup import cleanup
+
 WORLD = 2
 
 
@@ -26,7 +28,7 @@ def _entry(rank: int, world: int, store: str, module: str, fn_name: str, args: t
     try:
         getattr(importlib.import_module(module), fn_name)(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        cleanup()
 
 
 def spawn(fn, *args, world: int = WORLD) -> None:

@@ -6,6 +6,7 @@ Backend: NCCL when the process drives a CUDA device, gloo on CPU. Each process u
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -104,6 +105,13 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (safe to call when none exists)."""
+    """Leave the process group (safe to call when none exists).
+
+    Wrapped models (DDP reducers, FSDP states) still waiting in reference cycles are collected first and the ranks
+    meet once more, so no communication object outlives the group: destroying it under a live one aborts the
+    process at exit ("terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
