@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernels import cuda_time  # noqa: E402  (this folder's kernel benchmark: median ms by CUDA events)
 
 SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]
 KINDS = {  # name: (heads, head_dim, decay, bonus)
@@ -28,25 +28,11 @@ KINDS = {  # name: (heads, head_dim, decay, bonus)
 }
 
 
-def cuda_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy (read + write)."""
     x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms = cuda_ms(lambda: y.copy_(x))
+    ms = cuda_time(lambda: y.copy_(x))
     return 2 * x.numel() / (ms / 1e3)
 
 
@@ -87,7 +73,7 @@ def main(argv=None) -> int:
                         if mode == "fwd+bwd":
                             o.float().sum().backward()
                     try:
-                        times[backend] = cuda_ms(run)
+                        times[backend] = cuda_time(run)
                     except torch.OutOfMemoryError:
                         times[backend] = None
                         torch.cuda.empty_cache()

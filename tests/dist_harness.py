@@ -7,6 +7,7 @@ variables torchrun would set are filled in for code that reads them.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -36,3 +37,9 @@ def spawn(fn, *args, world: int = WORLD) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp, "store"))
         mp.spawn(_entry, args=(world, store, fn.__module__, fn.__name__, args), nprocs=world, join=True)
+
+
+def spawn_collect(fn, out_dir, *args, world: int = WORLD) -> list[dict]:
+    """``spawn(fn, str(out_dir), *args)`` where each rank writes ``out_dir/rank{r}.json``; returns those, by rank."""
+    spawn(fn, str(out_dir), *args, world=world)
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import WORLD, spawn
+from dist_harness import WORLD, spawn, spawn_collect
 
 from seqlab.errors import ConfigError
 
@@ -327,9 +327,7 @@ def _module_checks(rank, world, out_dir):
 
 @pytest.fixture(scope="module")
 def module_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("modules")
-    spawn(_module_checks, str(out))
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return spawn_collect(_module_checks, tmp_path_factory.mktemp("modules"))
 
 
 def _check(results, name, tol):
@@ -439,8 +437,7 @@ def _data_parallel_checks(rank, world, out_dir):
 @pytest.fixture(scope="module")
 def data_parallel_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
-    spawn(_data_parallel_checks, str(out))
-    return out, [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out, spawn_collect(_data_parallel_checks, out)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import WORLD, spawn
+from dist_harness import WORLD, spawn_collect
 from test_distributed import ROOT, _check, _record
 
 from seqlab.errors import ConfigError
@@ -206,9 +206,7 @@ def _checks(rank, world, out_dir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp_mamba")
-    spawn(_checks, str(out))
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return spawn_collect(_checks, tmp_path_factory.mktemp("tp_mamba"))
 
 
 @pytest.mark.parametrize("packed", ["plain", "packed"])
