@@ -85,6 +85,35 @@ def test_seqlab_eval_reproduces_an_arena_checkpoint(arena_run, capsys):
     assert result["accuracy"] == pytest.approx(reported, abs=1e-9)
 
 
+def test_arena_resume_keeps_finished_runs_and_trains_the_rest(arena_run, tmp_path, capsys):
+    document = json.loads((arena_run / "results.json").read_text())
+    assert document["meta"]["complete"] is True
+    # an arena stopped after its first run: only that run's records made it to disk
+    first = (document["results"][0]["task"], document["results"][0]["model"])
+    partial = [r for r in document["results"] if (r["task"], r["model"]) == first]
+    (tmp_path / "results.json").write_text(json.dumps({"results": partial, "meta": {**document["meta"],
+                                                                                    "complete": False}}))
+    argv = ["arena", "--budget", "smoke", "--tasks", "selective_copy,mqar", "--models", "transformer,mamba",
+            "--out", str(tmp_path), "--device", "cpu", "--resume"]  # fmt: skip
+    assert main(argv) == 0
+    assert "resuming: 1 finished run(s)" in capsys.readouterr().out
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["meta"]["complete"] is True
+    runs = {(r["task"], r["model"]) for r in resumed["results"]}
+    assert runs == {(t, m) for t in ("selective_copy", "mqar") for m in ("transformer", "mamba")}
+    # the kept run was not trained again: its records are the earlier ones, and it has no new checkpoint
+    assert [r for r in resumed["results"] if (r["task"], r["model"]) == first] == partial
+    assert not (tmp_path / "checkpoints" / first[0] / first[1]).exists()
+
+
+def test_arena_resume_refuses_another_budget(arena_run, tmp_path, capsys):
+    document = json.loads((arena_run / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({**document, "meta": {**document["meta"], "budget": "cpu"}}))
+    argv = ["arena", "--budget", "smoke", "--out", str(tmp_path), "--device", "cpu", "--resume"]
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

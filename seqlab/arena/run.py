@@ -130,11 +130,15 @@ def run_arena(
     quiet: bool = False,
     log=None,
     jobs: int | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train and evaluate every (task, model, seed); write out/results.json and a checkpoint per run.
 
-    On a CPU, ``jobs`` runs (default: the budget's, at most one per core) train side by side in worker processes
-    with ``cores // jobs`` threads each; on a GPU they run one after another.
+    ``jobs`` runs (default: the budget's) train side by side in worker processes: on a CPU at most one per core,
+    with ``cores // jobs`` threads each; on a GPU they share the device (small models leave most of it idle).
+    results.json is rewritten after every finished run (``meta.complete`` false until the end), so an
+    interrupted arena keeps what it measured; ``resume=True`` keeps the finished runs of out/results.json (same
+    budget) and trains only the rest.
     """
     import torch
 
@@ -188,8 +192,8 @@ def run_arena(
                 })  # fmt: skip
 
     cores = _usable_cores()
-    jobs = 1 if dev.type != "cpu" else max(1, min(jobs or budget.jobs, cores, len(runs)))
-    threads = (budget.threads_per_job or max(1, cores // jobs)) if dev.type == "cpu" else None
+    jobs = max(1, min(jobs or budget.jobs, cores, len(runs)))
+    threads = (budget.threads_per_job or max(1, cores // jobs)) if dev.type == "cpu" else max(1, cores // jobs)
     # the whole arena stays within budget.total_time_s: each run's training is capped at its share
     share = budget.total_time_s * jobs / max(1, len(runs)) - budget.eval_reserve_s
     for run in runs:
@@ -197,8 +201,48 @@ def run_arena(
         run["quiet"] = quiet or jobs > 1
     results: list[dict] = []
     errors: list[dict] = []
+    previous_s = 0.0
+    if resume:
+        results, errors, previous_s = _finished_runs(out / "results.json", budget.name)
+        finished = {(r["task"], r["model"], r["seed"]) for r in results}
+        index_of = {(r["task"], r["model"], r["seed"]): r["index"] for r in runs}
+        for record in results:  # keep the line-up's order in the merged list
+            record["_index"] = index_of.get((record["task"], record["model"], record["seed"]), len(runs))
+        errors = [e for e in errors if (e.get("task"), e.get("model"), e.get("seed")) in finished]
+        if finished:
+            log(f"resuming: {len(finished)} finished run(s) kept from {out / 'results.json'}")
+        runs = [r for r in runs if (r["task"], r["model"], r["seed"]) not in finished]
     interrupted = False
     done = 0
+    total = len(runs)
+
+    def document(complete: bool) -> dict:
+        ordered = sorted(results, key=lambda r: r.get("_index", 0))
+        return {
+            "results": [{k: v for k, v in r.items() if k != "_index"} for r in ordered],
+            "meta": {
+                "budget": budget.name,
+                "budget_description": budget.description,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine_description(dev),
+                "device": str(dev),
+                "torch": torch.__version__,
+                "seqlab": seqlab.__version__,
+                "duration_s": round(previous_s + time.perf_counter() - start, 2),
+                "seeds": list(seeds),
+                "jobs": jobs,
+                "threads_per_job": threads,
+                "target_params": budget.target_params,
+                "run_time_cap_s": min(cap, max(3.0, share)),
+                "models": meta_models,
+                "tasks": meta_tasks,
+                "published": [p for p in PUBLISHED if p["task"] in tasks],
+                "command": command or "seqlab arena",
+                "errors": errors,
+                "interrupted": interrupted,
+                "complete": complete,
+            },
+        }
 
     def collect(run, outcome):
         nonlocal done
@@ -206,10 +250,12 @@ def run_arena(
         results.extend(records)
         errors.extend(run_errors)
         done += 1
-        log(_progress_line(done, len(runs), run, records) if records else f"[{done}/{len(runs)}] {run_errors}")
+        log(_progress_line(done, total, run, records) if records else f"[{done}/{total}] {run_errors}")
+        write_json(out / "results.json", document(complete=False))  # nothing measured is lost on a crash
 
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        if jobs == 1:
+        if jobs == 1 or len(runs) <= 1:
             for run in runs:
                 collect(run, _run_one(run, threads))
         else:
@@ -237,37 +283,27 @@ def run_arena(
             pool.shutdown()
     except KeyboardInterrupt:
         interrupted = True  # keep what was measured; interrupted runs wrote their checkpoints
-    results.sort(key=lambda r: r.pop("_index", 0))
-
-    document = {
-        "results": results,
-        "meta": {
-            "budget": budget.name,
-            "budget_description": budget.description,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_description(dev),
-            "device": str(dev),
-            "torch": torch.__version__,
-            "seqlab": seqlab.__version__,
-            "duration_s": round(time.perf_counter() - start, 2),
-            "seeds": list(seeds),
-            "jobs": jobs,
-            "threads_per_job": threads,
-            "target_params": budget.target_params,
-            "run_time_cap_s": min(cap, max(3.0, share)),
-            "models": meta_models,
-            "tasks": meta_tasks,
-            "published": [p for p in PUBLISHED if p["task"] in tasks],
-            "command": command or "seqlab arena",
-            "errors": errors,
-            "interrupted": interrupted,
-        },
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", document)
+    final = document(complete=not interrupted)
+    write_json(out / "results.json", final)
     if interrupted:
         raise KeyboardInterrupt
-    return document
+    return final
+
+
+def _finished_runs(path: Path, budget_name: str) -> tuple[list[dict], list[dict], float]:
+    """(records, errors, seconds spent) of the runs an earlier arena finished in ``path``; empty if none."""
+    from seqlab.io import read_json
+
+    if not path.exists():
+        return [], [], 0.0
+    previous = read_json(path, "results")
+    meta = previous.get("meta", {})
+    if meta.get("budget") != budget_name:
+        raise ConfigError(f"--resume: {path} holds a {meta.get('budget')!r} arena, expected budget {budget_name!r}")
+    # a run is finished once its last record (the state size at 100K tokens) is in the list
+    done = {(r["task"], r["model"], r["seed"]) for r in previous["results"] if r.get("metric") == "state_bytes_100k"}
+    records = [r for r in previous["results"] if (r["task"], r["model"], r["seed"]) in done]
+    return records, list(meta.get("errors", [])), float(meta.get("duration_s", 0.0))
 
 
 def _stop_pool(pool, grace_s: float = 5.0) -> None:

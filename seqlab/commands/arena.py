@@ -18,7 +18,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument("--steps", type=int, help="override every task's training steps")
     parser.add_argument("--run-seconds", type=float, help="override the wall-clock cap of each training run")
-    parser.add_argument("--jobs", type=int, help="CPU: runs trained side by side (default: the budget's, <= cores)")
+    parser.add_argument("--jobs", type=int, help="runs trained side by side, one process each (default: the budget's; "
+                        "CPU: <= cores; on a GPU they share the device)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished runs of <out>/results.json (same "
+                        "budget) and train only the rest")
     parser.add_argument("--list", action="store_true", help="print the budget's line-up and tasks, then exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     command = "seqlab arena " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["arena"] else None
     document = run_arena(
         budget, tasks=tasks, models=models, seeds=seeds, out=out, device=args.device, steps=args.steps,
-        run_time_s=args.run_seconds, command=command, quiet=args.quiet, jobs=args.jobs,
+        run_time_s=args.run_seconds, command=command, quiet=args.quiet, jobs=args.jobs, resume=args.resume,
         log=(lambda text: None) if args.quiet else None,
     )  # fmt: skip
     from seqlab.report import summary_table, write_report
