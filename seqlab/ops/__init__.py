@@ -8,6 +8,7 @@
 from seqlab.ops.conv import causal_conv1d, conv_step
 from seqlab.ops.delta_rule import delta_rule, delta_rule_step
 from seqlab.ops.linear_attention import linear_attention, linear_attention_step
+from seqlab.ops.mlstm import mlstm, mlstm_quadratic, mlstm_step
 from seqlab.ops.registry import backends_table
 from seqlab.ops.s4 import fft_conv, hippo_legs, s4d_discretize, s4d_init, s4d_kernel, s4d_step
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
@@ -31,5 +32,8 @@ __all__ = [
     "linear_attention_step",
     "delta_rule",
     "delta_rule_step",
+    "mlstm",
+    "mlstm_quadratic",
+    "mlstm_step",
     "backends_table",
 ]
