@@ -221,10 +221,11 @@ def test_bad_input_is_an_input_error_naming_the_argument(argument, change):
         linear_attention(**kw)
 
 
-def test_triton_backend_has_no_decode_step_and_says_so():
+def test_triton_decode_step_without_cuda_or_the_interpreter_is_unavailable(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     kw = make_inputs(seqlen=1, bonus=True, dtype=torch.float32)
     state = torch.zeros(2, 3, 4, 5)
-    with pytest.raises(BackendUnavailable, match="Triton"):
+    with pytest.raises(BackendUnavailable, match="CUDA"):
         linear_attention_step(state, kw["q"][:, 0], kw["k"][:, 0], kw["v"][:, 0], g=kw["g"][:, 0], u=kw["u"],
                               backend="triton")
     state = torch.zeros(1, 1, 2, 2)

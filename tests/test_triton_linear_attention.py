@@ -1,6 +1,6 @@
 """The Triton linear-attention kernels equal the per-timestep recurrence (float64 ``ref``), forward and gradients,
 for no decay, a per-head and a per-key-channel decay, with the RWKV bonus u, the normaliser, an initial state and
-packed documents; the decode step, which has no kernel, is refused with a message that says so.
+packed documents (the decode step's kernel is tested in test_triton_delta_rule.py).
 
 On the CPU these run under TRITON_INTERPRET=1 (``make test`` sets it) on small shapes; on a CUDA machine natively.
 Tolerance: relative error ||out - ref|| / ||ref|| <= 1e-4 for float32 inputs (float32 accumulation); bf16 inputs
@@ -15,8 +15,7 @@ import pytest
 import torch
 from triton_compile import assert_compiles_for_sm90
 
-from seqlab.errors import BackendUnavailable
-from seqlab.ops.linear_attention import linear_attention, linear_attention_step
+from seqlab.ops.linear_attention import linear_attention
 
 triton = pytest.importorskip("triton")
 
@@ -118,13 +117,6 @@ def test_linear_attention_triton_strong_decays_stay_finite_and_exact(decay, bonu
 def test_linear_attention_triton_bf16_inputs_within_1e_2():
     kw = make_inputs(1, 40, 2, 16, 16, decay="head", initial_state=True, seed=4)
     _check(kw, dtype=torch.bfloat16, tol=1e-2, chunk_size=32)
-
-
-def test_decode_step_has_no_triton_kernel_and_says_so():
-    state = torch.zeros(1, 2, 4, 4, device=DEVICE)
-    q = torch.zeros(1, 2, 4, device=DEVICE)
-    with pytest.raises(BackendUnavailable, match="no Triton decode kernel"):
-        linear_attention_step(state, q, q, q, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------- GPU front end on CPU

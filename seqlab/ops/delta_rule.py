@@ -26,11 +26,12 @@ S_T = γ_T S_0 + (Γ[T, :] ∘ K)ᵀ U. Exponents are sums of log-decays over fo
 Documents packed into one row (``seq_idx``): a position that starts a document sees a zero state (ref: the
 state is multiplied by 0; chunked: pairs across a document start and the carried state past one are masked).
 
-Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``auto`` (CPU: ref for L <= 2, else torch;
-CUDA: torch). ``triton`` is not implemented yet and raises BackendUnavailable. Kernel plan: a first kernel per
-(batch, head, chunk) forms A = I + diag(β)(Γ ∘ K Kᵀ) in SRAM and inverts it by forward substitution over 16-row
-blocks, writing W_v and W_k; a second kernel per (batch, head, V-tile) walks the chunks carrying S (fp32) and
-emits the outputs; the backward recomputes the chunk states and reuses the same two kernels transposed.
+Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.delta_rule``: a
+recurrent forward that keeps each (K, V-tile) state slice in registers and a backward that walks the recurrence in
+reverse, replaying each chunk from the states stored at chunk boundaries; gate, β, initial/final state and packed
+documents; key dim K <= 256), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been
+measured against the torch path on a GPU with ``benchmarks/families_gpu.py``). The decode step has a Triton kernel
+too (``seqlab.ops.triton.decode_families``), chosen only with ``backend="triton"``.
 """
 
 from __future__ import annotations
@@ -38,10 +39,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqlab.errors import BackendUnavailable, InputError
-from seqlab.ops._common import check_backend, check_dim, check_seq_idx, check_tensor, reset_mask
+from seqlab.errors import InputError
+from seqlab.ops._common import (
+    TRITON_LIMITS,
+    check_backend,
+    check_dim,
+    check_seq_idx,
+    check_tensor,
+    require_triton,
+    reset_mask,
+    triton_entry,
+    triton_misfit,
+)
 
 CPU_LOOP_MAX_LEN = 2
+# the Triton kernels hold (K, V-tile) slices of the state in registers
+TRITON_LIMITS["delta_rule"] = {"k": ("key dim K", 3, 256)}
+TRITON_LIMITS["delta_rule_step"] = {"k": ("key dim K", 2, 256)}
 
 
 def _check_common(q, k, v, beta, g, lead, dev):
@@ -172,15 +186,25 @@ def _delta_rule_chunked(q, k, v, beta, g, scale, initial_state, seq_idx, chunk_s
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _select(backend, q, op="delta_rule"):
+def _select(backend, q, k, op="delta_rule"):
     if backend == "auto":
+        # CUDA stays on torch until the GPU check (benchmarks/families_gpu.py) has validated the kernel there
         return "ref" if not q.is_cuda and q.shape[1] <= CPU_LOOP_MAX_LEN else "torch"
     if backend == "triton":
-        raise BackendUnavailable(
-            f"{op}: no Triton kernel yet; use backend='torch' (chunked) or 'ref' (see seqlab.ops.delta_rule's "
-            "docstring for the kernel plan)"
-        )
+        require_triton(op, q)
+        misfit = triton_misfit(op, k=k)
+        if misfit is not None:
+            raise misfit
     return backend
+
+
+def _delta_rule_triton(q, k, v, beta, g, scale, initial_state, seq_idx, chunk_size):
+    """The Triton kernel on float32 operands; the scale is applied here (autograd)."""
+    kernel = triton_entry("seqlab.ops.triton.delta_rule", "delta_rule_triton", required=True)
+    qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, scale, torch.float32)
+    init = None if initial_state is None else initial_state.to(torch.float32)
+    o, S = kernel(qc, kc, vc, bc, gc, init, seq_idx, chunk_size)
+    return o.to(q.dtype), S
 
 
 def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, return_final_state=False, seq_idx=None,
@@ -189,14 +213,17 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, return_fin
     o (b, l, H, V) in the dtype of q.
 
     scale multiplies q (default K^-1/2); initial_state (b, H, K, V); seq_idx (b, l) int document index. Returns o
-    or (o, final_state) with final_state float32 (float64 for float64 inputs). backend: "auto" | "ref" | "torch"
-    ("triton" raises BackendUnavailable).
+    or (o, final_state) with final_state float32 (float64 for float64 inputs on the ref/torch paths). chunk_size:
+    the torch path's chunk, and the number of steps between the states the Triton forward keeps for its backward.
+    backend: "auto" | "ref" | "torch" | "triton".
     """
     check_backend(backend)
     _validate(q, k, v, beta, g, initial_state, seq_idx, chunk_size)
-    path = _select(backend, q)
+    path = _select(backend, q, k)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        if path == "ref":
+        if path == "triton":
+            o, S = _delta_rule_triton(q, k, v, beta, g, scale, initial_state, seq_idx, chunk_size)
+        elif path == "ref":
             o, S = _delta_rule_ref(q, k, v, beta, g, scale, initial_state, seq_idx)
         else:
             o, S = _delta_rule_chunked(q, k, v, beta, g, scale, initial_state, seq_idx, chunk_size)
@@ -205,13 +232,21 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, return_fin
 
 def delta_rule_step(state, q, k, v, beta, g=None, scale=None, backend="auto"):
     """One decode step: updates ``state`` (b, H, K, V) in place and returns o (b, H, V). q, k (b, H, K);
-    v (b, H, V); beta, g (b, H). Equals one position of ``delta_rule`` started from ``state``."""
+    v (b, H, V); beta, g (b, H). Equals one position of ``delta_rule`` started from ``state``.
+
+    backend="triton" runs one fused kernel (no autograd, no host sync: capturable in a CUDA graph); "auto" takes
+    the torch step."""
     check_backend(backend)
     check_tensor("q", q, ("B", "H", "K"))
     batch = q.shape[0]
     nheads, dk, dv = _check_common(q, k, v, beta, g, (batch,), q.device)
     check_tensor("state", state, (batch, nheads, dk, dv), device=q.device)
-    _select(backend, q, "delta_rule_step")
+    path = _select(backend, q, k, "delta_rule_step")
+    if path == "triton":
+        if not state.is_contiguous():
+            raise InputError("state", "a contiguous tensor (it is updated in place)", f"strides {state.stride()}")
+        kernel = triton_entry("seqlab.ops.triton.decode_families", "delta_rule_step_triton", required=True)
+        return kernel(state, q, k, v, beta, g, dk ** -0.5 if scale is None else scale)
     with torch.autocast(device_type=q.device.type, enabled=False):
         qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, scale, state.dtype)
         if gc is not None:

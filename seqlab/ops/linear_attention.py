@@ -34,9 +34,9 @@ multiplies the state by 0 there; the chunked path masks intra-chunk pairs from d
 incoming/outgoing chunk state where a document starts inside the chunk.
 
 Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.linear_attention``:
-chunked forward and backward kernels for every decay kind, the bonus u, the normaliser and packed documents; no
-decode kernel), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been measured against
-the torch path on a GPU).
+chunked forward and backward kernels for every decay kind, the bonus u, the normaliser and packed documents; the
+decode step's kernel is ``seqlab.ops.triton.decode_families``, chosen only with ``backend="triton"``), ``auto``
+(CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been measured against the torch path on a GPU).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqlab.errors import BackendUnavailable, InputError
+from seqlab.errors import InputError
 from seqlab.ops._common import (
     check_backend,
     check_dim,
@@ -310,14 +310,11 @@ def _linear_attention_chunked(q, k, v, g, u, scale, normalize, initial_state, se
 
 def _select(backend, q, g=None, u=None, decode=False):
     if backend == "auto":
+        if decode:
+            return "torch"
         return "ref" if not q.is_cuda and q.shape[1] <= CPU_LOOP_MAX_LEN else "torch"
     if backend == "triton":
-        if decode:
-            raise BackendUnavailable(
-                "linear_attention_step: no Triton decode kernel (the torch step is a few einsums); use "
-                "backend='torch' or 'auto'"
-            )
-        require_triton("linear_attention", q, g)
+        require_triton("linear_attention_step" if decode else "linear_attention", q, g)
     return backend
 
 
@@ -373,7 +370,8 @@ def linear_attention_step(state, q, k, v, g=None, u=None, scale=None, normalize=
     """One decode step: updates ``state`` (b, H, K, V) (V + 1 with normalize) in place and returns o (b, H, V).
 
     q, k (b, H, K); v (b, H, V); g None, (b, H) or (b, H, K); u (H, K). Equals one position of
-    ``linear_attention`` started from ``state``.
+    ``linear_attention`` started from ``state``. backend="triton" runs one fused kernel (no autograd, no host
+    sync: capturable in a CUDA graph); "auto" takes the torch step.
     """
     check_backend(backend)
     check_tensor("q", q, ("B", "H", "K"))
@@ -381,7 +379,12 @@ def linear_attention_step(state, q, k, v, g=None, u=None, scale=None, normalize=
     nheads, dk, dv = _check_common(q, k, v, g, u, (batch,), q.device)
     width = dv + 1 if normalize else dv
     check_tensor("state", state, (batch, nheads, dk, width), device=q.device)
-    _select(backend, q, g, u, decode=True)
+    if _select(backend, q, g, u, decode=True) == "triton":  # one fused launch, no autograd (CUDA-graph safe)
+        if not state.is_contiguous():
+            raise InputError("state", "a contiguous tensor (it is updated in place)", f"strides {state.stride()}")
+        kernel = triton_entry("seqlab.ops.triton.decode_families", "linear_attention_step_triton", required=True)
+        o = kernel(state, q, k, v, g, u, dk ** -0.5 if scale is None else scale, normalize)
+        return _finish(o, normalize).to(q.dtype)
     with torch.autocast(device_type=q.device.type, enabled=False):
         cdt = state.dtype
         qc, kc, vc, gc = _prepare(q, k, v, g, scale, normalize, cdt)

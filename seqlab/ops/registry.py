@@ -14,10 +14,10 @@ OPS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "conv_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode"),
     "s4d_kernel": (("ref", "torch"), None),
     "fft_conv": (("ref", "torch"), None),
-    "linear_attention": (("ref", "torch"), None),
-    "linear_attention_step": (("ref", "torch"), None),
-    "delta_rule": (("ref", "torch"), None),
-    "delta_rule_step": (("ref", "torch"), None),
+    "linear_attention": (("ref", "torch", "triton"), "seqlab.ops.triton.linear_attention"),
+    "linear_attention_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode_families"),
+    "delta_rule": (("ref", "torch", "triton"), "seqlab.ops.triton.delta_rule"),
+    "delta_rule_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode_families"),
 }
 
 

@@ -1,0 +1,227 @@
+"""The (gated) delta rule in Triton: a recurrent forward and a checkpointed reverse-recurrence backward.
+
+Same recurrence and orientation as ``seqlab.ops.delta_rule`` (S is (K, V), q already scaled):
+    S_a = α_t S_{t-1}                  α_t = exp(g_t), 0 where a document starts (seq_idx)
+    w_t = S_aᵀ k_t                     what the state currently returns for k_t        (V,)
+    u_t = β_t (v_t - w_t)              pseudo-value                                    (V,)
+    S_t = S_a + k_t u_tᵀ               o_t = S_tᵀ q_t
+The columns of S never mix (every update acts on rows through k), so a program owns one (batch, head, V-tile) and
+keeps its (K, BV) slice of S in float32 registers while it walks the sequence.
+
+Backward (reverse-mode through the same steps, dS = ∂loss/∂S_t, walking t = L-1 .. 0):
+    dS += q_t do_tᵀ;   dq_t = S_t do_t
+    du = dSᵀ k_t;      dk_t = dS u_t;   dv_t = β_t du;   dβ_t = du · (v_t - w_t);   dw = -β_t du
+    dS_a = dS + k_t dwᵀ;   dk_t += S_a dw;   dg_t = <dS_a, S_a>;   dS_{t-1} = α_t dS_a
+The forward stores the state entering every chunk of ``chunk`` steps (O(L/chunk) states, never the (L, K, V)
+sequence); the backward reloads it, replays the chunk forward into a per-program scratch of ``chunk`` states
+(O(chunk·K·BV) per program, reused chunk after chunk) and then walks the chunk in reverse. dq, dk, dβ and dg sum
+over V, so each V-tile writes a partial that the wrapper adds up.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from seqlab.ops._common import reset_mask
+from seqlab.ops.triton import next_pow2
+
+# V-tile width and warps of the recurrent kernels: a (K, BV) state tile per program; narrower tiles give more
+# programs (B·H·V/BV) for the latency-bound time loop
+BLOCK_V = 16
+NUM_WARPS = 2
+
+
+@triton.jit
+def _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, t, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
+                 HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Inputs of position t < L and its state decay α_t."""
+    row = (b.to(tl.int64) * L + t) * H + h
+    q = tl.load(q_ptr + row * K + offs_k, mask=mask_k, other=0.0)
+    k = tl.load(k_ptr + row * K + offs_k, mask=mask_k, other=0.0)
+    v = tl.load(v_ptr + row * V + offs_v, mask=mask_v, other=0.0)
+    beta = tl.load(beta_ptr + row)
+    if HAS_G:
+        alpha = tl.exp(tl.load(g_ptr + row))
+    else:
+        alpha = 1.0
+    if HAS_RESET:
+        alpha = tl.where(tl.load(reset_ptr + b.to(tl.int64) * L + t) != 0, 0.0, alpha)
+    return q, k, v, beta, alpha, row
+
+
+@triton.jit
+def _delta_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, init_ptr, o_ptr, states_ptr, final_ptr,
+                      L, H, K, V, nchunks, chunk,
+                      HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    bh = b.to(tl.int64) * H + h
+    tile = offs_k[:, None] * V + offs_v[None, :]  # (BK, BV)
+    if HAS_INIT:
+        S = tl.load(init_ptr + bh * K * V + tile, mask=mask_kv, other=0.0)
+    else:
+        S = tl.zeros((BK, BV), dtype=tl.float32)
+    for c in range(nchunks):
+        if STORE_STATES:
+            tl.store(states_ptr + (bh * nchunks + c) * K * V + tile, S, mask=mask_kv)
+        for i in range(chunk):
+            if c * chunk + i < L:
+                q, k, v, beta, alpha, row = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h,
+                                                         c * chunk + i, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
+                                                         HAS_G, HAS_RESET)
+                S = S * alpha
+                w = tl.sum(S * k[:, None], axis=0)  # (BV,)
+                S += k[:, None] * (beta * (v - w))[None, :]
+                o = tl.sum(S * q[:, None], axis=0)
+                tl.store(o_ptr + row * V + offs_v, o, mask=mask_v)
+    tl.store(final_ptr + bh * K * V + tile, S, mask=mask_kv)
+
+
+@triton.jit
+def _delta_bwd_step(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
+                    S_prev_ptr, dS, b, h, t, part, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
+                    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Reverse step t: dS = ∂loss/∂S_t in, ∂loss/∂S_{t-1} out; writes this V-tile's gradients of position t."""
+    q, k, v, beta, alpha, row = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, t, offs_k,
+                                             mask_k, offs_v, mask_v, L, H, K, V, HAS_G, HAS_RESET)
+    do = tl.load(do_ptr + row * V + offs_v, mask=mask_v, other=0.0)
+    S_a = alpha * tl.load(S_prev_ptr)
+    r = v - tl.sum(S_a * k[:, None], axis=0)  # v_t - w_t  (BV,)
+    u = beta * r
+    S_t = S_a + k[:, None] * u[None, :]
+    dS += q[:, None] * do[None, :]
+    dq = tl.sum(S_t * do[None, :], axis=1)  # (BK,)
+    du = tl.sum(dS * k[:, None], axis=0)  # (BV,)
+    dk = tl.sum(dS * u[None, :], axis=1)
+    dbeta = tl.sum(du * r, axis=0)
+    dw = -beta * du
+    dS += k[:, None] * dw[None, :]  # now ∂loss/∂S_a
+    dk += tl.sum(S_a * dw[None, :], axis=1)
+    prow = part + row
+    tl.store(dq_ptr + prow * K + offs_k, dq, mask=mask_k)
+    tl.store(dk_ptr + prow * K + offs_k, dk, mask=mask_k)
+    tl.store(dv_ptr + row * V + offs_v, beta * du, mask=mask_v)
+    tl.store(dbeta_ptr + prow, dbeta)
+    if HAS_G:
+        tl.store(dg_ptr + prow, tl.sum(tl.sum(dS * S_a, axis=1), axis=0))
+    dS = alpha * dS
+    return dS
+
+
+@triton.jit
+def _delta_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, states_ptr, scratch_ptr, do_ptr, dfinal_ptr,
+                      dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, dinit_ptr,
+                      B, L, H, K, V, nchunks, chunk,
+                      HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr):
+    pid = tl.program_id(0)
+    vb = tl.program_id(1)
+    b = pid // H
+    h = pid % H
+    offs_k = tl.arange(0, BK)
+    offs_v = vb * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    bh = b.to(tl.int64) * H + h
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    # this program's scratch: `chunk` states of (BK, BV), and its slice of the per-V-tile partial sums
+    scratch = scratch_ptr + (bh * tl.num_programs(1) + vb) * chunk * BK * BV + offs_k[:, None] * BV + \
+        tl.arange(0, BV)[None, :]
+    part = vb.to(tl.int64) * B * L * H  # offset of this V-tile's partials, in positions
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + bh * K * V + tile, mask=mask_kv, other=0.0)
+    else:
+        dS = tl.zeros((BK, BV), dtype=tl.float32)
+    for cc in range(nchunks):
+        c = nchunks - 1 - cc
+        # replay the chunk from its stored entering state; scratch[i] = S_{t-1} for t = c·chunk + i
+        S = tl.load(states_ptr + (bh * nchunks + c) * K * V + tile, mask=mask_kv, other=0.0)
+        tl.debug_barrier()  # the previous chunk's reverse walk has read the scratch we now overwrite
+        for i in range(chunk):
+            if c * chunk + i < L:
+                tl.store(scratch + i * BK * BV, S)
+                q, k, v, beta, alpha, row = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h,
+                                                         c * chunk + i, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
+                                                         HAS_G, HAS_RESET)
+                S = S * alpha
+                S += k[:, None] * (beta * (v - tl.sum(S * k[:, None], axis=0)))[None, :]
+        tl.debug_barrier()
+        for j in range(chunk):
+            i = chunk - 1 - j
+            t = c * chunk + i
+            if t < L:
+                dS = _delta_bwd_step(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
+                                     dbeta_ptr, dg_ptr, scratch + i * BK * BV, dS, b, h, t, part, offs_k, mask_k,
+                                     offs_v, mask_v, L, H, K, V, HAS_G, HAS_RESET)
+    tl.store(dinit_ptr + bh * K * V + tile, dS, mask=mask_kv)
+
+
+def _tiles(K: int, V: int) -> tuple[int, int]:
+    return max(16, next_pow2(K)), max(16, min(BLOCK_V, next_pow2(V)))
+
+
+class _DeltaRuleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, seq_idx, chunk):
+        q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+        g = None if g is None else g.contiguous()
+        batch, L, H, K = q.shape
+        V = v.shape[-1]
+        BK, BV = _tiles(K, V)
+        chunk = max(1, min(int(chunk), L))
+        nchunks = -(-L // chunk)
+        reset = None if seq_idx is None else reset_mask(seq_idx).to(torch.int32).contiguous()
+        init = None if initial_state is None else initial_state.contiguous()
+        f32 = dict(device=q.device, dtype=torch.float32)
+        o = torch.empty(batch, L, H, V, **f32)
+        final = torch.empty(batch, H, K, V, **f32)
+        store = any(ctx.needs_input_grad)
+        states = torch.empty(batch, H, nchunks, K, V, **f32) if store else None
+        grid = (batch * H, triton.cdiv(V, BV))
+        _delta_fwd_kernel[grid](q, k, v, beta, g, reset, init, o, states, final, L, H, K, V, nchunks, chunk,
+                                HAS_G=g is not None, HAS_RESET=reset is not None, HAS_INIT=init is not None,
+                                STORE_STATES=store, BK=BK, BV=BV, num_warps=NUM_WARPS)
+        ctx.save_for_backward(q, k, v, beta, g, reset, states)
+        ctx.init_dtype = None if initial_state is None else initial_state.dtype
+        ctx.chunk = chunk
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, beta, g, reset, states = ctx.saved_tensors
+        batch, L, H, K = q.shape
+        V = v.shape[-1]
+        BK, BV = _tiles(K, V)
+        nv = triton.cdiv(V, BV)
+        chunk, nchunks = ctx.chunk, states.shape[2]
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dq = torch.empty(nv, batch, L, H, K, **f32)  # per-V-tile partials
+        dk = torch.empty(nv, batch, L, H, K, **f32)
+        dbeta = torch.empty(nv, batch, L, H, **f32)
+        dg = None if g is None else torch.empty(nv, batch, L, H, **f32)
+        dv = torch.empty(batch, L, H, V, **f32)
+        dinit = torch.empty(batch, H, K, V, **f32)
+        scratch = torch.empty(batch * H * nv, chunk, BK, BV, **f32)
+        do = torch.zeros(batch, L, H, V, **f32) if do is None else do.to(torch.float32).contiguous()
+        dfinal = None if dfinal is None else dfinal.to(torch.float32).contiguous()
+        _delta_bwd_kernel[(batch * H, nv)](q, k, v, beta, g, reset, states, scratch, do, dfinal,
+                                          dq, dk, dv, dbeta, dg, dinit, batch, L, H, K, V, nchunks, chunk,
+                                          HAS_G=g is not None, HAS_RESET=reset is not None,
+                                          HAS_DFINAL=dfinal is not None, BK=BK, BV=BV, num_warps=NUM_WARPS)
+        return (dq.sum(0), dk.sum(0), dv, dbeta.sum(0), None if g is None else dg.sum(0),
+                None if ctx.init_dtype is None else dinit.to(ctx.init_dtype), None, None)
+
+
+def delta_rule_triton(q, k, v, beta, g, initial_state, seq_idx, chunk_size):
+    """q, k (B, L, H, K) float32, q already scaled; v (B, L, H, V); beta, g (B, L, H) (g None or log-decays);
+    initial_state (B, H, K, V) float32 or None; seq_idx (B, L) or None; chunk_size: steps between the states the
+    forward keeps for the backward. Returns (o (B, L, H, V) float32, final_state (B, H, K, V) float32)."""
+    return _DeltaRuleFn.apply(q, k, v, beta, g, initial_state, seq_idx, chunk_size)
