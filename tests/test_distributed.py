@@ -299,14 +299,14 @@ def _tp_transformer():
     return {"y": _maxdiff(logits, ref(ids)), "grad": grad_err}
 
 
-def _tp_refuses_mamba():
+def _tp_refuses_unsharded():
     from seqlab.distributed.tensor_parallel import parallelize_model
     from seqlab.models.presets import from_preset
 
-    try:  # Mamba-1 (selective scan) is not sharded; Mamba-2 is (tests/test_tp_mamba.py)
-        parallelize_model(from_preset("mamba", "tiny", vocab_size=64), None)
+    try:  # Griffin's RG-LRU is not sharded; Mamba, Mamba-2 and S4 are (tests/test_tp_mamba.py, test_tp_recurrent.py)
+        parallelize_model(from_preset("hybrid", "tiny", pattern="G", vocab_size=64), None)
     except ConfigError as err:
-        return {"named": float("the Mamba mixer" in str(err))}
+        return {"named": float("the GriffinRecurrent mixer" in str(err))}
     return {"named": 0.0}
 
 
@@ -320,7 +320,7 @@ def _module_checks(rank, world, out_dir):
         for kind in ("mamba2", "mamba"):
             _record(results, f"cp_mixer[{kind}-{name}]", lambda k=kind, p=packed: _cp_mixer(k, p))
     for name, check in (("attention", _tp_attention), ("swiglu", _tp_swiglu), ("moe", _tp_moe),
-                        ("transformer", _tp_transformer), ("refuses_mamba", _tp_refuses_mamba)):
+                        ("transformer", _tp_transformer), ("refuses_unsharded", _tp_refuses_unsharded)):
         _record(results, f"tp_{name}", check)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -355,9 +355,9 @@ def test_tensor_parallel_matches_unsharded(module_results, module):
     _check(module_results, f"tp_{module}", 1e-5)
 
 
-def test_tensor_parallel_refuses_mamba_by_name(module_results):
+def test_tensor_parallel_refuses_an_unsharded_mixer_by_name(module_results):
     for res in module_results:
-        assert res["tp_refuses_mamba"] == {"named": 1.0}, res["tp_refuses_mamba"]
+        assert res["tp_refuses_unsharded"] == {"named": 1.0}, res["tp_refuses_unsharded"]
 
 
 # ------------------------------------------------------------------------------------ data parallel

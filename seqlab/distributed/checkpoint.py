@@ -8,6 +8,12 @@ Layout of a checkpoint directory written in a distributed run::
     model.safetensors, config.json    the full model, gathered to rank 0 (``LanguageModel.load`` reads it as is)
     ...                               whatever the caller writes on rank 0 (trainer.json, RNG states)
 
+Tensor-parallel mixer shards (Mamba-2, Mamba, S4: modules with ``full_tensors`` / ``local_tensors``) hold slices in
+a layout of their own (e.g. [x_0, z_0, x_1, z_1] rows of a Mamba ``in_proj``); their model state is gathered to the
+original layout by their ``state_dict`` hooks, and their optimizer state is converted here the same way before
+saving (and sliced back after loading), so a checkpoint written at ``--tp 2`` holds the unsharded layout and
+resumes at ``--tp 1`` (one process, or data parallel) or ``--tp 4``, and the reverse.
+
 The directory is first written under a temporary sibling and renamed into place by rank 0 once every rank has
 finished, so a crash never leaves a half-written checkpoint in place of a good one. Multi-node runs need the
 directory on a filesystem every node sees.
@@ -65,6 +71,7 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
+    _optim_to_full_layout(model, optim_state)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
     full = full_model_state(model)
     if _rank() == 0:
@@ -116,8 +123,11 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         set_model_state_dict(model, state["model"])
         return
     model_state, optim_state = get_state_dict(model, optimizer)
+    local_groups = [list(g["params"]) for g in optim_state["param_groups"]]
+    _optim_to_full_layout(model, optim_state)
     state = {"model": model_state, "optim": optim_state}
     _dcp_load(dcp, state, path)
+    _optim_to_local_layout(model, state["optim"], local_groups)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -126,3 +136,66 @@ def _dcp_load(dcp, state: dict, path: Path) -> None:
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint: {str(path)!r} does not match the model or optimizer ({err})") from err
+
+
+# ------------------------------------------------------------------- tensor-parallel optimizer layouts
+def _tp_shards(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(prefix "layers.0.mixer.", module) of every tensor-parallel shard that converts its own layout."""
+    return [(f"{name}." if name else "", m) for name, m in model.named_modules()
+            if hasattr(m, "full_tensors") and hasattr(m, "local_tensors")]
+
+
+def _is_layout_tensor(value) -> bool:
+    """Optimizer entries shaped like their parameter (AdamW moments), as opposed to scalars (the step)."""
+    return isinstance(value, torch.Tensor) and value.ndim > 0
+
+
+def _optim_to_full_layout(model: nn.Module, optim_state: dict) -> None:
+    """In place: each TP shard's optimizer entries (local names, local slices) -> unsharded tensors under the
+    original parameter names; param_groups list the original names. A collective on every rank of the shards."""
+    state = optim_state.get("state", {})
+    renames: dict[str, str] = {}
+    for prefix, module in _tp_shards(model):
+        names = sorted(n for n, _ in module.named_parameters() if prefix + n in state)
+        if not names:
+            continue
+        entries = {n: state.pop(prefix + n) for n in names}
+        keys = sorted({k for e in entries.values() for k, v in e.items() if _is_layout_tensor(v)})
+        full: dict[str, dict] = {}
+        for key in keys:
+            for n, t in module.full_tensors({n: e[key] for n, e in entries.items() if key in e}).items():
+                full.setdefault(n, {})[key] = t
+        for n, e in entries.items():
+            renames[prefix + n] = prefix + module.full_name(n)
+            for k, v in e.items():
+                if not _is_layout_tensor(v):
+                    full.setdefault(module.full_name(n), {}).setdefault(k, v)
+        for n, e in full.items():
+            state[prefix + n] = e
+    for group in optim_state.get("param_groups", []):
+        group["params"] = list(dict.fromkeys(renames.get(name, name) for name in group["params"]))
+
+
+def _optim_to_local_layout(model: nn.Module, optim_state: dict, local_groups: list[list[str]]) -> None:
+    """The inverse of ``_optim_to_full_layout`` for this rank: slice the loaded unsharded entries into its shards
+    and restore the param_groups' local names (``local_groups``, from before the conversion)."""
+    state = optim_state.get("state", {})
+    for prefix, module in _tp_shards(model):
+        local_names = [n for n, _ in module.named_parameters()]
+        full_names = sorted({module.full_name(n) for n in local_names})
+        entries = {n: state.pop(prefix + n) for n in full_names if prefix + n in state}
+        if not entries:
+            continue
+        keys = sorted({k for e in entries.values() for k, v in e.items() if _is_layout_tensor(v)})
+        local: dict[str, dict] = {}
+        for key in keys:
+            for n, t in module.local_tensors({n: e[key] for n, e in entries.items() if key in e}).items():
+                local.setdefault(n, {})[key] = t
+        for n in local_names:  # scalars, one copy per parameter (AdamW increments its step in place)
+            for k, v in entries.get(module.full_name(n), {}).items():
+                if not _is_layout_tensor(v):
+                    local.setdefault(n, {}).setdefault(k, v.clone() if isinstance(v, torch.Tensor) else v)
+        for n, e in local.items():
+            state[prefix + n] = e
+    for group, names in zip(optim_state.get("param_groups", []), local_groups):
+        group["params"] = names

@@ -12,8 +12,12 @@ inputs' gradients are all-reduced by DTensor).
                 dt_bias, D and norm per head; out_proj row-wise; B/C per group when ngroups divides by the degree,
                 else replicated; the gated norm all-reduces its sums of squares when a group spans ranks
 
-Not sharded (a clear error names the mixer): Mamba, S4 and the other recurrent families. Use data or context
-parallelism for those layers.
+    Mamba, S4   shard by channel (``seqlab.distributed.tp_recurrent``): Mamba-1's d_inner channels (in_proj x and
+                z rows, conv, dt_proj, A_log, D; x_proj and out_proj row-wise, all-reduced), S4's d_model channels
+                (kernel parameters; out_proj row-wise before the GLU)
+
+Not sharded (a clear error names the mixer): the other recurrent families (Griffin, linear attention, RWKV, mLSTM).
+Use data or context parallelism for those layers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError
 
-SHARDABLE_MIXERS = ("Attention", "Mamba2")
+SHARDABLE_MIXERS = ("Attention", "Mamba2", "Mamba", "S4")
 
 
 def _check_divisible(what: str, value: int, tp: int, where: str) -> None:
@@ -54,30 +58,42 @@ def shard_swiglu(mlp: nn.Module, mesh, where: str = "mlp") -> None:
 
 
 def parallelize_model(model: nn.Module, mesh) -> nn.Module:
-    """Shard every attention, Mamba-2 mixer, SwiGLU and MoE expert of a ``LanguageModel`` over the 1-D ``mesh`` in
-    place (a Mamba-2 mixer is replaced by its ``Mamba2TensorParallel`` shard).
+    """Shard every attention, Mamba-2, Mamba, S4 mixer, SwiGLU and MoE expert of a ``LanguageModel`` over the 1-D
+    ``mesh`` in place (a Mamba-2 / Mamba / S4 mixer is replaced by its ``*TensorParallel`` shard).
 
-    Raises ConfigError naming the first layer whose mixer cannot be sharded, or whose head count does not divide
-    by the degree (checked before anything changes).
+    Raises ConfigError naming the first layer whose mixer cannot be sharded, or whose head or channel count does
+    not divide by the degree (checked before anything changes).
     """
     from seqlab.distributed.tp_mamba import shard_mamba2
+    from seqlab.distributed.tp_recurrent import shard_mamba, shard_s4
     from seqlab.mixers.attention import Attention
+    from seqlab.mixers.mamba import Mamba
     from seqlab.mixers.mamba2 import Mamba2
     from seqlab.mixers.mlp import SwiGLU
+    from seqlab.mixers.s4 import S4
 
-    for i, block in enumerate(getattr(model, "layers", [])):
-        if isinstance(block.mixer, Mamba2):
-            _check_divisible("nheads", block.mixer.nheads, mesh.size(), f"layers.{i}.mixer (Mamba2)")
+    # mixer class -> (what must divide by the degree, its value, the sharding function)
+    channel_sharded = {
+        Mamba2: lambda m: ("nheads", m.nheads, shard_mamba2),
+        Mamba: lambda m: ("d_inner", m.d_inner, shard_mamba),
+        S4: lambda m: ("d_model", m.d_model, shard_s4),
+    }
+    layers = list(getattr(model, "layers", []))
+    for i, block in enumerate(layers):
+        kind = type(block.mixer)
+        if kind in channel_sharded:
+            what, value, _ = channel_sharded[kind](block.mixer)
+            _check_divisible(what, value, mesh.size(), f"layers.{i}.mixer ({kind.__name__})")
         elif not isinstance(block.mixer, Attention):
-            name = type(block.mixer).__name__
             raise ConfigError(
-                f"--tp: layer {i} uses the {name} mixer, which tensor parallelism does not shard (only "
+                f"--tp: layer {i} uses the {kind.__name__} mixer, which tensor parallelism does not shard (only "
                 f"{', '.join(SHARDABLE_MIXERS)} mixers with SwiGLU/MoE channel mixers are sharded); use "
-                "--parallel ddp/fsdp (data parallelism) or context parallelism for SSM layers"
+                "--parallel ddp/fsdp (data parallelism) or context parallelism for those layers"
             )
-    for i, block in enumerate(getattr(model, "layers", [])):
-        if isinstance(block.mixer, Mamba2):
-            block.mixer = shard_mamba2(block.mixer, mesh, where=f"layers.{i}.mixer")
+    for i, block in enumerate(layers):
+        kind = type(block.mixer)
+        if kind in channel_sharded:
+            block.mixer = channel_sharded[kind](block.mixer)[2](block.mixer, mesh, where=f"layers.{i}.mixer")
     for name, module in model.named_modules():
         if isinstance(module, Attention):
             shard_attention(module, mesh, where=name)

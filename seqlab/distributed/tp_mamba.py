@@ -300,6 +300,22 @@ class Mamba2TensorParallel(nn.Module):
             return t
         return t.index_select(dim, self.head_group)  # (..., H_local, N)
 
+    # ----------------------------------------------------------------------------------------- layouts
+    def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors shaped like this rank's parameters (by local name, e.g. the optimizer's moments) -> the unsharded
+        tensors under the original names and layout (a collective, like ``state_dict``)."""
+        return _gather_state_dict(self, dict(tensors), "", None)
+
+    def local_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unsharded tensors by original name -> this rank's shards by local name (like ``load_state_dict``)."""
+        state = dict(tensors)
+        _slice_state_dict(self, state, "")
+        return state
+
+    def full_name(self, name: str) -> str:
+        """The unsharded parameter a local one belongs to (``in_proj_BC.weight`` -> ``in_proj.weight``)."""
+        return _REPLICATED_BC.get(name, (name,))[0]
+
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, tp={self.tp}, rank={self.rank}, local nheads={self.nheads}, "
                 f"ngroups={self.ngroups} ({'sharded' if self.groups_sharded else 'replicated'})")
