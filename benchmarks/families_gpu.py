@@ -8,7 +8,8 @@ and their decode steps, against the torch paths, at real shapes, in float32 and 
    (bf16 inputs upcast); NaN/inf never passes. Decode steps: 8 steps vs the torch step, then the Triton step
    captured in a CUDA graph and replayed must equal the eager Triton step.
 2. speed: median CUDA-event milliseconds of triton and torch, forward and forward+backward; decode steps per call.
-3. a small sweep of the delta-rule kernel's V-tile and warp count (forward+backward, bf16), to pick the defaults.
+3. a small sweep of the delta-rule kernels' V-tile and warp count (forward, forward+backward; bf16), to pick
+   seqlab.ops.triton.delta_rule.FWD_CONFIG / BWD_CONFIG.
 Prints markdown tables, writes JSON to --out; exit status 1 when any accuracy check fails.
 """
 
@@ -36,7 +37,9 @@ LA_KINDS = {  # name: (decay kind, bonus u)
     "channel decay + u (RWKV-6)": ("channel", True),
 }
 DEV = "cuda"  # "cpu" only for the smoke run under TRITON_INTERPRET=1 (--smoke-cpu)
-SWEEP = [(16, 1), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4)]  # (BLOCK_V, NUM_WARPS) of the delta-rule kernels
+# (V-tile, warps) of the delta-rule kernels: forward timed alone, backward timed as forward + backward
+FWD_SWEEP = [(16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 4)]
+BWD_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
 
 
 def rel(out, ref) -> float:
@@ -277,22 +280,27 @@ def main(argv=None) -> int:
               f"{fmt(ratio)} |", flush=True)
 
     if not args.no_sweep:
-        print("\n## delta-rule kernel tiles (bf16, forward+backward, ms)\n")
-        print("| BLOCK_V | NUM_WARPS | ms |")
-        print("|---|---|---|")
+        print("\n## delta-rule kernel tiles (bf16; ms)\n")
+        print("| pass | V-tile | warps | ms |")
+        print("|---|---|---|---|")
         kw = cases[-2][3]
-        defaults = (dr.BLOCK_V, dr.NUM_WARPS)
+        defaults = (dr.FWD_CONFIG, dr.BWD_CONFIG)
         try:
-            for block_v, warps in SWEEP:
-                if time.perf_counter() - start > 160:
-                    print("| (time budget reached) | | |")
-                    break
-                dr.BLOCK_V, dr.NUM_WARPS = block_v, warps
-                ms = time_op(delta_rule, kw, torch.bfloat16, "triton", "fwd+bwd", 0.2)
-                sweep.append(dict(block_v=block_v, num_warps=warps, ms=ms))
-                print(f"| {block_v} | {warps} | {fmt(ms)} |", flush=True)
+            for which, configs in (("fwd", FWD_SWEEP), ("fwd+bwd", BWD_SWEEP)):
+                for config in configs:
+                    if time.perf_counter() - start > 160:
+                        print("| (time budget reached) | | | |")
+                        break
+                    if which == "fwd":
+                        dr.FWD_CONFIG = config
+                    else:
+                        dr.BWD_CONFIG = config
+                    ms = time_op(delta_rule, kw, torch.bfloat16, "triton", which, 0.2)
+                    sweep.append(dict(mode=which, block_v=config[0], num_warps=config[1], ms=ms))
+                    print(f"| {which} | {config[0]} | {config[1]} | {fmt(ms)} |", flush=True)
+                dr.FWD_CONFIG = defaults[0]
         finally:
-            dr.BLOCK_V, dr.NUM_WARPS = defaults
+            dr.FWD_CONFIG, dr.BWD_CONFIG = defaults
 
     failed = [c for c in checks if not c["ok"]]
     elapsed = time.perf_counter() - start
@@ -302,7 +310,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(dict(device=device_name, shape=dict(batch=B, seqlen=L, heads=H, dim=D),
                        decode_batch=Bd, passed=not failed, checks=checks, timings=timings, sweep=sweep,
-                       defaults=dict(block_v=dr.BLOCK_V, num_warps=dr.NUM_WARPS), seconds=elapsed), f, indent=2)
+                       defaults=dict(fwd=dr.FWD_CONFIG, bwd=dr.BWD_CONFIG), seconds=elapsed), f, indent=2)
     return 1 if failed else 0
 
 

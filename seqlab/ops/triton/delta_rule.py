@@ -27,16 +27,17 @@ import triton.language as tl
 from seqlab.ops._common import reset_mask
 from seqlab.ops.triton import next_pow2
 
-# V-tile width and warps of the recurrent kernels: a (K, BV) state tile per program; narrower tiles give more
-# programs (B·H·V/BV) for the latency-bound time loop
-BLOCK_V = 16
-NUM_WARPS = 2
+# (V-tile width, warps) of the forward and of the backward: a (K, BV) state tile per program; narrower tiles give
+# more programs (B·H·V/BV) for the latency-bound time loop. The backward holds three (K, BV) tiles (state, its
+# gradient, the prefetched replayed state); at K = 64 these fit sm_90 registers without spills.
+FWD_CONFIG = (16, 2)
+BWD_CONFIG = (16, 2)
 
 
 @triton.jit
 def _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, t, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
                  HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Inputs of position t < L and its state decay α_t."""
+    """Inputs of position t (0 <= t < L) and its state decay α_t (a float32 scalar tensor)."""
     row = (b.to(tl.int64) * L + t) * H + h
     q = tl.load(q_ptr + row * K + offs_k, mask=mask_k, other=0.0)
     k = tl.load(k_ptr + row * K + offs_k, mask=mask_k, other=0.0)
@@ -45,10 +46,10 @@ def _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, t, offs_
     if HAS_G:
         alpha = tl.exp(tl.load(g_ptr + row))
     else:
-        alpha = 1.0
+        alpha = beta * 0.0 + 1.0
     if HAS_RESET:
         alpha = tl.where(tl.load(reset_ptr + b.to(tl.int64) * L + t) != 0, 0.0, alpha)
-    return q, k, v, beta, alpha, row
+    return q, k, v, beta, alpha
 
 
 @triton.jit
@@ -69,51 +70,23 @@ def _delta_fwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, init_ptr,
         S = tl.load(init_ptr + bh * K * V + tile, mask=mask_kv, other=0.0)
     else:
         S = tl.zeros((BK, BV), dtype=tl.float32)
-    for c in range(nchunks):
+    # the inputs of step t + 1 are loaded during step t (their latency hides behind the state update)
+    q_n, k_n, v_n, beta_n, alpha_n = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, 0, offs_k,
+                                                  mask_k, offs_v, mask_v, L, H, K, V, HAS_G, HAS_RESET)
+    for t in range(L):
         if STORE_STATES:
-            tl.store(states_ptr + (bh * nchunks + c) * K * V + tile, S, mask=mask_kv)
-        for i in range(chunk):
-            if c * chunk + i < L:
-                q, k, v, beta, alpha, row = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h,
-                                                         c * chunk + i, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
-                                                         HAS_G, HAS_RESET)
-                S = S * alpha
-                w = tl.sum(S * k[:, None], axis=0)  # (BV,)
-                S += k[:, None] * (beta * (v - w))[None, :]
-                o = tl.sum(S * q[:, None], axis=0)
-                tl.store(o_ptr + row * V + offs_v, o, mask=mask_v)
+            if t % chunk == 0:
+                tl.store(states_ptr + (bh * nchunks + t // chunk) * K * V + tile, S, mask=mask_kv)
+        q, k, v, beta, alpha = q_n, k_n, v_n, beta_n, alpha_n
+        q_n, k_n, v_n, beta_n, alpha_n = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h,
+                                                      (t + 1) % L, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
+                                                      HAS_G, HAS_RESET)
+        S = S * alpha
+        w = tl.sum(S * k[:, None], axis=0)  # (BV,)
+        S += k[:, None] * (beta * (v - w))[None, :]
+        o = tl.sum(S * q[:, None], axis=0)
+        tl.store(o_ptr + ((b.to(tl.int64) * L + t) * H + h) * V + offs_v, o, mask=mask_v)
     tl.store(final_ptr + bh * K * V + tile, S, mask=mask_kv)
-
-
-@triton.jit
-def _delta_bwd_step(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
-                    S_prev_ptr, dS, b, h, t, part, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
-                    HAS_G: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Reverse step t: dS = ∂loss/∂S_t in, ∂loss/∂S_{t-1} out; writes this V-tile's gradients of position t."""
-    q, k, v, beta, alpha, row = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, t, offs_k,
-                                             mask_k, offs_v, mask_v, L, H, K, V, HAS_G, HAS_RESET)
-    do = tl.load(do_ptr + row * V + offs_v, mask=mask_v, other=0.0)
-    S_a = alpha * tl.load(S_prev_ptr)
-    r = v - tl.sum(S_a * k[:, None], axis=0)  # v_t - w_t  (BV,)
-    u = beta * r
-    S_t = S_a + k[:, None] * u[None, :]
-    dS += q[:, None] * do[None, :]
-    dq = tl.sum(S_t * do[None, :], axis=1)  # (BK,)
-    du = tl.sum(dS * k[:, None], axis=0)  # (BV,)
-    dk = tl.sum(dS * u[None, :], axis=1)
-    dbeta = tl.sum(du * r, axis=0)
-    dw = -beta * du
-    dS += k[:, None] * dw[None, :]  # now ∂loss/∂S_a
-    dk += tl.sum(S_a * dw[None, :], axis=1)
-    prow = part + row
-    tl.store(dq_ptr + prow * K + offs_k, dq, mask=mask_k)
-    tl.store(dk_ptr + prow * K + offs_k, dk, mask=mask_k)
-    tl.store(dv_ptr + row * V + offs_v, beta * du, mask=mask_v)
-    tl.store(dbeta_ptr + prow, dbeta)
-    if HAS_G:
-        tl.store(dg_ptr + prow, tl.sum(tl.sum(dS * S_a, axis=1), axis=0))
-    dS = alpha * dS
-    return dS
 
 
 @triton.jit
@@ -132,7 +105,7 @@ def _delta_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, states_pt
     mask_kv = mask_k[:, None] & mask_v[None, :]
     bh = b.to(tl.int64) * H + h
     tile = offs_k[:, None] * V + offs_v[None, :]
-    # this program's scratch: `chunk` states of (BK, BV), and its slice of the per-V-tile partial sums
+    # this program's scratch of `chunk` (BK, BV) states, and its V-tile's slice of the partial sums
     scratch = scratch_ptr + (bh * tl.num_programs(1) + vb) * chunk * BK * BV + offs_k[:, None] * BV + \
         tl.arange(0, BV)[None, :]
     part = vb.to(tl.int64) * B * L * H  # offset of this V-tile's partials, in positions
@@ -142,30 +115,62 @@ def _delta_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, states_pt
         dS = tl.zeros((BK, BV), dtype=tl.float32)
     for cc in range(nchunks):
         c = nchunks - 1 - cc
-        # replay the chunk from its stored entering state; scratch[i] = S_{t-1} for t = c·chunk + i
+        t0 = c * chunk
+        n = tl.minimum(chunk, L - t0)  # steps in this chunk
+        # replay the chunk from its stored entering state: scratch[i] = S_{t-1} for t = t0 + i
         S = tl.load(states_ptr + (bh * nchunks + c) * K * V + tile, mask=mask_kv, other=0.0)
         tl.debug_barrier()  # the previous chunk's reverse walk has read the scratch we now overwrite
-        for i in range(chunk):
-            if c * chunk + i < L:
-                tl.store(scratch + i * BK * BV, S)
-                q, k, v, beta, alpha, row = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h,
-                                                         c * chunk + i, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
-                                                         HAS_G, HAS_RESET)
-                S = S * alpha
-                S += k[:, None] * (beta * (v - tl.sum(S * k[:, None], axis=0)))[None, :]
+        q_n, k_n, v_n, beta_n, alpha_n = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, t0,
+                                                      offs_k, mask_k, offs_v, mask_v, L, H, K, V, HAS_G, HAS_RESET)
+        for i in range(n):
+            k, v, beta, alpha = k_n, v_n, beta_n, alpha_n
+            q_n, k_n, v_n, beta_n, alpha_n = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h,
+                                                          (t0 + i + 1) % L, offs_k, mask_k, offs_v, mask_v,
+                                                          L, H, K, V, HAS_G, HAS_RESET)
+            tl.store(scratch + i * BK * BV, S)
+            S = S * alpha
+            S += k[:, None] * (beta * (v - tl.sum(S * k[:, None], axis=0)))[None, :]
         tl.debug_barrier()
-        for j in range(chunk):
-            i = chunk - 1 - j
-            t = c * chunk + i
-            if t < L:
-                dS = _delta_bwd_step(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
-                                     dbeta_ptr, dg_ptr, scratch + i * BK * BV, dS, b, h, t, part, offs_k, mask_k,
-                                     offs_v, mask_v, L, H, K, V, HAS_G, HAS_RESET)
+        # walk the chunk backwards (inputs of step t - 1 prefetched during step t)
+        t = t0 + n - 1
+        q_n, k_n, v_n, beta_n, alpha_n = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h, t,
+                                                      offs_k, mask_k, offs_v, mask_v, L, H, K, V, HAS_G, HAS_RESET)
+        row = (b.to(tl.int64) * L + t) * H + h
+        do_n = tl.load(do_ptr + row * V + offs_v, mask=mask_v, other=0.0)
+        S_n = tl.load(scratch + (n - 1) * BK * BV)
+        for j in range(n):
+            t = t0 + n - 1 - j
+            row = (b.to(tl.int64) * L + t) * H + h
+            q, k, v, beta, alpha, do, S_prev = q_n, k_n, v_n, beta_n, alpha_n, do_n, S_n
+            prev = (t + L - 1) % L
+            q_n, k_n, v_n, beta_n, alpha_n = _step_inputs(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, b, h,
+                                                          prev, offs_k, mask_k, offs_v, mask_v, L, H, K, V,
+                                                          HAS_G, HAS_RESET)
+            do_n = tl.load(do_ptr + ((b.to(tl.int64) * L + prev) * H + h) * V + offs_v, mask=mask_v, other=0.0)
+            S_n = tl.load(scratch + ((t - t0 + n - 1) % n) * BK * BV)
+            S_a = alpha * S_prev
+            r = v - tl.sum(S_a * k[:, None], axis=0)  # v_t - w_t  (BV,)
+            u = beta * r
+            dS += q[:, None] * do[None, :]
+            dq = tl.sum(S_a * do[None, :], axis=1) + k * tl.sum(u * do, axis=0)  # S_t do_t, S_t = S_a + k uᵀ
+            du = tl.sum(dS * k[:, None], axis=0)  # (BV,)
+            dk = tl.sum(dS * u[None, :], axis=1)
+            dw = -beta * du
+            dS += k[:, None] * dw[None, :]  # now ∂loss/∂S_a
+            dk += tl.sum(S_a * dw[None, :], axis=1)
+            prow = part + row
+            tl.store(dq_ptr + prow * K + offs_k, dq, mask=mask_k)
+            tl.store(dk_ptr + prow * K + offs_k, dk, mask=mask_k)
+            tl.store(dv_ptr + row * V + offs_v, beta * du, mask=mask_v)
+            tl.store(dbeta_ptr + prow, tl.sum(du * r, axis=0))
+            if HAS_G:
+                tl.store(dg_ptr + prow, tl.sum(tl.sum(dS * S_a, axis=1), axis=0))
+            dS = alpha * dS
     tl.store(dinit_ptr + bh * K * V + tile, dS, mask=mask_kv)
 
 
-def _tiles(K: int, V: int) -> tuple[int, int]:
-    return max(16, next_pow2(K)), max(16, min(BLOCK_V, next_pow2(V)))
+def _tiles(K: int, V: int, block_v: int) -> tuple[int, int]:
+    return max(16, next_pow2(K)), max(16, min(block_v, next_pow2(V)))
 
 
 class _DeltaRuleFn(torch.autograd.Function):
@@ -175,7 +180,7 @@ class _DeltaRuleFn(torch.autograd.Function):
         g = None if g is None else g.contiguous()
         batch, L, H, K = q.shape
         V = v.shape[-1]
-        BK, BV = _tiles(K, V)
+        BK, BV = _tiles(K, V, FWD_CONFIG[0])
         chunk = max(1, min(int(chunk), L))
         nchunks = -(-L // chunk)
         reset = None if seq_idx is None else reset_mask(seq_idx).to(torch.int32).contiguous()
@@ -188,7 +193,7 @@ class _DeltaRuleFn(torch.autograd.Function):
         grid = (batch * H, triton.cdiv(V, BV))
         _delta_fwd_kernel[grid](q, k, v, beta, g, reset, init, o, states, final, L, H, K, V, nchunks, chunk,
                                 HAS_G=g is not None, HAS_RESET=reset is not None, HAS_INIT=init is not None,
-                                STORE_STATES=store, BK=BK, BV=BV, num_warps=NUM_WARPS)
+                                STORE_STATES=store, BK=BK, BV=BV, num_warps=FWD_CONFIG[1])
         ctx.save_for_backward(q, k, v, beta, g, reset, states)
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
         ctx.chunk = chunk
@@ -199,7 +204,7 @@ class _DeltaRuleFn(torch.autograd.Function):
         q, k, v, beta, g, reset, states = ctx.saved_tensors
         batch, L, H, K = q.shape
         V = v.shape[-1]
-        BK, BV = _tiles(K, V)
+        BK, BV = _tiles(K, V, BWD_CONFIG[0])
         nv = triton.cdiv(V, BV)
         chunk, nchunks = ctx.chunk, states.shape[2]
         f32 = dict(device=q.device, dtype=torch.float32)
@@ -215,7 +220,7 @@ class _DeltaRuleFn(torch.autograd.Function):
         _delta_bwd_kernel[(batch * H, nv)](q, k, v, beta, g, reset, states, scratch, do, dfinal,
                                           dq, dk, dv, dbeta, dg, dinit, batch, L, H, K, V, nchunks, chunk,
                                           HAS_G=g is not None, HAS_RESET=reset is not None,
-                                          HAS_DFINAL=dfinal is not None, BK=BK, BV=BV, num_warps=NUM_WARPS)
+                                          HAS_DFINAL=dfinal is not None, BK=BK, BV=BV, num_warps=BWD_CONFIG[1])
         return (dq.sum(0), dk.sum(0), dv, dbeta.sum(0), None if g is None else dg.sum(0),
                 None if ctx.init_dtype is None else dinit.to(ctx.init_dtype), None, None)
 
