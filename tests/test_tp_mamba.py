@@ -12,7 +12,8 @@ Specs:
 - 3 AdamW steps with ``--tp 2`` (clipping active) give the parameters of one process, and resuming from a
   step-2 checkpoint gives those of the uninterrupted run;
 - nheads not divisible by the degree raises ConfigError naming it;
-- ``torchrun --nproc-per-node 2 -m seqlab train --model mamba2 --tp 2`` runs.
+- ``torchrun --nproc-per-node 2 -m seqlab train --model hybrid --tp 2`` (Mamba-2, Mamba, S4, attention) runs, and
+  ``seqlab train --resume --tp 1`` continues it in one process.
 
 Tolerances: float32 1e-5 absolute (sharded matmuls and the all-reduced norm sum in another order); training 2e-5
 after 3 AdamW steps at lr 1e-3.
@@ -248,14 +249,27 @@ def test_nheads_not_divisible_by_degree_is_refused_by_name():
         parallelize_model(model, Mesh())
 
 
-def test_torchrun_train_mamba2_with_tp(tmp_path):
+def test_torchrun_train_with_tp_then_resume_in_one_process(tmp_path, monkeypatch):
+    """``torchrun ... train --tp 2`` on a hybrid of every sharded mixer (Mamba-2, Mamba, S4, attention, SwiGLU), then
+    ``seqlab train --resume --tp 1`` continues the run in one process from the resharded checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", "-m", "seqlab", "train", "--task", "mqar", "--model", "mamba2",
-           "--size", "tiny", "--steps", "2", "--tp", "2", "--out", str(tmp_path / "run"), "--quiet"]
+           "--rdzv-endpoint", "127.0.0.1:0", "-m", "seqlab", "train", "--task", "mqar", "--model", "hybrid",
+           "--set", "pattern=M2 M S A", "--set", "mlp=swiglu", "--size", "tiny", "--steps", "2", "--tp", "2",
+           "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from seqlab.cli import main
     from seqlab.models import LanguageModel
 
-    model = LanguageModel.load(tmp_path / "run" / "checkpoint")  # the gathered, unsharded checkpoint
-    assert model.layers[0].mixer.in_proj.weight.shape == (2 * 64 + 2 * 16 + 4, 32)
+    ckpt = tmp_path / "run" / "checkpoint"
+    model = LanguageModel.load(ckpt)  # the gathered, unsharded checkpoint
+    assert model.layers[0].mixer.in_proj.weight.shape == (2 * 64 + 2 * 16 + 4, 32)  # Mamba-2: z, x, B, C, dt
+    assert model.layers[1].mixer.in_proj.weight.shape == (2 * 64, 32)  # Mamba: x, z
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.warns(UserWarning, match="resuming a run saved by 2 processes with 1"):
+        assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--tp", "1", "--steps", "3",
+                     "--device", "cpu", "--quiet"]) == 0
+    info = json.loads((ckpt / "trainer.json").read_text())
+    assert info["step"] == 3 and info["train_config"]["tp"] == 1
