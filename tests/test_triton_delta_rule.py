@@ -116,6 +116,23 @@ def test_delta_rule_triton_bf16_inputs_within_1e_2():
 
 
 @needs_triton
+@pytest.mark.parametrize("uses", ["output only", "final state only"])
+def test_delta_rule_triton_gradients_when_the_loss_uses_one_output(uses):
+    kw = make_inputs(1, 14, 2, 4, 5, seed=6)  # no initial state: the kernel's state gradient is not asked for
+    grads = {}
+    for backend, dtype in (("ref", torch.float64), ("triton", torch.float32)):
+        leaves = {n: t.detach().to(dtype).requires_grad_(True) for n, t in kw.items()}
+        o, S = delta_rule(**leaves, chunk_size=4, backend=backend, return_final_state=True)
+        (o.sin().sum() if uses == "output only" else S.sin().sum()).backward()
+        grads[backend] = {n: torch.zeros_like(t) if t.grad is None else t.grad for n, t in leaves.items()}
+    if uses == "final state only":  # q does not reach the state
+        assert grads["triton"]["q"].abs().max() == 0 and grads["ref"]["q"].abs().max() == 0
+        del grads["triton"]["q"], grads["ref"]["q"]
+    errors = {n: rel_err(grads["triton"][n], grads["ref"][n]) for n in grads["ref"]}
+    assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+@needs_triton
 def test_delta_rule_triton_without_grad_matches_ref():
     kw = {n: t.float() if t.is_floating_point() else t for n, t in make_inputs(2, 12, 2, 4, 4, seed=5).items()}
     with torch.no_grad():
@@ -235,13 +252,15 @@ def _specialisations():
                                           "final_ptr"), f32), **optional)
                 fwd.update(dict.fromkeys(("L", "H", "K", "V", "nchunks", "chunk"), i32))
                 fwd.update(dict.fromkeys([*consts, "HAS_INIT", "STORE_STATES"]))
-                specs.append((dr, "_delta_fwd_kernel", fwd, dict(consts, HAS_INIT=True, STORE_STATES=True)))
+                for flag in (False, True):
+                    specs.append((dr, "_delta_fwd_kernel", fwd, dict(consts, HAS_INIT=flag, STORE_STATES=flag)))
                 bwd = dict(dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "beta_ptr", "states_ptr", "scratch_ptr", "do_ptr",
                                           "dfinal_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dbeta_ptr", "dinit_ptr"), f32),
                            **optional, dg_ptr=f32 if has_g else None)
                 bwd.update(dict.fromkeys(("B", "L", "H", "K", "V", "nchunks", "chunk"), i32))
                 bwd.update(dict.fromkeys([*consts, "HAS_DFINAL"]))
-                specs.append((dr, "_delta_bwd_kernel", bwd, dict(consts, HAS_DFINAL=True)))
+                for flag in (False, True):
+                    specs.append((dr, "_delta_bwd_kernel", bwd, dict(consts, HAS_DFINAL=flag)))
     for dtype in ("*fp32", "*bf16"):
         for has_g in (False, True):
             step = dict(dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), dtype), state_ptr=f32, beta_ptr=f32,
