@@ -32,7 +32,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError, InputError
 from seqlab.mixers.base import MixerState
-from seqlab.ops._common import reset_mask
+from seqlab.ops._common import compute_dtype, reset_mask
 from seqlab.ops.conv import causal_conv1d, conv_step
 from seqlab.ops.mlstm import mlstm, parallel_form, recurrent_step
 from seqlab.ops.mlstm import mlstm_step as mlstm_decode
@@ -121,7 +121,8 @@ class MLSTM(nn.Module):
         gates_in = torch.cat([q, k, v], dim=-1)
         i_pre, f_pre = self.igate(gates_in), self.fgate(gates_in)  # (B, L, H) gate pre-activations
         heads = (Bsz, L, H, P)
-        q, k, v = (t.float().view(heads) for t in (q, k, v))  # (B, L, H, P); the op scales k by P^-1/2
+        cdt = compute_dtype(x)  # float32, or float64 for a float64 model
+        q, k, v = (t.to(cdt).view(heads) for t in (q, k, v))  # (B, L, H, P); the op scales k by P^-1/2
         with torch.autocast(device_type=x.device.type, enabled=False):
             if decode:
                 cell = (state["C"], state["n"], state["m"])

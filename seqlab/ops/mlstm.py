@@ -41,6 +41,8 @@ call them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -66,8 +68,13 @@ def _segment_sums(a: torch.Tensor) -> torch.Tensor:
 
 
 def _read_out(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """h = num / max(|den|, e^{-m}); num (..., V), den and m (...)."""
-    return num / torch.maximum(den.abs(), torch.exp(-m))[..., None]
+    """h = num / max(|den|, e^{-m}); num (..., V), den and m (...).
+
+    e^{-m} is capped below the dtype's overflow (m < -88 in float32 after a document start with ĩ < -88): an
+    infinite bound would give h = 0 but NaN gradients (0 · inf in the backward of exp); the capped one gives the
+    same h to within that dtype's smallest numbers and finite gradients.
+    """
+    return num / torch.maximum(den.abs(), torch.exp((-m).clamp(max=math.log(torch.finfo(m.dtype).max) - 1)))[..., None]
 
 
 def _cell_step(q, k, v, log_i, log_f, C, n, m):
@@ -282,9 +289,9 @@ def _run(form, q, k, v, i_gate, f_gate, initial_state, seq_idx, forget_gate, sca
     scale = dk**-0.5 if scale is None else scale
     qc, kc, vc = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # (b, H, l, ·)
     log_i, log_f = (t.transpose(1, 2) for t in _log_gates(i_gate, f_gate, forget_gate, cdt))  # (b, H, l)
-    if initial_state is None:
-        C0, n0, m0 = qc.new_zeros(batch, nheads, dk, vc.shape[-1]), qc.new_zeros(batch, nheads, dk), qc.new_zeros(
-            batch, nheads)
+    if initial_state is None:  # no history: (0, 0, m = 0), as a freshly allocated decode state
+        C0 = qc.new_zeros(batch, nheads, dk, vc.shape[-1])
+        n0, m0 = qc.new_zeros(batch, nheads, dk), qc.new_zeros(batch, nheads)
     else:
         C0, n0, m0 = (t.to(cdt) for t in initial_state)
     reset = None if seq_idx is None else reset_mask(seq_idx)
