@@ -1,13 +1,14 @@
-"""mLSTM: the matrix-memory cell of xLSTM (Beck et al. 2024, Sec. 2.3, App. A.2 and B) as an op.
+"""mLSTM: the matrix-memory cell of xLSTM (Beck et al. 2024, Sec. 2.2-2.3 and the appendix's parallel form) as an op.
 
 Glossary (b: batch, l: sequence length, H: heads, K: query/key dim, V: value dim per head):
-    q, k   (b, l, H, K)   queries and keys; k is multiplied by ``scale`` (default K^-1/2: k_t / √d, eq. 22)
+    q, k   (b, l, H, K)   queries and keys; k is multiplied by ``scale`` (default K^-1/2: the paper's k_t / √d)
     v      (b, l, H, V)   values
-    i_gate (b, l, H)      input-gate pre-activation ĩ_t: i_t = exp(ĩ_t) (eq. 25)
-    f_gate (b, l, H)      forget-gate pre-activation f̃_t: f_t = sigmoid(f̃_t) or exp(f̃_t) (eq. 26, ``forget_gate``)
-    state  (C (b, H, K, V), n (b, H, K), m (b, H)), float32: the stabilised cell, C_t = e^{m_t} C, n_t = e^{m_t} n
+    i_gate (b, l, H)      input-gate pre-activation ĩ_t: i_t = exp(ĩ_t)
+    f_gate (b, l, H)      forget-gate pre-activation f̃_t: f_t = sigmoid(f̃_t) or exp(f̃_t) (``forget_gate``)
+    state  (C (b, H, K, V), n (b, H, K), m (b, H)), float32, stabilised: C and n are the paper's C_t, n_t times
+           e^{-m_t}; below, C_t and n_t name these stabilised values
 
-Recurrence (eq. 19-27) with the stabiliser m (eq. 15-17), log f_t = logsigmoid(f̃_t) or f̃_t:
+Recurrence (Sec. 2.3) with the max-stabiliser m of Sec. 2.2, log f_t = logsigmoid(f̃_t) or f̃_t:
     m_t = max(log f_t + m_{t-1}, ĩ_t)
     C_t = e^{log f_t + m_{t-1} - m_t} C_{t-1} + e^{ĩ_t - m_t} k_t v_tᵀ
     n_t = e^{log f_t + m_{t-1} - m_t} n_{t-1} + e^{ĩ_t - m_t} k_t
@@ -16,7 +17,7 @@ Every exponent is <= 0 (m_t is the larger of the two), and h_t does not depend o
 of the denominator carry the same factor e^{-m_t}, so this is the unstabilised cell without its overflow.
 A state with no history is (0, 0, m = 0). A document start (``seq_idx``) forgets everything: f_t = 0 there.
 
-Parallel form (App. B, eq. 28-37), over a span with entering state (C', n', m'):
+Parallel form (the paper's stabilised parallel formulation), over a span with entering state (C', n', m'):
     D[t, s] = sum_{s<r<=t} log f_r + ĩ_s  (s <= t, same document),   D_0[t] = sum_{r<=t} log f_r + m'
     m_t     = max(max_s D[t, s], D_0[t])                             (the recurrence's m_t: a max unrolls)
     h_t     = (sum_s e^{D[t,s]-m_t} (q_t·k_s) v_s + e^{D_0[t]-m_t} C'ᵀq_t)
