@@ -471,10 +471,19 @@ class Trainer:
             self.last_eval = info.get("last_eval")
             self.best_accuracy = info.get("best_accuracy")
             return
-        if self.parallel is not None and (self.config.parallel == "fsdp" or self.config.tp > 1):
+        if self.parallel is not None and self.config.tp > 1 and self.config.parallel == "none":
+            from seqlab.distributed.training import load_plain_checkpoint
+
+            info = load_plain_checkpoint(self, path)  # every rank keeps its shards of the full state
+            self.step = int(info["step"])
+            self.elapsed = float(info.get("elapsed_s", 0.0))
+            self.last_eval = info.get("last_eval")
+            self.best_accuracy = info.get("best_accuracy")
+            return
+        if self.parallel is not None and self.config.parallel == "fsdp":
             raise CheckpointError(
-                f"checkpoint: {str(path)!r} was written by a single process; resume it with --parallel none or ddp "
-                "(fsdp and --tp resume from checkpoints written by a distributed run)"
+                f"checkpoint: {str(path)!r} was written by a single process; resume it with --parallel none, ddp or "
+                "--tp (fsdp resumes from checkpoints written by a distributed run)"
             )
         info = read_trainer_json(path)
         load_model_weights(self.raw_model, path)

@@ -12,7 +12,9 @@ Specs:
   and gathered gradients), and 2 AdamW steps with ``--tp 2`` give the parameters of one process;
 - a checkpoint written at ``--tp 2`` (after 2 steps) resumes in one process (``--tp 1``): the weights equal the
   gathered ones exactly and the next step equals step 3 of the uninterrupted ``--tp 2`` run (so the resharded
-  AdamW moments are right); a checkpoint written by 2 data-parallel processes resumes at ``--tp 2`` exactly;
+  AdamW moments are right); a single-process checkpoint resumes at ``--tp 2`` and its next step equals the
+  single process's; a checkpoint written by 2 data-parallel processes resumes at ``--tp 2`` exactly (weights,
+  AdamW moments, and both TP ranks read data-parallel rank 0's stream);
 - layers whose mixer is not sharded are refused by name; channels not divisible by the degree too.
 
 Tolerances: float32 1e-5 absolute (sharded matmuls and all-reduced partial sums add in another order); training
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -176,8 +179,18 @@ def _training(out_dir: str):
     from seqlab.io import save_tensors
     from seqlab.train import Trainer
 
-    ref = Trainer(_hybrid(), _task(), _train_config(1), quiet=True)
+    ref = Trainer(_hybrid(), _task(), _train_config(1), quiet=True)  # one process per rank, all identical
     ref.fit()
+    want = {k: v.clone() for k, v in ref.raw_model.state_dict().items()}
+    if dist.get_rank() == 0:
+        ref.save_checkpoint(Path(out_dir, "plain-step2"))  # the single-process format
+    dist.barrier()
+    ref.train_step()
+    # ... resumed at --tp 2: every rank keeps its shards and the single-process data stream
+    from_plain = Trainer(_hybrid(), _task(), _train_config(2), quiet=True)
+    from_plain.load_checkpoint(Path(out_dir, "plain-step2"))
+    from_plain.train_step()
+    plain_step3 = full_model_state(from_plain.raw_model)
     trainer = Trainer(_hybrid(), _task(), _train_config(2), quiet=True)
     trainer.fit()
     got = {k: v.clone() for k, v in full_model_state(trainer.raw_model).items()}  # (may alias live parameters)
@@ -192,16 +205,22 @@ def _training(out_dir: str):
     resumed = Trainer(_hybrid(), _task(), _train_config(2), quiet=True)
     resumed.load_checkpoint(Path(out_dir, "ddp-step2"))
     from_ddp = full_model_state(resumed.raw_model)
+    stream = ddp.generator.get_state().clone()  # data-parallel rank 0's stream feeds the whole TP group
+    dist.broadcast(stream, src=0)
+    stream_err = float(not torch.equal(resumed.generator.get_state(), stream))
     moments = _full_moments(resumed.raw_model, resumed.optimizer)
     want_moments = {name: ddp.optimizer.state[p] for name, p in ddp.raw_model.named_parameters()}
     moment_err = max(_maxdiff(moments[n][k], want_moments[n][k]) for n in want_moments
                      for k in ("exp_avg", "exp_avg_sq"))
     if dist.get_rank() != 0:
-        return {"params": 0.0, "ddp_to_tp": 0.0, "ddp_to_tp_moments": moment_err}
+        return {"params": 0.0, "plain_to_tp": 0.0, "ddp_to_tp": 0.0, "ddp_to_tp_moments": moment_err,
+                "ddp_to_tp_stream": stream_err}
     save_tensors(Path(out_dir, "tp2-step3.safetensors"), step3)
-    want = ref.raw_model.state_dict()
+    step3_ref = ref.raw_model.state_dict()
     return {"params": max(_maxdiff(got[k], want[k]) for k in want),
-            "ddp_to_tp": max(_maxdiff(from_ddp[k], want_ddp[k]) for k in want_ddp), "ddp_to_tp_moments": moment_err}
+            "plain_to_tp": max(_maxdiff(plain_step3[k], step3_ref[k]) for k in step3_ref),
+            "ddp_to_tp": max(_maxdiff(from_ddp[k], want_ddp[k]) for k in want_ddp), "ddp_to_tp_moments": moment_err,
+            "ddp_to_tp_stream": stream_err}
 
 
 def _full_moments(model, optimizer) -> dict[str, dict]:
@@ -263,14 +282,18 @@ def test_tensor_parallel_mamba2_mamba_s4_model_matches_unsharded(run):
 
 
 def test_tensor_parallel_training_matches_one_process(run):
+    """2 steps at --tp 2 == one process; a single-process checkpoint resumed at --tp 2 steps like one process."""
     _check(run[1], "training", 2e-5)
+    assert all("plain_to_tp" in res["training"] for res in run[1])
 
 
 def test_data_parallel_checkpoint_resumes_at_tp2_exactly(run):
-    """Weights and AdamW moments of a 2-process DDP checkpoint, loaded at --tp 2 and gathered, are bit-exact."""
+    """Weights and AdamW moments of a 2-process DDP checkpoint, loaded at --tp 2 and gathered, are bit-exact, and
+    both TP ranks continue data-parallel rank 0's data stream."""
     for res in run[1]:
         assert res["training"].get("ddp_to_tp") == 0.0, res["training"]
         assert res["training"].get("ddp_to_tp_moments") == 0.0, res["training"]
+        assert res["training"].get("ddp_to_tp_stream") == 0.0, res["training"]
 
 
 def test_tp2_checkpoint_resumes_at_tp1(run):
@@ -281,8 +304,11 @@ def test_tp2_checkpoint_resumes_at_tp1(run):
     ckpt = out / "tp2-step2"
     assert (ckpt / "dcp" / ".metadata").is_file()
     trainer = Trainer(_hybrid(), _task(), _train_config(1), quiet=True)  # the schedule of the --tp 2 run
-    with pytest.warns(UserWarning, match="resuming a run saved by 2 processes with 1"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer.load_checkpoint(ckpt)
+    # one data-parallel rank before and after: the same data stream, so no warning about the data order
+    assert not [w for w in caught if "resuming a run saved" in str(w.message)]
     assert trainer.step == 2
     full = load_tensors(ckpt / "model.safetensors")  # the gathered weights of the --tp 2 run
     for name, value in trainer.raw_model.state_dict().items():

@@ -71,7 +71,7 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    _optim_to_full_layout(model, optim_state)
+    optim_to_full_layout(model, optim_state)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
     full = full_model_state(model)
     if _rank() == 0:
@@ -124,10 +124,10 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         return
     model_state, optim_state = get_state_dict(model, optimizer)
     local_groups = [list(g["params"]) for g in optim_state["param_groups"]]
-    _optim_to_full_layout(model, optim_state)
+    optim_to_full_layout(model, optim_state)
     state = {"model": model_state, "optim": optim_state}
     _dcp_load(dcp, state, path)
-    _optim_to_local_layout(model, state["optim"], local_groups)
+    optim_to_local_layout(model, state["optim"], local_groups)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -139,7 +139,7 @@ def _dcp_load(dcp, state: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------- tensor-parallel optimizer layouts
-def _tp_shards(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def tp_shards(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(prefix "layers.0.mixer.", module) of every tensor-parallel shard that converts its own layout."""
     return [(f"{name}." if name else "", m) for name, m in model.named_modules()
             if hasattr(m, "full_tensors") and hasattr(m, "local_tensors")]
@@ -150,12 +150,12 @@ def _is_layout_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim > 0
 
 
-def _optim_to_full_layout(model: nn.Module, optim_state: dict) -> None:
+def optim_to_full_layout(model: nn.Module, optim_state: dict) -> None:
     """In place: each TP shard's optimizer entries (local names, local slices) -> unsharded tensors under the
     original parameter names; param_groups list the original names. A collective on every rank of the shards."""
     state = optim_state.get("state", {})
     renames: dict[str, str] = {}
-    for prefix, module in _tp_shards(model):
+    for prefix, module in tp_shards(model):
         names = sorted(n for n, _ in module.named_parameters() if prefix + n in state)
         if not names:
             continue
@@ -176,11 +176,11 @@ def _optim_to_full_layout(model: nn.Module, optim_state: dict) -> None:
         group["params"] = list(dict.fromkeys(renames.get(name, name) for name in group["params"]))
 
 
-def _optim_to_local_layout(model: nn.Module, optim_state: dict, local_groups: list[list[str]]) -> None:
+def optim_to_local_layout(model: nn.Module, optim_state: dict, local_groups: list[list[str]]) -> None:
     """The inverse of ``_optim_to_full_layout`` for this rank: slice the loaded unsharded entries into its shards
     and restore the param_groups' local names (``local_groups``, from before the conversion)."""
     state = optim_state.get("state", {})
-    for prefix, module in _tp_shards(model):
+    for prefix, module in tp_shards(model):
         local_names = [n for n, _ in module.named_parameters()]
         full_names = sorted({module.full_name(n) for n in local_names})
         entries = {n: state.pop(prefix + n) for n in full_names if prefix + n in state}

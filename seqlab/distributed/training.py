@@ -115,24 +115,31 @@ def _gather_rng(trainer, env: DistributedEnv) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_rng(trainer, rng: dict[str, torch.Tensor], rank: int, world_size: int, saved_world: int) -> None:
-    """Set this rank's data stream and torch RNG from a checkpoint's states (``name.rank<r>`` or legacy ``name``)."""
-    def pick(name: str):
-        return rng.get(f"{name}.rank{rank}", rng.get(name) if rank == 0 else None)
+def restore_rng(trainer, rng: dict[str, torch.Tensor], rank: int, world_size: int, saved_world: int,
+                tp: int = 1, saved_tp: int = 1) -> None:
+    """Set this rank's data stream and torch RNG from a checkpoint's states (``name.rank<r>`` or legacy ``name``).
 
-    if saved_world != world_size:
+    The data stream is that of this rank's data-parallel rank (``rank // tp``), read from the first saved rank of
+    the same data rank (``data_rank * saved_tp``): the ranks of one tensor-parallel group must read the same
+    batches, whatever the degrees of the run that wrote the checkpoint."""
+    def pick(name: str, r: int):
+        return rng.get(f"{name}.rank{r}", rng.get(name) if r == 0 else None)
+
+    data_world, saved_data_world = world_size // tp, max(saved_world // saved_tp, 1)
+    if saved_data_world != data_world:
         warnings.warn(
-            f"resuming a run saved by {saved_world} processes with {world_size}: weights and optimizer are resharded "
-            "exactly, but the data order differs from an uninterrupted run (per-rank streams change)", stacklevel=2,
+            f"resuming a run saved by {saved_world} processes with {world_size} ({saved_data_world} data-parallel "
+            f"ranks, now {data_world}): weights and optimizer are resharded exactly, but the data order differs from "
+            "an uninterrupted run (per-rank streams change)", stacklevel=2,
         )
-    data = pick("data_generator")
+    data = pick("data_generator", (rank // tp) * saved_tp)
     try:
         if data is not None:
             trainer.generator.set_state(data)
-        cpu = pick("torch_cpu")
+        cpu = pick("torch_cpu", rank)
         if cpu is not None:
             torch.set_rng_state(cpu)
-        cuda = pick("torch_cuda")
+        cuda = pick("torch_cuda", rank)
         if cuda is not None and trainer.device.type == "cuda":
             torch.cuda.set_rng_state(cuda, trainer.device)
     except RuntimeError as err:
@@ -151,5 +158,84 @@ def load_trainer_checkpoint(trainer, path: Path) -> dict:
     load_sharded(path, dp.unwrap(trainer.model), trainer.optimizer)
     rng = load_tensors(path / "trainer_state.safetensors", what="trainer RNG state")
     env = trainer.parallel.env if trainer.parallel is not None else DistributedEnv()
-    restore_rng(trainer, rng, env.rank, env.world_size, int(info.get("world_size", 1)))
+    saved_tp = int(info.get("train_config", {}).get("tp", 1) or 1)
+    restore_rng(trainer, rng, env.rank, env.world_size, int(info.get("world_size", 1)), tp=trainer.config.tp,
+                saved_tp=saved_tp)
+    return info
+
+
+def load_plain_checkpoint(trainer, path: Path) -> dict:
+    """Restore a single-process checkpoint (model.safetensors + optimizer.safetensors) into a tensor-parallel
+    trainer (``--tp N``, ``--parallel none``): every rank reads the full weights and AdamW state and keeps its
+    shards; every rank continues the single-process data stream. Returns trainer.json's contents."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from seqlab.distributed.checkpoint import optim_to_local_layout, tp_shards
+    from seqlab.io import load_tensors, read_json
+    from seqlab.train import parameter_groups, read_trainer_json
+
+    info = read_trainer_json(path)
+    model = dp.unwrap(trainer.model)
+    config = getattr(model, "config", None)
+    if config is None:
+        raise CheckpointError("checkpoint: resuming a single-process checkpoint with --tp needs a LanguageModel")
+    with torch.device("meta"):  # the unsharded model: its parameter names, aliases and optimizer order
+        ref = type(model)(config)
+    canonical: dict[int, str] = {}
+    aliases = {}
+    for name, p in ref.named_parameters(remove_duplicate=False):
+        aliases[name] = canonical.setdefault(id(p), name)
+    weights = load_tensors(path / "model.safetensors", what="model weights")
+    for name, first in aliases.items():
+        if name not in weights and first in weights:
+            weights[name] = weights[first]  # tied weights stored once
+    expected = set(ref.state_dict())
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights))[:5], sorted(set(weights) - expected)[:5]
+        raise CheckpointError(f"checkpoint: {str(path)!r} does not match the model (missing {missing}, unexpected "
+                              f"{unexpected})")
+    prefixes = tuple(prefix for prefix, _ in tp_shards(model))
+    params = dict(model.named_parameters())
+    device = trainer.device
+
+    def place(name: str, t: torch.Tensor) -> torch.Tensor:
+        """A full tensor of parameter ``name`` -> this rank's part (the TP mixers slice their own in their hooks)."""
+        t = t.to(device)
+        current = params.get(name)
+        if name.startswith(prefixes) or current is None or not hasattr(current, "device_mesh"):
+            return t
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t, current.device_mesh, current.placements)
+
+    model.load_state_dict({name: place(name, weights[name]) for name in sorted(weights)})
+
+    # optimizer: "<index>.<key>" in the unsharded model's parameter order -> by name -> this rank's shards
+    order = [canonical[id(p)] for g in parameter_groups(ref, trainer.config.weight_decay) for p in g["params"]]
+    tensors = load_tensors(path / "optimizer.safetensors", what="optimizer state")
+    meta = read_json(path / "optimizer.json", what="optimizer state")
+    current = get_optimizer_state_dict(model, trainer.optimizer)
+    local_groups = [list(g["params"]) for g in current["param_groups"]]
+    saved_groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(local_groups):
+        raise CheckpointError("checkpoint: optimizer.json does not match the model's parameter groups")
+    state: dict[str, dict] = {}
+    try:
+        for key, value in tensors.items():
+            index, _, entry = key.partition(".")
+            state.setdefault(order[int(index)], {})[entry] = value.to(device)
+        for index, step in meta.get("steps", {}).items():
+            state.setdefault(order[int(index)], {})["step"] = torch.tensor(step, dtype=torch.float32)
+    except (ValueError, IndexError) as err:
+        raise CheckpointError(f"checkpoint: optimizer state does not match the model ({err})") from err
+    optim_state = {"state": state, "param_groups": [{**g, "params": []} for g in saved_groups]}
+    optim_to_local_layout(model, optim_state, local_groups)
+    for name in sorted(state):
+        if not name.startswith(prefixes):
+            state[name] = {k: place(name, v) if v.ndim > 0 else v for k, v in state[name].items()}
+    set_optimizer_state_dict(model, trainer.optimizer, optim_state)
+
+    rng = load_tensors(path / "trainer_state.safetensors", what="trainer RNG state")
+    env = trainer.parallel.env
+    restore_rng(trainer, rng, env.rank, env.world_size, 1, tp=trainer.config.tp, saved_tp=1)
     return info
