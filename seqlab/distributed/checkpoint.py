@@ -177,7 +177,7 @@ def optim_to_full_layout(model: nn.Module, optim_state: dict) -> None:
 
 
 def optim_to_local_layout(model: nn.Module, optim_state: dict, local_groups: list[list[str]]) -> None:
-    """The inverse of ``_optim_to_full_layout`` for this rank: slice the loaded unsharded entries into its shards
+    """The inverse of ``optim_to_full_layout`` for this rank: slice the loaded unsharded entries into its shards
     and restore the param_groups' local names (``local_groups``, from before the conversion)."""
     state = optim_state.get("state", {})
     for prefix, module in tp_shards(model):
