@@ -16,6 +16,7 @@ Prints markdown tables, writes JSON to --out; exit status 1 when any accuracy ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,9 +38,13 @@ LA_KINDS = {  # name: (decay kind, bonus u)
     "channel decay + u (RWKV-6)": ("channel", True),
 }
 DEV = "cuda"  # "cpu" only for the smoke run under TRITON_INTERPRET=1 (--smoke-cpu)
-# (V-tile, warps) of the delta-rule kernels: forward timed alone, backward timed as forward + backward
-FWD_SWEEP = [(16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 4)]
-BWD_SWEEP = [(16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8)]
+# settings of seqlab.ops.triton.delta_rule tried by the sweep: forwards timed alone, the backward as fwd + bwd
+SETTINGS = ("CHUNKED_FORWARD", "FWD_CONFIG", "CHUNK_FWD_CONFIG", "CHUNK_DOT_PRECISION", "BWD_CONFIG")
+SWEEP = [("fwd", dict(CHUNKED_FORWARD=False, FWD_CONFIG=c)) for c in ((16, 1), (16, 2), (32, 2), (32, 4), (64, 4))]
+SWEEP += [("fwd", dict(CHUNKED_FORWARD=True, CHUNK_FWD_CONFIG=c, CHUNK_DOT_PRECISION=p))
+          for c, p in (((16, 4), "tf32x3"), ((32, 4), "tf32x3"), ((64, 4), "tf32x3"), ((32, 8), "tf32x3"),
+                       ((32, 4), "ieee"), ((32, 4), "tf32"))]
+SWEEP += [("fwd+bwd", dict(BWD_CONFIG=c)) for c in ((16, 2), (16, 4), (32, 2), (32, 4), (64, 4))]
 
 
 def rel(out, ref) -> float:
@@ -177,6 +182,32 @@ def time_step(step, state, args, options, backend, budget):
 # --------------------------------------------------------------------------------------------------- main
 
 
+@contextlib.contextmanager
+def kernel_settings(module, settings: dict):
+    """Set module attributes (kernel configuration) for the duration of a block."""
+    saved = {name: getattr(module, name) for name in settings}
+    for name, value in settings.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def guarded(fn, *args, **kwargs):
+    """fn(...) or, when it raises, a short error string (a failing variant must not stop the check)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - recorded and reported
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+
+def is_ms(x) -> bool:
+    return isinstance(x, float) and x > 0
+
+
 def fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
@@ -212,23 +243,34 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke run)"
     print(f"# families GPU check: {device_name}, B={B} L={L} H={H} K=V={D}\n")
 
-    cases = [("linear_attention", kind, linear_attention, la_inputs(B, L, H, D, decay, bonus, gen))
+    chunked, recurrent = {"CHUNKED_FORWARD": True}, {"CHUNKED_FORWARD": False}
+    cases = [("linear_attention", kind, linear_attention, la_inputs(B, L, H, D, decay, bonus, gen), {})
              for kind, (decay, bonus) in LA_KINDS.items()]
-    cases.append(("delta_rule", "gated + initial state", delta_rule, delta_inputs(B, L, H, D, gen)))
-    cases.append(("delta_rule", "gated + documents", delta_rule, delta_inputs(B, L, H, D, gen, docs=True)))
+    plain, docs = delta_inputs(B, L, H, D, gen), delta_inputs(B, L, H, D, gen, docs=True)
+    cases += [("delta_rule", "gated + initial state, chunked fwd", delta_rule, plain, chunked),
+              ("delta_rule", "gated + initial state, recurrent fwd", delta_rule, plain, recurrent),
+              ("delta_rule", "gated + documents, chunked fwd", delta_rule, docs, chunked),
+              ("delta_rule", "gated + documents, recurrent fwd", delta_rule, docs, recurrent)]
+
+    def record(op_name, variant, dtype, errors):
+        if not isinstance(errors, dict):  # the run raised: guarded() returned the message
+            print(f"  {op_name} {variant} {dtype}: {errors}")
+            errors = {"raised": float("nan")}
+        ok = passes(errors, TOL[dtype])
+        worst = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
+        checks.append(dict(op=op_name, variant=variant, dtype=str(dtype), tol=TOL[dtype], ok=ok, errors=errors))
+        per = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
+        print(f"| {op_name} | {variant} | {dtype} | {worst:.1e} | {TOL[dtype]:.0e} | {'PASS' if ok else 'FAIL'} "
+              f"| {per} |", flush=True)
 
     print("## accuracy (triton vs torch path in float32 on the same values)\n")
     print("| op | variant | dtype | worst rel. error | tol | pass | per tensor |")
     print("|---|---|---|---|---|---|---|")
-    for op_name, variant, op, kw in cases:
+    for op_name, variant, op, kw, settings in cases:
         for dtype in (torch.float32, torch.bfloat16):
-            errors = check_op(op, kw, dtype, gen)
-            ok = passes(errors, TOL[dtype])
-            worst = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
-            checks.append(dict(op=op_name, variant=variant, dtype=str(dtype), tol=TOL[dtype], ok=ok, errors=errors))
-            per = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
-            print(f"| {op_name} | {variant} | {dtype} | {worst:.1e} | {TOL[dtype]:.0e} | {'PASS' if ok else 'FAIL'} "
-                  f"| {per} |", flush=True)
+            with kernel_settings(dr, settings):
+                errors = guarded(check_op, op, kw, dtype, gen)
+            record(op_name, variant, dtype, errors)
 
     # decode steps: (B, H, K, V) states, 8 positions of inputs
     Bd = args.decode_batch
@@ -243,12 +285,7 @@ def main(argv=None) -> int:
     for op_name, variant, step, state, inputs in step_cases:
         for dtype in (torch.float32, torch.bfloat16):
             cast = ([x.to(dtype) if i < 3 else x for i, x in enumerate(inputs[0])], inputs[1])  # q, k, v
-            errors = check_step(step, state, cast)
-            ok = passes(errors, TOL[dtype])
-            checks.append(dict(op=op_name, variant=variant, dtype=str(dtype), tol=TOL[dtype], ok=ok, errors=errors))
-            per = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
-            print(f"| {op_name} (B={Bd}) | {variant} | {dtype} | {max(errors.values()):.1e} | {TOL[dtype]:.0e} | "
-                  f"{'PASS' if ok else 'FAIL'} | {per} |", flush=True)
+            record(f"{op_name} (B={Bd})", variant, dtype, guarded(check_step, step, state, cast))
 
     if DEV != "cuda":
         args.no_sweep = True
@@ -256,14 +293,15 @@ def main(argv=None) -> int:
     print("\n## speed (median ms, CUDA events)\n")
     print("| op | variant | dtype | mode | triton ms | torch ms | torch / triton |")
     print("|---|---|---|---|---|---|---|")
-    for op_name, variant, op, kw in cases:
-        if variant == "gated + documents":
+    for op_name, variant, op, kw, settings in cases:
+        if "documents" in variant:
             continue
         for dtype in (torch.float32, torch.bfloat16):
             for mode in ("fwd", "fwd+bwd"):
                 budget = 0.3 if time.perf_counter() - start < 100 else 0.05
-                ms = {b: time_op(op, kw, dtype, b, mode, budget) for b in ("triton", "torch")}
-                ratio = ms["torch"] / ms["triton"] if ms["torch"] and ms["triton"] else None
+                with kernel_settings(dr, settings):
+                    ms = {b: guarded(time_op, op, kw, dtype, b, mode, budget) for b in ("triton", "torch")}
+                ratio = ms["torch"] / ms["triton"] if is_ms(ms["torch"]) and is_ms(ms["triton"]) else None
                 timings.append(dict(op=op_name, variant=variant, dtype=str(dtype), mode=mode, batch=B, seqlen=L,
                                     heads=H, dim=D, triton_ms=ms["triton"], torch_ms=ms["torch"], ratio=ratio))
                 print(f"| {op_name} | {variant} | {dtype} | {mode} | {fmt(ms['triton'])} | {fmt(ms['torch'])} | "
@@ -272,35 +310,28 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16
         step_args = [x if x is None or x.dim() < 3 else x[:, 0] for x in inputs[0]]
         step_args = [x.to(dtype) if i < 3 else x for i, x in enumerate(step_args)]  # q, k, v
-        ms = {b: time_step(step, state.clone(), step_args, inputs[1], b, 0.1) for b in ("triton", "torch")}
-        ratio = ms["torch"] / ms["triton"]
+        ms = {b: guarded(time_step, step, state.clone(), step_args, inputs[1], b, 0.1) for b in ("triton", "torch")}
+        ratio = ms["torch"] / ms["triton"] if is_ms(ms["torch"]) and is_ms(ms["triton"]) else None
         timings.append(dict(op=op_name, variant=variant, dtype=str(dtype), mode="step", batch=Bd, heads=H, dim=D,
                             triton_ms=ms["triton"], torch_ms=ms["torch"], ratio=ratio))
         print(f"| {op_name} (B={Bd}) | {variant} | {dtype} | step | {fmt(ms['triton'])} | {fmt(ms['torch'])} | "
               f"{fmt(ratio)} |", flush=True)
 
     if not args.no_sweep:
-        print("\n## delta-rule kernel tiles (bf16; ms)\n")
-        print("| pass | V-tile | warps | ms |")
+        print("\n## delta-rule kernel settings (timed in bf16; o error vs the float32 torch path on float32 inputs)\n")
+        print("| mode | settings | ms | o rel. error |")
         print("|---|---|---|---|")
-        kw = cases[-2][3]
-        defaults = (dr.FWD_CONFIG, dr.BWD_CONFIG)
-        try:
-            for which, configs in (("fwd", FWD_SWEEP), ("fwd+bwd", BWD_SWEEP)):
-                for config in configs:
-                    if time.perf_counter() - start > 160:
-                        print("| (time budget reached) | | | |")
-                        break
-                    if which == "fwd":
-                        dr.FWD_CONFIG = config
-                    else:
-                        dr.BWD_CONFIG = config
-                    ms = time_op(delta_rule, kw, torch.bfloat16, "triton", which, 0.2)
-                    sweep.append(dict(mode=which, block_v=config[0], num_warps=config[1], ms=ms))
-                    print(f"| {which} | {config[0]} | {config[1]} | {fmt(ms)} |", flush=True)
-                dr.FWD_CONFIG = defaults[0]
-        finally:
-            dr.FWD_CONFIG, dr.BWD_CONFIG = defaults
+        o_ref = delta_rule(**plain, backend="torch")
+        for mode, settings in SWEEP:
+            if time.perf_counter() - start > 165:
+                print("| (time budget reached) | | | |")
+                break
+            with kernel_settings(dr, settings):
+                ms = guarded(time_op, delta_rule, plain, torch.bfloat16, "triton", mode, 0.2)
+                err = guarded(lambda: rel(delta_rule(**plain, backend="triton"), o_ref))
+            sweep.append(dict(mode=mode, settings=settings, ms=ms, o_error=err))
+            print(f"| {mode} | {settings} | {fmt(ms)} | {f'{err:.1e}' if isinstance(err, float) else fmt(err)} |",
+                  flush=True)
 
     failed = [c for c in checks if not c["ok"]]
     elapsed = time.perf_counter() - start
@@ -310,7 +341,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(dict(device=device_name, shape=dict(batch=B, seqlen=L, heads=H, dim=D),
                        decode_batch=Bd, passed=not failed, checks=checks, timings=timings, sweep=sweep,
-                       defaults=dict(fwd=dr.FWD_CONFIG, bwd=dr.BWD_CONFIG), seconds=elapsed), f, indent=2)
+                       defaults={n: getattr(dr, n) for n in SETTINGS}, seconds=elapsed), f, indent=2)
     return 1 if failed else 0
 
 

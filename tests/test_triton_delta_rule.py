@@ -91,19 +91,29 @@ CASES = [  # (batch, seqlen, nheads, dk, dv, chunk_size, gated, initial_state, d
     (1, 25, 3, 4, 6, 4, False, True, True),  # ungated delta rule with documents and an initial state
     (2, 1, 2, 3, 2, 64, True, True, False),  # a single position
     (1, 19, 1, 33, 17, 5, True, True, True),  # K padded to 64, two V-tiles, everything on
+    (1, 70, 2, 6, 5, 32, True, True, True),  # three chunks of the chunked forward, the last one ragged
 ]
+
+
+@pytest.fixture(params=["chunked forward", "recurrent forward"])
+def forward(request, monkeypatch):
+    """Both Triton forwards (the backward is the same); the chunked one is the default."""
+    from seqlab.ops.triton import delta_rule as dr
+
+    monkeypatch.setattr(dr, "CHUNKED_FORWARD", request.param == "chunked forward")
+    return request.param
 
 
 @needs_triton
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_delta_rule_triton_matches_ref_forward_final_state_and_gradients(case):
+def test_delta_rule_triton_matches_ref_forward_final_state_and_gradients(case, forward):
     batch, seqlen, nheads, dk, dv, chunk_size, gated, init, docs = case
     kw = make_inputs(batch, seqlen, nheads, dk, dv, gated=gated, initial_state=init, docs=docs, seed=seqlen)
     _check(kw, chunk_size=chunk_size)
 
 
 @needs_triton
-def test_delta_rule_triton_strong_decays_and_full_writes_stay_finite_and_exact():
+def test_delta_rule_triton_strong_decays_and_full_writes_stay_finite_and_exact(forward):
     kw = make_inputs(2, 24, 2, 8, 8, initial_state=True, strength=40.0, seed=3)
     kw["beta"] = torch.where(kw["beta"] > 0.5, torch.ones_like(kw["beta"]), kw["beta"])  # β = 1: overwrite
     _check(kw, chunk_size=8)
@@ -133,7 +143,7 @@ def test_delta_rule_triton_gradients_when_the_loss_uses_one_output(uses):
 
 
 @needs_triton
-def test_delta_rule_triton_without_grad_matches_ref():
+def test_delta_rule_triton_without_grad_matches_ref(forward):
     kw = {n: t.float() if t.is_floating_point() else t for n, t in make_inputs(2, 12, 2, 4, 4, seed=5).items()}
     with torch.no_grad():
         o, S = delta_rule(**kw, scale=0.7, backend="triton", return_final_state=True)
@@ -261,6 +271,18 @@ def _specialisations():
                 bwd.update(dict.fromkeys([*consts, "HAS_DFINAL"]))
                 for flag in (False, True):
                     specs.append((dr, "_delta_bwd_kernel", bwd, dict(consts, HAS_DFINAL=flag)))
+            for T, BK, BV in ((16, 16, 16), (64, 64, 32), (64, 64, 64)):
+                consts = dict(HAS_G=has_g, HAS_RESET=has_reset, T=T, BK=BK, BV=BV)
+                wy = dict(dict.fromkeys(("k_ptr", "v_ptr", "beta_ptr", "wk_ptr", "wv_ptr"), f32), **optional,
+                          **dict.fromkeys(("L", "H", "K", "V"), i32), **dict.fromkeys(consts))
+                specs.append((dr, "_delta_wy_kernel", wy, consts))
+                walk = dict(dict.fromkeys(("q_ptr", "k_ptr", "wk_ptr", "wv_ptr", "init_ptr", "o_ptr", "states_ptr",
+                                           "final_ptr"), f32), **optional,
+                            **dict.fromkeys(("L", "H", "K", "V", "nchunks"), i32),
+                            **dict.fromkeys([*consts, "HAS_INIT", "STORE_STATES", "PRECISION"]))
+                for flag, precision in ((False, "ieee"), (True, "tf32x3"), (True, "tf32")):
+                    specs.append((dr, "_delta_chunk_fwd_kernel", walk,
+                                   dict(consts, HAS_INIT=flag, STORE_STATES=flag, PRECISION=precision)))
     for dtype in ("*fp32", "*bf16"):
         for has_g in (False, True):
             step = dict(dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), dtype), state_ptr=f32, beta_ptr=f32,

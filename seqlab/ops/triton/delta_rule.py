@@ -1,4 +1,5 @@
-"""The (gated) delta rule in Triton: a recurrent forward and a checkpointed reverse-recurrence backward.
+"""The (gated) delta rule in Triton: a chunked (tl.dot) or recurrent forward and a checkpointed reverse-recurrence
+backward.
 
 Same recurrence and orientation as ``seqlab.ops.delta_rule`` (S is (K, V), q already scaled):
     S_a = α_t S_{t-1}                  α_t = exp(g_t), 0 where a document starts (seq_idx)
@@ -16,6 +17,12 @@ The forward stores the state entering every chunk of ``chunk`` steps (O(L/chunk)
 sequence); the backward reloads it, replays the chunk forward into a per-program scratch of ``chunk`` states
 (O(chunk·K·BV) per program, reused chunk after chunk) and then walks the chunk in reverse. dq, dk, dβ and dg sum
 over V, so each V-tile writes a partial that the wrapper adds up.
+
+Chunked forward (the default, ``CHUNKED_FORWARD``; chunks of T = 16..64 positions, the WY/UT form of
+``seqlab.ops.delta_rule``): a first kernel, parallel over (batch, head, chunk), solves the chunk's unit lower-triangular
+system by forward substitution for W_v = A⁻¹ diag(β) V and W_k = A⁻¹ diag(β γ) K (independent of the state); a
+second, per (batch, head, V-tile), walks the chunks with tl.dot: U = W_v - W_k S, o = diag(γ) Q S + (Γ ∘ Q Kᵀ) U,
+S <- γ_T S + (Γ[T, :] ∘ K)ᵀ U, storing the state entering each chunk for the backward as the recurrent forward does.
 """
 
 from __future__ import annotations
@@ -24,14 +31,19 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops._common import reset_mask
+from seqlab.ops._common import reset_mask, triton_interpreting
 from seqlab.ops.triton import next_pow2
 
-# (V-tile width, warps) of the forward and of the backward: a (K, BV) state tile per program; narrower tiles give
+# (V-tile width, warps) of the recurrent forward and of the backward: a (K, BV) state tile per program; narrower tiles give
 # more programs (B·H·V/BV) for the latency-bound time loop. The backward holds three (K, BV) tiles (state, its
 # gradient, the prefetched replayed state); at K = 64 these fit sm_90 registers without spills.
 FWD_CONFIG = (16, 2)
 BWD_CONFIG = (16, 2)
+# the chunked (tl.dot) forward instead of the recurrent one; (V-tile, warps) of its walk over the chunks; the
+# precision of its float32 tl.dot ("tf32x3": three TF32 products, about float32 accuracy on tensor cores)
+CHUNKED_FORWARD = True
+CHUNK_FWD_CONFIG = (32, 4)
+CHUNK_DOT_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -169,6 +181,117 @@ def _delta_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, states_pt
     tl.store(dinit_ptr + bh * K * V + tile, dS, mask=mask_kv)
 
 
+@triton.jit
+def _chunk_terms(g_ptr, reset_ptr, b, h, c, offs_t, mask_t, L, H,
+                 HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, T: tl.constexpr):
+    """Decay factors of chunk c: cum (T,) log-decay from the chunk start through t; doc (T,) number of document
+    starts in the chunk up to t (0: the entering state still reaches t); Γ[t, s] = exp(cum_t - cum_s) is used only
+    for s <= t in the same document, so every exponent taken is <= 0."""
+    t = c * T + offs_t
+    row = (b.to(tl.int64) * L + t) * H + h
+    if HAS_G:
+        cum = tl.cumsum(tl.load(g_ptr + row, mask=mask_t, other=0.0), axis=0)
+    else:
+        cum = tl.zeros((T,), dtype=tl.float32)
+    if HAS_RESET:
+        doc = tl.cumsum(tl.load(reset_ptr + b.to(tl.int64) * L + t, mask=mask_t, other=0), axis=0)
+    else:
+        doc = tl.zeros((T,), dtype=tl.int32)
+    return cum, doc, row
+
+
+@triton.jit
+def _delta_wy_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, wk_ptr, wv_ptr, L, H, K, V,
+                     HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr):
+    """W_v = A⁻¹ diag(β) V and W_k = A⁻¹ diag(β γ) K for one chunk, A = I + diag(β) (Γ ∘ K Kᵀ)_strict, by forward
+    substitution over the T rows (the chunked form in ``seqlab.ops.delta_rule``); independent of the state, so
+    every chunk runs in parallel."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    c = tl.program_id(1)
+    offs_t = tl.arange(0, T)
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    mask_t = c * T + offs_t < L
+    mask_tk = mask_t[:, None] & (offs_k < K)[None, :]
+    mask_tv = mask_t[:, None] & (offs_v < V)[None, :]
+    cum, doc, row = _chunk_terms(g_ptr, reset_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_RESET, T)
+    k = tl.load(k_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0)  # (T, BK)
+    v = tl.load(v_ptr + row[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0)  # (T, BV)
+    beta = tl.load(beta_ptr + row, mask=mask_t, other=0.0)  # (T,); 0 on padded rows: they stay 0
+    gamma = tl.where(doc == 0, tl.exp(cum), 0.0)
+    Xk = (beta * gamma)[:, None] * k
+    Xv = beta[:, None] * v
+    for i in range(T):
+        sel = offs_t == i
+        k_i = tl.sum(tl.where(sel[:, None], k, 0.0), axis=0)  # (BK,)
+        cum_i = tl.sum(tl.where(sel, cum, 0.0), axis=0)
+        doc_i = tl.sum(tl.where(sel, doc, 0), axis=0)
+        beta_i = tl.sum(tl.where(sel, beta, 0.0), axis=0)
+        earlier = (offs_t < i) & (doc == doc_i)
+        m = tl.where(earlier, tl.sum(k * k_i[None, :], axis=1) * tl.exp(tl.where(earlier, cum_i - cum, 0.0)), 0.0)
+        # rows < i are final and rows >= i still hold the right-hand side: x_i = rhs_i - β_i Σ_{s<i} m_s x_s
+        xk = tl.sum(tl.where(sel[:, None], Xk, 0.0), axis=0) - beta_i * tl.sum(m[:, None] * Xk, axis=0)
+        xv = tl.sum(tl.where(sel[:, None], Xv, 0.0), axis=0) - beta_i * tl.sum(m[:, None] * Xv, axis=0)
+        Xk = tl.where(sel[:, None], xk[None, :], Xk)
+        Xv = tl.where(sel[:, None], xv[None, :], Xv)
+    tl.store(wk_ptr + row[:, None] * K + offs_k[None, :], Xk, mask=mask_tk)
+    tl.store(wv_ptr + row[:, None] * V + offs_v[None, :], Xv, mask=mask_tv)
+
+
+@triton.jit
+def _delta_chunk_fwd_kernel(q_ptr, k_ptr, g_ptr, reset_ptr, wk_ptr, wv_ptr, init_ptr, o_ptr, states_ptr, final_ptr,
+                            L, H, K, V, nchunks,
+                            HAS_G: tl.constexpr, HAS_RESET: tl.constexpr, HAS_INIT: tl.constexpr,
+                            STORE_STATES: tl.constexpr, PRECISION: tl.constexpr, T: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr):
+    """Walk the chunks carrying S (K, V-tile): U = W_v - W_k S, o = diag(γ) Q S + (Γ ∘ Q Kᵀ) U,
+    S <- γ_T S + (Γ[T, :] ∘ K)ᵀ U (tl.dot in float32)."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_t = tl.arange(0, T)
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < K, offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    bh = b.to(tl.int64) * H + h
+    tile = offs_k[:, None] * V + offs_v[None, :]
+    if HAS_INIT:
+        S = tl.load(init_ptr + bh * K * V + tile, mask=mask_kv, other=0.0)
+    else:
+        S = tl.zeros((BK, BV), dtype=tl.float32)
+    incl = offs_t[:, None] >= offs_t[None, :]  # (T, T) [t, s]
+    for c in range(nchunks):
+        if STORE_STATES:
+            tl.store(states_ptr + (bh * nchunks + c) * K * V + tile, S, mask=mask_kv)
+        mask_t = c * T + offs_t < L
+        mask_tk = mask_t[:, None] & mask_k[None, :]
+        mask_tv = mask_t[:, None] & mask_v[None, :]
+        cum, doc, row = _chunk_terms(g_ptr, reset_ptr, b, h, c, offs_t, mask_t, L, H, HAS_G, HAS_RESET, T)
+        q = tl.load(q_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0)
+        k = tl.load(k_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0)
+        wk = tl.load(wk_ptr + row[:, None] * K + offs_k[None, :], mask=mask_tk, other=0.0)
+        wv = tl.load(wv_ptr + row[:, None] * V + offs_v[None, :], mask=mask_tv, other=0.0)
+        u = wv - tl.dot(wk, S, input_precision=PRECISION)  # (T, BV) pseudo-values
+        pair = incl & (doc[:, None] == doc[None, :])
+        Gam = tl.where(pair, tl.exp(tl.where(pair, cum[:, None] - cum[None, :], 0.0)), 0.0)  # (T, T)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * Gam
+        gamma = tl.where(doc == 0, tl.exp(cum), 0.0)
+        o = tl.dot(q * gamma[:, None], S, input_precision=PRECISION) + tl.dot(scores, u, input_precision=PRECISION)
+        tl.store(o_ptr + row[:, None] * V + offs_v[None, :], o, mask=mask_tv)
+        # padded rows carry no decay (g = 0) and the last document, so row T - 1 stands for the chunk end
+        last = offs_t == T - 1
+        cum_end = tl.sum(tl.where(last, cum, 0.0), axis=0)
+        doc_end = tl.sum(tl.where(last, doc, 0), axis=0)
+        w_end = tl.where(doc == doc_end, tl.exp(tl.where(doc == doc_end, cum_end - cum, 0.0)), 0.0)  # (T,)
+        lam = tl.where(doc_end == 0, tl.exp(cum_end), 0.0)
+        S = lam * S + tl.dot(tl.trans(k * w_end[:, None]), u, input_precision=PRECISION)
+    tl.store(final_ptr + bh * K * V + tile, S, mask=mask_kv)
+
+
 def _tiles(K: int, V: int, block_v: int) -> tuple[int, int]:
     return max(16, next_pow2(K)), max(16, min(block_v, next_pow2(V)))
 
@@ -180,8 +303,10 @@ class _DeltaRuleFn(torch.autograd.Function):
         g = None if g is None else g.contiguous()
         batch, L, H, K = q.shape
         V = v.shape[-1]
-        BK, BV = _tiles(K, V, FWD_CONFIG[0])
-        chunk = max(1, min(int(chunk), L))
+        if CHUNKED_FORWARD:  # tl.dot needs power-of-two tiles of at least 16
+            chunk = min(64, max(16, next_pow2(min(int(chunk), L))))
+        else:
+            chunk = max(1, min(int(chunk), L))
         nchunks = -(-L // chunk)
         reset = None if seq_idx is None else reset_mask(seq_idx).to(torch.int32).contiguous()
         init = None if initial_state is None else initial_state.contiguous()
@@ -190,10 +315,22 @@ class _DeltaRuleFn(torch.autograd.Function):
         final = torch.empty(batch, H, K, V, **f32)
         store = any(ctx.needs_input_grad)
         states = torch.empty(batch, H, nchunks, K, V, **f32) if store else None
-        grid = (batch * H, triton.cdiv(V, BV))
-        _delta_fwd_kernel[grid](q, k, v, beta, g, reset, init, o, states, final, L, H, K, V, nchunks, chunk,
-                                HAS_G=g is not None, HAS_RESET=reset is not None, HAS_INIT=init is not None,
-                                STORE_STATES=store, BK=BK, BV=BV, num_warps=FWD_CONFIG[1])
+        flags = dict(HAS_G=g is not None, HAS_RESET=reset is not None)
+        if CHUNKED_FORWARD:
+            wk, wv = torch.empty(batch, L, H, K, **f32), torch.empty(batch, L, H, V, **f32)
+            BK, BV_full = _tiles(K, V, 1 << 30)
+            _delta_wy_kernel[(batch * H, nchunks)](k, v, beta, g, reset, wk, wv, L, H, K, V, **flags, T=chunk,
+                                                   BK=BK, BV=BV_full, num_warps=8)
+            BK, BV = _tiles(K, V, CHUNK_FWD_CONFIG[0])
+            _delta_chunk_fwd_kernel[(batch * H, triton.cdiv(V, BV))](
+                q, k, g, reset, wk, wv, init, o, states, final, L, H, K, V, nchunks, **flags, HAS_INIT=init is not None,
+                STORE_STATES=store, PRECISION="ieee" if triton_interpreting() else CHUNK_DOT_PRECISION, T=chunk,
+                BK=BK, BV=BV, num_warps=CHUNK_FWD_CONFIG[1], num_stages=1)
+        else:
+            BK, BV = _tiles(K, V, FWD_CONFIG[0])
+            _delta_fwd_kernel[(batch * H, triton.cdiv(V, BV))](
+                q, k, v, beta, g, reset, init, o, states, final, L, H, K, V, nchunks, chunk, **flags,
+                HAS_INIT=init is not None, STORE_STATES=store, BK=BK, BV=BV, num_warps=FWD_CONFIG[1])
         ctx.save_for_backward(q, k, v, beta, g, reset, states)
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
         ctx.chunk = chunk
