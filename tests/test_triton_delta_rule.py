@@ -92,6 +92,7 @@ CASES = [  # (batch, seqlen, nheads, dk, dv, chunk_size, gated, initial_state, d
     (2, 1, 2, 3, 2, 64, True, True, False),  # a single position
     (1, 19, 1, 33, 17, 5, True, True, True),  # K padded to 64, two V-tiles, everything on
     (1, 70, 2, 6, 5, 32, True, True, True),  # three chunks of the chunked forward, the last one ragged
+    (1, 20, 1, 4, 70, 8, True, True, False),  # V = 70: several V-tiles in every kernel
 ]
 
 

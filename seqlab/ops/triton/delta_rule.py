@@ -206,14 +206,16 @@ def _delta_wy_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, wk_ptr, wv_ptr, L
                      BV: tl.constexpr):
     """W_v = A⁻¹ diag(β) V and W_k = A⁻¹ diag(β γ) K for one chunk, A = I + diag(β) (Γ ∘ K Kᵀ)_strict, by forward
     substitution over the T rows (the chunked form in ``seqlab.ops.delta_rule``); independent of the state, so
-    every chunk runs in parallel."""
+    every chunk runs in parallel. The columns of W_v are independent: program (.., .., j) solves V-tile j, and the
+    first V-tile also writes W_k."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
     c = tl.program_id(1)
+    vb = tl.program_id(2)
     offs_t = tl.arange(0, T)
     offs_k = tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
+    offs_v = vb * BV + tl.arange(0, BV)
     mask_t = c * T + offs_t < L
     mask_tk = mask_t[:, None] & (offs_k < K)[None, :]
     mask_tv = mask_t[:, None] & (offs_v < V)[None, :]
@@ -237,7 +239,8 @@ def _delta_wy_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, wk_ptr, wv_ptr, L
         xv = tl.sum(tl.where(sel[:, None], Xv, 0.0), axis=0) - beta_i * tl.sum(m[:, None] * Xv, axis=0)
         Xk = tl.where(sel[:, None], xk[None, :], Xk)
         Xv = tl.where(sel[:, None], xv[None, :], Xv)
-    tl.store(wk_ptr + row[:, None] * K + offs_k[None, :], Xk, mask=mask_tk)
+    if vb == 0:
+        tl.store(wk_ptr + row[:, None] * K + offs_k[None, :], Xk, mask=mask_tk)
     tl.store(wv_ptr + row[:, None] * V + offs_v[None, :], Xv, mask=mask_tv)
 
 
@@ -318,9 +321,9 @@ class _DeltaRuleFn(torch.autograd.Function):
         flags = dict(HAS_G=g is not None, HAS_RESET=reset is not None)
         if CHUNKED_FORWARD:
             wk, wv = torch.empty(batch, L, H, K, **f32), torch.empty(batch, L, H, V, **f32)
-            BK, BV_full = _tiles(K, V, 1 << 30)
-            _delta_wy_kernel[(batch * H, nchunks)](k, v, beta, g, reset, wk, wv, L, H, K, V, **flags, T=chunk,
-                                                   BK=BK, BV=BV_full, num_warps=8)
+            BK, BV = _tiles(K, V, 64)
+            _delta_wy_kernel[(batch * H, nchunks, triton.cdiv(V, BV))](k, v, beta, g, reset, wk, wv, L, H, K, V,
+                                                                        **flags, T=chunk, BK=BK, BV=BV, num_warps=8)
             BK, BV = _tiles(K, V, CHUNK_FWD_CONFIG[0])
             _delta_chunk_fwd_kernel[(batch * H, triton.cdiv(V, BV))](
                 q, k, g, reset, wk, wv, init, o, states, final, L, H, K, V, nchunks, **flags, HAS_INIT=init is not None,
