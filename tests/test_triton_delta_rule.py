@@ -114,6 +114,13 @@ def test_delta_rule_triton_matches_ref_forward_final_state_and_gradients(case, f
 
 
 @needs_triton
+def test_delta_rule_triton_documents_starting_on_chunk_boundaries(forward):
+    kw = make_inputs(1, 40, 2, 4, 4, initial_state=True, seed=8)
+    kw["seq_idx"] = torch.tensor([[0] * 16 + [1] * 16 + [2] * 3 + [3] * 5], dtype=torch.int32, device=DEVICE)
+    _check(kw, chunk_size=16)
+
+
+@needs_triton
 def test_delta_rule_triton_strong_decays_and_full_writes_stay_finite_and_exact(forward):
     kw = make_inputs(2, 24, 2, 8, 8, initial_state=True, strength=40.0, seed=3)
     kw["beta"] = torch.where(kw["beta"] > 0.5, torch.ones_like(kw["beta"]), kw["beta"])  # β = 1: overwrite
