@@ -166,10 +166,9 @@ def _delta_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, reset_ptr, states_pt
             dS += q[:, None] * do[None, :]
             dq = tl.sum(S_a * do[None, :], axis=1) + k * tl.sum(u * do, axis=0)  # S_t do_t, S_t = S_a + k uᵀ
             du = tl.sum(dS * k[:, None], axis=0)  # (BV,)
-            dk = tl.sum(dS * u[None, :], axis=1)
             dw = -beta * du
+            dk = tl.sum(dS * u[None, :] + S_a * dw[None, :], axis=1)  # (BK,)
             dS += k[:, None] * dw[None, :]  # now ∂loss/∂S_a
-            dk += tl.sum(S_a * dw[None, :], axis=1)
             prow = part + row
             tl.store(dq_ptr + prow * K + offs_k, dq, mask=mask_k)
             tl.store(dk_ptr + prow * K + offs_k, dk, mask=mask_k)
