@@ -26,10 +26,11 @@ S_T = γ_T S_0 + (Γ[T, :] ∘ K)ᵀ U. Exponents are sums of log-decays over fo
 Documents packed into one row (``seq_idx``): a position that starts a document sees a zero state (ref: the
 state is multiplied by 0; chunked: pairs across a document start and the carried state past one are masked).
 
-Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.delta_rule``: a
-recurrent forward that keeps each (K, V-tile) state slice in registers and a backward that walks the recurrence in
-reverse, replaying each chunk from the states stored at chunk boundaries; gate, β, initial/final state and packed
-documents; key dim K <= 256), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been
+Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.delta_rule``: the
+chunked form above as a parallel per-chunk WY solve plus a tl.dot walk over the chunks, or a recurrent forward that
+keeps each (K, V-tile) state slice in registers; a backward that walks the recurrence in reverse, replaying each
+chunk from the states stored at chunk boundaries; gate, β, initial/final state and packed documents; key dim
+K <= 256), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been
 measured against the torch path on a GPU with ``benchmarks/families_gpu.py``). The decode step has a Triton kernel
 too (``seqlab.ops.triton.decode_families``), chosen only with ``backend="triton"``.
 """
