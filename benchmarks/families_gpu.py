@@ -298,9 +298,12 @@ def main(argv=None) -> int:
             continue
         for dtype in (torch.float32, torch.bfloat16):
             for mode in ("fwd", "fwd+bwd"):
-                budget = 0.3 if time.perf_counter() - start < 100 else 0.05
+                elapsed = time.perf_counter() - start
+                budget = 0.3 if elapsed < 90 else 0.05  # the whole check stays under 3 minutes
                 with kernel_settings(dr, settings):
-                    ms = {b: guarded(time_op, op, kw, dtype, b, mode, budget) for b in ("triton", "torch")}
+                    ms = {b: "skipped (time budget)" if elapsed > 150 else guarded(time_op, op, kw, dtype, b, mode,
+                                                                                   budget)
+                          for b in ("triton", "torch")}
                 ratio = ms["torch"] / ms["triton"] if is_ms(ms["torch"]) and is_ms(ms["triton"]) else None
                 timings.append(dict(op=op_name, variant=variant, dtype=str(dtype), mode=mode, batch=B, seqlen=L,
                                     heads=H, dim=D, triton_ms=ms["triton"], torch_ms=ms["torch"], ratio=ratio))
