@@ -72,7 +72,7 @@ class TrainConfig:
     max_time_s: float | None = None  # wall-clock cap on training; the result records that it stopped early
     # scaling out (seqlab.distributed; launch with torchrun). Global batch = batch_size x grad_accum x DP world size
     parallel: str = "none"  # none | ddp | fsdp
-    tp: int = 1  # tensor-parallel degree (attention, Mamba-2 heads, SwiGLU, MoE experts sharded over the ranks)
+    tp: int = 1  # tensor-parallel degree (attention/Mamba-2 heads, Mamba/S4 channels, SwiGLU, MoE experts)
     checkpoint_activations: bool = False  # recompute each block's activations in backward
     grad_accum: int = 1  # micro batches of batch_size per optimizer step
 
@@ -193,6 +193,7 @@ class TrainResult:
     train_time_s: float
     stopped: str  # "steps" | "target_accuracy" | "time_limit"
     losses: list[float]  # per-step training loss of this call to fit()
+    peak_memory_bytes: int | None = None  # CUDA: torch.cuda.max_memory_allocated over this fit(); None on CPU
 
 
 class Progress:
@@ -331,6 +332,8 @@ class Trainer:
         stopped = "steps"
         run_time = 0.0
         window_tokens, window_time = 0, 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         previous_handler = self._install_sigint_handler()
         try:
             while self.step < cfg.steps:
@@ -392,6 +395,7 @@ class Trainer:
             train_time_s=run_time,
             stopped=stopped,
             losses=losses,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
         )
 
     def _log(self, record: dict) -> None:

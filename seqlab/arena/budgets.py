@@ -154,8 +154,10 @@ GPU = Budget(
     tasks={
         "selective_copy": TaskPlan(args=dict(seqlen=256, n_tokens=16, vocab_size=16), steps=3000, batch_size=64,
                                    lr=2e-3, warmup_steps=200, target_accuracy=0.995, eval_every=250),
-        "mqar": TaskPlan(args=dict(seqlen=256, num_kv_pairs=32, vocab_size=8192), steps=3000, batch_size=64,
-                         lr=1e-3, warmup_steps=200, eval_lengths=(256, 512), target_accuracy=0.995,
+        # vocab 1024 rather than the paper's 8192: at ~0.8M parameters a 8192-token embedding leaves d_model ~80 and
+        # no model learned the 32-pair task in the ~1.5K steps a run gets here (benchmarks/RESULTS.md, section 5)
+        "mqar": TaskPlan(args=dict(seqlen=256, num_kv_pairs=16, vocab_size=1024), steps=3000, batch_size=64,
+                         lr=3e-3, warmup_steps=200, eval_lengths=(256, 512), target_accuracy=0.995,
                          eval_every=250),
         "induction_heads": TaskPlan(args=dict(seqlen=256, vocab_size=16), steps=3000, batch_size=64, lr=1e-3,
                                     warmup_steps=200, eval_lengths=(256, 512, 1024, 4096, 16384, 65536),

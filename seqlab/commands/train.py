@@ -99,7 +99,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     scale = parser.add_argument_group("scaling out (launch with torchrun --nproc-per-node N -m seqlab train ...)")
     scale.add_argument("--parallel", choices=("none", "ddp", "fsdp"), help="data parallelism (default none)")
-    scale.add_argument("--tp", type=int, help="tensor-parallel degree (attention/Mamba-2/SwiGLU/MoE; = world size)")
+    scale.add_argument("--tp", type=int,
+                       help="tensor-parallel degree (attention, Mamba, Mamba-2, S4, SwiGLU, MoE; = world size)")
     scale.add_argument("--checkpoint-activations", action="store_true", default=None,
                        help="recompute block activations in backward (less memory)")
     scale.add_argument("--grad-accum", type=int, help="micro batches per step; global batch = batch-size x "
@@ -208,5 +209,7 @@ def run(args: argparse.Namespace) -> int:
         f"exact match {ev.get('exact_match', float('nan')):.4f}  {result.tokens_per_s:,.0f} tok/s  "
         f"stopped: {result.stopped}"
     )
+    if result.peak_memory_bytes is not None:
+        print(f"peak GPU memory (this rank): {result.peak_memory_bytes / 2**30:.2f} GiB")
     print(f"checkpoint: {trainer.checkpoint_path}")
     return 0

@@ -82,7 +82,7 @@ class ModelConfig:
 
     # --- linear attention (L): "linear" (Katharopoulos et al. 2020) | "gla" (gated linear attention) ---
     la_mode: str = "linear"
-    la_chunk_size: int = 64  # also the chunk of RWKV-6's linear attention and RWKV-7's delta rule
+    la_chunk_size: int = 64  # also the chunk of RWKV-6's linear attention, RWKV-7's delta rule and mLSTM
 
     # --- RWKV-6 / RWKV-7 (R6, R7) and RWKV channel mixing (RC); d_ff None -> 3.5 d_model for RC ---
     rwkv_headdim: int = 64

@@ -30,9 +30,9 @@ Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (`
 chunked form above as a parallel per-chunk WY solve plus a tl.dot walk over the chunks, or a recurrent forward that
 keeps each (K, V-tile) state slice in registers; a backward that walks the recurrence in reverse, replaying each
 chunk from the states stored at chunk boundaries; gate, β, initial/final state and packed documents; key dim
-K <= 256), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been
-measured against the torch path on a GPU with ``benchmarks/families_gpu.py``). The decode step has a Triton kernel
-too (``seqlab.ops.triton.decode_families``), chosen only with ``backend="triton"``.
+K <= 256), ``auto`` (CPU: ref for L <= 2, else torch; CUDA: triton, measured ahead of the torch path on an H200
+with ``benchmarks/families_gpu.py``). The decode step has a Triton kernel too (``seqlab.ops.triton.decode_families``),
+which ``auto`` takes on CUDA for a contiguous float32 state.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ from seqlab.ops._common import (
     reset_mask,
     triton_entry,
     triton_misfit,
+    triton_usable,
 )
 
 CPU_LOOP_MAX_LEN = 2
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # auto's kernel dtypes (float64 stays on torch)
 # the Triton kernels hold (K, V-tile) slices of the state in registers
 TRITON_LIMITS["delta_rule"] = {"k": ("key dim K", 3, 256)}
 TRITON_LIMITS["delta_rule_step"] = {"k": ("key dim K", 2, 256)}
@@ -187,9 +189,14 @@ def _delta_rule_chunked(q, k, v, beta, g, scale, initial_state, seq_idx, chunk_s
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _select(backend, q, k, op="delta_rule"):
+def _select(backend, q, k, op="delta_rule", state=None):
     if backend == "auto":
-        # CUDA stays on torch until the GPU check (benchmarks/families_gpu.py) has validated the kernel there
+        if q.is_cuda and q.dtype in _TRITON_DTYPES and triton_usable(q) and triton_misfit(op, k=k) is None:
+            # measured on an H200 (benchmarks/families_gpu.py): 2.5x the torch path forward, 4.4x forward+backward,
+            # 2.5x for the decode step
+            if state is None or (state.is_contiguous() and state.dtype == torch.float32):
+                return "triton"
+            return "torch"
         return "ref" if not q.is_cuda and q.shape[1] <= CPU_LOOP_MAX_LEN else "torch"
     if backend == "triton":
         require_triton(op, q)
@@ -236,13 +243,13 @@ def delta_rule_step(state, q, k, v, beta, g=None, scale=None, backend="auto"):
     v (b, H, V); beta, g (b, H). Equals one position of ``delta_rule`` started from ``state``.
 
     backend="triton" runs one fused kernel (no autograd, no host sync: capturable in a CUDA graph); "auto" takes
-    the torch step."""
+    it on CUDA for a contiguous float32 state, else the torch step."""
     check_backend(backend)
     check_tensor("q", q, ("B", "H", "K"))
     batch = q.shape[0]
     nheads, dk, dv = _check_common(q, k, v, beta, g, (batch,), q.device)
     check_tensor("state", state, (batch, nheads, dk, dv), device=q.device)
-    path = _select(backend, q, k, "delta_rule_step")
+    path = _select(backend, q, k, "delta_rule_step", state=state)
     if path == "triton":
         if not state.is_contiguous():
             raise InputError("state", "a contiguous tensor (it is updated in place)", f"strides {state.stride()}")

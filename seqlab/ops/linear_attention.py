@@ -36,7 +36,8 @@ incoming/outgoing chunk state where a document starts inside the chunk.
 Paths: ``ref`` (per-timestep loop), ``torch`` (chunked, autograd), ``triton`` (``seqlab.ops.triton.linear_attention``:
 chunked forward and backward kernels for every decay kind, the bonus u, the normaliser and packed documents; the
 decode step's kernel is ``seqlab.ops.triton.decode_families``, chosen only with ``backend="triton"``), ``auto``
-(CPU: ref for L <= 2, else torch; CUDA: torch until the kernel has been measured against the torch path on a GPU).
+(CPU: ref for L <= 2, else torch; CUDA: the Triton kernels for per-channel decay and the decode step, where the
+H200 measurements put them ahead, the torch path otherwise).
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ from seqlab.ops._common import (
     require_triton,
     reset_mask,
     triton_entry,
+    triton_usable,
 )
 
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # auto's kernel dtypes (float64 stays on torch)
 # the loop beats the chunked path only for the shortest inputs (same reasoning as ssd.CPU_LOOP_MAX_LEN)
 CPU_LOOP_MAX_LEN = 2
 # added to the normaliser q·z (Katharopoulos et al. 2020 use 1e-6)
@@ -308,8 +311,19 @@ def _linear_attention_chunked(q, k, v, g, u, scale, normalize, initial_state, se
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _select(backend, q, g=None, u=None, decode=False):
+def _select(backend, q, g=None, u=None, decode=False, state=None):
     if backend == "auto":
+        if q.is_cuda and q.dtype in _TRITON_DTYPES and triton_usable(q):
+            # measured on an H200 (benchmarks/RESULTS.md, families-gpu): the decode kernel is ~2x the torch step for
+            # every decay kind; the chunked kernels are ~4-5x the torch path with per-channel decay (GLA, RWKV-6)
+            # but slower without decay or with a scalar one, where the torch path's batched matmuls win
+            if decode:
+                if state is not None and state.is_contiguous() and state.dtype == torch.float32:
+                    return "triton"
+                return "torch"
+            if (g is not None and g.dim() == 4) or u is not None:
+                return "triton"
+            return "torch"
         if decode:
             return "torch"
         return "ref" if not q.is_cuda and q.shape[1] <= CPU_LOOP_MAX_LEN else "torch"
@@ -371,7 +385,7 @@ def linear_attention_step(state, q, k, v, g=None, u=None, scale=None, normalize=
 
     q, k (b, H, K); v (b, H, V); g None, (b, H) or (b, H, K); u (H, K). Equals one position of
     ``linear_attention`` started from ``state``. backend="triton" runs one fused kernel (no autograd, no host
-    sync: capturable in a CUDA graph); "auto" takes the torch step.
+    sync: capturable in a CUDA graph); "auto" takes it on CUDA for a contiguous float32 state, else the torch step.
     """
     check_backend(backend)
     check_tensor("q", q, ("B", "H", "K"))
@@ -379,7 +393,7 @@ def linear_attention_step(state, q, k, v, g=None, u=None, scale=None, normalize=
     nheads, dk, dv = _check_common(q, k, v, g, u, (batch,), q.device)
     width = dv + 1 if normalize else dv
     check_tensor("state", state, (batch, nheads, dk, width), device=q.device)
-    if _select(backend, q, g, u, decode=True) == "triton":  # one fused launch, no autograd (CUDA-graph safe)
+    if _select(backend, q, g, u, decode=True, state=state) == "triton":  # one launch, no autograd (graph-safe)
         if not state.is_contiguous():
             raise InputError("state", "a contiguous tensor (it is updated in place)", f"strides {state.stride()}")
         kernel = triton_entry("seqlab.ops.triton.decode_families", "linear_attention_step_triton", required=True)

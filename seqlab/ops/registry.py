@@ -18,6 +18,8 @@ OPS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "linear_attention_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode_families"),
     "delta_rule": (("ref", "torch", "triton"), "seqlab.ops.triton.delta_rule"),
     "delta_rule_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode_families"),
+    "mlstm": (("ref", "torch"), None),
+    "mlstm_step": (("ref", "torch"), None),
 }
 
 
