@@ -148,17 +148,49 @@ class Attention(nn.Module):
         """No cache: causal attention within the chunk (training and one-shot prefill)."""
         L = q.shape[1]
         t = torch.arange(L, device=q.device)
+        windowed = self.window is not None and self.window < L
         if seq_idx is None:
             pos = t  # (L,)
             q, k = self.rope(q, pos), self.rope(k, pos)
-            if self.window is None or self.window >= L:
+            if not windowed:
                 return self._sdpa(q, k, v, is_causal=True)
-            mask = self._position_mask(t, t)[None, None]  # (1, 1, L, L)
-            return self._sdpa(q, k, v, mask)
+            return self._attend_windowed(q, k, v, None)
         doc, pos = document_positions(seq_idx)  # (B, L) each
         q, k = self.rope(q, pos), self.rope(k, pos)
+        if windowed:
+            return self._attend_windowed(q, k, v, doc)
         mask = self._position_mask(t, t)[None] & (doc[:, :, None] == doc[:, None, :])  # (B, L, L)
         return self._sdpa(q, k, v, mask.unsqueeze(1))
+
+    def _attend_windowed(self, q, k, v, doc) -> torch.Tensor:
+        """Sliding-window attention in O(L·W) memory: queries in blocks of Q = max(W, 16) positions, each block
+        against the W - 1 keys before it and its own Q keys (an (L, L) mask would need L² entries: 512 GiB of
+        scores at L = 65536). q (B, L, H, hd), k/v (B, L, H_kv, hd), doc (B, L) or None -> (B, L, H, hd)."""
+        Bsz, L, H, hd = q.shape
+        W = self.window
+        Q = max(W, 16)
+        nb = -(-L // Q)
+        pad_end = nb * Q - L
+
+        def keys(t):  # (B, L, h, hd) -> (B * nb, Q + W - 1, h, hd): block b's keys are positions b*Q-W+1 .. b*Q+Q-1
+            t = F.pad(t, (0, 0, 0, 0, W - 1, pad_end))
+            return t.unfold(1, Q + W - 1, Q).permute(0, 1, 4, 2, 3).reshape(Bsz * nb, Q + W - 1, t.shape[2], hd)
+
+        qb = F.pad(q, (0, 0, 0, 0, 0, pad_end)).reshape(Bsz * nb, Q, H, hd)
+        i = torch.arange(Q, device=q.device)
+        j = torch.arange(Q + W - 1, device=q.device)
+        delta = i[:, None] + (W - 1) - j[None, :]  # query position minus key position
+        block_start = torch.arange(nb, device=q.device) * Q
+        key_pos = block_start[:, None] + j[None, :] - (W - 1)  # (nb, Q + W - 1)
+        mask = ((delta >= 0) & (delta < W))[None] & (key_pos >= 0)[:, None, :]  # (nb, Q, Q + W - 1)
+        mask = mask[None].expand(Bsz, nb, Q, Q + W - 1)
+        if doc is not None:
+            doc_pad = F.pad(doc, (W - 1, pad_end), value=-1)  # (B, W - 1 + nb * Q)
+            doc_q = doc_pad[:, W - 1:].reshape(Bsz, nb, Q)
+            doc_k = doc_pad.unfold(1, Q + W - 1, Q)  # (B, nb, Q + W - 1)
+            mask = mask & (doc_q[..., :, None] == doc_k[..., None, :])
+        y = self._sdpa(qb, keys(k), keys(v), mask.reshape(Bsz * nb, 1, Q, Q + W - 1))  # (B * nb, Q, H, hd)
+        return y.reshape(Bsz, nb * Q, H, hd)[:, :L]
 
     def _position_mask(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         """(L, T) bool: key at ``kpos`` is visible from query at ``qpos`` (causal, within the window)."""
