@@ -10,14 +10,22 @@ within 1e-2 of the float64 reference on the same (rounded) values; decode steps 
 from __future__ import annotations
 
 import importlib.util
-import inspect
-import os
 import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from triton_compile import assert_compiles_for_sm90
+from triton_family_checks import (
+    DEVICE,
+    check_against_ref,
+    float64_randn,
+    needs_triton,
+    on_device,
+    random_documents,
+    rel_err,
+    sm90_payload,
+)
 
 from seqlab.errors import BackendUnavailable, InputError
 from seqlab.ops.delta_rule import delta_rule, delta_rule_step
@@ -25,28 +33,14 @@ from seqlab.ops.linear_attention import linear_attention_step
 
 triton = pytest.importorskip("triton")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-needs_triton = pytest.mark.skipif(not (_INTERPRET or torch.cuda.is_available()),
-                                  reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 pytestmark = [pytest.mark.triton]
-DEVICE = "cuda" if (torch.cuda.is_available() and not _INTERPRET) else "cpu"
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(batch, seqlen, nheads, dk, dv, *, gated=True, initial_state=False, docs=False, strength=1.0,
                 seed=0):
     """float64 inputs on DEVICE: L2-normalised keys, β in (0, 1), log-decays uniform in [-strength, 0]."""
     gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
+    randn = float64_randn(gen)
     kw = dict(q=randn(batch, seqlen, nheads, dk), k=F.normalize(randn(batch, seqlen, nheads, dk), dim=-1),
               v=randn(batch, seqlen, nheads, dv),
               beta=torch.rand(batch, seqlen, nheads, generator=gen, dtype=torch.float64))
@@ -55,33 +49,12 @@ def make_inputs(batch, seqlen, nheads, dk, dv, *, gated=True, initial_state=Fals
     if initial_state:
         kw["initial_state"] = randn(batch, nheads, dk, dv)
     if docs:
-        cuts = (torch.rand(batch, seqlen, generator=gen) < 0.15).long()
-        cuts[:, 0] = 0
-        kw["seq_idx"] = (cuts.cumsum(1) % 3).to(torch.int32)  # non-monotone ids: a reset is any change
-    return {name: t.to(DEVICE) for name, t in kw.items()}
-
-
-def _run(kw, dtype, backend, **options):
-    leaves = {n: (t.to(dtype).detach().requires_grad_(True) if t.is_floating_point() else t) for n, t in kw.items()}
-    o, S = delta_rule(**leaves, **options, backend=backend, return_final_state=True)
-    return leaves, o, S
+        kw["seq_idx"] = random_documents(batch, seqlen, gen)
+    return on_device(kw)
 
 
 def _check(kw, dtype=torch.float32, tol=1e-4, **options):
-    rounded = {n: t.to(dtype).double() if t.is_floating_point() else t for n, t in kw.items()}  # bf16: same values
-    ref_leaves, o_ref, S_ref = _run(rounded, torch.float64, "ref")
-    leaves, o, S = _run(rounded, dtype, "triton", **options)
-    gen = torch.Generator().manual_seed(1)
-    w_o = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    w_S = torch.randn(S_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    ((o_ref * w_o).sum() + (S_ref * w_S).sum()).backward()
-    ((o.double() * w_o).sum() + (S.double() * w_S).sum()).backward()
-    assert o.dtype == dtype and S.dtype == torch.float32
-    errors = {"o": rel_err(o, o_ref), "final_state": rel_err(S, S_ref)}
-    grads = [n for n in leaves if leaves[n].is_floating_point()]
-    errors.update({f"d{n}": rel_err(leaves[n].grad, ref_leaves[n].grad) for n in grads})
-    bad = {n: e for n, e in errors.items() if not e <= tol}
-    assert not bad, f"relative errors above {tol:.0e}: {bad}"
+    check_against_ref(delta_rule, kw, dtype, tol, **options)
 
 
 CASES = [  # (batch, seqlen, nheads, dk, dv, chunk_size, gated, initial_state, docs)
@@ -311,11 +284,4 @@ def _specialisations():
 def test_delta_rule_and_decode_kernels_compile_for_sm90_front_end():
     """The interpreter runs code the GPU compiler rejects; lower every flag combination to Triton IR for sm_90 in a
     clean process (no GPU needed)."""
-    payload = []
-    for module, name, sig, consts in _specialisations():
-        params = list(inspect.signature(getattr(module, name).fn).parameters)
-        assert set(params) == set(sig), (name, sorted(set(params) ^ set(sig)))
-        signature = {p: ("constexpr" if sig[p] is None else sig[p]) for p in params}
-        constexprs = [[params.index(p), consts.get(p)] for p in params if sig[p] is None]
-        payload.append((module.__name__, name, signature, constexprs))
-    assert_compiles_for_sm90(payload)
+    assert_compiles_for_sm90(sm90_payload(_specialisations()))

@@ -9,40 +9,30 @@ within 1e-2 of the float64 reference on the same (rounded) values. NaN never pas
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from triton_compile import assert_compiles_for_sm90
+from triton_family_checks import (
+    check_against_ref,
+    float64_randn,
+    needs_triton,
+    on_device,
+    random_documents,
+    sm90_payload,
+)
 
 from seqlab.ops.linear_attention import linear_attention
 
 triton = pytest.importorskip("triton")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not (_INTERPRET or torch.cuda.is_available()),
-                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
-]
-DEVICE = "cuda" if (torch.cuda.is_available() and not _INTERPRET) else "cpu"
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+pytestmark = [pytest.mark.triton, needs_triton]
 
 
 def make_inputs(batch, seqlen, nheads, dk, dv, *, decay, bonus=False, normalize=False, initial_state=False,
                 docs=False, strength=1.0, seed=0):
     """float64 inputs on DEVICE; ``strength`` scales the log-decays (uniform in [-strength, 0])."""
     gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
+    randn = float64_randn(gen)
     kw = dict(q=randn(batch, seqlen, nheads, dk), k=randn(batch, seqlen, nheads, dk),
               v=randn(batch, seqlen, nheads, dv))
     if normalize:  # positive features, as a feature map gives
@@ -55,33 +45,13 @@ def make_inputs(batch, seqlen, nheads, dk, dv, *, decay, bonus=False, normalize=
     if initial_state:
         kw["initial_state"] = randn(batch, nheads, dk, dv + int(normalize)).abs()
     if docs:
-        cuts = (torch.rand(batch, seqlen, generator=gen) < 0.15).long()
-        cuts[:, 0] = 0
-        kw["seq_idx"] = (cuts.cumsum(1) % 3).to(torch.int32)  # non-monotone ids: a reset is any change
-    return {name: t.to(DEVICE) for name, t in kw.items()}
-
-
-def _run(kw, dtype, backend, **options):
-    leaves = {n: (t.to(dtype).detach().requires_grad_(True) if t.is_floating_point() else t) for n, t in kw.items()}
-    o, S = linear_attention(**leaves, **options, backend=backend, return_final_state=True)
-    return leaves, o, S
+        kw["seq_idx"] = random_documents(batch, seqlen, gen)
+    return on_device(kw)
 
 
 def _check(kw, dtype=torch.float32, tol=1e-4, **options):
-    rounded = {n: t.to(dtype).double() if t.is_floating_point() else t for n, t in kw.items()}  # bf16: same values
-    ref_leaves, o_ref, S_ref = _run(rounded, torch.float64, "ref", normalize=options.get("normalize", False))
-    leaves, o, S = _run(rounded, dtype, "triton", **options)
-    gen = torch.Generator().manual_seed(1)
-    w_o = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    w_S = torch.randn(S_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    ((o_ref * w_o).sum() + (S_ref * w_S).sum()).backward()
-    ((o.double() * w_o).sum() + (S.double() * w_S).sum()).backward()
-    assert o.dtype == dtype and S.dtype == torch.float32
-    errors = {"o": rel_err(o, o_ref), "final_state": rel_err(S, S_ref)}
-    grads = [n for n in leaves if leaves[n].is_floating_point()]
-    errors.update({f"d{n}": rel_err(leaves[n].grad, ref_leaves[n].grad) for n in grads})
-    bad = {n: e for n, e in errors.items() if not e <= tol}
-    assert not bad, f"relative errors above {tol:.0e}: {bad}"
+    ref_options = {"normalize": options.get("normalize", False)}
+    check_against_ref(linear_attention, kw, dtype, tol, ref_options=ref_options, **options)
 
 
 CASES = [  # (batch, seqlen, nheads, dk, dv, chunk_size, decay, bonus, normalize, initial_state, docs)
@@ -139,27 +109,16 @@ def _specialisations():
                     fwd = dict(dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "init_ptr", "o_ptr", "states_ptr",
                                               "final_ptr"), f32), **optional, **sizes)
                     fwd.update(dict.fromkeys([*consts, "HAS_INIT"]))
-                    specs.append((la.__name__, "_la_fwd_kernel", fwd, dict(consts, HAS_INIT=True)))
+                    specs.append((la, "_la_fwd_kernel", fwd, dict(consts, HAS_INIT=True)))
                     bwd = dict(dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "states_ptr", "do_ptr", "dfinal_ptr",
                                               "dq_ptr", "dk_ptr", "dv_ptr", "dinit_ptr"), f32), **optional, **sizes)
                     bwd.update(dg_ptr=f32 if has_g else None, du_ptr=f32 if bonus else None)
                     bwd.update(dict.fromkeys([*consts, "HAS_DFINAL"]))
-                    specs.append((la.__name__, "_la_bwd_kernel", bwd, dict(consts, HAS_DFINAL=True)))
+                    specs.append((la, "_la_bwd_kernel", bwd, dict(consts, HAS_DFINAL=True)))
     return specs
 
 
 def test_linear_attention_kernels_compile_for_sm90_front_end():
     """The interpreter runs code the GPU compiler rejects; lower every flag combination to Triton IR for sm_90 in a
     clean process (no GPU needed)."""
-    import inspect
-
-    from seqlab.ops.triton import linear_attention as la
-
-    payload = []
-    for module, name, sig, consts in _specialisations():
-        params = list(inspect.signature(getattr(la, name).fn).parameters)
-        assert set(params) == set(sig), (name, sorted(set(params) ^ set(sig)))
-        signature = {p: ("constexpr" if sig[p] is None else sig[p]) for p in params}
-        constexprs = [[params.index(p), consts.get(p)] for p in params if sig[p] is None]
-        payload.append((module, name, signature, constexprs))
-    assert_compiles_for_sm90(payload)
+    assert_compiles_for_sm90(sm90_payload(_specialisations()))
