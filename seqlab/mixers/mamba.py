@@ -142,19 +142,23 @@ class Mamba(nn.Module):
     ) -> torch.Tensor:
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
-        A = -torch.exp(self.A_log.float())  # (D, N)
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
 
         if state is not None and L == 1:  # decode: O(1) step
+            # xs, z, B, C stay strided views of the projections and A = -exp(A_log) is formed inside the step
+            # kernel: on CUDA the step launches no copies or elementwise ops besides the GEMMs and two kernels
             xt = conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")  # (B, D)
             dt, B, C = self._split_x_proj(xt)
             delta = F.linear(dt, self.dt_proj.weight)  # (B, D)
             y = selective_state_update(
-                state["ssm"], xt, delta, A, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True
+                state["ssm"], xt, delta, self.A_log, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias,
+                dt_softplus=True, A_is_log=True,
             )
             state.offset += 1
             return self.out_proj(y.unsqueeze(1))
+
+        A = -torch.exp(self.A_log.float())  # (D, N)
 
         if state is None:
             xs = causal_conv1d(xs, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)

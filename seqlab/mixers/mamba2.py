@@ -113,38 +113,39 @@ class Mamba2(nn.Module):
         check_mixer_input(x, self.d_model)
         Bsz, L, _ = x.shape
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
-        A = -torch.exp(self.A_log.float())  # (H,)
         conv_weight = self.conv1d.weight.squeeze(1)  # (conv_dim, W)
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
 
         if state is not None and L == 1:  # decode: O(1) step
+            # strided views into the kernels, A = -exp(A_log) and the gate y * silu(z) inside the step kernel
+            # (GatedRMSNorm(y, z) = RMSNorm(y * silu(z))), so the step launches no copies or elementwise ops
             xBC = conv_step(state["conv"], xBC[:, 0], conv_weight, self.conv1d.bias, activation="silu")
             xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
             y = ssd_state_update(
-                state["ssm"], xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N), D=self.D,
-                dt_bias=self.dt_bias, dt_softplus=True,
-            )  # (B, H, P)
+                state["ssm"], xs.view(Bsz, H, P), dt[:, 0], self.A_log, B.view(Bsz, G, N), C.view(Bsz, G, N),
+                D=self.D, z=z[:, 0].view(Bsz, H, P), dt_bias=self.dt_bias, dt_softplus=True, A_is_log=True,
+            )  # (B, H, P), gated
             state.offset += 1
-            y = y.reshape(Bsz, 1, self.d_inner)
+            return self.out_proj(self.norm(y.view(Bsz, 1, self.d_inner)))
+        A = -torch.exp(self.A_log.float())  # (H,)
+        if state is None:
+            xBC = causal_conv1d(xBC, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
         else:
-            if state is None:
-                xBC = causal_conv1d(xBC, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
-            else:
-                xBC, conv_final = causal_conv1d(
-                    xBC, conv_weight, self.conv1d.bias, activation="silu", initial_state=state["conv"],
-                    return_final_state=True, seq_idx=seq_idx,
-                )
-            xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
-            out = ssd(
-                xs.reshape(Bsz, L, H, P), dt, A, B.reshape(Bsz, L, G, N), C.reshape(Bsz, L, G, N),
-                chunk_size=self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias, dt_softplus=True,
-                initial_state=None if state is None else state["ssm"], return_final_state=state is not None,
-                seq_idx=seq_idx,
-            )  # (B, L, H, P)
-            if state is not None:
-                out, ssm_final = out
-                state["conv"].copy_(conv_final.detach())
-                state["ssm"].copy_(ssm_final.detach())
-                state.offset += L
-            y = out.reshape(Bsz, L, self.d_inner)
+            xBC, conv_final = causal_conv1d(
+                xBC, conv_weight, self.conv1d.bias, activation="silu", initial_state=state["conv"],
+                return_final_state=True, seq_idx=seq_idx,
+            )
+        xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        out = ssd(
+            xs.reshape(Bsz, L, H, P), dt, A, B.reshape(Bsz, L, G, N), C.reshape(Bsz, L, G, N),
+            chunk_size=self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias, dt_softplus=True,
+            initial_state=None if state is None else state["ssm"], return_final_state=state is not None,
+            seq_idx=seq_idx,
+        )  # (B, L, H, P)
+        if state is not None:
+            out, ssm_final = out
+            state["conv"].copy_(conv_final.detach())
+            state["ssm"].copy_(ssm_final.detach())
+            state.offset += L
+        y = out.reshape(Bsz, L, self.d_inner)
         return self.out_proj(self.norm(y, z))

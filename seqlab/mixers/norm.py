@@ -3,7 +3,7 @@
     RMSNorm(x)         = x / sqrt(mean(x^2) + eps) * weight
     GatedRMSNorm(y, z) = RMSNorm(y * silu(z))          (Mamba-2, "norm_before_gate=False")
 
-Statistics are always taken in float32; the result has the dtype of the input.
+Statistics are taken in float32 (float64 for float64 inputs); the result has the dtype of the input.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from seqlab.errors import ConfigError
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``x (..., d)`` normalised over its last dim in float32, scaled by ``weight (d,)`` if given."""
+    if weight is None or weight.dtype == x.dtype:
+        # one fused op (one kernel on CUDA) with the same math: statistics and scaling in float32, one rounding
+        # to x.dtype at the end; autocast is off so that its float32 policy for rms_norm keeps the dtype of x
+        with torch.autocast(x.device.type, enabled=False):
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
@@ -53,6 +58,10 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """``y, z (..., d)`` -> ``(..., d)`` in the dtype of ``y``."""
         dtype = y.dtype
+        if self.group_size == self.d and (z is None or z.dtype == y.dtype) and self.weight.dtype == y.dtype:
+            h = y if z is None else y * F.silu(z.float())  # gate in float32: h is float32 when z is given
+            with torch.autocast(y.device.type, enabled=False):
+                return F.rms_norm(h, (self.d,), self.weight.to(h.dtype), self.eps).to(dtype)
         h = y.float()
         if z is not None:
             h = h * F.silu(z.float())

@@ -439,11 +439,14 @@ def selective_state_update(
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = True,
     backend: str = "auto",
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step of the selective scan; updates ``state`` (B, D, N) in place and returns y (B, D).
 
     x, dt, z (B, D); A (D, N); B, C (B, N) or (B, G, N); D, dt_bias (D,). Same math, in the same float order, as
-    one position of ``selective_scan``.
+    one position of ``selective_scan``. ``A_is_log=True``: ``A`` holds A_log and the step uses A = -exp(A_log)
+    (the Triton kernel computes it in registers, so a decode step launches no separate exp/neg). x, dt, z, B, C
+    may be strided views (slices of a projection's output); the Triton kernel reads them without copies.
     """
     B3, C3 = _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend)
     if backend == "triton" or (backend == "auto" and x.is_cuda and triton_usable(state, x, dt, A, B3, C3)
@@ -451,8 +454,10 @@ def selective_state_update(
         require_triton("selective_state_update", state, x, dt, A, B3, C3, D, z, dt_bias)
         from seqlab.ops.triton.decode import selective_state_update_triton
 
-        return selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus)
+        return selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus, A_is_log=A_is_log)
     dtype = compute_dtype(state)
+    if A_is_log:
+        A = -torch.exp(A.to(dtype))
     batch, dim = x.shape
     G = B3.shape[1]
     xc, delta = x.to(dtype), step_size(dt, dt_bias, dt_softplus, dtype)

@@ -376,11 +376,14 @@ def _ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return _skip_and_gate(y, xc, D, z).to(x.dtype)
 
 
-def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, backend="auto"):
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, backend="auto",
+                     A_is_log=False):
     """One decode step of ``ssd``: updates ``state`` (b, H, P, N) in place and returns y (b, H, P).
 
     x, z (b, H, P); dt (b, H); A, dt_bias (H,); B, C (b, G, N); D (H,) or (H, P). Equals one position of
-    ``ssd`` started from ``state``. Extra memory O(b·H·P·N) on the ref/torch paths.
+    ``ssd`` started from ``state``. Extra memory O(b·H·P·N) on the ref/torch paths. ``A_is_log=True``: ``A``
+    holds A_log and the step uses A = -exp(A_log) (inside the Triton kernel). x, z, dt, B, C may be strided
+    views; the Triton kernel reads them without copies.
     """
     check_backend(backend)
     _validate_step(state, x, dt, A, B, C, D, z, dt_bias)
@@ -393,6 +396,8 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
             raise BackendUnavailable(
                 "ssd_state_update: backend='triton' but seqlab.ops.triton.decode cannot be imported"
             )
-        return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=A_is_log)
+    if A_is_log:
+        A = -torch.exp(A.to(state.dtype))
     with _float32_compute(x):
         return _ssd_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

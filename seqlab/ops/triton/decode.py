@@ -24,25 +24,30 @@ def _softplus(x):
 @triton.jit
 def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                            DIM, G, N,
-                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+                           A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
+    b64 = b.to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < DIM
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
-    bd = b.to(tl.int64) * DIM + offs_d
-    x = tl.load(x_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
+    bd = b64 * DIM + offs_d  # state and y are contiguous; the inputs may be strided views
+    x = tl.load(x_ptr + b64 * sx_b + offs_d * sx_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b64 * sdt_b + offs_d * sdt_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
         dt = _softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)  # A = -exp(A_log), S4D-real parameterisation
     g = offs_d // (DIM // G)
-    bc = (b.to(tl.int64) * G + g[:, None]) * N + offs_n[None, :]
-    Bm = tl.load(B_ptr + bc, mask=mask_dn, other=0.0).to(tl.float32)
-    Cm = tl.load(C_ptr + bc, mask=mask_dn, other=0.0).to(tl.float32)
+    Bm = tl.load(B_ptr + b64 * sB_b + g[:, None] * sB_g + offs_n[None, :] * sB_n, mask=mask_dn,
+                 other=0.0).to(tl.float32)
+    Cm = tl.load(C_ptr + b64 * sC_b + g[:, None] * sC_g + offs_n[None, :] * sC_n, mask=mask_dn,
+                 other=0.0).to(tl.float32)
     sp = state_ptr + bd[:, None] * N + offs_n[None, :]
     h = tl.load(sp, mask=mask_dn, other=0.0).to(tl.float32)
     h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bm
@@ -51,54 +56,69 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
     if HAS_D:
         y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
     if HAS_Z:
-        z = tl.load(z_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b64 * sz_b + offs_d * sz_d, mask=mask_d, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
     tl.store(y_ptr + bd, y.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """state (B, D, N) updated in place; x, dt, z (B, D); A (D, N); B, C (B, G, N); D, dt_bias (D,). Returns y (B, D)."""
+def _strides(t, n):
+    """Element strides of ``t`` (n of them), or zeros when ``t`` is None."""
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
+    """state (B, D, N) updated in place; x, dt, z (B, D); A (D, N); B, C (B, G, N); D, dt_bias (D,). Returns y (B, D).
+
+    x, dt, z, B and C may be strided views (e.g. slices of a projection's output): they are read in place.
+    ``A_is_log``: ``A`` holds A_log and the kernel uses A = -exp(A_log)."""
     batch, dim = x.shape
     G, N = B.shape[1], B.shape[2]
-    x, dt, A, B, C = x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous()
-    z = z.contiguous() if z is not None else None
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     if not state.is_contiguous():
         raise ValueError("selective_state_update_triton: state must be contiguous (it is updated in place)")
-    y = torch.empty_like(x)
+    y = torch.empty((batch, dim), device=x.device, dtype=x.dtype)
     block_n = next_pow2(N)
     block_d = max(1, min(64, 2048 // block_n, next_pow2(dim)))
     grid = (batch, triton.cdiv(dim, block_d))
     _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, y, dim, G, N,
-                                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-                                 SOFTPLUS=bool(dt_softplus), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
+                                 *x.stride(), *dt.stride(), *_strides(z, 2), *B.stride(), *C.stride(),
+                                 A_IS_LOG=bool(A_is_log), HAS_D=D is not None, HAS_Z=z is not None,
+                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+                                 BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
     return y
 
 
 @triton.jit
 def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                      H, P, G, N,
-                     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                     sx_b, sx_h, sx_p, sdt_b, sdt_h, sz_b, sz_h, sz_p, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+                     A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
+    b64 = b.to(tl.int64)
     h_idx = tl.program_id(1)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < P
     mask_n = offs_n < N
     mask_pn = mask_p[:, None] & mask_n[None, :]
-    bh = b.to(tl.int64) * H + h_idx
-    dt = tl.load(dt_ptr + bh).to(tl.float32)
+    bh = b64 * H + h_idx
+    dt = tl.load(dt_ptr + b64 * sdt_b + h_idx * sdt_h).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + h_idx).to(tl.float32)
     if SOFTPLUS:
         dt = _softplus(dt)
-    decay = tl.exp(dt * tl.load(A_ptr + h_idx).to(tl.float32))
+    A = tl.load(A_ptr + h_idx).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    decay = tl.exp(dt * A)
     g = h_idx // (H // G)
-    bc = (b.to(tl.int64) * G + g) * N + offs_n
-    Bv = tl.load(B_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + bc, mask=mask_n, other=0.0).to(tl.float32)
-    xp = bh * P + offs_p
-    x = tl.load(x_ptr + xp, mask=mask_p, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b64 * sB_b + g * sB_g + offs_n * sB_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b64 * sC_b + g * sC_g + offs_n * sC_n, mask=mask_n, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b64 * sx_b + h_idx * sx_h + offs_p * sx_p, mask=mask_p, other=0.0).to(tl.float32)
+    xp = bh * P + offs_p  # state and y are contiguous
     sp = state_ptr + xp[:, None] * N + offs_n[None, :]
     s = tl.load(sp, mask=mask_pn, other=0.0).to(tl.float32)
     s = decay * s + (dt * x)[:, None] * Bv[None, :]
@@ -110,42 +130,43 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
         else:
             y += tl.load(D_ptr + h_idx).to(tl.float32) * x
     if HAS_Z:
-        z = tl.load(z_ptr + xp, mask=mask_p, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b64 * sz_b + h_idx * sz_h + offs_p * sz_p, mask=mask_p, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
     tl.store(y_ptr + xp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
 
 
-def ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
     """state (B, H, P, N) updated in place; x, z (B, H, P); dt (B, H); A, dt_bias (H,); B, C (B, G, N);
-    D (H,) or (H, P). Returns y (B, H, P)."""
+    D (H,) or (H, P). Returns y (B, H, P). x, z, dt, B and C may be strided views; ``A_is_log``: A = -exp(A)."""
     batch, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
-    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
-    z = z.contiguous() if z is not None else None
+    A = A.contiguous()
     D = D.contiguous() if D is not None else None
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     if not state.is_contiguous():
         raise ValueError("ssd_state_update_triton: state must be contiguous (it is updated in place)")
-    y = torch.empty_like(x)
+    y = torch.empty((batch, H, P), device=x.device, dtype=x.dtype)
     block_n = next_pow2(N)
     block_p = max(1, min(next_pow2(P), 4096 // block_n))
     grid = (batch, H, triton.cdiv(P, block_p))
     _ssd_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, y, H, P, G, N,
-                           HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
-                           HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+                           *x.stride(), *dt.stride(), *_strides(z, 3), *B.stride(), *C.stride(),
+                           A_IS_LOG=bool(A_is_log), HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2,
+                           HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
                            BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
     return y
 
 
 @triton.jit
-def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, DIM,
+def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, DIM, sx_b, sx_d,
                       W: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_w = tl.arange(0, BLOCK_W)
     mask_d = offs_d < DIM
-    bd = b.to(tl.int64) * DIM + offs_d
-    x = tl.load(x_ptr + bd, mask=mask_d, other=0.0)
+    bd = b.to(tl.int64) * DIM + offs_d  # state and y are contiguous; x may be a strided view
+    x = tl.load(x_ptr + b.to(tl.int64) * sx_b + offs_d * sx_d, mask=mask_d, other=0.0)
     # window (BD, BLOCK_W): slots 0..W-2 from the state, slot W-1 is x
     in_state = (offs_w < W - 1)[None, :] & mask_d[:, None]
     sp = state_ptr + bd[:, None] * (W - 1) + offs_w[None, :]
@@ -169,15 +190,17 @@ def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, DIM,
 
 
 def conv_step_triton(conv_state, x, weight, bias, activation):
-    """conv_state (B, D, W-1) updated in place (shift left, append x); x (B, D); weight (D, W). Returns y (B, D)."""
+    """conv_state (B, D, W-1) updated in place (shift left, append x); x (B, D), may be a strided view;
+    weight (D, W). Returns y (B, D)."""
     batch, dim = x.shape
     W = weight.shape[1]
     if not conv_state.is_contiguous():
         raise ValueError("conv_step_triton: conv_state must be contiguous (it is updated in place)")
-    x, weight = x.contiguous(), weight.contiguous()
-    y = torch.empty_like(x)
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    y = torch.empty((batch, dim), device=x.device, dtype=x.dtype)
     block_d = min(256, next_pow2(dim))
     grid = (batch, triton.cdiv(dim, block_d))
-    _conv_step_kernel[grid](conv_state, x, weight, bias, y, dim, W=W, SILU=activation == "silu",
+    _conv_step_kernel[grid](conv_state, x, weight, bias, y, dim, *x.stride(), W=W, SILU=activation == "silu",
                             HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_W=max(2, next_pow2(W)), num_warps=4)
     return y
