@@ -96,16 +96,20 @@ def test_rms_norm_gradients_match_reference():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated", [True, False])
-def test_gated_rms_norm_matches_float32_reference(dtype, gated):
+@pytest.mark.parametrize("group_size", [32, 8])
+@pytest.mark.parametrize("weight_dtype", ["like_input", "float32"])
+def test_gated_rms_norm_matches_float32_reference(dtype, gated, group_size, weight_dtype):
     gen = torch.Generator().manual_seed(3)
-    norm = GatedRMSNorm(32, eps=1e-5)
+    norm = GatedRMSNorm(32, eps=1e-5, group_size=group_size)
     with torch.no_grad():
         norm.weight.add_(torch.randn(32, generator=gen))
-    norm = norm.to(dtype)
-    y = torch.randn(2, 3, 32, generator=gen).to(dtype)
+    norm = norm.to(dtype if weight_dtype == "like_input" else torch.float32)
+    y = (2 * torch.randn(2, 3, 32, generator=gen)).to(dtype)
     z = torch.randn(2, 3, 32, generator=gen).to(dtype) if gated else None
     h = y.float() * F.silu(z.float()) if gated else y.float()
-    ref = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).to(dtype)
+    h = h.unflatten(-1, (32 // group_size, group_size))
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).flatten(-2)
+    ref = (h * norm.weight.float()).to(dtype)
     out = norm(y, z)
     assert out.dtype == dtype
     torch.testing.assert_close(out, ref, atol=0, rtol=0 if dtype == torch.float32 else 2**-7)

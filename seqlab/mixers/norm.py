@@ -16,17 +16,16 @@ from seqlab.errors import ConfigError
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``x (..., d)`` normalised over its last dim in float32, scaled by ``weight (d,)`` if given."""
-    if weight is None or weight.dtype == x.dtype:
-        # one fused op (one kernel on CUDA) with the same math: statistics and scaling in float32, one rounding
-        # to x.dtype at the end; autocast is off so that its float32 policy for rms_norm keeps the dtype of x
-        with torch.autocast(x.device.type, enabled=False):
+    """``x (..., d)`` normalised over its last dim in float32, scaled by ``weight (d,)`` if given.
+
+    One fused op (one kernel on CUDA): statistics and scaling in float32 (the op upcasts low-precision inputs),
+    one rounding to x.dtype at the end. Autocast is off around it: its float32 policy for rms_norm would change
+    the dtype of the result.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        if weight is None or weight.dtype == x.dtype:
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    xf = x.float()
-    out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        out = out * weight.float()
-    return out.to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -58,16 +57,17 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """``y, z (..., d)`` -> ``(..., d)`` in the dtype of ``y``."""
         dtype = y.dtype
-        if self.group_size == self.d and (z is None or z.dtype == y.dtype) and self.weight.dtype == y.dtype:
-            h = y if z is None else y * F.silu(z.float())  # gate in float32: h is float32 when z is given
-            with torch.autocast(y.device.type, enabled=False):
-                return F.rms_norm(h, (self.d,), self.weight.to(h.dtype), self.eps).to(dtype)
+        if z is None and self.group_size == self.d:
+            return rms_norm(y, self.weight, self.eps)
         h = y.float()
         if z is not None:
             h = h * F.silu(z.float())
-        h = h.unflatten(-1, (self.d // self.group_size, self.group_size))  # (..., groups, group_size)
-        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (h.flatten(-2) * self.weight.float()).to(dtype)
+        with torch.autocast(y.device.type, enabled=False):
+            if self.group_size == self.d:
+                return F.rms_norm(h, (self.d,), self.weight.float(), self.eps).to(dtype)
+            h = h.unflatten(-1, (self.d // self.group_size, self.group_size))  # (..., groups, group_size)
+            h = F.rms_norm(h, (self.group_size,), None, self.eps).flatten(-2)  # (..., d)
+            return (h * self.weight.float()).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.d}, eps={self.eps}, group_size={self.group_size}"
