@@ -284,13 +284,9 @@ SSD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SSD_CASES))
-def test_ssd_triton_matches_ref(case):
-    from seqlab.ops.ssd import ssd
-    from seqlab.ops.triton.ssd import ssd_triton
-
-    batch, seqlen, H, P, G, N, chunk, opts = SSD_CASES[case]
-    gen = torch.Generator().manual_seed(7)
+def _ssd_inputs(batch, seqlen, H, P, G, N, opts, seed=7, dtype=torch.float32):
+    """x, dt, A, B, C, D, z, dt_bias, initial_state (None where the option is off) and seq_idx."""
+    gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)
     x, dt = r(batch, seqlen, H, P), 0.5 * r(batch, seqlen, H) - 1.0
     A, B, C = -torch.exp(0.5 * r(H)), r(batch, seqlen, G, N), r(batch, seqlen, G, N)
@@ -299,19 +295,78 @@ def test_ssd_triton_matches_ref(case):
     bias = 0.3 * r(H) if opts.get("bias") else None
     init = r(batch, H, P, N) if opts.get("init") else None
     seq_idx = make_seq_idx(batch, seqlen, gen) if opts.get("seq_idx") else None
-    ins = leaves(x, dt, A, B, C, D, z, bias, init)
+    x, dt, B, C, z = (t.to(dtype) if t is not None else None for t in (x, dt, B, C, z))
+    return [x, dt, A, B, C, D, z, bias, init], seq_idx
+
+
+_SSD_GRADS = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"]
+
+
+def _ssd_run(ins, chunk, seq_idx):
+    """(y, final_state, gradients) of the Triton path and of the float64 reference on the same values."""
+    from seqlab.ops.ssd import ssd
+    from seqlab.ops.triton.ssd import ssd_triton
+
+    ins = leaves(*ins)
     y, fin = ssd_triton(*ins[:5], chunk, *ins[5:8], True, ins[8], seq_idx)
-    ins_ref = leaves(*[t.double() if t is not None else None for t in (x, dt, A, B, C, D, z, bias, init)])
+    ins_ref = leaves(*[t.double() if t is not None else None for t in ins])
     y_ref, fin_ref = ssd(*ins_ref[:5], chunk_size=chunk, D=ins_ref[5], z=ins_ref[6], dt_bias=ins_ref[7],
                          initial_state=ins_ref[8], return_final_state=True, seq_idx=seq_idx, backend="ref")
-    assert y.dtype == x.dtype and fin.dtype == torch.float32
-    assert_close("y", y, y_ref)
-    assert_close("final_state", fin, fin_ref)
-    gs = grads_of([y, fin], ins, seed=8)
-    gs_ref = grads_of([y_ref, fin_ref], ins_ref, seed=8)
-    for name, g, g_ref in zip(["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"], gs, gs_ref):
+    return (y, fin, grads_of([y, fin], ins, seed=8)), (y_ref, fin_ref, grads_of([y_ref, fin_ref], ins_ref, seed=8))
+
+
+def _ssd_assert_close(out, ref, tol=RTOL):
+    (y, fin, gs), (y_ref, fin_ref, gs_ref) = out, ref
+    assert_close("y", y, y_ref, tol)
+    assert_close("final_state", fin, fin_ref, tol)
+    for name, g, g_ref in zip(_SSD_GRADS, gs, gs_ref):
         if g_ref is not None:
-            assert_close(f"grad {name}", g, g_ref)
+            assert_close(f"grad {name}", g, g_ref, tol)
+
+
+@pytest.mark.parametrize("case", list(SSD_CASES))
+def test_ssd_triton_matches_ref(case):
+    batch, seqlen, H, P, G, N, chunk, opts = SSD_CASES[case]
+    ins, seq_idx = _ssd_inputs(batch, seqlen, H, P, G, N, opts)
+    out, ref = _ssd_run(ins, chunk, seq_idx)
+    assert out[0].dtype == ins[0].dtype and out[1].dtype == torch.float32
+    _ssd_assert_close(out, ref)
+
+
+SSD_TUNINGS = {
+    # the unfused kernels (chunk states, then a separate state pass; old backward with per-head atomics)
+    "unfused": {"fused_state": False},
+    # fused state passes over 2 x 2 (P, N) tiles; 2 heads per backward program, 2 programs per group (atomics)
+    "fused_state_tiles_and_head_loop": {"state_block_p": 16, "state_block_n": 16, "bwd_heads": 2},
+    # one head per backward program with the passing-decay gradient formed in the chunk kernel
+    "fused_one_head_per_program": {"bwd_heads": 1, "state_stages": 1},
+}
+
+
+@pytest.mark.parametrize("tuning", list(SSD_TUNINGS))
+def test_ssd_triton_every_kernel_path_matches_ref(tuning, monkeypatch):
+    """Every TUNING-selectable path: 3 chunks with a partial last one, 4 heads per group, documents, states."""
+    from seqlab.ops.triton import ssd as tssd
+
+    monkeypatch.setattr(tssd, "TUNING", dict(SSD_TUNINGS[tuning]))
+    opts = dict(D=True, z=True, bias=True, init=True, seq_idx=True)
+    ins, seq_idx = _ssd_inputs(2, 45, 8, 32, 2, 32, opts, seed=11)
+    _ssd_assert_close(*_ssd_run(ins, 16, seq_idx))
+
+
+@pytest.mark.parametrize("state_dtype", ["input", "fp32"])
+def test_ssd_triton_bf16_entering_states_within_bf16_tolerance(state_dtype, monkeypatch):
+    """bf16 inputs: entering states and their gradients stored in bf16 (default) or float32. The per-chunk kernels
+    round both to bf16 for tl.dot either way; outputs and gradients stay within 2e-2 relative error of the float64
+    reference on the same bf16 values (bf16 operands, float32 accumulation)."""
+    from seqlab.ops.triton import ssd as tssd
+
+    monkeypatch.setattr(tssd, "TUNING", {"state_dtype": state_dtype})
+    opts = dict(D=True, z=True, bias=True, init=True, seq_idx=True)
+    ins, seq_idx = _ssd_inputs(1, 70, 4, 16, 1, 32, opts, seed=12, dtype=torch.bfloat16)
+    out, ref = _ssd_run(ins, 16, seq_idx)
+    assert out[0].dtype == torch.bfloat16 and out[1].dtype == torch.float32
+    _ssd_assert_close(out, ref, tol=2e-2)
 
 
 def test_ssd_triton_inference_forward_matches_ref():

@@ -12,8 +12,16 @@ state belongs to the row's first document.
 The algorithm is exact for any chunk length, so the kernels pick their own tile T = chunk_size clamped to
 [16, 64] (tl.dot needs 16; 64 keeps the backward's (T, T) tiles in registers).
 
-Backward: three kernels (per-chunk state gradients, reverse state passing, per-chunk input gradients) that
-reuse the forward's chunk states and log decays; no (L, L) or per-position state tensor is formed.
+Two ways to run steps 1-2 (``TUNING["fused_state"]``):
+  fused (default)  one kernel per (b, h, P tile, N tile) walks the chunks in order with the state in registers
+                   and writes only the state entering each chunk (steps 1 and 2 together); the backward's reverse
+                   pass is the mirror image. Entering states and their gradients are stored in the input dtype
+                   (bf16/fp16), which the per-chunk kernels round them to anyway; the final state stays float32.
+  unfused          a per-chunk kernel writes every S_c (float32), a second kernel passes states over the chunks
+                   in place; the backward likewise (kept for A/B comparison).
+
+Backward: the reverse state pass, then one per-chunk kernel for the input gradients that reuses the forward's
+entering states and log decays; no (L, L) or per-position state tensor is formed.
 """
 
 from __future__ import annotations
@@ -52,7 +60,6 @@ def _chunk_dt(dt_ptr, bias_ptr, b, h, t, mask_t, L, H, HAS_BIAS: tl.constexpr, S
     if SOFTPLUS:
         dt = _softplus(dt)
     return tl.where(mask_t, dt, 0.0)
-
 
 @triton.jit
 def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, states_ptr, cum_ptr,
@@ -119,6 +126,69 @@ def _ssd_state_pass_kernel(states_ptr, cum_ptr, init_ptr, doc_ptr, final_ptr,
 
 
 @triton.jit
+def _state_tile(pid, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_P,), (BLOCK_N,) offsets of the (P, N) state tile of program ``pid`` (N blocks vary fastest)."""
+    nblk_n = tl.cdiv(N, BLOCK_N)
+    offs_p = (pid // nblk_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid % nblk_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_p, offs_n
+
+
+@triton.jit
+def _ssd_fwd_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, init_ptr, states_ptr, final_ptr, cum_ptr,
+                          L, H, P, G, N, nchunks,
+                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
+                          HAS_INIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, T: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Steps 1 and 2 in one pass: one program per (b, h, P block, N block) walks the chunks in order with its
+    (BLOCK_P, BLOCK_N) float32 state in registers, h_c = keep_c exp(cum_last_c) h_{c-1} + S_c. Writes the state
+    entering each chunk to states (B, nchunks, H, P, N) in that tensor's dtype, the final state (B, H, P, N)
+    float32, and (first tile only) the in-chunk log decays cum (B, H, nchunks, T)."""
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    offs_p, offs_n = _state_tile(tl.program_id(1), N, BLOCK_P, BLOCK_N)
+    offs_t = tl.arange(0, T)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if HAS_INIT:
+        state = tl.load(init_ptr + bh * P * N + pn, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if HAS_DOC:
+        prev_doc = tl.load(doc_ptr + b64 * L)  # 0: the initial state's document
+    for c in range(nchunks):
+        tl.store(states_ptr + ((b64 * nchunks + c) * H + h) * P * N + pn, state.to(states_ptr.dtype.element_ty),
+                 mask=mask_pn)
+        t = c * T + offs_t
+        mask_t = t < L
+        dt = _chunk_dt(dt_ptr, bias_ptr, b, h, t, mask_t, L, H, HAS_BIAS, SOFTPLUS)
+        cum = tl.cumsum(dt * A, axis=0)  # (T,)
+        tl.store(cum_ptr + (bh * nchunks + c) * T + offs_t, cum, mask=offs_t + tl.program_id(1) * T < T)  # first tile
+        cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+        w = tl.exp(cum_last - cum) * dt
+        decay = tl.exp(cum_last)
+        if HAS_DOC:
+            doc = tl.load(doc_ptr + b64 * L + t, mask=mask_t, other=-1)
+            doc_end = tl.load(doc_ptr + b64 * L + tl.minimum(c * T + T - 1, L - 1))
+            w = tl.where(doc == doc_end, w, 0.0)  # only the last document's positions reach the chunk's end
+            decay = tl.where(doc_end == prev_doc, decay, 0.0)  # a document started inside chunk c
+            prev_doc = doc_end
+        row = b64 * L + t
+        x = tl.load(x_ptr + ((row * H + h) * P)[:, None] + offs_p[None, :],
+                    mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        Bt = tl.load(B_ptr + ((row * G + h // (H // G)) * N)[:, None] + offs_n[None, :],
+                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        xw = (x.to(tl.float32) * w[:, None]).to(x.dtype)
+        state = decay * state + _mm(tl.trans(xw), Bt.to(x.dtype), IEEE, UPCAST)  # (BP, BN)
+    tl.store(final_ptr + bh * P * N + pn, state, mask=mask_pn)
+
+
+@triton.jit
 def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr, cum_ptr, y_ptr,
                           L, H, P, G, N, nchunks,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
@@ -173,8 +243,17 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
     tl.store(y_ptr + xo, y.to(y_ptr.dtype.element_ty), mask=mask_tp)
 
 
-# Overrides (keys T, num_warps) for benchmarks that sweep tile shapes; empty = defaults.
+# Overrides for benchmarks that sweep; empty = defaults.
+#   fused_state    True (default): the fused state passes (module docstring); False: the unfused kernels
+#   T, num_warps   tile length; warps of the per-chunk kernels (chunk_out, backward chunk kernel)
+#   bwd_warps      warps of the backward chunk kernel (default: num_warps, else 8 for T >= 64)
+#   bwd_heads      heads per backward chunk program, sharing C Bᵀ and gathering dB, dC (default 8; rounded down
+#                  to a divisor of the heads per group; all of them: no atomics)
+#   state_block_p, state_block_n, state_warps, state_stages   tiles, warps and pipeline stages of the fused state
+#                  passes (forward and backward)
+#   state_dtype    "input" (default) or "fp32": dtype of the stored entering states and their gradients (fused)
 TUNING: dict = {}
+_PROGRAMS_IN_FLIGHT = 512  # fused state passes: split (P, N) until this many programs run the sequential loop
 
 
 def _tile(chunk_size: int, training: bool) -> int:
@@ -183,10 +262,41 @@ def _tile(chunk_size: int, training: bool) -> int:
     return TUNING.get("T") or min(64 if training else 128, max(16, next_pow2(chunk_size)))
 
 
+def _state_blocks(batch: int, H: int, P: int, N: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N) state tile of the fused state passes. Each program walks all chunks in sequence, so
+    with few (b, h) pairs (long single sequences) the state is split into smaller tiles for parallelism."""
+    bp = TUNING.get("state_block_p") or max(16, min(64, next_pow2(P)))
+    bn = TUNING.get("state_block_n") or max(16, min(128, next_pow2(N)))
+    programs = lambda: batch * H * triton.cdiv(P, bp) * triton.cdiv(N, bn)
+    while "state_block_n" not in TUNING and programs() < _PROGRAMS_IN_FLIGHT and bn > 32:
+        bn //= 2
+    while "state_block_p" not in TUNING and programs() < _PROGRAMS_IN_FLIGHT and bp > 32:
+        bp //= 2
+    return bp, bn
+
+
+def _state_dtype(x: torch.Tensor, fused: bool) -> torch.dtype:
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    return x.dtype if fused and low and TUNING.get("state_dtype", "input") == "input" else torch.float32
+
+
+def _fused_state_pass(x, dt, A, B, dt_bias, dt_softplus, doc, init, states, final, cum, T, ieee, interpreting):
+    """Steps 1-2 fused: fills states (B, nchunks, H, P, N), final (B, H, P, N) and cum (B, H, nchunks, T)."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    bp, bn = _state_blocks(batch, H, P, N)
+    grid = (batch * H, triton.cdiv(P, bp) * triton.cdiv(N, bn))
+    _ssd_fwd_state_kernel[grid](x, dt, A, B, dt_bias, doc, init, states, final, cum, L, H, P, G, N, states.shape[1],
+                                HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
+                                HAS_INIT=init is not None, IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=bp,
+                                BLOCK_N=bn, num_warps=TUNING.get("state_warps") or 4,
+                                num_stages=TUNING.get("state_stages") or 2)
+
+
 def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx, training=False):
-    """The three-kernel forward (no autograd). Returns y (B, L, H, P), final_state (B, H, P, N) float32, and for
-    the backward the states entering each chunk (B, nchunks, H, P, N), the in-chunk log decays
-    (B, H, nchunks, T), the document ids and the tile T."""
+    """The forward (no autograd). Returns y (B, L, H, P), final_state (B, H, P, N) float32, and for the backward
+    the states entering each chunk (B, nchunks, H, P, N) (float32, or the input dtype on the fused path), the
+    in-chunk log decays (B, H, nchunks, T), the document ids, the tile T and whether the fused path ran."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     x, dt, A, B, C = x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous()
@@ -195,30 +305,35 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_sta
     doc = doc_ids(seq_idx)
     T = _tile(chunk_size, training)
     nchunks = triton.cdiv(L, T)
+    fused = bool(TUNING.get("fused_state", True))
     block_n = max(16, next_pow2(N))
     block_p = max(16, min(64, next_pow2(P)))
     ieee = x.dtype == torch.float32 or x.dtype == torch.float64
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     f32 = dict(device=x.device, dtype=torch.float32)
-    states = torch.empty(batch, nchunks, H, P, N, **f32)
+    states = torch.empty(batch, nchunks, H, P, N, device=x.device, dtype=_state_dtype(x, fused))
     cum = torch.empty(batch, H, nchunks, T, **f32)
-    warps = TUNING.get("num_warps") or 4  # 4 beat 8 for T = 64 and 128 on an H200 (benchmarks/kernels.py sweep)
-    grid = (batch * nchunks, H, triton.cdiv(P, block_p))
-    _ssd_chunk_state_kernel[grid](x, dt, A, B, dt_bias, doc, states, cum, L, H, P, G, N, nchunks,
-                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
-                                  IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
     final = torch.empty(batch, H, P, N, **f32)
     init = initial_state.contiguous() if initial_state is not None else None
-    block = 256  # the chunk loop is latency-bound: many small programs in flight
-    _ssd_state_pass_kernel[(batch, H, triton.cdiv(P * N, block))](
-        states, cum, init, doc, final, L, H, P * N, nchunks,
-        HAS_INIT=init is not None, HAS_DOC=doc is not None, T=T, BLOCK=block, num_warps=4)
+    warps = TUNING.get("num_warps") or 4  # 4 beat 8 for T = 64 and 128 on an H200 (benchmarks/kernels.py sweep)
+    grid = (batch * nchunks, H, triton.cdiv(P, block_p))
+    if fused:
+        _fused_state_pass(x, dt, A, B, dt_bias, dt_softplus, doc, init, states, final, cum, T, ieee, interpreting)
+    else:
+        _ssd_chunk_state_kernel[grid](x, dt, A, B, dt_bias, doc, states, cum, L, H, P, G, N, nchunks,
+                                      HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+                                      HAS_DOC=doc is not None, IEEE=ieee, UPCAST=interpreting, T=T,
+                                      BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+        block = 256  # the chunk loop is latency-bound: many small programs in flight
+        _ssd_state_pass_kernel[(batch, H, triton.cdiv(P * N, block))](
+            states, cum, init, doc, final, L, H, P * N, nchunks,
+            HAS_INIT=init is not None, HAS_DOC=doc is not None, T=T, BLOCK=block, num_warps=4)
     y = torch.empty_like(x)
     _ssd_chunk_out_kernel[grid](x, dt, B, C, D, z, dt_bias, doc, states, cum, y, L, H, P, G, N, nchunks,
                                 HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
                                 HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
                                 IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
-    return y, final, states, cum, doc, T
+    return y, final, states, cum, doc, T, fused
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -302,17 +417,74 @@ def _ssd_bwd_state_pass_kernel(dstates_ptr, states_ptr, cum_ptr, doc_ptr, dfinal
 
 
 @triton.jit
+def _ssd_bwd_state_kernel(dy_ptr, z_ptr, C_ptr, doc_ptr, cum_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+                          L, H, P, G, N, nchunks,
+                          HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, HAS_DFINAL: tl.constexpr, IEEE: tl.constexpr,
+                          UPCAST: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The reverse pass in one sweep: one program per (b, h, P block, N block) walks the chunks backwards with
+    E (BLOCK_P, BLOCK_N) float32 in registers, E_c = (scale_in dy'_c)ᵀ C_c + keep_c exp(cum_last_c) E_{c+1}.
+    Writes dS_c = E_{c+1} (B, nchunks, H, P, N) in dstates' dtype and d initial_state = E_0 (B, H, P, N)."""
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    offs_p, offs_n = _state_tile(tl.program_id(1), N, BLOCK_P, BLOCK_N)
+    offs_t = tl.arange(0, T)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    b64 = b.to(tl.int64)
+    bh = b64 * H + h
+    if HAS_DFINAL:
+        E = tl.load(dfinal_ptr + bh * P * N + pn, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        E = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        tl.store(dstates_ptr + ((b64 * nchunks + c) * H + h) * P * N + pn, E.to(dstates_ptr.dtype.element_ty),
+                 mask=mask_pn)
+        t = c * T + offs_t
+        mask_t = t < L
+        row = b64 * L + t
+        cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
+        scale_in = tl.exp(cum)
+        decay = tl.exp(tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0))
+        if HAS_DOC:
+            doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
+            prev_doc = tl.load(doc_ptr + b64 * L + c * T - 1, mask=c > 0, other=0)
+            doc_end = tl.load(doc_ptr + b64 * L + tl.minimum(c * T + T - 1, L - 1))
+            scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
+            decay = tl.where(doc_end == prev_doc, decay, 0.0)
+        xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+            dy = dy * zv * tl.sigmoid(zv)
+        Ct = tl.load(C_ptr + ((row * G + h // (H // G)) * N)[:, None] + offs_n[None, :],
+                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        E = decay * E + _mm(tl.trans((dy * scale_in[:, None]).to(Ct.dtype)), Ct, IEEE, UPCAST)
+    tl.store(dinit_ptr + bh * P * N + pn, E, mask=mask_pn)
+
+
+@triton.jit
 def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr,
                           dstates_ptr, cum_ptr, dlast_ptr, dy_ptr,
                           dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_ptr, dD_ptr,
                           L, H, P, G, N, nchunks,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
                           HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
-                          UPCAST: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                          UPCAST: tl.constexpr, DLAST_INLINE: tl.constexpr, HEADS: tl.constexpr,
+                          ATOMIC: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Input gradients of chunk c for HEADS consecutive heads of one group; grid (B * nchunks, H // HEADS).
+    The group's C, B and C Bᵀ are loaded and formed once; dB, dC (B, L, G, N) gather over the heads in registers
+    and are written once (added atomically when other programs share the group). DLAST_INLINE: the gradient of
+    the passing decay, keep_c exp(cum_last_c) <dS_c, h_in_c>, is formed here from the loaded states; else it is
+    read from dlast (B, H, nchunks)."""
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid % nchunks
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HEADS
+    g = h0 // (H // G)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
@@ -320,133 +492,180 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
     mask_t = t < L
     mask_p = offs_p < P
     mask_n = offs_n < N
-    row = b.to(tl.int64) * L + t
-    raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        raw += tl.load(bias_ptr + h).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    else:
-        dt = raw
-    dt = tl.where(mask_t, dt, 0.0)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    bh = b.to(tl.int64) * H + h
-    cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
-    cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
-    bc = ((row * G + h // (H // G)) * N)[:, None] + offs_n[None, :]
+    b64 = b.to(tl.int64)
+    row = b64 * L + t
+    gn = ((row * G + g) * N)[:, None] + offs_n[None, :]
     mask_tn = mask_t[:, None] & mask_n[None, :]
-    Ct = tl.load(C_ptr + bc, mask=mask_tn, other=0.0)
-    Bt = tl.load(B_ptr + bc, mask=mask_tn, other=0.0)
-    xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
-    mask_tp = mask_t[:, None] & mask_p[None, :]
-    x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
-    xf = x.to(tl.float32)
-    dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
-    sbase = ((b.to(tl.int64) * nchunks + c) * H + h) * P * N
-    pn = offs_p[:, None] * N + offs_n[None, :]
-    mask_pn = mask_p[:, None] & mask_n[None, :]
-    hin = tl.load(states_ptr + sbase + pn, mask=mask_pn, other=0.0).to(x.dtype)  # (P, N)
-    dS = tl.load(dstates_ptr + sbase + pn, mask=mask_pn, other=0.0).to(x.dtype)
-
+    Ct = tl.load(C_ptr + gn, mask=mask_tn, other=0.0)
+    Bt = tl.load(B_ptr + gn, mask=mask_tn, other=0.0)
+    CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)  # (T, T), shared by the group's heads
     causal = offs_t[:, None] >= offs_t[None, :]
-    scale_in = tl.exp(cum)
-    w = tl.exp(cum_last - cum)
     if HAS_DOC:
         doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
         causal = causal & (doc[:, None] == doc[None, :])
-        prev_doc = tl.load(doc_ptr + b.to(tl.int64) * L + c * T - 1, mask=c > 0, other=0)
-        scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
-        doc_end = tl.load(doc_ptr + b.to(tl.int64) * L + tl.minimum(c * T + T - 1, L - 1))
-        w = tl.where(doc == doc_end, w, 0.0)
-    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # (T, T)
-    CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)
-    M = CB * decay * dt[None, :]
-    y_in = _mm(Ct, tl.trans(hin), IEEE, UPCAST)  # (T, P) carried-state term before its decay
-    if HAS_D:
-        if D_PER_P:
-            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        prev_doc = tl.load(doc_ptr + b64 * L + c * T - 1, mask=c > 0, other=0)
+        doc_end = tl.load(doc_ptr + b64 * L + tl.minimum(c * T + T - 1, L - 1))
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    dB_sum = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    dC_sum = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    for j in range(HEADS):
+        h = h0 + j
+        bh = b64 * H + h
+        raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + h).to(tl.float32)
+        if SOFTPLUS:
+            dt = _softplus(raw)
         else:
-            Dv = tl.load(D_ptr + h).to(tl.float32)
-    if HAS_Z:
-        y = _mm(M.to(x.dtype), x, IEEE, UPCAST) + scale_in[:, None] * y_in
+            dt = raw
+        dt = tl.where(mask_t, dt, 0.0)
+        A = tl.load(A_ptr + h).to(tl.float32)
+        cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
+        cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+        xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
+        x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
+        xf = x.to(tl.float32)
+        dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+        sbase = ((b64 * nchunks + c) * H + h) * P * N
+        hin_raw = tl.load(states_ptr + sbase + pn, mask=mask_pn, other=0.0)  # (P, N)
+        dS_raw = tl.load(dstates_ptr + sbase + pn, mask=mask_pn, other=0.0)
+        hin = hin_raw.to(x.dtype)
+        dS = dS_raw.to(x.dtype)
+        scale_in = tl.exp(cum)
+        w = tl.exp(cum_last - cum)
+        keep = tl.exp(cum_last)
+        if HAS_DOC:
+            scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
+            w = tl.where(doc == doc_end, w, 0.0)
+            keep = tl.where(doc_end == prev_doc, keep, 0.0)
+        decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # (T, T)
+        M = CB * decay * dt[None, :]
+        y_in = _mm(Ct, tl.trans(hin), IEEE, UPCAST)  # (T, P) carried-state term before its decay
         if HAS_D:
-            y += Dv * xf
-        zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
-        sz = tl.sigmoid(zv)
-        tl.store(dz_ptr + xo, (dy * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=mask_tp)
-        dy = dy * zv * sz
-    dyc = dy.to(x.dtype)
-    BdS = _mm(Bt, tl.trans(dS), IEEE, UPCAST)  # (T, P)
-    wdt = w * dt
-    dx = _mm(tl.trans(M.to(x.dtype)), dyc, IEEE, UPCAST) + wdt[:, None] * BdS
-    if HAS_D:
-        dx += Dv * dy
-        if D_PER_P:
-            tl.store(dD_ptr + (bh * nchunks + c) * P + offs_p, tl.sum(dy * xf, axis=0), mask=mask_p)
+            if D_PER_P:
+                Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+            else:
+                Dv = tl.load(D_ptr + h).to(tl.float32)
+        if HAS_Z:
+            y = _mm(M.to(x.dtype), x, IEEE, UPCAST) + scale_in[:, None] * y_in
+            if HAS_D:
+                y += Dv * xf
+            zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zv)
+            tl.store(dz_ptr + xo, (dy * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty),
+                     mask=mask_tp)
+            dy = dy * zv * sz
+        dyc = dy.to(x.dtype)
+        BdS = _mm(Bt, tl.trans(dS), IEEE, UPCAST)  # (T, P)
+        wdt = w * dt
+        dx = _mm(tl.trans(M.to(x.dtype)), dyc, IEEE, UPCAST) + wdt[:, None] * BdS
+        if HAS_D:
+            dx += Dv * dy
+            if D_PER_P:
+                tl.store(dD_ptr + (bh * nchunks + c) * P + offs_p, tl.sum(dy * xf, axis=0), mask=mask_p)
+            else:
+                tl.store(dD_ptr + bh * nchunks + c, tl.sum(tl.sum(dy * xf, axis=1), axis=0))
+        tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
+        dM = _mm(dyc, tl.trans(x), IEEE, UPCAST)  # (T, T)
+        dCB = dM * decay * dt[None, :]
+        dC_sum += _mm(dCB.to(x.dtype), Bt, IEEE, UPCAST) + scale_in[:, None] * _mm(dyc, hin, IEEE, UPCAST)
+        dB_sum += _mm(tl.trans(dCB.to(x.dtype)), Ct, IEEE, UPCAST) + wdt[:, None] * _mm(x, dS, IEEE, UPCAST)
+        # step sizes: direct factor dt_j in M and in the chunk state, then through cum
+        dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
+        ddt = tl.sum(dM * CB * decay, axis=0) + dw * w
+        MM = dM * M
+        dcum = tl.sum(MM, axis=1) - tl.sum(MM, axis=0) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
+        if DLAST_INLINE:
+            dlast = keep * tl.sum(tl.sum(hin_raw.to(tl.float32) * dS_raw.to(tl.float32), axis=1), axis=0)
         else:
-            tl.store(dD_ptr + bh * nchunks + c, tl.sum(tl.sum(dy * xf, axis=1), axis=0))
-    tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
-    dM = _mm(dyc, tl.trans(x), IEEE, UPCAST)  # (T, T)
-    dCB = dM * decay * dt[None, :]
-    dC = _mm(dCB.to(x.dtype), Bt, IEEE, UPCAST) + scale_in[:, None] * _mm(dyc, hin, IEEE, UPCAST)
-    dB = _mm(tl.trans(dCB.to(x.dtype)), Ct, IEEE, UPCAST) + wdt[:, None] * _mm(x, dS, IEEE, UPCAST)
-    g = h // (H // G)
-    gn = ((row * G + g) * N)[:, None] + offs_n[None, :]
-    tl.atomic_add(dC_ptr + gn, dC, mask=mask_tn)
-    tl.atomic_add(dB_ptr + gn, dB, mask=mask_tn)
-    # step sizes: direct factor dt_j in M and in the chunk state, then through cum
-    dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
-    ddt = tl.sum(dM * CB * decay, axis=0) + dw * w
-    MM = dM * M
-    dcum = tl.sum(MM, axis=1) - tl.sum(MM, axis=0) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
-    dcum_last = tl.sum(dw * wdt, axis=0) + tl.load(dlast_ptr + bh * nchunks + c)
-    dcum += tl.where(offs_t == T - 1, dcum_last, 0.0)
-    rev = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # sum_{t >= s} dcum_t
-    ddt += A * rev
-    tl.store(dA_ptr + bh * nchunks + c, tl.sum(dt * rev, axis=0))
-    if SOFTPLUS:
-        ddt = ddt * tl.sigmoid(raw)
-    tl.store(ddt_ptr + row * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
+            dlast = tl.load(dlast_ptr + bh * nchunks + c)
+        dcum_last = tl.sum(dw * wdt, axis=0) + dlast
+        dcum += tl.where(offs_t == T - 1, dcum_last, 0.0)
+        rev = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # sum_{t >= s} dcum_t
+        ddt += A * rev
+        tl.store(dA_ptr + bh * nchunks + c, tl.sum(dt * rev, axis=0))
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        tl.store(ddt_ptr + row * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
+    if ATOMIC:
+        tl.atomic_add(dC_ptr + gn, dC_sum, mask=mask_tn)
+        tl.atomic_add(dB_ptr + gn, dB_sum, mask=mask_tn)
+    else:
+        tl.store(dC_ptr + gn, dC_sum, mask=mask_tn)
+        tl.store(dB_ptr + gn, dB_sum, mask=mask_tn)
 
 
-def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus):
+def _bwd_heads(H: int, G: int) -> int:
+    """Heads per backward chunk program: the largest divisor of H // G up to TUNING["bwd_heads"] (default 8)."""
+    per_group = H // G
+    want = TUNING.get("bwd_heads") or 8
+    return max(d for d in range(1, min(want, per_group) + 1) if per_group % d == 0)
+
+
+def _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting):
+    """Reverse state pass. Returns dstates (dS_c = dLoss/d state leaving chunk c, shaped and typed like the
+    states), d initial_state (B, H, P, N) float32 and, unfused only, the passing decays' gradients
+    (B, H, nchunks), else None (the chunk kernel forms them)."""
     x, dt, A, B, C, D, z, dt_bias, doc, states, cum, init_given = saved
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nchunks = cum.shape[2]
-    block_n = max(16, next_pow2(N))
-    block_p = max(16, next_pow2(P))
+    dstates = torch.empty_like(states)
+    dinit = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+    dfinal = dfinal.contiguous() if dfinal is not None else None
+    if fused:
+        bp, bn = _state_blocks(batch, H, P, N)
+        _ssd_bwd_state_kernel[(batch * H, triton.cdiv(P, bp) * triton.cdiv(N, bn))](
+            dy, z, C, doc, cum, dfinal, dstates, dinit, L, H, P, G, N, nchunks,
+            HAS_Z=z is not None, HAS_DOC=doc is not None, HAS_DFINAL=dfinal is not None, IEEE=ieee,
+            UPCAST=interpreting, T=T, BLOCK_P=bp, BLOCK_N=bn, num_warps=TUNING.get("state_warps") or 4,
+            num_stages=TUNING.get("state_stages") or 2)
+        return dstates, dinit, None
+    block_p = min(max(16, next_pow2(P)), 64)
+    _ssd_bwd_dstate_kernel[(batch * nchunks, H, triton.cdiv(P, block_p))](
+        dy, z, C, doc, cum, dstates, L, H, P, G, N, nchunks,
+        HAS_Z=z is not None, HAS_DOC=doc is not None, IEEE=ieee, UPCAST=interpreting,
+        T=T, BLOCK_P=block_p, BLOCK_N=max(16, next_pow2(N)), num_warps=8 if T >= 64 else 4)
+    dlast = torch.zeros(batch, H, nchunks, device=x.device, dtype=torch.float32)
+    block = 1024  # each program adds its share of d cum_last atomically: fewer programs, less contention
+    _ssd_bwd_state_pass_kernel[(batch, H, triton.cdiv(P * N, block))](
+        dstates, states, cum, doc, dfinal, dinit, dlast,
+        L, H, P * N, nchunks, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, T=T, BLOCK=block,
+        num_warps=4)
+    return dstates, dinit, dlast
+
+
+def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
+    """Gradients of every input, as a dict; ``saved`` as _SSDFn saves it, ``fused`` as the forward ran."""
+    x, dt, A, B, C, D, z, dt_bias, doc, states, cum, init_given = saved
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    nchunks = cum.shape[2]
     ieee = x.dtype == torch.float32 or x.dtype == torch.float64
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = dy.contiguous()
-    dstates = torch.empty_like(states)
-    warps = TUNING.get("num_warps") or (8 if T >= 64 else 4)
-    _ssd_bwd_dstate_kernel[(batch * nchunks, H, triton.cdiv(P, min(block_p, 64)))](
-        dy, z, C, doc, cum, dstates, L, H, P, G, N, nchunks,
-        HAS_Z=z is not None, HAS_DOC=doc is not None, IEEE=ieee, UPCAST=interpreting,
-        T=T, BLOCK_P=min(block_p, 64), BLOCK_N=block_n, num_warps=warps)
-    dinit = torch.empty(batch, H, P, N, **f32)
-    dlast = torch.zeros(batch, H, nchunks, **f32)
-    block = 1024  # each program adds its share of d cum_last atomically: fewer programs, less contention
-    _ssd_bwd_state_pass_kernel[(batch, H, triton.cdiv(P * N, block))](
-        dstates, states, cum, doc, dfinal.contiguous() if dfinal is not None else None, dinit, dlast,
-        L, H, P * N, nchunks, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, T=T, BLOCK=block,
-        num_warps=4)
+    dstates, dinit, dlast = _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting)
+    heads = _bwd_heads(H, G) if fused else 1
+    atomic = heads < H // G
     dx = torch.empty_like(x)
     ddt = torch.empty(dt.shape, **f32)
-    dB = torch.zeros(B.shape, **f32)
-    dC = torch.zeros(C.shape, **f32)
+    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, **f32)
+    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, **f32)
     dz = torch.empty_like(z) if z is not None else None
     dA = torch.empty(batch, H, nchunks, **f32)
     d_per_p = D is not None and D.dim() == 2
     dD = torch.empty(batch, H, nchunks, P, **f32) if d_per_p else torch.empty(batch, H, nchunks, **f32)
-    _ssd_bwd_chunk_kernel[(batch * nchunks, H)](
+    warps = TUNING.get("bwd_warps") or TUNING.get("num_warps") or (8 if T >= 64 else 4)
+    _ssd_bwd_chunk_kernel[(batch * nchunks, H // heads)](
         x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy,
         dx, ddt, dB, dC, dz, dA, dD, L, H, P, G, N, nchunks,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
         HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting,
-        T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+        DLAST_INLINE=dlast is None, HEADS=heads, ATOMIC=atomic, T=T, BLOCK_P=max(16, next_pow2(P)),
+        BLOCK_N=max(16, next_pow2(N)), num_warps=warps)
     grads = dict(x=dx, dt=ddt.to(dt.dtype), A=dA.sum((0, 2)).to(A.dtype), B=dB.to(B.dtype), C=dC.to(C.dtype),
                  z=dz, initial_state=dinit if init_given else None)
     grads["dt_bias"] = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
@@ -457,11 +676,11 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus):
 class _SSDFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
-        y, final, states, cum, doc, T = _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
-                                                 initial_state, seq_idx, training=any(ctx.needs_input_grad))
+        y, final, states, cum, doc, T, fused = _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                                        initial_state, seq_idx, training=any(ctx.needs_input_grad))
         contig = lambda t: t.contiguous() if t is not None else None
         ctx.save_for_backward(*(contig(t) for t in (x, dt, A, B, C, D, z)), dt_bias, doc, states, cum)
-        ctx.T, ctx.dt_softplus, ctx.init_given = T, dt_softplus, initial_state is not None
+        ctx.T, ctx.dt_softplus, ctx.init_given, ctx.fused = T, dt_softplus, initial_state is not None, fused
         return y, final
 
     @staticmethod
@@ -469,7 +688,7 @@ class _SSDFn(torch.autograd.Function):
         saved = (*ctx.saved_tensors, ctx.init_given)
         if dy is None:
             dy = torch.zeros_like(saved[0])
-        g = ssd_backward_triton(saved, dy, dfinal, ctx.T, ctx.dt_softplus)
+        g = ssd_backward_triton(saved, dy, dfinal, ctx.T, ctx.dt_softplus, ctx.fused)
         return (g["x"], g["dt"], g["A"], g["B"], g["C"], None, g["D"], g["z"], g["dt_bias"], None,
                 g["initial_state"], None)
 
