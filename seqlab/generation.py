@@ -29,6 +29,7 @@ def generate(
     eos_id: int | None = None,
     state=None,
     cuda_graph: bool | None = None,
+    state_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids`` by up to ``max_new_tokens`` tokens; returns ``(B, L + new)`` int64 ids.
 
@@ -43,6 +44,8 @@ def generate(
                     tokens that follow it, and on return the state has consumed every returned token
     cuda_graph      replay the decode step as a CUDA graph (None = when possible: CUDA, batch rows of one
                     length, and a recorded step that matches an eager one; KV caches decode at fixed shapes)
+    state_dtype     dtype of the recurrent states the call allocates (Mamba, Mamba-2): float32 (default) or
+                    torch.bfloat16 / torch.float16, half the bytes per decode step, rounded once per token
     """
     ids = _as_batch(input_ids, model)
     _check_options(max_new_tokens, temperature, top_k, top_p, eos_id)
@@ -54,7 +57,7 @@ def generate(
     try:
         with torch.inference_mode():
             if own_state:
-                state = model.allocate_state(Bsz, L + max(max_new_tokens, 1))
+                state = model.allocate_state(Bsz, L + max(max_new_tokens, 1), state_dtype=state_dtype)
             else:
                 _check_state(state, Bsz, L + max_new_tokens)
             generator = torch.Generator(device=ids.device)

@@ -37,6 +37,7 @@ from seqlab.errors import ConfigError
 
 STATIC_CACHE_TYPES = ("llama",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -60,6 +61,7 @@ class GenerateResult:
     floor_step_s: float | None = None
     achieved: float | None = None
     peak_memory_bytes: int | None = None
+    state_dtype: str | None = None  # the recurrent states' dtype on the seqlab side ("fp32" | "bf16" | "fp16")
     notes: list[str] = field(default_factory=list)
 
     def finish(self, prefill_s: float, decode_s: float) -> None:
@@ -129,7 +131,8 @@ def parse_models(text: str, default_size: str = "small", **overrides) -> list[tu
 
 
 def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.device, repeats: int = 1,
-                cuda_graph: bool = True, generator: torch.Generator | None = None) -> tuple[float, float, str]:
+                cuda_graph: bool = True, generator: torch.Generator | None = None,
+                state_dtype: torch.dtype | None = None) -> tuple[float, float, str]:
     """Median (prefill seconds, decode seconds) of greedy generation, and how the step ran: "graph", "eager" or
     "eager: out of memory while recording" (recording copies the state; a KV cache near the memory limit fails).
 
@@ -138,7 +141,7 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
 
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), device=device, generator=generator)
-    state = model.allocate_state(batch, prompt_len + gen_len, device=device)
+    state = model.allocate_state(batch, prompt_len + gen_len, device=device, state_dtype=state_dtype)
     with torch.inference_mode():
         step = lambda token: model(token[:, None], state=state)[:, -1, :vocab]  # noqa: E731
         graph, how = None, "eager"
@@ -173,34 +176,39 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
 
 def bench_seqlab(model, name: str, batches: list[int], prompt_len: int, gen_len: int, device, repeats: int = 1,
                  bandwidth: float | None = None, time_limit: float = 120.0, cuda_graph: bool = True,
-                 on_result: Callable[[GenerateResult], None] | None = None) -> list[GenerateResult]:
-    """One GenerateResult per batch size (increasing); OOM and over-time become results for larger batches."""
+                 on_result: Callable[[GenerateResult], None] | None = None,
+                 state_dtype: torch.dtype | None = None) -> list[GenerateResult]:
+    """One GenerateResult per batch size (increasing); OOM and over-time become results for larger batches.
+    ``state_dtype``: the recurrent states' dtype (``LanguageModel.allocate_state``; default float32)."""
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def measure(batch: int, result: GenerateResult) -> None:
         prefill_s, decode_s, how = time_seqlab(model, batch, prompt_len, gen_len, device, repeats, cuda_graph,
-                                               generator)
+                                               generator, state_dtype)
         result.cuda_graph = how == "graph"
         if how.startswith("eager:"):
             result.notes.append(how)
         result.finish(prefill_s, decode_s)
 
     return _sweep(model, name, "seqlab", batches, prompt_len, gen_len, device, bandwidth, time_limit, measure,
-                  on_result)
+                  on_result, recurrent_dtype=state_dtype)
 
 
 def _sweep(model, name: str, side: str, batches: list[int], prompt_len: int, gen_len: int, device: torch.device,
            bandwidth: float | None, time_limit: float, measure: Callable[[int, GenerateResult], None],
            on_result: Callable[[GenerateResult], None] | None, notes: tuple[str, ...] = (),
-           record_errors: bool = False) -> list[GenerateResult]:
+           record_errors: bool = False, recurrent_dtype: torch.dtype | None = None) -> list[GenerateResult]:
     """``measure(batch, result)`` for each batch size (increasing), into results that carry the decode step's byte
     floor. Out of memory and over-time stop the sweep and are recorded; other errors too when ``record_errors``."""
     results: list[GenerateResult] = []
     stop = None
+    recurrent = side == "seqlab" and any(getattr(b.mixer, "takes_state_dtype", False) for b in model.layers)
     for batch in sorted(batches):
         result = GenerateResult(name, side, batch, prompt_len, gen_len, "ok", notes=list(notes))
-        counts = decode_step_bytes(model, batch, prompt_len + gen_len // 2)
+        if recurrent:
+            result.state_dtype = DTYPE_NAMES[recurrent_dtype or torch.float32]
+        counts = decode_step_bytes(model, batch, prompt_len + gen_len // 2, recurrent_dtype=recurrent_dtype)
         result.step_bytes, result.weight_bytes, result.state_bytes = counts["total"], counts["weights"], counts["state"]
         if bandwidth:
             result.floor_step_s = floor_seconds(counts["total"], bandwidth)
@@ -365,7 +373,7 @@ def records(results: list[GenerateResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
 
-HEADER = (f"{'model':<18} {'impl':<7} {'batch':>5} {'status':<10} {'prefill s':>10} {'decode s':>10} "
+HEADER = (f"{'model':<18} {'impl':<7} {'state':<5} {'batch':>5} {'status':<10} {'prefill s':>10} {'decode s':>10} "
           f"{'e2e tok/s':>11} {'dec tok/s':>11} {'step ms':>8} {'floor ms':>9} {'of floor':>8} {'graph':>5} "
           f"{'peak mem':>10}")
 
@@ -377,7 +385,8 @@ def format_row(r: GenerateResult) -> str:
     status = r.status if len(r.status) <= 10 else r.status[:9] + "…"
     share = "-" if r.achieved is None else f"{100 * r.achieved:.1f}%"
     mem = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**30:.1f} GiB"
-    return (f"{r.model:<18} {r.impl:<7} {r.batch:>5} {status:<10} {num(r.prefill_s, '10.4f')} "
+    return (f"{r.model:<18} {r.impl:<7} {r.state_dtype or '-':<5} {r.batch:>5} {status:<10} "
+            f"{num(r.prefill_s, '10.4f')} "
             f"{num(r.decode_s, '10.4f')} {num(r.e2e_tokens_per_s, '11,.0f')} {num(r.decode_tokens_per_s, '11,.0f')} "
             f"{num(None if r.step_s is None else r.step_s * 1e3, '8.3f')} "
             f"{num(None if r.floor_step_s is None else r.floor_step_s * 1e3, '9.3f')} "

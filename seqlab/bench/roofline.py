@@ -75,16 +75,19 @@ def weight_bytes_per_step(model, batch: int) -> int:
     return total
 
 
-def state_bytes_per_step(model, batch: int, context: int, dtype: torch.dtype | None = None) -> int:
-    """Bytes of the inference state after ``context`` positions (allocated on the meta device: free)."""
-    state = model.allocate_state(batch, max(context, 1), device="meta", dtype=dtype)
+def state_bytes_per_step(model, batch: int, context: int, dtype: torch.dtype | None = None,
+                         recurrent_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the inference state after ``context`` positions (allocated on the meta device: free); ``dtype``
+    is the KV caches', ``recurrent_dtype`` the recurrent states' (see ``LanguageModel.allocate_state``)."""
+    state = model.allocate_state(batch, max(context, 1), device="meta", dtype=dtype, state_dtype=recurrent_dtype)
     return state.nbytes()
 
 
-def decode_step_bytes(model, batch: int, context: int, state_dtype: torch.dtype | None = None) -> dict[str, int]:
+def decode_step_bytes(model, batch: int, context: int, state_dtype: torch.dtype | None = None,
+                      recurrent_dtype: torch.dtype | None = None) -> dict[str, int]:
     """``{"weights": .., "state": .., "total": ..}`` bytes read by one decode step at ``context`` positions."""
     weights = weight_bytes_per_step(model, batch)
-    state = state_bytes_per_step(model, batch, context, state_dtype)
+    state = state_bytes_per_step(model, batch, context, state_dtype, recurrent_dtype)
     return {"weights": weights, "state": state, "total": weights + state}
 
 

@@ -48,6 +48,8 @@ def _register_generate(sub) -> None:
     gen.add_argument("--vocab-size", type=int, default=50280, help="vocabulary of the random models (GPT-NeoX's)")
     gen.add_argument("--repeats", type=int, default=None, help="timed runs per point after a warm-up (median)")
     gen.add_argument("--time-limit", type=float, default=120.0, help="skip larger batches once a run takes this")
+    gen.add_argument("--state-dtype", default="fp32",
+                     help="comma list of fp32, bf16, fp16: the recurrent states' dtype (SSMs; one sweep each)")
     gen.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even where a graph would work")
     gen.add_argument("--hf", action="store_true", help="also run transformers' implementations (exported weights)")
     gen.add_argument("--hf-compile", action="store_true", help="let transformers compile its static-cache step")
@@ -127,6 +129,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.repeats is not None and args.repeats < 1:
         raise ConfigError(f"--repeats: expected >= 1, got {args.repeats}")
     models = G.parse_models(args.models, args.size, vocab_size=args.vocab_size)
+    state_dtypes = _state_dtypes(args.state_dtype)
     device = _resolve_device(args.device)
     dtype_name, dtype = _dtype(args.dtype, device)
     repeats = args.repeats or (2 if device.type == "cuda" else 1)
@@ -153,8 +156,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         model = G.build_model(name, size, device, dtype, vocab_size=args.vocab_size)
         print(f"# {spec}: {model.num_params() / 1e6:,.2f}M parameters, "
               f"{human_bytes(G.decode_step_bytes(model, 1, prompt_len)['weights'])} of weights", flush=True)
-        results += G.bench_seqlab(model, spec, batches, prompt_len, gen_len, device, repeats, bandwidth,
-                                  args.time_limit, not args.no_cuda_graph, show)
+        # a model without recurrent states runs once: the state dtype would change nothing
+        recurrent = any(getattr(b.mixer, "takes_state_dtype", False) for b in getattr(model, "layers", ()))
+        for state_dtype in state_dtypes if recurrent else state_dtypes[:1]:
+            results += G.bench_seqlab(model, spec, batches, prompt_len, gen_len, device, repeats, bandwidth,
+                                      args.time_limit, not args.no_cuda_graph, show, state_dtype=state_dtype)
         if args.hf:
             results += G.bench_hf(model, spec, batches, prompt_len, gen_len, device, dtype, repeats, bandwidth,
                                   args.time_limit, True, args.hf_compile, show)
@@ -163,6 +169,18 @@ def _run_generate(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
         save()
     return 0
+
+
+def _state_dtypes(text: str) -> list:
+    """'fp32,bf16' -> [torch.float32, torch.bfloat16]; ConfigError naming --state-dtype otherwise."""
+    from seqlab.bench.generate import DTYPES
+    from seqlab.errors import ConfigError
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if not names or bad:
+        raise ConfigError(f"--state-dtype: expected a comma list of fp32, bf16, fp16, got {text!r}")
+    return [DTYPES[n] for n in dict.fromkeys(names)]
 
 
 def _run_long_context(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@ A mixer is an ``nn.Module`` with
     state_bytes(batch, seqlen, dtype=torch.float32) -> int        # analytic; tests check it against real tensors
     from_config(config: ModelConfig, layer_idx: int)  (classmethod)
 
+Mixers whose ``allocate_state``/``state_bytes`` also take ``state_dtype`` (Mamba, Mamba-2) set
+``takes_state_dtype = True``: their recurrent state may be kept in a 16-bit float instead of float32.
+
 With a state, ``forward`` continues from it and updates it in place, so chunked prefill and one-token decode
 are the same call. ``state.offset`` counts the positions consumed so far.
 """
@@ -23,6 +26,18 @@ def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | Non
         raise InputError("x", f"a (B, L, {d_model}) tensor", f"shape {tuple(x.shape)}")
     if seq_idx is not None and tuple(seq_idx.shape) != tuple(x.shape[:2]):
         raise InputError("seq_idx", f"shape {tuple(x.shape[:2])}", f"shape {tuple(seq_idx.shape)}")
+
+
+RECURRENT_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def recurrent_state_dtype(state_dtype: torch.dtype | None) -> torch.dtype:
+    """``state_dtype`` or float32; InputError unless it is float32, bfloat16 or float16."""
+    if state_dtype is None:
+        return torch.float32
+    if state_dtype not in RECURRENT_STATE_DTYPES:
+        raise InputError("state_dtype", "torch.float32, torch.bfloat16 or torch.float16", state_dtype)
+    return state_dtype
 
 
 class MixerState:

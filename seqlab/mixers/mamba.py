@@ -30,7 +30,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError
 from seqlab.mixers._init import dt_bias_init, no_weight_decay
-from seqlab.mixers.base import MixerState, check_mixer_input
+from seqlab.mixers.base import MixerState, check_mixer_input, recurrent_state_dtype
 from seqlab.mixers.norm import RMSNorm, rms_norm
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
@@ -115,16 +115,22 @@ class Mamba(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- state
 
-    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None) -> MixerState:
-        """Constant-size state; ``max_seqlen`` and ``dtype`` are ignored (SSM states are float32)."""
+    takes_state_dtype = True
+
+    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None,
+                       state_dtype: torch.dtype | None = None) -> MixerState:
+        """Constant-size state; ``max_seqlen`` and ``dtype`` are ignored. ``state_dtype``: float32 (default) or a
+        16-bit float for the conv and SSM states (the steps compute in float32 and round once per token)."""
+        sd = recurrent_state_dtype(state_dtype)
         device = self.A_log.device if device is None else device
         return MixerState(
-            conv=torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=torch.float32),
-            ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+            conv=torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=sd),
+            ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=sd),
         )
 
-    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32) -> int:
-        return 4 * batch * self.d_inner * (self.d_conv - 1 + self.d_state)
+    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32,
+                    state_dtype: torch.dtype | None = None) -> int:
+        return recurrent_state_dtype(state_dtype).itemsize * batch * self.d_inner * (self.d_conv - 1 + self.d_state)
 
     # --------------------------------------------------------------------------------------------- forward
 
@@ -137,26 +143,30 @@ class Mamba(nn.Module):
             dt, B, C = (rms_norm(t, w, self.bcdt_norm_eps) for t, w in zip((dt, B, C), scales))
         return dt, B, C
 
+    # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM (addmm)
+    adds_residual = True
+
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
+        self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output."""
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
 
         if state is not None and L == 1:  # decode: O(1) step
-            # xs, z, B, C stay strided views of the projections and A = -exp(A_log) is formed inside the step
-            # kernel: on CUDA the step launches no copies or elementwise ops besides the GEMMs and two kernels
+            # xs, z, B, C stay strided views of the projections; A = -exp(A_log) and the dt projection are formed
+            # inside the step kernel: on CUDA the step is the GEMMs and two kernels, no copies or elementwise ops
             xt = conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")  # (B, D)
-            dt, B, C = self._split_x_proj(xt)
-            delta = F.linear(dt, self.dt_proj.weight)  # (B, D)
+            dt, B, C = self._split_x_proj(xt)  # dt (B, R)
             y = selective_state_update(
-                state["ssm"], xt, delta, self.A_log, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias,
-                dt_softplus=True, A_is_log=True,
+                state["ssm"], xt, dt, self.A_log, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias,
+                dt_softplus=True, A_is_log=True, dt_proj_weight=self.dt_proj.weight,
             )
             state.offset += 1
-            return self.out_proj(y.unsqueeze(1))
+            return self._project_out(y, residual).unsqueeze(1)
 
         A = -torch.exp(self.A_log.float())  # (D, N)
 
@@ -181,4 +191,16 @@ class Mamba(nn.Module):
             state.offset += L
         else:
             y = out
-        return self.out_proj(y)
+        out = self.out_proj(y)
+        return out if residual is None else residual + out
+
+    def _project_out(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """y (B, D) -> out_proj(y) (+ residual (B, 1, d_model)) as (B, d_model); one GEMM when the dtypes agree."""
+        w, bias = self.out_proj.weight, self.out_proj.bias
+        if residual is None:
+            return F.linear(y, w, bias)
+        res = residual[:, 0]
+        fusable = bias is None and not torch.is_autocast_enabled(y.device.type) and res.dtype == y.dtype == w.dtype
+        if fusable:
+            return torch.addmm(res, y, w.t())  # residual + y Wᵀ, the add done by the GEMM's epilogue
+        return res + F.linear(y, w, bias)

@@ -20,7 +20,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError
 from seqlab.mixers._init import dt_bias_init, no_weight_decay
-from seqlab.mixers.base import MixerState, check_mixer_input
+from seqlab.mixers.base import MixerState, check_mixer_input, recurrent_state_dtype
 from seqlab.mixers.norm import GatedRMSNorm
 
 # functions imported from their modules: ``seqlab.ops.ssd`` names both a module and a function
@@ -94,16 +94,23 @@ class Mamba2(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- state
 
-    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None) -> MixerState:
-        """Constant-size state; ``max_seqlen`` and ``dtype`` are ignored (SSM states are float32)."""
+    takes_state_dtype = True
+
+    def allocate_state(self, batch: int, max_seqlen: int = 0, device=None, dtype=None,
+                       state_dtype: torch.dtype | None = None) -> MixerState:
+        """Constant-size state; ``max_seqlen`` and ``dtype`` are ignored. ``state_dtype``: float32 (default) or a
+        16-bit float for the conv and SSM states (the steps compute in float32 and round once per token)."""
+        sd = recurrent_state_dtype(state_dtype)
         device = self.A_log.device if device is None else device
         return MixerState(
-            conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=torch.float32),
-            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
+            conv=torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=sd),
+            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=sd),
         )
 
-    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32) -> int:
-        return 4 * batch * (self.conv_dim * (self.d_conv - 1) + self.nheads * self.headdim * self.d_state)
+    def state_bytes(self, batch: int, seqlen: int = 0, dtype: torch.dtype = torch.float32,
+                    state_dtype: torch.dtype | None = None) -> int:
+        itemsize = recurrent_state_dtype(state_dtype).itemsize
+        return itemsize * batch * (self.conv_dim * (self.d_conv - 1) + self.nheads * self.headdim * self.d_state)
 
     # --------------------------------------------------------------------------------------------- forward
 

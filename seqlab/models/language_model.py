@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from seqlab.errors import InputError
-from seqlab.mixers.base import MixerState
+from seqlab.mixers.base import MixerState, recurrent_state_dtype
 from seqlab.models.config import ModelConfig
 from seqlab.models.state import InferenceState, config_fingerprint
 
@@ -57,6 +57,12 @@ def _norm(d: int, eps: float) -> nn.Module:
     return RMSNorm(d, eps=eps)
 
 
+def _state_dtype_kwarg(mixer: nn.Module, state_dtype: torch.dtype | None) -> dict:
+    """``{"state_dtype": ..}`` for mixers that take one (see seqlab.mixers.base), else nothing."""
+    takes = state_dtype is not None and getattr(mixer, "takes_state_dtype", False)
+    return {"state_dtype": state_dtype} if takes else {}
+
+
 class Block(nn.Module):
     """One layer: ``h + mixer(norm(h))`` then, if the layer has one, ``h + mlp(norm2(h))``."""
 
@@ -72,7 +78,10 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def forward(self, h: torch.Tensor, state: MixerState | None = None, seq_idx=None) -> torch.Tensor:
-        h = h + self.mixer(self.norm(h), state=state, seq_idx=seq_idx)
+        if getattr(self.mixer, "adds_residual", False):
+            h = self.mixer(self.norm(h), state=state, seq_idx=seq_idx, residual=h)
+        else:
+            h = h + self.mixer(self.norm(h), state=state, seq_idx=seq_idx)
         if self.mlp is not None:
             h = h + self.mlp(self.norm2(h))
         return h
@@ -207,20 +216,28 @@ class LanguageModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- state
 
-    def allocate_state(self, batch: int, max_seqlen: int, device=None, dtype=None) -> InferenceState:
-        """Preallocate every layer's state for ``batch`` rows and up to ``max_seqlen`` positions."""
+    def allocate_state(self, batch: int, max_seqlen: int, device=None, dtype=None,
+                       state_dtype: torch.dtype | None = None) -> InferenceState:
+        """Preallocate every layer's state for ``batch`` rows and up to ``max_seqlen`` positions.
+
+        ``dtype``: the KV caches' dtype (default: the model's); ``state_dtype``: the recurrent states of the mixers
+        that take one (Mamba, Mamba-2; default float32; a 16-bit float halves their bytes, as the reference
+        implementations keep them); other mixers keep their own."""
         if not isinstance(batch, int) or batch < 1:
             raise InputError("batch", "an integer >= 1", batch)
         if not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise InputError("max_seqlen", "an integer >= 1", max_seqlen)
+        recurrent_state_dtype(state_dtype)
         device = self.embedding.weight.device if device is None else device
-        layers, shared = self._allocate(batch, max_seqlen, device, dtype)
+        layers, shared = self._allocate(batch, max_seqlen, device, dtype, state_dtype)
         return InferenceState(
             layers, shared, batch, max_seqlen, config_fingerprint(self.config), self._state_seq_dims(batch, max_seqlen)
         )
 
-    def _allocate(self, batch, max_seqlen, device, dtype) -> tuple[list[MixerState], list[MixerState]]:
-        layers = [b.mixer.allocate_state(batch, max_seqlen, device=device, dtype=dtype) for b in self.layers]
+    def _allocate(self, batch, max_seqlen, device, dtype,
+                  state_dtype=None) -> tuple[list[MixerState], list[MixerState]]:
+        layers = [b.mixer.allocate_state(batch, max_seqlen, device=device, dtype=dtype,
+                                         **_state_dtype_kwarg(b.mixer, state_dtype)) for b in self.layers]
         shared = [
             self.shared_block.attn.allocate_state(batch, max_seqlen, device=device, dtype=dtype)
             for _ in self.shared_before
@@ -245,9 +262,11 @@ class LanguageModel(nn.Module):
             self._seq_dims = {cache_key: dims}
         return self._seq_dims[cache_key]
 
-    def state_bytes(self, batch: int, seqlen: int, dtype: torch.dtype = torch.float32) -> int:
+    def state_bytes(self, batch: int, seqlen: int, dtype: torch.dtype = torch.float32,
+                    state_dtype: torch.dtype | None = None) -> int:
         """Analytic bytes of ``allocate_state(batch, seqlen)``: the sum of the mixers' own accounts."""
-        total = sum(b.mixer.state_bytes(batch, seqlen, dtype) for b in self.layers)
+        total = sum(b.mixer.state_bytes(batch, seqlen, dtype, **_state_dtype_kwarg(b.mixer, state_dtype))
+                    for b in self.layers)
         if self.shared_before:
             total += len(self.shared_before) * self.shared_block.attn.state_bytes(batch, seqlen, dtype)
         return total

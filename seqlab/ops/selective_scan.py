@@ -406,7 +406,7 @@ def selective_scan(
     return (y, h) if return_final_state else y
 
 
-def _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend):
+def _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend, dt_proj_weight=None):
     check_backend(backend)
     check_tensor("x", x, ("B", "D"))
     dev = x.device
@@ -418,7 +418,12 @@ def _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend):
     if tuple(state.shape) != (batch, dim, d_state):
         want = f"shape {(batch, dim, d_state)} (B of x, D of x, N of A)"
         raise InputError("state", want, f"shape {tuple(state.shape)}")
-    _check_like("dt", dt, ("B", "D"), "x", x)
+    if dt_proj_weight is None:
+        _check_like("dt", dt, ("B", "D"), "x", x)
+    else:
+        check_tensor("dt_proj_weight", dt_proj_weight, ("D", "R"), device=dev)
+        check_dim("dt_proj_weight", dt_proj_weight, 0, dim, "D, the channels of x")
+        check_tensor("dt", dt, (batch, dt_proj_weight.shape[1]), device=dev)
     B3, C3 = _grouped_B_C(B, C, ("B",), (batch,), "batch of x", dim, d_state, dev)
     check_tensor("D", D, (dim,), optional=True, device=dev)
     _check_like("z", z, ("B", "D"), "x", x, optional=True)
@@ -440,6 +445,7 @@ def selective_state_update(
     dt_softplus: bool = True,
     backend: str = "auto",
     A_is_log: bool = False,
+    dt_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of the selective scan; updates ``state`` (B, D, N) in place and returns y (B, D).
 
@@ -447,14 +453,21 @@ def selective_state_update(
     one position of ``selective_scan``. ``A_is_log=True``: ``A`` holds A_log and the step uses A = -exp(A_log)
     (the Triton kernel computes it in registers, so a decode step launches no separate exp/neg). x, dt, z, B, C
     may be strided views (slices of a projection's output); the Triton kernel reads them without copies.
+    ``dt_proj_weight`` (D, R): ``dt`` is the low-rank (B, R) input of Mamba's dt projection and the step uses
+    dt = dt @ dt_proj_weightᵀ (float32 products in the Triton kernel, so that projection costs no launch).
+    The state may be float32 or a 16-bit float (read, updated in float32, rounded once when stored).
     """
-    B3, C3 = _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend)
+    B3, C3 = _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend, dt_proj_weight)
     if backend == "triton" or (backend == "auto" and x.is_cuda and triton_usable(state, x, dt, A, B3, C3)
                                and _kernel_importable("decode", "selective_state_update_triton")):
         require_triton("selective_state_update", state, x, dt, A, B3, C3, D, z, dt_bias)
         from seqlab.ops.triton.decode import selective_state_update_triton
 
-        return selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus, A_is_log=A_is_log)
+        return selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus, A_is_log=A_is_log,
+                                             dt_proj_weight=dt_proj_weight)
+    if dt_proj_weight is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            dt = F.linear(dt.to(compute_dtype(dt)), dt_proj_weight.to(compute_dtype(dt)))
     dtype = compute_dtype(state)
     if A_is_log:
         A = -torch.exp(A.to(dtype))

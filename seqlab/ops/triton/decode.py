@@ -22,11 +22,12 @@ def _softplus(x):
 
 
 @triton.jit
-def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
-                           DIM, G, N,
-                           sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, w_ptr, y_ptr,
+                           DIM, G, N, R,
+                           sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
                            A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                           SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -35,7 +36,17 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
     bd = b64 * DIM + offs_d  # state and y are contiguous; the inputs may be strided views
     x = tl.load(x_ptr + b64 * sx_b + offs_d * sx_d, mask=mask_d, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + b64 * sdt_b + offs_d * sdt_d, mask=mask_d, other=0.0).to(tl.float32)
+    if DT_PROJ:  # dt = dt_low (R,) @ Wᵀ, W (DIM, R): the dt projection of Mamba, row block by row block
+        dt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            low = tl.load(dt_ptr + b64 * sdt_b + offs_r * sdt_d, mask=mask_r, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_d[:, None] * sw_d + offs_r[None, :] * sw_r,
+                        mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            dt += tl.sum(w * low[None, :], axis=1)
+    else:
+        dt = tl.load(dt_ptr + b64 * sdt_b + offs_d * sdt_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
@@ -66,11 +77,13 @@ def _strides(t, n):
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
-def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False):
+def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False,
+                                  dt_proj_weight=None):
     """state (B, D, N) updated in place; x, dt, z (B, D); A (D, N); B, C (B, G, N); D, dt_bias (D,). Returns y (B, D).
 
     x, dt, z, B and C may be strided views (e.g. slices of a projection's output): they are read in place.
-    ``A_is_log``: ``A`` holds A_log and the kernel uses A = -exp(A_log)."""
+    ``A_is_log``: ``A`` holds A_log and the kernel uses A = -exp(A_log). ``dt_proj_weight`` (D, R): dt is
+    (B, R) and the kernel forms dt @ dt_proj_weightᵀ itself."""
     batch, dim = x.shape
     G, N = B.shape[1], B.shape[2]
     A = A.contiguous()
@@ -82,11 +95,14 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
     block_n = next_pow2(N)
     block_d = max(1, min(64, 2048 // block_n, next_pow2(dim)))
     grid = (batch, triton.cdiv(dim, block_d))
-    _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, y, dim, G, N,
+    rank = dt_proj_weight.shape[1] if dt_proj_weight is not None else 1
+    _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, y, dim, G, N, rank,
                                  *x.stride(), *dt.stride(), *_strides(z, 2), *B.stride(), *C.stride(),
+                                 *_strides(dt_proj_weight, 2),
                                  A_IS_LOG=bool(A_is_log), HAS_D=D is not None, HAS_Z=z is not None,
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-                                 BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
+                                 DT_PROJ=dt_proj_weight is not None, BLOCK_D=block_d, BLOCK_N=block_n,
+                                 BLOCK_R=min(64, next_pow2(rank)), num_warps=4)
     return y
 
 
