@@ -336,10 +336,11 @@ def test_ssd_triton_matches_ref(case):
 SSD_TUNINGS = {
     # the unfused kernels (chunk states, then a separate state pass; old backward with per-head atomics)
     "unfused": {"fused_state": False},
-    # fused state passes over 2 x 2 (P, N) tiles; 2 heads per backward program, 2 programs per group (atomics)
-    "fused_state_tiles_and_head_loop": {"state_block_p": 16, "state_block_n": 16, "bwd_heads": 2},
+    # fused state passes over 2 x 2 (P, N) tiles; 2 heads per backward program, 2 programs per group (atomics);
+    # all 4 heads of a group per output program
+    "fused_state_tiles_and_head_loop": {"state_block_p": 16, "state_block_n": 16, "bwd_heads": 2, "out_heads": 4},
     # one head per backward program with the passing-decay gradient formed in the chunk kernel
-    "fused_one_head_per_program": {"bwd_heads": 1, "state_stages": 1},
+    "fused_one_head_per_program": {"bwd_heads": 1, "state_stages": 1, "out_heads": 2},
 }
 
 

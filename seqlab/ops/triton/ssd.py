@@ -193,12 +193,14 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
                           L, H, P, G, N, nchunks,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
                           HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
-                          UPCAST: tl.constexpr,
+                          UPCAST: tl.constexpr, HEADS: tl.constexpr,
                           T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Step 3 for chunk c, HEADS consecutive heads of one group and a block of P; grid (B * nchunks, H // HEADS,
+    P blocks). The group's C, B and C Bᵀ are loaded and formed once for its heads."""
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid % nchunks
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HEADS
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
@@ -206,41 +208,44 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
     mask_t = t < L
     mask_p = offs_p < P
     mask_n = offs_n < N
-    dt = _chunk_dt(dt_ptr, bias_ptr, b, h, t, mask_t, L, H, HAS_BIAS, SOFTPLUS)
-    cum = tl.load(cum_ptr + ((b.to(tl.int64) * H + h) * nchunks + c) * T + offs_t)
     row = b.to(tl.int64) * L + t
-    bc = ((row * G + h // (H // G)) * N)[:, None] + offs_n[None, :]
+    bc = ((row * G + h0 // (H // G)) * N)[:, None] + offs_n[None, :]
     mask_tn = mask_t[:, None] & mask_n[None, :]
     Ct = tl.load(C_ptr + bc, mask=mask_tn, other=0.0)
     Bt = tl.load(B_ptr + bc, mask=mask_tn, other=0.0)
-    xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
-    mask_tp = mask_t[:, None] & mask_p[None, :]
-    x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
     CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)  # (T, T)
     causal = offs_t[:, None] >= offs_t[None, :]
-    scale_in = tl.exp(cum)  # decay of the carried state to each position
     if HAS_DOC:
         doc = tl.load(doc_ptr + b.to(tl.int64) * L + t, mask=mask_t, other=-1)
         causal = causal & (doc[:, None] == doc[None, :])
         prev_doc = tl.load(doc_ptr + b.to(tl.int64) * L + c * T - 1, mask=c > 0, other=0)
-        scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
-    seg = tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))
-    M = CB * tl.exp(seg) * dt[None, :]
-    hin = tl.load(states_ptr + ((b.to(tl.int64) * nchunks + c) * H + h) * P * N + offs_p[:, None] * N
-                  + offs_n[None, :], mask=mask_p[:, None] & mask_n[None, :], other=0.0)
-    y = _mm(M.to(x.dtype), x, IEEE, UPCAST)  # (T, BP)
-    y_in = _mm(Ct, tl.trans(hin.to(x.dtype)), IEEE, UPCAST)  # (T, BP)
-    y += scale_in[:, None] * y_in
-    if HAS_D:
-        if D_PER_P:
-            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-        else:
-            Dv = tl.load(D_ptr + h).to(tl.float32)
-        y += Dv * x.to(tl.float32)
-    if HAS_Z:
-        zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
-        y = y * zv * tl.sigmoid(zv)
-    tl.store(y_ptr + xo, y.to(y_ptr.dtype.element_ty), mask=mask_tp)
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    for j in range(HEADS):
+        h = h0 + j
+        dt = _chunk_dt(dt_ptr, bias_ptr, b, h, t, mask_t, L, H, HAS_BIAS, SOFTPLUS)
+        cum = tl.load(cum_ptr + ((b.to(tl.int64) * H + h) * nchunks + c) * T + offs_t)
+        xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
+        x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
+        scale_in = tl.exp(cum)  # decay of the carried state to each position
+        if HAS_DOC:
+            scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
+        seg = tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))
+        M = CB * tl.exp(seg) * dt[None, :]
+        hin = tl.load(states_ptr + ((b.to(tl.int64) * nchunks + c) * H + h) * P * N + offs_p[:, None] * N
+                      + offs_n[None, :], mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        y = _mm(M.to(x.dtype), x, IEEE, UPCAST)  # (T, BP)
+        y_in = _mm(Ct, tl.trans(hin.to(x.dtype)), IEEE, UPCAST)  # (T, BP)
+        y += scale_in[:, None] * y_in
+        if HAS_D:
+            if D_PER_P:
+                Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+            else:
+                Dv = tl.load(D_ptr + h).to(tl.float32)
+            y += Dv * x.to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(y_ptr + xo, y.to(y_ptr.dtype.element_ty), mask=mask_tp)
 
 
 # Overrides for benchmarks that sweep; empty = defaults.
@@ -248,7 +253,8 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
 #   T, num_warps   tile length; warps of the per-chunk kernels (chunk_out, backward chunk kernel)
 #   bwd_warps      warps of the backward chunk kernel (default: num_warps, else 8 for T >= 64)
 #   bwd_heads      heads per backward chunk program, sharing C Bᵀ and gathering dB, dC (default 8; rounded down
-#                  to a divisor of the heads per group; all of them: no atomics)
+#                  to a divisor of the heads per group; all of them: no atomics). Fused path only.
+#   out_heads      heads per forward output program, sharing C Bᵀ (default 1; rounded down likewise)
 #   state_block_p, state_block_n, state_warps, state_stages   tiles, warps and pipeline stages of the fused state
 #                  passes (forward and backward)
 #   state_dtype    "input" (default) or "fp32": dtype of the stored entering states and their gradients (fused)
@@ -273,6 +279,13 @@ def _state_blocks(batch: int, H: int, P: int, N: int) -> tuple[int, int]:
     while "state_block_p" not in TUNING and programs() < _PROGRAMS_IN_FLIGHT and bp > 32:
         bp //= 2
     return bp, bn
+
+
+def _group_heads(H: int, G: int, key: str, default: int) -> int:
+    """Heads per program of a per-chunk kernel: the largest divisor of H // G up to TUNING[key] (or default)."""
+    per_group = H // G
+    want = TUNING.get(key) or default
+    return max(d for d in range(1, min(want, per_group) + 1) if per_group % d == 0)
 
 
 def _state_dtype(x: torch.Tensor, fused: bool) -> torch.dtype:
@@ -317,6 +330,7 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_sta
     init = initial_state.contiguous() if initial_state is not None else None
     warps = TUNING.get("num_warps") or 4  # 4 beat 8 for T = 64 and 128 on an H200 (benchmarks/kernels.py sweep)
     grid = (batch * nchunks, H, triton.cdiv(P, block_p))
+    out_heads = _group_heads(H, G, "out_heads", 1)
     if fused:
         _fused_state_pass(x, dt, A, B, dt_bias, dt_softplus, doc, init, states, final, cum, T, ieee, interpreting)
     else:
@@ -329,10 +343,11 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_sta
             states, cum, init, doc, final, L, H, P * N, nchunks,
             HAS_INIT=init is not None, HAS_DOC=doc is not None, T=T, BLOCK=block, num_warps=4)
     y = torch.empty_like(x)
-    _ssd_chunk_out_kernel[grid](x, dt, B, C, D, z, dt_bias, doc, states, cum, y, L, H, P, G, N, nchunks,
-                                HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
-                                HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
-                                IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+    _ssd_chunk_out_kernel[(batch * nchunks, H // out_heads, triton.cdiv(P, block_p))](
+        x, dt, B, C, D, z, dt_bias, doc, states, cum, y, L, H, P, G, N, nchunks,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None, HAS_D=D is not None,
+        D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting,
+        HEADS=out_heads, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
     return y, final, states, cum, doc, T, fused
 
 
@@ -477,7 +492,7 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
                           ATOMIC: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Input gradients of chunk c for HEADS consecutive heads of one group; grid (B * nchunks, H // HEADS).
     The group's C, B and C Bᵀ are loaded and formed once; dB, dC (B, L, G, N) gather over the heads in registers
-    and are written once (added atomically when other programs share the group). DLAST_INLINE: the gradient of
+    (the C Bᵀ part through the heads' summed d(C Bᵀ)) and are written once (added atomically when other programs share the group). DLAST_INLINE: the gradient of
     the passing decay, keep_c exp(cum_last_c) <dS_c, h_in_c>, is formed here from the loaded states; else it is
     read from dlast (B, H, nchunks)."""
     pid = tl.program_id(0)
@@ -510,6 +525,7 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
     mask_tp = mask_t[:, None] & mask_p[None, :]
     dB_sum = tl.zeros((T, BLOCK_N), dtype=tl.float32)
     dC_sum = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    dCB_sum = tl.zeros((T, T), dtype=tl.float32)
     for j in range(HEADS):
         h = h0 + j
         bh = b64 * H + h
@@ -569,9 +585,10 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
                 tl.store(dD_ptr + bh * nchunks + c, tl.sum(tl.sum(dy * xf, axis=1), axis=0))
         tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
         dM = _mm(dyc, tl.trans(x), IEEE, UPCAST)  # (T, T)
-        dCB = dM * decay * dt[None, :]
-        dC_sum += _mm(dCB.to(x.dtype), Bt, IEEE, UPCAST) + scale_in[:, None] * _mm(dyc, hin, IEEE, UPCAST)
-        dB_sum += _mm(tl.trans(dCB.to(x.dtype)), Ct, IEEE, UPCAST) + wdt[:, None] * _mm(x, dS, IEEE, UPCAST)
+        # B, C are the group's: sum_h dCB_h B = (sum_h dCB_h) B, formed once after the loop
+        dCB_sum += dM * decay * dt[None, :]
+        dC_sum += _mm((scale_in[:, None] * dy).to(x.dtype), hin, IEEE, UPCAST)
+        dB_sum += _mm((wdt[:, None] * xf).to(x.dtype), dS, IEEE, UPCAST)
         # step sizes: direct factor dt_j in M and in the chunk state, then through cum
         dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
         ddt = tl.sum(dM * CB * decay, axis=0) + dw * w
@@ -589,19 +606,15 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(raw)
         tl.store(ddt_ptr + row * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
+    dCB_sum = dCB_sum.to(Ct.dtype)
+    dC_sum += _mm(dCB_sum, Bt, IEEE, UPCAST)
+    dB_sum += _mm(tl.trans(dCB_sum), Ct, IEEE, UPCAST)
     if ATOMIC:
         tl.atomic_add(dC_ptr + gn, dC_sum, mask=mask_tn)
         tl.atomic_add(dB_ptr + gn, dB_sum, mask=mask_tn)
     else:
         tl.store(dC_ptr + gn, dC_sum, mask=mask_tn)
         tl.store(dB_ptr + gn, dB_sum, mask=mask_tn)
-
-
-def _bwd_heads(H: int, G: int) -> int:
-    """Heads per backward chunk program: the largest divisor of H // G up to TUNING["bwd_heads"] (default 8)."""
-    per_group = H // G
-    want = TUNING.get("bwd_heads") or 8
-    return max(d for d in range(1, min(want, per_group) + 1) if per_group % d == 0)
 
 
 def _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting):
@@ -648,7 +661,7 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = dy.contiguous()
     dstates, dinit, dlast = _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting)
-    heads = _bwd_heads(H, G) if fused else 1
+    heads = _group_heads(H, G, "bwd_heads", 8) if fused else 1
     atomic = heads < H // G
     dx = torch.empty_like(x)
     ddt = torch.empty(dt.shape, **f32)
