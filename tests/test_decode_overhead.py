@@ -399,45 +399,15 @@ _LAUNCHED: list = []
 @pytest.fixture(scope="module", autouse=True)
 def _record_launches():
     """Under the interpreter, remember each kernel specialisation this file launches (see the last test)."""
-    if not _INTERPRET:
+    from triton_compile import recording_launches
+
+    with recording_launches(_LAUNCHED):
         yield
-        return
-    import inspect
-
-    from triton.runtime import interpreter
-
-    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-    original = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        params = list(inspect.signature(self.fn).parameters.values())
-        bound = dict(zip([p.name for p in params], args), **kwargs)
-        sig, consts = {}, []
-        for i, p in enumerate(params):
-            v = bound.get(p.name)
-            if "constexpr" in str(p.annotation) or v is None:
-                sig[p.name] = "constexpr"
-                consts.append([i, v])
-            elif isinstance(v, torch.Tensor):
-                sig[p.name] = "*" + dtypes[v.dtype]
-            else:
-                sig[p.name] = "i32"
-        _LAUNCHED.append((self.fn.__module__, self.fn.__name__, sig, consts))
-        return original(self, *args, **kwargs)
-
-    interpreter.InterpretedFunction.run = run
-    yield
-    interpreter.InterpretedFunction.run = original
 
 
 def test_launched_decode_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects: lower every specialisation launched above (strided
     inputs, A_IS_LOG, bfloat16 models) to Triton IR for sm_90 in a clean process."""
-    if not _INTERPRET or not _LAUNCHED:
-        pytest.skip("only meaningful after the interpreter tests of this file ran")
-    import json
+    from triton_compile import assert_launched_compile_for_sm90
 
-    from triton_compile import assert_compiles_for_sm90
-
-    specs = {json.dumps(s, sort_keys=True, default=str): s for s in _LAUNCHED}
-    assert_compiles_for_sm90(list(specs.values()))
+    assert_launched_compile_for_sm90(_LAUNCHED)

@@ -7,6 +7,8 @@ so kernel tests also compile every specialisation they launched. ``payload`` ite
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -53,3 +55,48 @@ def assert_compiles_for_sm90(payload: list) -> None:
     if res.stdout.startswith("SKIP"):
         pytest.skip(f"this triton has no front-end API for the check: {res.stdout.strip()}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def recording_launches(launched: list):
+    """Under TRITON_INTERPRET=1, append a payload item (see above) to ``launched`` for every kernel launch inside
+    the block; elsewhere do nothing."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        yield
+        return
+    import torch
+    from triton.runtime import interpreter
+
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+              torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+    original = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        params = list(inspect.signature(self.fn).parameters.values())
+        bound = dict(zip([p.name for p in params], args), **kwargs)
+        sig, consts = {}, []
+        for i, p in enumerate(params):
+            v = bound.get(p.name)
+            if "constexpr" in str(p.annotation) or v is None:
+                sig[p.name] = "constexpr"
+                consts.append([i, v])
+            elif isinstance(v, torch.Tensor):
+                sig[p.name] = "*" + dtypes[v.dtype]
+            else:
+                sig[p.name] = "i32" if isinstance(v, int) and abs(v) < 2**31 else "i64"
+        launched.append((self.fn.__module__, self.fn.__name__, sig, consts))
+        return original(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = original
+
+
+def assert_launched_compile_for_sm90(launched: list) -> None:
+    """Lower each distinct specialisation recorded by ``recording_launches``; skip when none was recorded."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1" or not launched:
+        pytest.skip("only meaningful after interpreter tests recorded their launches")
+    specs = {json.dumps(s, sort_keys=True, default=str): s for s in launched}
+    assert_compiles_for_sm90(list(specs.values()))
