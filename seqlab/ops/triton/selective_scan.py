@@ -481,8 +481,396 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(dbias_ptr + pid_b * DIM + offs_d, dbias_acc, mask=mask_d)
 
 
-# Tile-shape overrides (keys BLOCK_T, BLOCK_D, num_warps) for benchmarks that sweep shapes; empty = defaults.
+# ----------------------------------------------------------------------------------------- chunk kernels
+# One warp per block of channels by default. The (BLOCK_D, N) state takes the layout of the A load: 4 states per
+# thread along n, 8 channel lanes x 4 state lanes per warp, so sums over n are 3 adds + 2 shuffles and nothing
+# crosses warps (no barriers in the time loop). exp(dt A) = exp2(dt A log2 e) with A prescaled once: one multiply
+# and one ex2 per state and step. Inputs of the next 8 steps are loaded while the current 8 run.
+# Time splits into segments (grid axis 2) when batch x channel blocks alone leave the GPU idle: the scan is affine
+# in the state, so a segment's end state is (its decay product) x (its start state) + (its end state from zero). A
+# states-only pass writes each segment's pair; each program of the full pass folds the earlier pairs into its start
+# state. The backward does the same for the adjoint carry, walking segments in reverse.
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, chunk, t_end, L, DIM, G, g, N,
+                offs_d, offs_n, mask_d, mask_n,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr, LOAD_B: tl.constexpr,
+                LOAD_C: tl.constexpr):
+    """Inputs of steps 8 chunk .. 8 chunk + 7; steps at or past t_end become the identity (dt = 0).
+    Returns u, raw delta (+ bias), dt, reset (BD, 8) and B, C (BN, 8) (zeros where not asked for)."""
+    t = chunk * 8 + tl.arange(0, 8)
+    mask_t = t < t_end
+    row = pid_b.to(tl.int64) * L + t
+    io = offs_d[:, None] + row[None, :] * DIM  # (BD, 8)
+    mask_io = mask_d[:, None] & mask_t[None, :]
+    u = tl.load(u_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+    raw = tl.load(delta_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+    bc = offs_n[:, None] + ((row * G + g) * N)[None, :]  # (BN, 8)
+    mask_bc = mask_n[:, None] & mask_t[None, :]
+    if LOAD_B:
+        Bt = tl.load(B_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
+    else:
+        Bt = tl.zeros((offs_n.shape[0], 8), dtype=tl.float32)
+    if LOAD_C:
+        Ct = tl.load(C_ptr + bc, mask=mask_bc, other=0.0).to(tl.float32)
+    else:
+        Ct = tl.zeros((offs_n.shape[0], 8), dtype=tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_io, dt, 0.0)
+    if HAS_DOC:
+        doc = tl.load(doc_ptr + row, mask=mask_t, other=0)
+        prev = tl.load(doc_ptr + row - 1, mask=mask_t & (t > 0), other=0)
+        reset = (doc != prev)[None, :] & mask_d[:, None]
+    else:
+        reset = mask_io
+    return u, raw, dt, reset, Bt, Ct
+
+
+@triton.jit
+def _decay(dt, A2, reset, HAS_DOC: tl.constexpr):
+    """exp(dt A) (BD, BN) for one step: dt, reset (BD,); A2 = A log2(e). A document start zeroes the carried state."""
+    a = tl.exp2(dt[:, None] * A2)
+    if HAS_DOC:
+        a = tl.where(reset[:, None], 0.0, a)
+    return a
+
+
+@triton.jit
+def _fwd_step(h, dt, dtu, Bv, Cv, A2, reset, HAS_DOC: tl.constexpr):
+    """h_{t-1} (BD, BN) -> h_t and y_t = <h_t, C_t> (BD,)."""
+    h = _decay(dt, A2, reset, HAS_DOC) * h + dtu[:, None] * Bv[None, :]
+    return h, tl.sum(h * Cv[None, :], axis=1)
+
+
+@triton.jit
+def _segment_decay(sdt, nreset, A2, HAS_DOC: tl.constexpr):
+    """Product of a segment's decays (BD, BN) from its summed dt and count of document starts (BD,)."""
+    dec = tl.exp2(sdt[:, None] * A2)
+    if HAS_DOC:
+        dec = tl.where((nreset > 0)[:, None], 0.0, dec)
+    return dec
+
+
+@triton.jit
+def _fold_segments(h, seg_a_ptr, seg_b_ptr, seg_base, first, count, step, DIM, N, dn, mask_dn):
+    """h <- a_j h + b_j for j = first, first + step, ... (count segments); a_j, b_j (B, S, D, N) float32 rows of this
+    batch start at seg_base. Forward: states (step +1); backward: adjoint carries (step -1)."""
+    for k in range(count):
+        off = seg_base + (first + k * step) * DIM * N + dn  # S D N fits in int32
+        h = tl.load(seg_a_ptr + off, mask=mask_dn, other=0.0) * h + tl.load(seg_b_ptr + off, mask=mask_dn, other=0.0)
+    return h
+
+
+@triton.jit
+def _scan_fwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, doc_ptr,
+                           y_ptr, final_ptr, ckpt_ptr, seg_a_ptr, seg_b_ptr,
+                           L, DIM, G, N, n_ckpt, seg_len, n_seg, seg_first,
+                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                           HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, STORE_CKPT: tl.constexpr,
+                           STATES_ONLY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Forward over one time segment of seg_len steps (a multiple of 8) for BLOCK_D channels; grid (D / BLOCK_D,
+    batch, segments from seg_first). STATES_ONLY: start from zero (segment 0: from the initial state), write only the segment's
+    end state to seg_b and its decay product to seg_a. Otherwise start from the folded earlier segments, write y,
+    checkpoints every 8 steps (B, n_ckpt, D, N) and, in the last segment, the final state."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2) + seg_first
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    A2 = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E  # (BD, BN)
+    g = (pid_d * BLOCK_D) // (DIM // G)
+    state_base = pid_b.to(tl.int64) * DIM * N
+    seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_INIT:
+        if pid_s == 0:
+            h = tl.load(init_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
+    if not STATES_ONLY:
+        h = _fold_segments(h, seg_a_ptr, seg_b_ptr, seg_base, 0, pid_s, 1, DIM, N, dn, mask_dn)
+    Dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    t_begin = pid_s * seg_len
+    t_end = tl.minimum(t_begin + seg_len, L)
+    c_begin = t_begin // 8
+    c_end = tl.cdiv(t_end, 8)
+    sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    nreset = tl.zeros((BLOCK_D,), dtype=tl.int32)
+    nu, nraw, ndt, nres, nB, nC = _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, c_begin, t_end,
+                                              L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
+                                              HAS_BIAS, SOFTPLUS, HAS_DOC, True, not STATES_ONLY)
+    for chunk in range(c_begin, c_end):
+        u, dt, reset, Bt, Ct = nu, ndt, nres, nB, nC
+        nu, nraw, ndt, nres, nB, nC = _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, chunk + 1,
+                                                  t_end, L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
+                                                  HAS_BIAS, SOFTPLUS, HAS_DOC, True, not STATES_ONLY)
+        t = chunk * 8 + tl.arange(0, 8)
+        io = offs_d[:, None] + (pid_b.to(tl.int64) * L + t)[None, :] * DIM  # (BD, 8)
+        mask_io = mask_d[:, None] & (t < t_end)[None, :]
+        if HAS_Z and not STATES_ONLY:
+            zv = tl.load(z_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+        if STORE_CKPT and not STATES_ONLY:
+            tl.store(ckpt_ptr + (pid_b.to(tl.int64) * n_ckpt + chunk) * DIM * N + dn, h, mask=mask_dn)
+        if STATES_ONLY:
+            sdt += tl.sum(dt, axis=1)
+            if HAS_DOC:
+                nreset += tl.sum(reset.to(tl.int32), axis=1)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dt * u)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(reset)
+        h, y0 = _fwd_step(h, d0, e0, b0, c0, A2, r0, HAS_DOC)
+        h, y1 = _fwd_step(h, d1, e1, b1, c1, A2, r1, HAS_DOC)
+        h, y2 = _fwd_step(h, d2, e2, b2, c2, A2, r2, HAS_DOC)
+        h, y3 = _fwd_step(h, d3, e3, b3, c3, A2, r3, HAS_DOC)
+        h, y4 = _fwd_step(h, d4, e4, b4, c4, A2, r4, HAS_DOC)
+        h, y5 = _fwd_step(h, d5, e5, b5, c5, A2, r5, HAS_DOC)
+        h, y6 = _fwd_step(h, d6, e6, b6, c6, A2, r6, HAS_DOC)
+        h, y7 = _fwd_step(h, d7, e7, b7, c7, A2, r7, HAS_DOC)
+        if not STATES_ONLY:
+            y = _join8(y0, y1, y2, y3, y4, y5, y6, y7)  # (BD, 8)
+            if HAS_D:
+                y += Dskip[:, None] * u
+            if HAS_Z:
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=mask_io)
+    if STATES_ONLY:
+        seg = seg_base + pid_s.to(tl.int64) * DIM * N + dn
+        tl.store(seg_a_ptr + seg, _segment_decay(sdt, nreset, A2, HAS_DOC), mask=mask_dn)
+        tl.store(seg_b_ptr + seg, h, mask=mask_dn)
+    else:
+        if pid_s == n_seg - 1:
+            tl.store(final_ptr + state_base + dn, h, mask=mask_dn)
+
+
+@triton.jit
+def _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset, HAS_DOC: tl.constexpr):
+    """Adjoint of one step; dyg is dy through the gate, carry = a_{t+1} dh_{t+1} (BD, BN).
+    Returns dx dt (BD,), d dt (BD,), dB, dC (BN,), dA_acc + this step's dA and the carry for step t - 1."""
+    a = _decay(dt, A2, reset, HAS_DOC)  # recomputed: cheaper than keeping 8 of them in registers
+    dh = dyg[:, None] * Cv[None, :] + carry
+    dC = tl.sum(dyg[:, None] * h, axis=0)
+    dB = tl.sum(dh * (dt * u)[:, None], axis=0)
+    dx = tl.sum(dh * Bv[None, :], axis=1)
+    q = dh * (a * h_prev)
+    dA_acc += q * dt[:, None]
+    ddt = dx * u + tl.sum(q * A2, axis=1) * LN2  # d/d dt of exp(dt A) h = A a h, with A = A2 ln 2
+    return dx * dt, ddt, dB, dC, dA_acc, a * dh
+
+
+@triton.jit
+def _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk, t_end, L, DIM, offs_d, mask_d, HAS_Z: tl.constexpr):
+    """dy and z (BD, 8) of steps 8 chunk .. 8 chunk + 7 (z = 0 without a gate)."""
+    t = chunk * 8 + tl.arange(0, 8)
+    io = offs_d[:, None] + (pid_b.to(tl.int64) * L + t)[None, :] * DIM
+    mask_io = mask_d[:, None] & (t < t_end)[None, :]
+    dy = tl.load(dy_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+    else:
+        zv = tl.zeros_like(dy)
+    return dy, zv
+
+
+@triton.jit
+def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, ckpt_ptr,
+                           dy_ptr, dfinal_ptr, seg_a_ptr, seg_b_ptr,
+                           du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dinit_ptr,
+                           L, DIM, G, N, n_ckpt, seg_len, n_seg, seg_first,
+                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                           HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr, CARRY_ONLY: tl.constexpr,
+                           PREFETCH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Backward of the chunk forward over one time segment, 8 steps at a time in reverse; grid (D / BLOCK_D, batch,
+    segments from seg_first). Per chunk: rebuild its 8 states from the checkpoint in registers, then the adjoint
+    steps dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1} backwards. dB, dC: summed over the block's channels in the
+    program, then one relaxed atomic add per (t, n); dA, dD, d bias: partial sums per (batch, segment).
+    CARRY_ONLY: from a zero carry, write the segment's adjoint carry at its start (seg_b) and decay product (seg_a)."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2) + seg_first
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < DIM
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    A2 = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
+    g = (pid_d * BLOCK_D) // (DIM // G)
+    state_base = pid_b.to(tl.int64) * DIM * N
+    seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
+    carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if not CARRY_ONLY:
+        if HAS_DFINAL:
+            carry = tl.load(dfinal_ptr + state_base + dn, mask=mask_dn, other=0.0).to(tl.float32)
+        carry = _fold_segments(carry, seg_a_ptr, seg_b_ptr, seg_base, n_seg - 1, n_seg - 1 - pid_s, -1, DIM, N,
+                               dn, mask_dn)
+    Dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    nreset = tl.zeros((BLOCK_D,), dtype=tl.int32)
+    t_begin = pid_s * seg_len
+    t_end = tl.minimum(t_begin + seg_len, L)
+    c_begin = t_begin // 8
+    c_last = tl.cdiv(t_end, 8) - 1
+    if PREFETCH:
+        nu, nraw, ndt, nres, nB, nC = _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, c_last,
+                                                  t_end, L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
+                                                  HAS_BIAS, SOFTPLUS, HAS_DOC, not CARRY_ONLY, True)
+        ndy, nz = _load_grad_chunk(dy_ptr, z_ptr, pid_b, c_last, t_end, L, DIM, offs_d, mask_d, HAS_Z)
+    for i in range(c_last + 1 - c_begin):
+        chunk = c_last - i
+        if not CARRY_ONLY:
+            h_in = tl.load(ckpt_ptr + (pid_b.to(tl.int64) * n_ckpt + chunk) * DIM * N + dn, mask=mask_dn, other=0.0)
+        if PREFETCH:  # the previous chunk's loads go out before this chunk's arithmetic
+            u, raw, dt, reset, Bt, Ct, dy, zv = nu, nraw, ndt, nres, nB, nC, ndy, nz
+            nu, nraw, ndt, nres, nB, nC = _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, chunk - 1,
+                                                      t_end, L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
+                                                      HAS_BIAS, SOFTPLUS, HAS_DOC, not CARRY_ONLY, True)
+            ndy, nz = _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk - 1, t_end, L, DIM, offs_d, mask_d, HAS_Z)
+        else:
+            u, raw, dt, reset, Bt, Ct = _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, chunk,
+                                                    t_end, L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
+                                                    HAS_BIAS, SOFTPLUS, HAS_DOC, not CARRY_ONLY, True)
+            dy, zv = _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk, t_end, L, DIM, offs_d, mask_d, HAS_Z)
+        t = chunk * 8 + tl.arange(0, 8)
+        io = offs_d[:, None] + (pid_b.to(tl.int64) * L + t)[None, :] * DIM
+        mask_t = t < t_end
+        mask_io = mask_d[:, None] & mask_t[None, :]
+        if HAS_Z:
+            sz = tl.sigmoid(zv)
+            dyg = dy * zv * sz
+        else:
+            dyg = dy
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(reset)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _split8(dyg)
+        if CARRY_ONLY:
+            sdt += tl.sum(dt, axis=1)
+            if HAS_DOC:
+                nreset += tl.sum(reset.to(tl.int32), axis=1)
+            carry = _decay(d7, A2, r7, HAS_DOC) * (p7[:, None] * c7[None, :] + carry)
+            carry = _decay(d6, A2, r6, HAS_DOC) * (p6[:, None] * c6[None, :] + carry)
+            carry = _decay(d5, A2, r5, HAS_DOC) * (p5[:, None] * c5[None, :] + carry)
+            carry = _decay(d4, A2, r4, HAS_DOC) * (p4[:, None] * c4[None, :] + carry)
+            carry = _decay(d3, A2, r3, HAS_DOC) * (p3[:, None] * c3[None, :] + carry)
+            carry = _decay(d2, A2, r2, HAS_DOC) * (p2[:, None] * c2[None, :] + carry)
+            carry = _decay(d1, A2, r1, HAS_DOC) * (p1[:, None] * c1[None, :] + carry)
+            carry = _decay(d0, A2, r0, HAS_DOC) * (p0[:, None] * c0[None, :] + carry)
+        else:
+            # A reloaded (an L1 hit) so the compiler recomputes the reverse steps' decays instead of keeping the
+            # forward's 8 in registers
+            A2r = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
+            e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dt * u)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
+            h0, y0 = _fwd_step(h_in, d0, e0, b0, c0, A2, r0, HAS_DOC)
+            h1, y1 = _fwd_step(h0, d1, e1, b1, c1, A2, r1, HAS_DOC)
+            h2, y2 = _fwd_step(h1, d2, e2, b2, c2, A2, r2, HAS_DOC)
+            h3, y3 = _fwd_step(h2, d3, e3, b3, c3, A2, r3, HAS_DOC)
+            h4, y4 = _fwd_step(h3, d4, e4, b4, c4, A2, r4, HAS_DOC)
+            h5, y5 = _fwd_step(h4, d5, e5, b5, c5, A2, r5, HAS_DOC)
+            h6, y6 = _fwd_step(h5, d6, e6, b6, c6, A2, r6, HAS_DOC)
+            h7, y7 = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
+            if HAS_Z:
+                y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dskip[:, None] * u
+                dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
+                tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=mask_io)
+            dD_acc += tl.sum(dyg * u, axis=1)
+            x7, q7, dB7, dC7, dA_acc, carry = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, HAS_DOC)
+            x6, q6, dB6, dC6, dA_acc, carry = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, HAS_DOC)
+            x5, q5, dB5, dC5, dA_acc, carry = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, HAS_DOC)
+            x4, q4, dB4, dC4, dA_acc, carry = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, HAS_DOC)
+            x3, q3, dB3, dC3, dA_acc, carry = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, HAS_DOC)
+            x2, q2, dB2, dC2, dA_acc, carry = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, HAS_DOC)
+            x1, q1, dB1, dC1, dA_acc, carry = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, HAS_DOC)
+            x0, q0, dB0, dC0, dA_acc, carry = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, HAS_DOC)
+            du = _join8(x0, x1, x2, x3, x4, x5, x6, x7) + Dskip[:, None] * dyg
+            ddt = tl.where(mask_io, _join8(q0, q1, q2, q3, q4, q5, q6, q7), 0.0)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            dbias_acc += tl.sum(ddt, axis=1)
+            tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=mask_io)
+            tl.store(ddelta_ptr + io, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_io)
+            bc = offs_n[:, None] + (((pid_b.to(tl.int64) * L + t) * G + g) * N)[None, :]  # (BN, 8)
+            mask_bc = mask_n[:, None] & mask_t[None, :]
+            tl.atomic_add(dB_ptr + bc, _join8(dB0, dB1, dB2, dB3, dB4, dB5, dB6, dB7), mask=mask_bc, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc, _join8(dC0, dC1, dC2, dC3, dC4, dC5, dC6, dC7), mask=mask_bc, sem="relaxed")
+    if CARRY_ONLY:
+        seg = seg_base + pid_s.to(tl.int64) * DIM * N + dn
+        tl.store(seg_a_ptr + seg, _segment_decay(sdt, nreset, A2, HAS_DOC), mask=mask_dn)
+        tl.store(seg_b_ptr + seg, carry, mask=mask_dn)
+    else:
+        part = pid_b.to(tl.int64) * n_seg + pid_s
+        tl.store(dA_ptr + part * DIM * N + dn, dA_acc, mask=mask_dn)
+        tl.store(dD_ptr + part * DIM + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + part * DIM + offs_d, dbias_acc, mask=mask_d)
+        if pid_s == 0:
+            tl.store(dinit_ptr + state_base + dn, carry, mask=mask_dn)
+
+
+# Overrides for benchmarks that sweep shapes; empty = defaults.
+#   forward: "chunk" (default), "loop" or "tile"; the backward is the forward's partner.
+#   chunk: CHUNK_BLOCK_D / CHUNK_WARPS (forward), BWD_BLOCK_D / BWD_WARPS (backward), SPLIT_T (time segments of
+#          the forward and the backward; 0 or absent = by occupancy, 1 = never split).
+#   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
+
+# Programs (one warp each) that keep an H200's 132 SMs busy with a latency-bound time loop: ~8 per SM.
+_CHUNK_PROGRAMS = 1024
+# Shortest time segment worth a split: the states-only pass and the fold cost about one segment of 8 steps per
+# earlier segment, so segments stay long.
+_MIN_SEGMENT = 256
+
+
+def _chunk_block_d(key: str, default: int, dim: int, groups: int) -> int:
+    """Channels per chunk program: a power of two dividing the channels of one B/C group."""
+    block_d = TUNING.get(key) or default
+    while (dim // groups) % block_d:
+        block_d //= 2
+    return block_d
+
+
+def _chunk_segments(programs: int, L: int) -> tuple[int, int]:
+    """(segments, steps per segment, a multiple of 8) for a time loop over `programs` programs per segment."""
+    n_seg = TUNING.get("SPLIT_T") or min(-(-_CHUNK_PROGRAMS // programs), max(1, L // _MIN_SEGMENT))
+    seg_len = -(-triton.cdiv(L, max(1, n_seg)) // 8) * 8
+    return triton.cdiv(L, seg_len), seg_len
+
+
+def _chunk_fwd_block_d(batch: int, dim: int, groups: int) -> int:
+    """32 channels per warp (16 states per thread) unless that leaves fewer than _CHUNK_PROGRAMS programs; then
+    narrower blocks (down to 8) before splitting time, since a split runs part of the scan twice."""
+    if "CHUNK_BLOCK_D" in TUNING:
+        return _chunk_block_d("CHUNK_BLOCK_D", 32, dim, groups)
+    block_d = 32
+    while block_d > 8 and batch * dim // block_d < _CHUNK_PROGRAMS:
+        block_d //= 2
+    return _chunk_block_d("CHUNK_BLOCK_D", block_d, dim, groups)
 
 
 def _config(dim: int, n: int, groups: int) -> dict:
@@ -511,77 +899,149 @@ def _num_warps(cfg: dict) -> int:
     return TUNING.get("num_warps") or (8 if cfg["BLOCK_T"] * cfg["BLOCK_D"] * cfg["BLOCK_N"] > 2048 else 4)
 
 
+def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad):
+    """Chunk forward: returns y, final state, checkpoints (B, L / 8, D, N) float32 (None without grad)."""
+    batch, L, dim = u.shape
+    groups, n = B.shape[2], B.shape[3]
+    block_d = _chunk_fwd_block_d(batch, dim, groups)
+    n_blocks = dim // block_d
+    n_seg, seg_len = _chunk_segments(batch * n_blocks, L)
+    n_ckpt = triton.cdiv(L, 8)
+    y = torch.empty_like(u)
+    final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    ckpt = torch.empty(batch, n_ckpt, dim, n, device=u.device, dtype=torch.float32) if need_grad else final
+    seg_a = seg_b = final
+    if n_seg > 1:
+        seg_a = torch.empty(batch, n_seg, dim, n, device=u.device, dtype=torch.float32)
+        seg_b = torch.empty_like(seg_a)
+    common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                  HAS_INIT=init is not None, HAS_DOC=doc is not None, BLOCK_D=block_d,
+                  BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or 1)
+    args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b,
+            L, dim, groups, n, n_ckpt, seg_len, n_seg)
+    if n_seg > 1:
+        _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STATES_ONLY=True, **common)
+    _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg)](*args, 0, STORE_CKPT=need_grad, STATES_ONLY=False, **common)
+    return y, final, (ckpt if need_grad else None)
+
+
+def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy, dfinal):
+    """Chunk backward: returns du, d delta, dz and float32 dA, dB, dC, dD, d bias, d initial state."""
+    batch, L, dim = u.shape
+    groups, n = B.shape[2], B.shape[3]
+    block_d = _chunk_block_d("BWD_BLOCK_D", 16, dim, groups)
+    n_blocks = dim // block_d
+    n_seg, seg_len = _chunk_segments(batch * n_blocks, L)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dA = torch.empty(batch * n_seg, dim, n, **f32)
+    dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
+    dD, dbias = torch.empty(batch * n_seg, dim, **f32), torch.empty(batch * n_seg, dim, **f32)
+    dinit = torch.empty(batch, dim, n, **f32)
+    seg_a = seg_b = dinit
+    if n_seg > 1:
+        seg_a = torch.empty(batch, n_seg, dim, n, **f32)
+        seg_b = torch.empty_like(seg_a)
+    common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                  HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_D=block_d, BLOCK_N=next_pow2(n),
+                  PREFETCH=bool(TUNING.get("BWD_PREFETCH", False)), num_warps=TUNING.get("BWD_WARPS") or 1)
+    args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b,
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
+    if n_seg > 1:
+        _scan_bwd_chunk_kernel[(n_blocks, batch, n_seg - 1)](*args, 1, CARRY_ONLY=True, **common)
+    _scan_bwd_chunk_kernel[(n_blocks, batch, n_seg)](*args, 0, CARRY_ONLY=False, **common)
+    return du, ddelta, dz, dA, dB, dC, dD, dbias, dinit
+
+
+def _old_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad):
+    """Time-loop or tile forward (TUNING["forward"]): returns y, final state, checkpoints, tile config, and the loop's
+    channel block (0 for the tile kernels)."""
+    batch, L, dim = u.shape
+    groups, n = B.shape[2], B.shape[3]
+    cfg = _config(dim, n, groups)
+    seq_block_d = TUNING.get("SEQ_BLOCK_D") or _loop_block_d(batch, dim)
+    use_loop = TUNING.get("forward") == "loop" and (dim // groups) % seq_block_d == 0
+    if use_loop:
+        cfg["BLOCK_T"] = 8  # checkpoint every 8 steps: the loop backward rebuilds 8 states at a time
+    n_tiles = triton.cdiv(L, cfg["BLOCK_T"])
+    y = torch.empty_like(u)
+    final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    ckpt = torch.empty(batch, n_tiles, dim, n, device=u.device, dtype=torch.float32) if need_grad else final
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=softplus, HAS_INIT=init is not None, HAS_DOC=doc is not None, STORE_CKPT=need_grad)
+    if use_loop:
+        _scan_fwd_seq_kernel[(batch, dim // seq_block_d)](
+            u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
+            CKPT_T=cfg["BLOCK_T"], BLOCK_D=seq_block_d, BLOCK_N=cfg["BLOCK_N"],
+            num_warps=_loop_warps(seq_block_d, cfg["BLOCK_N"]), **flags)
+    else:
+        _scan_fwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
+            u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
+            num_warps=_num_warps(cfg), **flags, **cfg)
+    return y, final, ckpt, cfg, (seq_block_d if use_loop else 0)
+
+
+def _old_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy, dfinal, cfg, loop_block_d):
+    """Backward of _old_forward: same outputs as _chunk_backward (partials over the batch)."""
+    batch, L, dim = u.shape
+    groups, n = B.shape[2], B.shape[3]
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dA = torch.empty(batch, dim, n, **f32)
+    dB = torch.zeros(B.shape, **f32)
+    dC = torch.zeros(C.shape, **f32)
+    dD = torch.empty(batch, dim, **f32)
+    dbias = torch.empty(batch, dim, **f32)
+    dinit = torch.empty(batch, dim, n, **f32)
+    args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal,
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1])
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=softplus, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None)
+    if loop_block_d:
+        _scan_bwd_seq_kernel[(batch, dim // loop_block_d)](
+            *args, BLOCK_D=loop_block_d, BLOCK_N=cfg["BLOCK_N"],
+            num_warps=_loop_warps(loop_block_d, cfg["BLOCK_N"]), **flags)
+    else:
+        _scan_bwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](*args, num_warps=_num_warps(cfg), **flags, **cfg)
+    return du, ddelta, dz, dA, dB, dC, dD, dbias, dinit
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
-        batch, L, dim = u.shape
-        groups, n = B.shape[2], B.shape[3]
         u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
         A = A.contiguous()
         doc = doc_ids(seq_idx)
-        cfg = _config(dim, n, groups)
-        seq_block_d = TUNING.get("SEQ_BLOCK_D") or _loop_block_d(batch, dim)
-        use_loop = TUNING.get("forward", "loop") == "loop" and (dim // groups) % seq_block_d == 0
-        if use_loop:
-            cfg["BLOCK_T"] = 8  # checkpoint every 8 steps: the loop backward rebuilds 8 states at a time
-        n_tiles = triton.cdiv(L, cfg["BLOCK_T"])
-        need_grad = any(ctx.needs_input_grad)
-        y = torch.empty_like(u)
-        final = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
-        ckpt = torch.empty(batch, n_tiles, dim, n, device=u.device, dtype=torch.float32) if need_grad else final
         init = initial_state.contiguous() if initial_state is not None else None
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                     SOFTPLUS=bool(delta_softplus), HAS_INIT=init is not None, HAS_DOC=doc is not None,
-                     STORE_CKPT=need_grad)
-        if use_loop:
-            _scan_fwd_seq_kernel[(batch, dim // seq_block_d)](
-                u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
-                CKPT_T=cfg["BLOCK_T"], BLOCK_D=seq_block_d, BLOCK_N=cfg["BLOCK_N"],
-                num_warps=_loop_warps(seq_block_d, cfg["BLOCK_N"]), **flags)
+        need_grad = any(ctx.needs_input_grad)
+        softplus = bool(delta_softplus)
+        ctx.chunk = TUNING.get("forward", "chunk") == "chunk"
+        if ctx.chunk:
+            y, final, ckpt = _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad)
         else:
-            _scan_fwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
-                u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, L, dim, groups, n, n_tiles,
-                num_warps=_num_warps(cfg), **flags, **cfg)
+            y, final, ckpt, ctx.cfg, ctx.loop_block_d = _old_forward(u, delta, A, B, C, D, z, delta_bias, softplus,
+                                                                     init, doc, need_grad)
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, doc, ckpt)
-            ctx.delta_softplus = bool(delta_softplus)
+            ctx.delta_softplus = softplus
             ctx.has_init = initial_state is not None
-            ctx.cfg, ctx.loop_block_d = cfg, (seq_block_d if use_loop else 0)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
         u, delta, A, B, C, D, z, delta_bias, doc, ckpt = ctx.saved_tensors
-        batch, L, dim = u.shape
-        groups, n = B.shape[2], B.shape[3]
-        cfg = ctx.cfg
-        n_tiles = ckpt.shape[1]
-        if dy is None:
-            dy = torch.zeros_like(u)
-        dy = dy.contiguous()
+        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        f32 = dict(device=u.device, dtype=torch.float32)
-        dA = torch.empty(batch, dim, n, **f32)
-        dB = torch.zeros(B.shape, **f32)
-        dC = torch.zeros(C.shape, **f32)
-        dD = torch.empty(batch, dim, **f32)
-        dbias = torch.empty(batch, dim, **f32)
-        dinit = torch.empty(batch, dim, n, **f32)
-        args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal,
-                du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, n_tiles)
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                     SOFTPLUS=ctx.delta_softplus, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None)
-        if ctx.loop_block_d:
-            _scan_bwd_seq_kernel[(batch, dim // ctx.loop_block_d)](
-                *args, BLOCK_D=ctx.loop_block_d, BLOCK_N=cfg["BLOCK_N"],
-                num_warps=_loop_warps(ctx.loop_block_d, cfg["BLOCK_N"]), **flags)
+        ins = (u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, doc, ckpt, dy, dfinal)
+        if ctx.chunk:
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit = _chunk_backward(*ins)
         else:
-            _scan_bwd_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](*args, num_warps=_num_warps(cfg), **flags,
-                                                                        **cfg)
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit = _old_backward(*ins, ctx.cfg, ctx.loop_block_d)
+        # dA, dD, d bias arrive as partial sums per batch row (and time segment)
         dD = dD.sum(0).to(D.dtype) if D is not None else None
         dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         dinit = dinit if ctx.has_init else None
