@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError, InputError
-from seqlab.mixers.base import MixerState, check_mixer_input
+from seqlab.mixers.base import MixerState, check_mixer_input, project
 from seqlab.mixers.rope import RotaryEmbedding
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5
@@ -116,20 +116,25 @@ class Attention(nn.Module):
 
     # --------------------------------------------------------------------------------------------- forward
 
+    adds_residual = True  # Block passes its residual stream in (added inside the decode step's o_proj GEMM)
+
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
+        self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output."""
         check_mixer_input(x, self.d_model, seq_idx)
         Bsz, L, _ = x.shape
-        q = self.q_proj(x).view(Bsz, L, self.n_heads, self.head_dim)  # (B, L, H, hd)
-        k = self.k_proj(x).view(Bsz, L, self.n_kv_heads, self.head_dim)  # (B, L, H_kv, hd)
-        v = self.v_proj(x).view(Bsz, L, self.n_kv_heads, self.head_dim)
+        decode = state is not None and L == 1
+        q = project(self.q_proj, x, few_rows=decode).view(Bsz, L, self.n_heads, self.head_dim)  # (B, L, H, hd)
+        k = project(self.k_proj, x, few_rows=decode).view(Bsz, L, self.n_kv_heads, self.head_dim)  # (B, L, H_kv, hd)
+        v = project(self.v_proj, x, few_rows=decode).view(Bsz, L, self.n_kv_heads, self.head_dim)
 
         if state is None:
             y = self._attend_fresh(q, k, v, seq_idx)
         else:
             y = self._attend_cached(q, k, v, state, seq_idx)
-        return self.o_proj(y.reshape(Bsz, L, self.n_heads * self.head_dim))
+        return project(self.o_proj, y.reshape(Bsz, L, self.n_heads * self.head_dim), residual, few_rows=decode)
 
     def _sdpa(self, q, k, v, mask=None, is_causal=False) -> torch.Tensor:
         """q (B, L, H, hd), k/v (B, T, H_kv, hd), mask (B or 1, 1, L, T) bool -> (B, L, H, hd)."""

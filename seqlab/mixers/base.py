@@ -16,8 +16,10 @@ are the same call. ``state.offset`` counts the positions consumed so far.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from seqlab.errors import InputError
+from seqlab.ops.decode_linear import decode_linear
 
 
 def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | None = None) -> None:
@@ -64,3 +66,13 @@ class MixerState:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())
         return f"MixerState(offset={self.offset}, {shapes})"
+
+
+def project(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None,
+            few_rows: bool = False) -> torch.Tensor:
+    """``layer(x)`` (+ ``residual``); with ``few_rows`` (a decode step) through ``seqlab.ops.decode_linear``, which
+    adds the residual inside the GEMM and picks the faster kernel for the shape."""
+    if few_rows:
+        return decode_linear(x, layer.weight, layer.bias, residual)
+    out = layer(x)
+    return out if residual is None else residual + out

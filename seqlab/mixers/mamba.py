@@ -30,7 +30,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError
 from seqlab.mixers._init import dt_bias_init, no_weight_decay
-from seqlab.mixers.base import MixerState, check_mixer_input, recurrent_state_dtype
+from seqlab.mixers.base import MixerState, check_mixer_input, project, recurrent_state_dtype
 from seqlab.mixers.norm import RMSNorm, rms_norm
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
@@ -134,16 +134,17 @@ class Mamba(nn.Module):
 
     # --------------------------------------------------------------------------------------------- forward
 
-    def _split_x_proj(self, x: torch.Tensor):
+    def _split_x_proj(self, x: torch.Tensor, few_rows: bool = False):
         """x (..., D) -> dt (..., R), B (..., N), C (..., N), normalised when ``bcdt_norm``."""
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        proj = project(self.x_proj, x, few_rows=few_rows)
+        dt, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bcdt_norm:
             scales = (None, None, None) if self.dt_norm is None else (self.dt_norm.weight, self.B_norm.weight,
                                                                       self.C_norm.weight)
             dt, B, C = (rms_norm(t, w, self.bcdt_norm_eps) for t, w in zip((dt, B, C), scales))
         return dt, B, C
 
-    # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM (addmm)
+    # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM
     adds_residual = True
 
     def forward(
@@ -153,20 +154,21 @@ class Mamba(nn.Module):
         """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output."""
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
+        decode = state is not None and L == 1
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
-        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
+        xs, z = project(self.in_proj, x, few_rows=decode).chunk(2, dim=-1)  # (B, L, D) each
 
-        if state is not None and L == 1:  # decode: O(1) step
+        if decode:  # O(1) step
             # xs, z, B, C stay strided views of the projections; A = -exp(A_log) and the dt projection are formed
             # inside the step kernel: on CUDA the step is the GEMMs and two kernels, no copies or elementwise ops
             xt = conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")  # (B, D)
-            dt, B, C = self._split_x_proj(xt)  # dt (B, R)
+            dt, B, C = self._split_x_proj(xt, few_rows=True)  # dt (B, R)
             y = selective_state_update(
                 state["ssm"], xt, dt, self.A_log, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias,
                 dt_softplus=True, A_is_log=True, dt_proj_weight=self.dt_proj.weight,
             )
             state.offset += 1
-            return self._project_out(y, residual).unsqueeze(1)
+            return project(self.out_proj, y.unsqueeze(1), residual, few_rows=True)
 
         A = -torch.exp(self.A_log.float())  # (D, N)
 
@@ -191,16 +193,4 @@ class Mamba(nn.Module):
             state.offset += L
         else:
             y = out
-        out = self.out_proj(y)
-        return out if residual is None else residual + out
-
-    def _project_out(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """y (B, D) -> out_proj(y) (+ residual (B, 1, d_model)) as (B, d_model); one GEMM when the dtypes agree."""
-        w, bias = self.out_proj.weight, self.out_proj.bias
-        if residual is None:
-            return F.linear(y, w, bias)
-        res = residual[:, 0]
-        fusable = bias is None and not torch.is_autocast_enabled(y.device.type) and res.dtype == y.dtype == w.dtype
-        if fusable:
-            return torch.addmm(res, y, w.t())  # residual + y Wᵀ, the add done by the GEMM's epilogue
-        return res + F.linear(y, w, bias)
+        return project(self.out_proj, y, residual)

@@ -20,7 +20,7 @@ from torch import nn
 
 from seqlab.errors import ConfigError
 from seqlab.mixers._init import dt_bias_init, no_weight_decay
-from seqlab.mixers.base import MixerState, check_mixer_input, recurrent_state_dtype
+from seqlab.mixers.base import MixerState, check_mixer_input, project, recurrent_state_dtype
 from seqlab.mixers.norm import GatedRMSNorm
 
 # functions imported from their modules: ``seqlab.ops.ssd`` names both a module and a function
@@ -114,16 +114,21 @@ class Mamba2(nn.Module):
 
     # --------------------------------------------------------------------------------------------- forward
 
+    adds_residual = True  # Block passes its residual stream in (added inside the decode step's out_proj GEMM)
+
     def forward(
-        self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None
+        self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output."""
         check_mixer_input(x, self.d_model)
         Bsz, L, _ = x.shape
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        decode = state is not None and L == 1
         conv_weight = self.conv1d.weight.squeeze(1)  # (conv_dim, W)
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        z, xBC, dt = project(self.in_proj, x, few_rows=decode).split([self.d_inner, self.conv_dim, H], dim=-1)
 
-        if state is not None and L == 1:  # decode: O(1) step
+        if decode:  # O(1) step
             # strided views into the kernels, A = -exp(A_log) and the gate y * silu(z) inside the step kernel
             # (GatedRMSNorm(y, z) = RMSNorm(y * silu(z))), so the step launches no copies or elementwise ops
             xBC = conv_step(state["conv"], xBC[:, 0], conv_weight, self.conv1d.bias, activation="silu")
@@ -133,7 +138,7 @@ class Mamba2(nn.Module):
                 D=self.D, z=z[:, 0].view(Bsz, H, P), dt_bias=self.dt_bias, dt_softplus=True, A_is_log=True,
             )  # (B, H, P), gated
             state.offset += 1
-            return self.out_proj(self.norm(y.view(Bsz, 1, self.d_inner)))
+            return project(self.out_proj, self.norm(y.view(Bsz, 1, self.d_inner)), residual, few_rows=True)
         A = -torch.exp(self.A_log.float())  # (H,)
         if state is None:
             xBC = causal_conv1d(xBC, conv_weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
@@ -155,4 +160,4 @@ class Mamba2(nn.Module):
             state["ssm"].copy_(ssm_final.detach())
             state.offset += L
         y = out.reshape(Bsz, L, self.d_inner)
-        return self.out_proj(self.norm(y, z))
+        return project(self.out_proj, self.norm(y, z), residual)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError
+from seqlab.mixers.base import project
+from seqlab.ops.decode_linear import MAX_ROWS as DECODE_ROWS
 
 
 def default_d_ff(d_model: int) -> int:
@@ -53,5 +55,10 @@ class SwiGLU(nn.Module):
         return cls(config.d_model, getattr(config, "d_ff", None), activation=getattr(config, "mlp_act", "silu"),
                    bias=getattr(config, "mlp_bias", False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    adds_residual = True  # Block passes its residual stream in (added inside a decode step's down_proj GEMM)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, d_model) -> (B, L, d_model) (+ ``residual``); a decode step's few rows take the decode GEMMs."""
+        few = x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+        hidden = self.act(project(self.gate_proj, x, few_rows=few)) * project(self.up_proj, x, few_rows=few)
+        return project(self.down_proj, hidden, residual, few_rows=few)

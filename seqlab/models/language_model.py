@@ -83,7 +83,10 @@ class Block(nn.Module):
         else:
             h = h + self.mixer(self.norm(h), state=state, seq_idx=seq_idx)
         if self.mlp is not None:
-            h = h + self.mlp(self.norm2(h))
+            if getattr(self.mlp, "adds_residual", False):
+                h = self.mlp(self.norm2(h), residual=h)
+            else:
+                h = h + self.mlp(self.norm2(h))
         return h
 
 
