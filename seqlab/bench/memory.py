@@ -12,11 +12,16 @@ Accounting, per sequence of ``context`` tokens and a batch of ``batch`` sequence
 - recurrent state: per Mamba-1 layer d_inner x d_state (float32, the scan's accumulator) plus the conv window
   d_inner x (d_conv - 1) in ``dtype``; Mamba-2 likewise with nheads x headdim x d_state and conv_dim =
   d_inner + 2 ngroups d_state; S4D H x N/2 complex64. Constant in ``context``.
-- activations: the peak of one layer's live intermediates during a one-shot prefill of the whole context
-  (projections, conv and scan outputs, MLP hidden) plus the residual stream; logits of the last position only.
-  Chunked prefill replaces ``context`` by the chunk length here (layers of the other families count a generic
-  six projections of width d_model). With eager (non-fused) attention the
-  (heads x context x context) score matrix comes on top: ``attention_score_entries`` counts it.
+- activations: the most bytes alive at one moment of a one-shot prefill (``prefill_phases``): the embedding
+  output, the residual stream and the block's normed input stay alive across a layer; on top of them the worst
+  step of the largest layer, its tensors counted from the CUDA code paths (Triton conv, selective scan and SSD
+  with their contiguous copies, float32 chunk states and scan checkpoints; Mamba-2's float32 gated norm; fused
+  attention; SwiGLU's three hidden tensors); the head computes the last position's logits only. Chunked prefill
+  replaces ``context`` by the chunk length here (layers of the other families count a generic six projections of
+  width d_model). With eager (non-fused) attention the (heads x context x context) score matrix comes on top:
+  ``attention_score_entries`` counts it.
+- CUDA graph recording (``graph_capture_bytes``): ``DecodeGraph.record`` keeps two snapshots of the state while it
+  checks the replay; the total takes the larger of this and the activations.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class ArchSpec:
     ssd_d_state: int = 128
     ssd_headdim: int = 64
     ssd_ngroups: int = 1
+    ssd_chunk_size: int = 256
     # S4D
     s4_layers: int = 0
     s4_d_state: int = 64
@@ -137,29 +143,182 @@ def attention_score_entries(spec: ArchSpec, context: int) -> int:
     return spec.attn_layers * spec.n_heads * context * kept
 
 
-def activation_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int) -> int:
-    """Peak live intermediates of the largest layer during one-shot prefill (fused attention, no score matrix)."""
-    d, di, tokens = spec.d_model, spec.d_inner, batch * context
-    per_token = [0]
+# ------------------------------------------------------------------------------------------------ activations
+#
+# The prefill's peak is the most bytes alive at one moment of the forward. Every layer runs the same steps on
+# (batch x prefill) tokens, so the peak is the largest layer's worst moment ("phase") on top of the tensors that
+# stay alive across it ("resident"). Phases follow the CUDA paths of seqlab's mixers (Triton kernels for the
+# conv, the selective scan and SSD; fused attention) under ``torch.inference_mode`` with a preallocated state, as
+# ``seqlab generate`` and ``seqlab bench generate`` prefill.
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One tensor alive at a moment of the prefill, over the whole batch."""
+
+    name: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A moment of the prefill and every tensor alive then (resident tensors included)."""
+
+    name: str
+    buffers: tuple[Buffer, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def largest(self, count: int | None = 3) -> list[Buffer]:
+        """The ``count`` largest buffers (all with None), largest first."""
+        return sorted(self.buffers, key=lambda b: b.nbytes, reverse=True)[:count]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def ssd_chunk_len(chunk_size: int) -> int:
+    """The SSD Triton forward's chunk length. Its ``training`` flag is ``any(ctx.needs_input_grad)``, which the
+    parameters D and dt_bias set even under inference_mode, so the prefill takes the training tile (16..64)."""
+    return min(64, max(16, _next_pow2(chunk_size)))
+
+
+def _resident(spec: ArchSpec, tokens: int, nbytes: int) -> tuple[Buffer, ...]:
+    """Alive through every layer: the embedding output (LanguageModel.forward keeps ``x_emb``), the residual
+    stream h and the block's normed input (an argument of the mixer's forward until it returns)."""
+    width = tokens * spec.d_model * nbytes
+    return (Buffer("embedding output", width), Buffer("residual stream", width), Buffer("normed layer input", width))
+
+
+def _conv_window(batch: int, channels: int, d_conv: int, nbytes: int) -> Buffer:
+    """The conv's final state: a view of a (B, channels, 2 (W-1)) concatenation, kept by the mixer's forward."""
+    return Buffer("conv final-state window", batch * channels * 2 * (d_conv - 1) * nbytes)
+
+
+def _mamba_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[Phase]:
+    """Mamba-1 block: in_proj, Triton causal conv, x_proj / dt_proj, Triton selective scan, out_proj."""
+    n, di, N, R = batch * seqlen, spec.d_inner, spec.d_state, _resolve(spec)
+    A = Buffer("A = -exp(A_log) fp32", di * N * 4)
+    proj = Buffer("in_proj output (x, z)", n * 2 * di * nbytes)
+    conv = Buffer("conv output", n * di * nbytes)
+    window = _conv_window(batch, di, spec.d_conv, nbytes)
+    x_proj = Buffer("x_proj output (dt, B, C)", n * (R + 2 * N) * nbytes)
+    delta = Buffer("delta = dt_proj(dt)", n * di * nbytes)
+    y = Buffer("scan output y", n * di * nbytes)
+    final = Buffer("final state (B, D, N) fp32", batch * di * N * 4)
+    # the scan kernel stores its backward checkpoint every 8 steps whenever an input requires grad: the
+    # parameters D and dt_proj.bias do, even under inference_mode
+    checkpoints = Buffer("scan checkpoints (B, L/8, D, N) fp32", batch * -(-seqlen // 8) * di * N * 4)
+    return [
+        Phase("mamba conv", (A, proj, Buffer("contiguous copy of x for the conv", n * di * nbytes), conv)),
+        Phase("mamba selective scan", (
+            A, proj, conv, window, x_proj, delta, Buffer("contiguous copies of B, C", n * 2 * N * nbytes),
+            Buffer("contiguous copy of z", n * di * nbytes), y, checkpoints, final,
+        )),
+        Phase("mamba out_proj", (A, proj, conv, window, x_proj, delta, y, final,
+                                 Buffer("out_proj output", n * spec.d_model * nbytes))),
+    ]
+
+
+def _mamba2_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[Phase]:
+    """Mamba-2 block: in_proj, Triton causal conv over xBC, Triton SSD, gated RMSNorm (float32), out_proj."""
+    n, di, h = batch * seqlen, spec.d_inner, spec.ssd_nheads
+    g, N, P = spec.ssd_ngroups, spec.ssd_d_state, spec.ssd_headdim
+    conv_dim = di + 2 * g * N
+    proj = Buffer("in_proj output (z, xBC, dt)", n * (di + conv_dim + h) * nbytes)
+    conv = Buffer("conv output (x, B, C)", n * conv_dim * nbytes)
+    window = _conv_window(batch, conv_dim, spec.d_conv, nbytes)
+    y = Buffer("SSD output y", n * di * nbytes)
+    final = Buffer("final state (B, H, P, N) fp32", batch * h * P * N * 4)
+    T = ssd_chunk_len(spec.ssd_chunk_size)
+    nchunks = -(-seqlen // T)
+    upcast = 4 if nbytes < 4 else 0  # .float() of a float32 tensor returns the tensor itself
+    kept = (proj, conv, window, y, final)  # alive from the SSD until the block returns
+    return [
+        Phase("mamba2 conv", (proj, Buffer("contiguous copy of xBC for the conv", n * conv_dim * nbytes), conv)),
+        Phase("mamba2 SSD", kept + (
+            Buffer("contiguous copies of x, dt, B, C", n * (di + h + 2 * g * N) * nbytes),
+            Buffer(f"chunk states (B, L/{T}, H, P, N) fp32", batch * nchunks * h * P * N * 4),
+            Buffer("chunk log-decays fp32", batch * h * nchunks * T * 4),
+        )),
+        # GatedRMSNorm: y.float() * silu(z.float()); at silu the upcasts of y and z and silu's output are alive
+        Phase("mamba2 gated RMSNorm", kept + (
+            Buffer("y in fp32", n * di * upcast), Buffer("z in fp32", n * di * upcast),
+            Buffer("silu(z) fp32", n * di * 4), Buffer("y * silu(z) fp32", n * di * 4 if not upcast else 0),
+        )),
+        Phase("mamba2 out_proj", kept + (Buffer("gated norm output", n * di * nbytes),
+                                         Buffer("out_proj output", n * spec.d_model * nbytes))),
+    ]
+
+
+def _attention_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[Phase]:
+    """Fused attention (no score matrix): projections, RoPE'd copies of q and k, the output."""
+    n = batch * seqlen
+    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    buffers = [
+        Buffer("q, k, v projections", n * (q + 2 * kv) * nbytes),
+        Buffer("q, k after RoPE", n * (q + kv) * nbytes),
+        Buffer("attention output", n * q * nbytes),
+    ]
+    if spec.shared_attention:  # Zamba's shared block reads [h, x_emb] of width 2 d_model, and its norm
+        buffers.append(Buffer("shared block input [h, x_emb] and its norm", n * 4 * spec.d_model * nbytes))
+    return [Phase("attention", tuple(buffers))]
+
+
+def _layer_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[Phase]:
+    """The phases of every kind of layer the model has (without the resident tensors)."""
+    n, d = batch * seqlen, spec.d_model
+    phases = []
     if spec.attn_layers:
-        width = 2 * d if spec.shared_attention else d
-        per_token.append(2 * spec.n_heads * spec.head_dim + 2 * spec.n_kv_heads * spec.head_dim + width)
+        phases += _attention_phases(spec, batch, seqlen, nbytes)
     if spec.mamba_layers:
-        per_token.append(5 * di + _resolve(spec) + 2 * spec.d_state)
+        phases += _mamba_phases(spec, batch, seqlen, nbytes)
     if spec.mamba2_layers:
-        g, n = spec.ssd_ngroups, spec.ssd_d_state
-        per_token.append(2 * di + 2 * g * n + spec.ssd_nheads + (di + 2 * g * n) + di)
+        phases += _mamba2_phases(spec, batch, seqlen, nbytes)
     if spec.s4_layers:
-        per_token.append(4 * d)
+        phases.append(Phase("s4", (Buffer("S4 intermediates (~4 x d_model)", n * 4 * d * nbytes),)))
     if spec.other_layers:  # a generic estimate: ~6 projections of width d_model live at once
-        per_token.append(6 * d)
+        phases.append(Phase("other mixers", (Buffer("~6 projections of d_model", n * 6 * d * nbytes),)))
     if spec.mlp_layers:
-        per_token.append(3 * spec.d_ff)
+        hidden = n * spec.d_ff * nbytes
+        phases.append(Phase("SwiGLU", (Buffer("act(gate)", hidden), Buffer("up projection", hidden),
+                                       Buffer("act(gate) * up", hidden))))
     if spec.moe_layers:
-        per_token.append(spec.top_k * 3 * spec.d_ff + spec.n_experts)
-    residual = 2 * d
-    logits = batch * spec.vocab_size * 4  # float32 logits of the last position
-    return tokens * (max(per_token) + residual) * dtype_bytes + logits
+        experts = Buffer("experts' hidden (top-k x 3 x d_ff)", spec.top_k * 3 * n * spec.d_ff * nbytes)
+        phases.append(Phase("MoE", (experts, Buffer("router logits", n * spec.n_experts * nbytes))))
+    return phases
+
+
+def prefill_phases(spec: ArchSpec, seqlen: int, batch: int, dtype_bytes: int) -> list[Phase]:
+    """Every modelled moment of a one-shot prefill of ``seqlen`` tokens per sequence, resident tensors included;
+    the last is the head, which computes the logits of the last position only (``last_only``)."""
+    resident = _resident(spec, batch * seqlen, dtype_bytes)
+    phases = [Phase(p.name, resident + p.buffers) for p in _layer_phases(spec, batch, seqlen, dtype_bytes)]
+    logits = batch * spec.vocab_size
+    head = (Buffer("last-position logits", logits * dtype_bytes), Buffer("logits in fp32", logits * 4))
+    phases.append(Phase("head", resident[:2] + head))
+    return phases
+
+
+def activation_peak(spec: ArchSpec, context: int, batch: int, dtype_bytes: int) -> Phase:
+    """The moment of the prefill with the most bytes alive (besides weights and state)."""
+    return max(prefill_phases(spec, context, batch, dtype_bytes), key=lambda p: p.nbytes)
+
+
+def activation_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int) -> int:
+    """Peak live intermediates of a one-shot prefill of ``context`` tokens (fused attention, no score matrix)."""
+    return activation_peak(spec, context, batch, dtype_bytes).nbytes
+
+
+def graph_capture_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int) -> int:
+    """Transient bytes of recording the decode step as a CUDA graph (``seqlab.generation.DecodeGraph.record``):
+    two snapshots of the state are alive at once (the start, and the middle of the replay check), each a copy of
+    every fixed-size state tensor and of 3 positions of each KV cache."""
+    kv_slots = kv_cache_bytes(spec, min(context, 3), batch, dtype_bytes)
+    return 2 * (recurrent_state_bytes(spec, batch, dtype_bytes) + kv_slots)
 
 
 def plan(spec: ArchSpec, context: int, batch: int = 1, dtype: str = "bf16", prefill_chunk: int | None = None) -> dict:
@@ -176,6 +335,7 @@ def plan(spec: ArchSpec, context: int, batch: int = 1, dtype: str = "bf16", pref
     nbytes = DTYPE_BYTES[dtype]
     params = param_count(spec)
     prefill_tokens = min(context, prefill_chunk) if prefill_chunk else context
+    peak = activation_peak(spec, prefill_tokens, batch, nbytes)
     result = {
         "model": spec.name,
         "source": spec.source,
@@ -188,12 +348,21 @@ def plan(spec: ArchSpec, context: int, batch: int = 1, dtype: str = "bf16", pref
         "kv_cache_bytes": kv_cache_bytes(spec, context, batch, nbytes),
         "recurrent_state_bytes": recurrent_state_bytes(spec, batch, nbytes),
         "prefill_chunk": prefill_chunk,
-        "activation_bytes": activation_bytes(spec, prefill_tokens, batch, nbytes),
+        "activation_bytes": peak.nbytes,
+        "activation_peak": {"phase": peak.name, "buffers": [dataclasses.asdict(b) for b in peak.largest(None)]},
+        "graph_capture_bytes": graph_capture_bytes(spec, context, batch, nbytes),
         "attention_score_entries": attention_score_entries(spec, context),
         "notes": [],
     }
     result["inference_state_bytes"] = result["kv_cache_bytes"] + result["recurrent_state_bytes"]
-    result["total_bytes"] = result["weights_bytes"] + result["inference_state_bytes"] + result["activation_bytes"]
+    transient = max(result["activation_bytes"], result["graph_capture_bytes"])
+    result["total_bytes"] = result["weights_bytes"] + result["inference_state_bytes"] + transient
+    if result["graph_capture_bytes"] > result["activation_bytes"]:
+        result["notes"].append(
+            f"recording the CUDA decode graph keeps two snapshots of the state "
+            f"({human_bytes(result['graph_capture_bytes'])}), more than the prefill's activations "
+            f"({human_bytes(result['activation_bytes'])}); the total counts the larger."
+        )
     if spec.attn_layers and spec.n_kv_heads < spec.n_heads:
         naive = kv_cache_bytes(spec, context, batch, nbytes, kv_heads=spec.n_heads)
         result["notes"].append(

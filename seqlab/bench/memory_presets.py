@@ -68,6 +68,7 @@ def spec_from_config(config: ModelConfig, name: str | None = None) -> ArchSpec:
         ssd_d_state=config.ssd_d_state,
         ssd_headdim=config.ssd_headdim,
         ssd_ngroups=config.ssd_ngroups,
+        ssd_chunk_size=config.ssd_chunk_size,
         s4_layers=kinds.count("S"),
         s4_d_state=config.s4_d_state,
         other_layers=other_layers,

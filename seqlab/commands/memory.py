@@ -62,14 +62,30 @@ def run(args: argparse.Namespace) -> int:
             f" {human_bytes(p['activation_bytes']):>12} {human_bytes(p['total_bytes']):>11}"
             f" {p['attention_score_entries']:>14.3g}"
         )
+    print("\nactivation peak (the moment of the prefill with the most bytes alive, largest tensors first):")
+    for p in plans:
+        print(f"  {p['model']}: {_peak_breakdown(p)}")
     notes = [(p["model"], note) for p in plans for note in p["notes"]]
     if notes:
         print("\nnotes:")
         for model, note in notes:
             print(f"  {model}: {note}")
     print(
-        "\nactivations: peak of one layer during prefill with fused attention (--prefill-chunk scales it down);"
+        "\nactivations: the most bytes alive at one moment of a one-shot prefill with a preallocated state (the"
+        "\nlargest layer's worst step on CUDA: Triton conv/scan/SSD buffers, float32 upcasts, fused attention;"
+        "\n--prefill-chunk scales it down); total = weights + cache/state + the larger of the activations and the"
+        "\ntwo state snapshots of recording the CUDA decode graph."
         "\nscore entries: heads x T x T over attention layers, what eager attention would "
         "materialise per sequence."
     )
     return 0
+
+
+def _peak_breakdown(p: dict, count: int = 4) -> str:
+    """'<phase> <total>: <tensor> <bytes> (<share>), ...' for the ``count`` largest tensors of the peak."""
+    from seqlab.bench.memory import human_bytes
+
+    peak, total = p["activation_peak"], p["activation_bytes"]
+    parts = [f"{b['name']} {human_bytes(b['nbytes'])} ({100 * b['nbytes'] / total:.0f}%)"
+             for b in peak["buffers"][:count] if b["nbytes"]]
+    return f"{peak['phase']} {human_bytes(total)}: " + ", ".join(parts)
