@@ -125,13 +125,14 @@ def _scan_inputs(batch, seqlen, dim, N, G, opts, seed=0, dtype=torch.float32):
     return u, delta, A, B, C, D, z, bias, h0, seq_idx
 
 
-@pytest.fixture(params=["loop", "tile"])
+@pytest.fixture(params=["chunk", "loop", "tile"])
 def scan_forward(request):
-    """Both forward kernels: the time loop (8 steps per iteration) and the tile-parallel associative scan."""
+    """Every forward kernel: the chunk kernels (one warp per channel block, 8 steps per iteration; small blocks so
+    several programs run), the older time loop, and the tile-parallel associative scan."""
     from seqlab.ops.triton import selective_scan as module
 
     module.TUNING.clear()
-    module.TUNING.update(forward=request.param, SEQ_BLOCK_D=4)
+    module.TUNING.update(forward=request.param, SEQ_BLOCK_D=4, CHUNK_BLOCK_D=4, BWD_BLOCK_D=4, SPLIT_T=1)
     yield request.param
     module.TUNING.clear()
 
@@ -159,6 +160,61 @@ def test_selective_scan_triton_matches_loop(case, scan_forward):
             continue
         assert g is not None, f"no gradient for {name}"
         assert_close(f"grad {name}", g, g_ref)
+
+
+SPLIT_CASES = {
+    # name: (batch, seqlen, dim, N, G, options, TUNING): time split into segments (grid axis 2), L not a multiple
+    # of 8 or of the segment, a states-only pass plus a fold in both directions
+    "batch1_split3": (1, 70, 16, 4, 1, dict(D=True, z=True, bias=True, init=True, dfinal=True),
+                      dict(SPLIT_T=3, CHUNK_BLOCK_D=8, BWD_BLOCK_D=4)),
+    "docs_split4": (2, 45, 32, 8, 2, dict(D=True, z=True, bias=True, init=True, dfinal=True, seq_idx=True),
+                    dict(SPLIT_T=4, CHUNK_BLOCK_D=8, BWD_BLOCK_D=8, BWD_PREFETCH=True)),
+    "no_softplus_prefetch": (1, 17, 16, 16, 1, dict(softplus=False, init=True),
+                             dict(SPLIT_T=2, BWD_PREFETCH=True, CHUNK_WARPS=2, BWD_WARPS=2)),
+    "defaults_auto_split": (1, 600, 8, 4, 1, dict(D=True, z=True, bias=True), dict()),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_selective_scan_chunk_time_split_matches_loop(case):
+    """The chunk kernels with time segments equal the float64 loop (forward, final state, all gradients) to 1e-4."""
+    from seqlab.ops.triton import selective_scan as module
+
+    batch, seqlen, dim, N, G, opts, tuning = SPLIT_CASES[case]
+    module.TUNING.clear()
+    module.TUNING.update(tuning)
+    try:
+        u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(batch, seqlen, dim, N, G, opts, seed=3)
+        softplus = opts.get("softplus", True)
+        ins = leaves(u, delta, A, B, C, D, z, bias, h0)
+        y, hT = module.selective_scan_triton(*ins[:8], softplus, ins[8], seq_idx)
+        ins_ref = leaves(u, delta, A, B, C, D, z, bias, h0)
+        y_ref, hT_ref = selective_scan_loop(*ins_ref[:8], softplus, ins_ref[8], seq_idx)
+        assert_close("y", y, y_ref)
+        assert_close("final_state", hT, hT_ref)
+        outs, outs_ref = ([y, hT], [y_ref, hT_ref]) if opts.get("dfinal") else ([y], [y_ref])
+        gs, gs_ref = grads_of(outs, ins, seed=4), grads_of(outs_ref, ins_ref, seed=4)
+        for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
+            if g_ref is not None:
+                assert g is not None, f"no gradient for {name}"
+                assert_close(f"grad {name}", g, g_ref)
+    finally:
+        module.TUNING.clear()
+
+
+def test_selective_scan_chunk_plan_splits_time_only_for_few_programs():
+    """Occupancy plan: narrower channel blocks first, then time segments (multiples of 8 steps) for small batches."""
+    from seqlab.ops.triton import selective_scan as module
+
+    module.TUNING.clear()
+    assert module._chunk_fwd_block_d(8, 4096, 1) == 32
+    assert module._chunk_fwd_block_d(1, 4096, 1) == 8
+    assert module._chunk_segments(8 * 4096 // 32, 2048) == (1, 2048)
+    n_seg, seg_len = module._chunk_segments(4096 // 16, 16384)
+    assert n_seg == 4 and seg_len % 8 == 0 and n_seg * seg_len >= 16384
+    module.TUNING.update(SPLIT_T=3)
+    assert module._chunk_segments(10_000, 70) == (3, 24)
+    module.TUNING.clear()
 
 
 def test_selective_scan_triton_extreme_dt_stays_finite():
