@@ -125,7 +125,7 @@ class DecodeGraph:
         static_token = token[:, None].clone()  # (B, 1)
         position = torch.zeros(1, dtype=torch.long, device=token.device)  # the step's position, on the device
         try:
-            side = torch.cuda.Stream()
+            side = _side_stream(token.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: compile / autotune kernels outside the recording
@@ -143,7 +143,7 @@ class DecodeGraph:
             _restore(state, start)
             return None
         recorded = cls(graph, static_token, static_logits, state, position)
-        if verify and not recorded._matches_eager(model, token, vocab):
+        if verify and not recorded._matches_eager(model, token, vocab, start):
             _restore(state, start)
             return None
         _restore(state, start)
@@ -159,14 +159,26 @@ class DecodeGraph:
         self.state.offset += 1
         return self.logits
 
-    def _matches_eager(self, model, token: torch.Tensor, vocab: int) -> bool:
-        """Eager step, then compare a second eager step against the replay from the same (later) state."""
+    def _matches_eager(self, model, token: torch.Tensor, vocab: int, start) -> bool:
+        """Two eager steps from ``start`` (a snapshot of the state), then two replays from ``start``: the second
+        step of each, at a later position than the recording's, must agree (one snapshot held, not two)."""
         model(token[:, None], state=self.state)
-        middle = _snapshot(self.state)
         eager = model(token[:, None], state=self.state)[:, -1, :vocab].clone()
-        _restore(self.state, middle)
+        _restore(self.state, start)
+        self.step(token)
         replayed = self.step(token).clone()
         return bool(torch.allclose(eager, replayed, rtol=1e-3, atol=1e-3))
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One warm-up stream per device for every recording (each new stream would get its own cuBLAS workspace)."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
 
 
 @contextlib.contextmanager

@@ -708,5 +708,11 @@ class _SSDFn(torch.autograd.Function):
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     """x (B, L, H, P); dt (B, L, H); A (H,); B, C (B, L, G, N); D (H,) or (H, P); z like x; dt_bias (H,);
-    initial_state (B, H, P, N) or None; seq_idx (B, L) or None. Returns (y, final_state float32)."""
+    initial_state (B, H, P, N) or None; seq_idx (B, L) or None. Returns (y, final_state float32).
+
+    Without autograd (no_grad / inference_mode) only the forward runs: no tensors are kept for a backward and the
+    forward takes its inference tile."""
+    if not torch.is_grad_enabled():
+        y, final = _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx)[:2]
+        return y, final
     return _SSDFn.apply(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
