@@ -6,6 +6,7 @@
 """
 
 from seqlab.ops.conv import causal_conv1d, conv_step
+from seqlab.ops.decode_linear import decode_linear
 from seqlab.ops.delta_rule import delta_rule, delta_rule_step
 from seqlab.ops.linear_attention import linear_attention, linear_attention_step
 from seqlab.ops.mlstm import mlstm, mlstm_quadratic, mlstm_step
@@ -35,5 +36,6 @@ __all__ = [
     "mlstm",
     "mlstm_quadratic",
     "mlstm_step",
+    "decode_linear",
     "backends_table",
 ]
