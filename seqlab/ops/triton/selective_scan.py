@@ -572,15 +572,17 @@ def _fold_segments(h, seg_a_ptr, seg_b_ptr, seg_base, first, count, step, DIM, N
 
 @triton.jit
 def _scan_fwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, doc_ptr,
-                           y_ptr, final_ptr, ckpt_ptr, seg_a_ptr, seg_b_ptr,
+                           y_ptr, final_ptr, ckpt_ptr, seg_a_ptr, seg_b_ptr, ypre_ptr,
                            L, DIM, G, N, n_ckpt, seg_len, n_seg, seg_first,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                            HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, STORE_CKPT: tl.constexpr,
-                           STATES_ONLY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                           STORE_YPRE: tl.constexpr, STATES_ONLY: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
     """Forward over one time segment of seg_len steps (a multiple of 8) for BLOCK_D channels; grid (D / BLOCK_D,
     batch, segments from seg_first). STATES_ONLY: start from zero (segment 0: from the initial state), write only the segment's
     end state to seg_b and its decay product to seg_a. Otherwise start from the folded earlier segments, write y,
-    checkpoints every 8 steps (B, n_ckpt, D, N) and, in the last segment, the final state."""
+    checkpoints every 8 steps (B, n_ckpt, D, N), y before the gate (STORE_YPRE, for dz) and, in the last segment,
+    the final state."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2) + seg_first
@@ -649,6 +651,8 @@ def _scan_fwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             if HAS_D:
                 y += Dskip[:, None] * u
             if HAS_Z:
+                if STORE_YPRE:
+                    tl.store(ypre_ptr + io, y.to(ypre_ptr.dtype.element_ty), mask=mask_io)
                 y = y * zv * tl.sigmoid(zv)
             tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=mask_io)
     if STATES_ONLY:
@@ -691,17 +695,19 @@ def _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk, t_end, L, DIM, offs_d, mask_d,
 
 @triton.jit
 def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, ckpt_ptr,
-                           dy_ptr, dfinal_ptr, seg_a_ptr, seg_b_ptr,
+                           dy_ptr, dfinal_ptr, seg_a_ptr, seg_b_ptr, ypre_ptr,
                            du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dinit_ptr,
                            L, DIM, G, N, n_ckpt, seg_len, n_seg, seg_first,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                            HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr, CARRY_ONLY: tl.constexpr,
-                           PREFETCH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                           HAS_YPRE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
     """Backward of the chunk forward over one time segment, 8 steps at a time in reverse; grid (D / BLOCK_D, batch,
     segments from seg_first). Per chunk: rebuild its 8 states from the checkpoint in registers, then the adjoint
     steps dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1} backwards. dB, dC: summed over the block's channels in the
     program, then one relaxed atomic add per (t, n); dA, dD, d bias: partial sums per (batch, segment).
-    CARRY_ONLY: from a zero carry, write the segment's adjoint carry at its start (seg_b) and decay product (seg_a)."""
+    CARRY_ONLY: from a zero carry, write the segment's adjoint carry at its start (seg_b) and decay product (seg_a).
+    HAS_YPRE: y before the gate comes from the forward instead of from the rebuilt states (fewer registers)."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2) + seg_first
@@ -797,7 +803,10 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             h6, y6 = _fwd_step(h5, d6, e6, b6, c6, A2, r6, HAS_DOC)
             h7, y7 = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
             if HAS_Z:
-                y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dskip[:, None] * u
+                if HAS_YPRE:
+                    y = tl.load(ypre_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
+                else:
+                    y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dskip[:, None] * u
                 dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
                 tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=mask_io)
             dD_acc += tl.sum(dyg * u, axis=1)
@@ -836,7 +845,9 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 # Overrides for benchmarks that sweep shapes; empty = defaults.
 #   forward: "chunk" (default), "loop" or "tile"; the backward is the forward's partner.
 #   chunk: CHUNK_BLOCK_D / CHUNK_WARPS (forward), BWD_BLOCK_D / BWD_WARPS (backward), SPLIT_T (time segments of
-#          the forward and the backward; 0 or absent = by occupancy, 1 = never split).
+#          the forward and the backward; 0 or absent = by occupancy, 1 = never split), BWD_PREFETCH (load the next
+#          chunk during this one; off: costs registers the backward spills), SAVE_Y (keep y before the gate for dz;
+#          on: the backward then skips <h, C>, as mamba_ssm does).
 #   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
 
@@ -900,7 +911,8 @@ def _num_warps(cfg: dict) -> int:
 
 
 def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad):
-    """Chunk forward: returns y, final state, checkpoints (B, L / 8, D, N) float32 (None without grad)."""
+    """Chunk forward: returns y, final state, checkpoints (B, L / 8, D, N) float32 and y before the gate (for dz;
+    TUNING["SAVE_Y"], on by default, as mamba_ssm saves it), both None without grad."""
     batch, L, dim = u.shape
     groups, n = B.shape[2], B.shape[3]
     block_d = _chunk_fwd_block_d(batch, dim, groups)
@@ -914,18 +926,21 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
     if n_seg > 1:
         seg_a = torch.empty(batch, n_seg, dim, n, device=u.device, dtype=torch.float32)
         seg_b = torch.empty_like(seg_a)
+    ypre = torch.empty_like(u) if need_grad and z is not None and TUNING.get("SAVE_Y", True) else None
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_INIT=init is not None, HAS_DOC=doc is not None, BLOCK_D=block_d,
                   BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or 1)
-    args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b,
+    args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b, ypre,
             L, dim, groups, n, n_ckpt, seg_len, n_seg)
     if n_seg > 1:
-        _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STATES_ONLY=True, **common)
-    _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg)](*args, 0, STORE_CKPT=need_grad, STATES_ONLY=False, **common)
-    return y, final, (ckpt if need_grad else None)
+        _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False,
+                                                              STATES_ONLY=True, **common)
+    _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg)](*args, 0, STORE_CKPT=need_grad, STORE_YPRE=ypre is not None,
+                                                      STATES_ONLY=False, **common)
+    return y, final, (ckpt if need_grad else None), ypre
 
 
-def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy, dfinal):
+def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy, dfinal, ypre):
     """Chunk backward: returns du, d delta, dz and float32 dA, dB, dC, dD, d bias, d initial state."""
     batch, L, dim = u.shape
     groups, n = B.shape[2], B.shape[3]
@@ -945,8 +960,9 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
         seg_b = torch.empty_like(seg_a)
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_D=block_d, BLOCK_N=next_pow2(n),
-                  PREFETCH=bool(TUNING.get("BWD_PREFETCH", False)), num_warps=TUNING.get("BWD_WARPS") or 1)
-    args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b,
+                  HAS_YPRE=ypre is not None, PREFETCH=bool(TUNING.get("BWD_PREFETCH", False)),
+                  num_warps=TUNING.get("BWD_WARPS") or 1)
+    args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
     if n_seg > 1:
         _scan_bwd_chunk_kernel[(n_blocks, batch, n_seg - 1)](*args, 1, CARRY_ONLY=True, **common)
@@ -1020,25 +1036,26 @@ class _SelectiveScanFn(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad)
         softplus = bool(delta_softplus)
         ctx.chunk = TUNING.get("forward", "chunk") == "chunk"
+        ypre = None
         if ctx.chunk:
-            y, final, ckpt = _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad)
+            y, final, ckpt, ypre = _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad)
         else:
             y, final, ckpt, ctx.cfg, ctx.loop_block_d = _old_forward(u, delta, A, B, C, D, z, delta_bias, softplus,
                                                                      init, doc, need_grad)
         if need_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, doc, ckpt)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, doc, ckpt, ypre)
             ctx.delta_softplus = softplus
             ctx.has_init = initial_state is not None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        u, delta, A, B, C, D, z, delta_bias, doc, ckpt = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, doc, ckpt, ypre = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy.contiguous()
         dfinal = dfinal.contiguous() if dfinal is not None else None
         ins = (u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, doc, ckpt, dy, dfinal)
         if ctx.chunk:
-            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit = _chunk_backward(*ins)
+            du, ddelta, dz, dA, dB, dC, dD, dbias, dinit = _chunk_backward(*ins, ypre)
         else:
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit = _old_backward(*ins, ctx.cfg, ctx.loop_block_d)
         # dA, dD, d bias arrive as partial sums per batch row (and time segment)
