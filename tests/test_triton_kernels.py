@@ -166,7 +166,7 @@ SPLIT_CASES = {
     # name: (batch, seqlen, dim, N, G, options, TUNING): time split into segments (grid axis 2), L not a multiple
     # of 8 or of the segment, a states-only pass plus a fold in both directions
     "batch1_split3": (1, 70, 16, 4, 1, dict(D=True, z=True, bias=True, init=True, dfinal=True),
-                      dict(SPLIT_T=3, CHUNK_BLOCK_D=8, BWD_BLOCK_D=4, SAVE_Y=False)),
+                      dict(SPLIT_T=3, CHUNK_BLOCK_D=8, BWD_BLOCK_D=4, SAVE_Y=True)),
     "docs_split4": (2, 45, 32, 8, 2, dict(D=True, z=True, bias=True, init=True, dfinal=True, seq_idx=True),
                     dict(SPLIT_T=4, CHUNK_BLOCK_D=8, BWD_BLOCK_D=8, BWD_PREFETCH=True)),
     "no_softplus_prefetch": (1, 17, 16, 16, 1, dict(softplus=False, init=True),

@@ -667,7 +667,8 @@ def _scan_fwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 @triton.jit
 def _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset, HAS_DOC: tl.constexpr):
     """Adjoint of one step; dyg is dy through the gate, carry = a_{t+1} dh_{t+1} (BD, BN).
-    Returns dx dt (BD,), d dt (BD,), dB, dC (BN,), dA_acc + this step's dA and the carry for step t - 1."""
+    Returns dx dt (BD,), d dt (BD,), dB, dC (BN,), dA_acc + this step's dA, the carry for step t - 1 and
+    <h_t, C_t> (BD,) (for dz; computed here, where h_t is live anyway)."""
     a = _decay(dt, A2, reset, HAS_DOC)  # recomputed: cheaper than keeping 8 of them in registers
     dh = dyg[:, None] * Cv[None, :] + carry
     dC = tl.sum(dyg[:, None] * h, axis=0)
@@ -676,7 +677,7 @@ def _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset, HAS
     q = dh * (a * h_prev)
     dA_acc += q * dt[:, None]
     ddt = dx * u + tl.sum(q * A2, axis=1) * LN2  # d/d dt of exp(dt A) h = A a h, with A = A2 ln 2
-    return dx * dt, ddt, dB, dC, dA_acc, a * dh
+    return dx * dt, ddt, dB, dC, dA_acc, a * dh, tl.sum(h * Cv[None, :], axis=1)
 
 
 @triton.jit
@@ -794,14 +795,24 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dt * u)
             b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
             u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
-            h0, y0 = _fwd_step(h_in, d0, e0, b0, c0, A2, r0, HAS_DOC)
-            h1, y1 = _fwd_step(h0, d1, e1, b1, c1, A2, r1, HAS_DOC)
-            h2, y2 = _fwd_step(h1, d2, e2, b2, c2, A2, r2, HAS_DOC)
-            h3, y3 = _fwd_step(h2, d3, e3, b3, c3, A2, r3, HAS_DOC)
-            h4, y4 = _fwd_step(h3, d4, e4, b4, c4, A2, r4, HAS_DOC)
-            h5, y5 = _fwd_step(h4, d5, e5, b5, c5, A2, r5, HAS_DOC)
-            h6, y6 = _fwd_step(h5, d6, e6, b6, c6, A2, r6, HAS_DOC)
-            h7, y7 = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
+            h0, _ = _fwd_step(h_in, d0, e0, b0, c0, A2, r0, HAS_DOC)
+            h1, _ = _fwd_step(h0, d1, e1, b1, c1, A2, r1, HAS_DOC)
+            h2, _ = _fwd_step(h1, d2, e2, b2, c2, A2, r2, HAS_DOC)
+            h3, _ = _fwd_step(h2, d3, e3, b3, c3, A2, r3, HAS_DOC)
+            h4, _ = _fwd_step(h3, d4, e4, b4, c4, A2, r4, HAS_DOC)
+            h5, _ = _fwd_step(h4, d5, e5, b5, c5, A2, r5, HAS_DOC)
+            h6, _ = _fwd_step(h5, d6, e6, b6, c6, A2, r6, HAS_DOC)
+            h7, _ = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
+            dD_acc += tl.sum(dyg * u, axis=1)
+            x7, q7, dB7, dC7, dA_acc, carry, y7 = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, HAS_DOC)
+            x6, q6, dB6, dC6, dA_acc, carry, y6 = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, HAS_DOC)
+            x5, q5, dB5, dC5, dA_acc, carry, y5 = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, HAS_DOC)
+            x4, q4, dB4, dC4, dA_acc, carry, y4 = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, HAS_DOC)
+            x3, q3, dB3, dC3, dA_acc, carry, y3 = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, HAS_DOC)
+            x2, q2, dB2, dC2, dA_acc, carry, y2 = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, HAS_DOC)
+            x1, q1, dB1, dC1, dA_acc, carry, y1 = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, HAS_DOC)
+            x0, q0, dB0, dC0, dA_acc, carry, y0 = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, HAS_DOC)
+            du = _join8(x0, x1, x2, x3, x4, x5, x6, x7) + Dskip[:, None] * dyg
             if HAS_Z:
                 if HAS_YPRE:
                     y = tl.load(ypre_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
@@ -809,16 +820,6 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                     y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dskip[:, None] * u
                 dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
                 tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=mask_io)
-            dD_acc += tl.sum(dyg * u, axis=1)
-            x7, q7, dB7, dC7, dA_acc, carry = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, HAS_DOC)
-            x6, q6, dB6, dC6, dA_acc, carry = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, HAS_DOC)
-            x5, q5, dB5, dC5, dA_acc, carry = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, HAS_DOC)
-            x4, q4, dB4, dC4, dA_acc, carry = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, HAS_DOC)
-            x3, q3, dB3, dC3, dA_acc, carry = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, HAS_DOC)
-            x2, q2, dB2, dC2, dA_acc, carry = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, HAS_DOC)
-            x1, q1, dB1, dC1, dA_acc, carry = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, HAS_DOC)
-            x0, q0, dB0, dC0, dA_acc, carry = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, HAS_DOC)
-            du = _join8(x0, x1, x2, x3, x4, x5, x6, x7) + Dskip[:, None] * dyg
             ddt = tl.where(mask_io, _join8(q0, q1, q2, q3, q4, q5, q6, q7), 0.0)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(raw)
@@ -846,8 +847,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #   forward: "chunk" (default), "loop" or "tile"; the backward is the forward's partner.
 #   chunk: CHUNK_BLOCK_D / CHUNK_WARPS (forward), BWD_BLOCK_D / BWD_WARPS (backward), SPLIT_T (time segments of
 #          the forward and the backward; 0 or absent = by occupancy, 1 = never split), BWD_PREFETCH (load the next
-#          chunk during this one; off: costs registers the backward spills), SAVE_Y (keep y before the gate for dz;
-#          on: the backward then skips <h, C>, as mamba_ssm does).
+#          chunk during this one; off: costs registers the backward spills), SAVE_Y (keep y before the gate for dz,
+#          as mamba_ssm does, so the backward skips <h, C>; off: it costs a (B, L, D) activation).
 #   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
 
@@ -912,7 +913,8 @@ def _num_warps(cfg: dict) -> int:
 
 def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad):
     """Chunk forward: returns y, final state, checkpoints (B, L / 8, D, N) float32 and y before the gate (for dz;
-    TUNING["SAVE_Y"], on by default, as mamba_ssm saves it), both None without grad."""
+    TUNING["SAVE_Y"], as mamba_ssm saves it; off by default: one more (B, L, D) activation kept for backward, which
+    bench/memory.py does not count), both None without grad."""
     batch, L, dim = u.shape
     groups, n = B.shape[2], B.shape[3]
     block_d = _chunk_fwd_block_d(batch, dim, groups)
@@ -926,7 +928,7 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
     if n_seg > 1:
         seg_a = torch.empty(batch, n_seg, dim, n, device=u.device, dtype=torch.float32)
         seg_b = torch.empty_like(seg_a)
-    ypre = torch.empty_like(u) if need_grad and z is not None and TUNING.get("SAVE_Y", True) else None
+    ypre = torch.empty_like(u) if need_grad and z is not None and TUNING.get("SAVE_Y", False) else None
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_INIT=init is not None, HAS_DOC=doc is not None, BLOCK_D=block_d,
                   BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or 1)
