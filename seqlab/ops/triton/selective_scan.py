@@ -6,9 +6,12 @@ Recurrence per channel d and state index n (ZOH for A, Euler for B, as in the Ma
     y_t  = <h_t, C_t> + D u_t,   then y_t *= silu(z_t)
 
 Programs run over (batch, block of channels) and keep the (channels, N) state in registers, so the
-(B, L, D, N) state sequence never reaches memory. Two kernel pairs:
+(B, L, D, N) state sequence never reaches memory. Three kernel pairs (TUNING["forward"]):
 
-- time loop (default when a block's channels share one B/C group): 8 steps per iteration; each iteration loads
+- chunk (default): the time loop below with one warp per channel block, exp2 with A prescaled by log2 e, the
+  backward's dB/dC summed over the block in the program before one relaxed atomic per (t, n), and a split of time
+  into segments (states-only pass + fold) when batch x channel blocks give too few programs. See the section below.
+- time loop (when a block's channels share one B/C group): 8 steps per iteration; each iteration loads
   (channels, 8) tiles first and stores y once. The forward stores the state every 8 steps (checkpoints,
   (B, L / 8, D, N) float32, only under autograd); the backward walks the 8-step blocks in reverse, rebuilds the
   8 states of a block from its checkpoint in registers and runs the adjoint steps
