@@ -217,6 +217,13 @@ def scan_loop(u, delta, A, B, C, D, z, bias, steps: int):
     return (y * F.silu(z[:, :steps].float())).to(u.dtype)
 
 
+# The selective-scan sweep at 8 x 2048: the chunk kernels' defaults, one knob changed at a time, and the old
+# loop kernels' best tiles (run 4) for comparison (see TUNING in seqlab/ops/triton/selective_scan.py)
+SCAN_SWEEP = ({}, {"forward": "chunk", "SAVE_Y": True}, {"forward": "chunk", "CHUNK_BLOCK_D": 16},
+              {"forward": "chunk", "CHUNK_BLOCK_D": 32, "CHUNK_WARPS": 2}, {"forward": "chunk", "BWD_BLOCK_D": 32},
+              {"forward": "chunk", "BWD_PREFETCH": True}, {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 2})
+
+
 def bench_selective_scan(c, shapes, sweep: bool):
     from seqlab.ops.selective_scan import selective_scan
     from seqlab.ops.triton import selective_scan as tss
@@ -227,12 +234,7 @@ def bench_selective_scan(c, shapes, sweep: bool):
     if sweep:
         batch, seqlen = 8, 2048
         best = None
-        for cfg in ({"forward": "tile"}, {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 4},
-                    {"forward": "loop", "SEQ_BLOCK_D": 16, "SEQ_WARPS": 2},
-                    {"forward": "loop", "SEQ_BLOCK_D": 64, "SEQ_WARPS": 4},
-                    {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 2},
-                    {"forward": "loop", "SEQ_BLOCK_D": 128, "SEQ_WARPS": 8},
-                    {"forward": "loop", "SEQ_BLOCK_D": 64, "SEQ_WARPS": 8}):
+        for cfg in SCAN_SWEEP:
             tss.TUNING.clear()
             tss.TUNING.update(cfg)
             ins = scan_inputs(batch, seqlen, dim, N)

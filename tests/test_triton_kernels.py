@@ -451,6 +451,29 @@ def test_ssd_triton_inference_forward_matches_ref():
 _LAUNCHED: list = []  # (module, kernel name, signature, constexprs) of every launch under the interpreter
 
 
+def test_no_grad_forwards_equal_the_autograd_forwards():
+    """Under no_grad the scan and SSD run their bare forwards (no checkpoints, SSD's inference tile): same outputs
+    (float32, relative error <= 1e-5; the SSD tile differs, so its sums are ordered differently)."""
+    from seqlab.ops.triton.selective_scan import selective_scan_triton
+    from seqlab.ops.triton.ssd import ssd_triton
+
+    u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(2, 40, 8, 4, 1, dict(D=True, z=True, bias=True))
+    params = [t.requires_grad_() for t in (A, D, bias)]
+    y1, h1 = selective_scan_triton(u, delta, *params[:1], B, C, params[1], z, params[2], True, None, None)
+    with torch.no_grad():
+        y2, h2 = selective_scan_triton(u, delta, A, B, C, D, z, bias, True, None, None)
+    assert y1.requires_grad and not y2.requires_grad
+    assert_close("scan y", y2, y1.detach(), 1e-5)
+    assert_close("scan final state", h2, h1.detach(), 1e-5)
+    ins, _ = _ssd_inputs(1, 150, 2, 16, 1, 16, dict(D=True, z=True, bias=True))
+    ins[0].requires_grad_()
+    y1, f1 = ssd_triton(*ins[:5], 64, *ins[5:8], True, ins[8], None)
+    with torch.no_grad():
+        y2, f2 = ssd_triton(*ins[:5], 64, *ins[5:8], True, ins[8], None)
+    assert_close("ssd y", y2, y1.detach(), 1e-5)
+    assert_close("ssd final state", f2, f1.detach(), 1e-5)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _record_launches():
     """Under the interpreter, remember each kernel specialisation the tests launch (see the last test)."""

@@ -1032,13 +1032,13 @@ def _old_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy, 
 
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, grad_mode):
         u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
         A = A.contiguous()
         doc = doc_ids(seq_idx)
         init = initial_state.contiguous() if initial_state is not None else None
-        need_grad = any(ctx.needs_input_grad)
+        need_grad = any(ctx.needs_input_grad) and grad_mode  # under no_grad / inference_mode: no checkpoints
         softplus = bool(delta_softplus)
         ctx.chunk = TUNING.get("forward", "chunk") == "chunk"
         ypre = None
@@ -1067,10 +1067,12 @@ class _SelectiveScanFn(torch.autograd.Function):
         dD = dD.sum(0).to(D.dtype) if D is not None else None
         dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         dinit = dinit if ctx.has_init else None
-        return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, dinit, None)
+        return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, dinit, None,
+                None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
     """Fused selective scan. u, delta, z (B, L, D); A (D, N); B, C (B, L, G, N); D, delta_bias (D,);
     initial_state (B, D, N) float32 or None; seq_idx (B, L) or None. Returns (y (B, L, D), final_state (B, D, N))."""
-    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)
+    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                                  torch.is_grad_enabled())
