@@ -1,16 +1,21 @@
 """Where a decode step's GPU time goes: kernels of one eager step of a preset, summed by name (torch.profiler).
 
     python3 benchmarks/decode_profile.py --models mamba:1.4b,transformer:1.3b --batch 64 --context 2048
+    python3 benchmarks/decode_profile.py --models mamba:1.4b --state-dtype fp32,bf16 --dt-rows 0,4 --gemm auto,torch
 
 Prints, per model, the step's kernels sorted by device time (count per step, microseconds per step, share) and the
 total next to the wall time of a CUDA-graph replay of the same step; the gap between the two is launch and
-scheduling overhead inside the graph. Random weights in bf16 (the generation benchmark's setting).
+scheduling overhead inside the graph. Random weights in bf16 (the generation benchmark's setting). The variant
+options run every combination: the recurrent states' dtype, Mamba's dt projection as its own GEMM (0) or inside
+the step kernel with n batch rows per program, and the decode GEMMs' kernel (auto: timed per shape; torch: cuBLAS).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,12 +30,13 @@ from seqlab.models.presets import from_preset  # noqa: E402
 STEPS = 5
 
 
-def profile_model(spec: str, batch: int, context: int) -> dict:
+def profile_model(spec: str, batch: int, context: int, state_dtype: torch.dtype = torch.float32) -> dict:
     name, size = spec.split(":")
     torch.manual_seed(0)
     model = from_preset(name, size).to(device="cuda", dtype=torch.bfloat16).eval()
     vocab = model.config.vocab_size
-    state = model.allocate_state(batch, context + STEPS + 8, device="cuda", dtype=torch.bfloat16)
+    state = model.allocate_state(batch, context + STEPS + 8, device="cuda", dtype=torch.bfloat16,
+                                 state_dtype=state_dtype)
     prompt = torch.randint(0, vocab, (batch, context), device="cuda")
     token = torch.randint(0, vocab, (batch,), device="cuda")
     with torch.inference_mode():
@@ -73,18 +79,34 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--state-dtype", default="fp32", help="comma list of fp32, bf16")
+    parser.add_argument("--dt-rows", default="0", help="comma list: Mamba's dt projection (0 = own GEMM)")
+    parser.add_argument("--gemm", default="auto", help="comma list of auto, torch, triton (SEQLAB_DECODE_GEMM)")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("decode_profile: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from seqlab.ops.decode_linear import _CHOICE
+    from seqlab.ops.triton import decode
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     results = []
-    for spec in args.models.split(","):
-        result = profile_model(spec, args.batch, args.context)
+    variants = itertools.product(args.models.split(","), args.state_dtype.split(","),
+                                 [int(r) for r in args.dt_rows.split(",")], args.gemm.split(","))
+    for spec, state_dtype, dt_rows, gemm in variants:
+        decode.TUNING["dt_rows"] = dt_rows
+        os.environ["SEQLAB_DECODE_GEMM"] = gemm
+        result = profile_model(spec, args.batch, args.context, dtypes[state_dtype])
+        result.update(state_dtype=state_dtype, dt_rows=dt_rows, gemm=gemm,
+                      gemm_choices={str(k[1:4]): v for k, v in _CHOICE.items()})
         results.append(result)
         graph = f"{result['graph_ms_per_step']:.3f} ms" if result["graph_ms_per_step"] is not None else "n/a"
-        print(f"\n## {spec}, batch {args.batch}, context {args.context}: {result['kernels_per_step']:.0f} kernels, "
+        print(f"\n## {spec}, batch {args.batch}, context {args.context}, state {state_dtype}, dt_rows {dt_rows}, "
+              f"gemm {gemm}: {result['kernels_per_step']:.0f} kernels, "
               f"{result['kernel_us_per_step'] / 1000:.3f} ms of kernel time per step; CUDA-graph step {graph}")
+        if gemm == "auto":
+            print(f"decode GEMM choices (rows, N, K): {result['gemm_choices']}")
         print("| kernel | per step | us per step | share |\n|---|---|---|---|")
         for row in result["rows"][: args.top]:
             share = row["us_per_step"] / max(result["kernel_us_per_step"], 1e-9)

@@ -23,21 +23,41 @@ def _softplus(x):
 
 @triton.jit
 def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, w_ptr, y_ptr,
-                           DIM, G, N, R,
+                           BATCH, DIM, G, N, R,
                            sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
                            A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, BLOCK_D: tl.constexpr,
+                           SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    b = tl.program_id(0)
-    b64 = b.to(tl.int64)
+    """Programs over (ROWS batch rows, BLOCK_D channels): A (and with DT_PROJ the dt weight, from L1) is read
+    once for the rows the program steps in turn."""
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < DIM
+    mask_d0 = offs_d < DIM
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d0[:, None] & (offs_n < N)[None, :],
+                other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)  # A = -exp(A_log), S4D-real parameterisation
+    for i in range(ROWS):
+        b = tl.program_id(0) * ROWS + i
+        _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, w_ptr, y_ptr,
+                            b, offs_d, offs_n, mask_d0 & (offs_d * 0 + b < BATCH), DIM, G, N, R,
+                            sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
+                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_PROJ, BLOCK_R)
+
+
+@triton.jit
+def _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, w_ptr, y_ptr,
+                        b, offs_d, offs_n, mask_d, DIM, G, N, R,
+                        sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
+                        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                        DT_PROJ: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One batch row b of the step for the channels offs_d (A (BLOCK_D, BLOCK_N) already formed)."""
+    b64 = b.to(tl.int64)
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
     bd = b64 * DIM + offs_d  # state and y are contiguous; the inputs may be strided views
     x = tl.load(x_ptr + b64 * sx_b + offs_d * sx_d, mask=mask_d, other=0.0).to(tl.float32)
     if DT_PROJ:  # dt = dt_low (R,) @ Wᵀ, W (DIM, R): the dt projection of Mamba, row block by row block
-        dt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        dt = tl.zeros_like(x)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
@@ -51,9 +71,6 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
         dt = _softplus(dt)
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)  # A = -exp(A_log), S4D-real parameterisation
     g = offs_d // (DIM // G)
     Bm = tl.load(B_ptr + b64 * sB_b + g[:, None] * sB_g + offs_n[None, :] * sB_n, mask=mask_dn,
                  other=0.0).to(tl.float32)
@@ -77,13 +94,18 @@ def _strides(t, n):
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
+# dt_rows: 0 = Mamba's dt projection as its own GEMM (seqlab.ops.decode_linear) before the step kernel; n > 0 = inside
+# the step kernel, each program stepping n batch rows so the projection weight is fetched once per n rows
+TUNING: dict = {"dt_rows": 0}
+
+
 def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False,
                                   dt_proj_weight=None):
     """state (B, D, N) updated in place; x, dt, z (B, D); A (D, N); B, C (B, G, N); D, dt_bias (D,). Returns y (B, D).
 
     x, dt, z, B and C may be strided views (e.g. slices of a projection's output): they are read in place.
     ``A_is_log``: ``A`` holds A_log and the kernel uses A = -exp(A_log). ``dt_proj_weight`` (D, R): dt is
-    (B, R) and the kernel forms dt @ dt_proj_weightᵀ itself."""
+    (B, R) and dt @ dt_proj_weightᵀ is formed first (a decode GEMM) or inside the kernel (``TUNING["dt_rows"]``)."""
     batch, dim = x.shape
     G, N = B.shape[1], B.shape[2]
     A = A.contiguous()
@@ -94,14 +116,19 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
     y = torch.empty((batch, dim), device=x.device, dtype=x.dtype)
     block_n = next_pow2(N)
     block_d = max(1, min(64, 2048 // block_n, next_pow2(dim)))
-    grid = (batch, triton.cdiv(dim, block_d))
+    if dt_proj_weight is not None and not TUNING.get("dt_rows"):  # the dt projection as its own decode GEMM
+        from seqlab.ops.decode_linear import decode_linear
+
+        dt, dt_proj_weight = decode_linear(dt, dt_proj_weight), None
+    rows = TUNING.get("dt_rows") if dt_proj_weight is not None else 1
+    grid = (triton.cdiv(batch, rows), triton.cdiv(dim, block_d))
     rank = dt_proj_weight.shape[1] if dt_proj_weight is not None else 1
-    _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, y, dim, G, N, rank,
+    _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, y, batch, dim, G, N, rank,
                                  *x.stride(), *dt.stride(), *_strides(z, 2), *B.stride(), *C.stride(),
                                  *_strides(dt_proj_weight, 2),
                                  A_IS_LOG=bool(A_is_log), HAS_D=D is not None, HAS_Z=z is not None,
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-                                 DT_PROJ=dt_proj_weight is not None, BLOCK_D=block_d, BLOCK_N=block_n,
+                                 DT_PROJ=dt_proj_weight is not None, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
                                  BLOCK_R=min(64, next_pow2(rank)), num_warps=4)
     return y
 
