@@ -411,6 +411,34 @@ def test_ssd_triton_every_kernel_path_matches_ref(tuning, monkeypatch):
     _ssd_assert_close(*_ssd_run(ins, 16, seq_idx))
 
 
+def test_ssd_backward_takes_fewer_heads_per_program_when_the_tiles_do_not_fit(monkeypatch):
+    """A backward chunk kernel that the compiler cannot fit in shared memory (simulated for more than one head)
+    is relaunched with fewer heads per program; the gradients still match the reference."""
+    import triton
+
+    from seqlab.ops.triton import ssd as tssd
+
+    real = tssd._ssd_bwd_chunk_kernel
+    launched = []
+
+    class TooBigForMoreThanOneHead:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(kwargs["HEADS"])
+                if kwargs["HEADS"] > 1:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(tssd, "_ssd_bwd_chunk_kernel", TooBigForMoreThanOneHead())
+    monkeypatch.setattr(tssd, "_BWD_HEADS_FIT", {})
+    monkeypatch.setattr(tssd, "TUNING", {})
+    opts = dict(D=True, z=True, bias=True, init=True, seq_idx=True)
+    ins, seq_idx = _ssd_inputs(2, 45, 8, 32, 2, 32, opts, seed=13)
+    _ssd_assert_close(*_ssd_run(ins, 16, seq_idx))
+    assert launched == [4, 2, 1] and list(tssd._BWD_HEADS_FIT.values()) == [1]
+
+
 @pytest.mark.parametrize("state_dtype", ["input", "fp32"])
 def test_ssd_triton_bf16_entering_states_within_bf16_tolerance(state_dtype, monkeypatch):
     """bf16 inputs: entering states and their gradients stored in bf16 (default) or float32. The per-chunk kernels

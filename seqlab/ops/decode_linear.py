@@ -4,8 +4,9 @@
 
 A decode step is weight-streaming: each GEMM reads its whole weight for a handful of rows. Which kernel streams a
 given shape faster depends on the shape and the GPU, so the first call of each (device, rows, N, K, dtype) times
-both once (outside any CUDA-graph recording) and remembers the winner; calls during a recording use the
-remembered choice, or cuBLAS. ``SEQLAB_DECODE_GEMM=torch|triton`` forces one side (benchmarks compare them).
+both once (replayed from a small CUDA graph, outside any other recording) and remembers the winner; calls
+during a recording use the remembered choice, or cuBLAS. ``SEQLAB_DECODE_GEMM=torch|triton`` forces one side
+(benchmarks compare them).
 
 The Triton path applies only without autograd, autocast and bias, to 16-bit CUDA tensors of one dtype; every
 other call is the plain torch expression.
@@ -68,7 +69,9 @@ def _choose(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
     return _CHOICE[key]
 
 
-def _time_both(x, weight, residual, repeats: int = 10) -> str:
+def _time_both(x, weight, residual, calls: int = 10) -> str:
+    """"torch" or "triton": the lower GPU time per call, replayed from a CUDA graph of ``calls`` calls (as a
+    graphed decode step runs them; eager timing would measure the Python launch cost instead)."""
     small_batch_linear_triton = triton_entry(*_ENTRY)
     runs = {
         "torch": (lambda: torch.addmm(residual, x, weight.t())) if residual is not None else
@@ -77,11 +80,15 @@ def _time_both(x, weight, residual, repeats: int = 10) -> str:
     }
     times = {}
     for name, fn in runs.items():
-        fn()  # compile / pick the algorithm
+        fn()  # compile / pick the algorithm outside the recording
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        for _ in range(repeats):
-            fn()
+        graph.replay()
         end.record()
         end.synchronize()
         times[name] = begin.elapsed_time(end)

@@ -650,6 +650,11 @@ def _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting):
     return dstates, dinit, dlast
 
 
+# (dtype, T, P, N, warps) -> heads per backward program that compiled within shared memory (float32 tiles take
+# twice the bytes of bf16 ones)
+_BWD_HEADS_FIT: dict = {}
+
+
 def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
     """Gradients of every input, as a dict; ``saved`` as _SSDFn saves it, ``fused`` as the forward ran."""
     x, dt, A, B, C, D, z, dt_bias, doc, states, cum, init_given = saved
@@ -661,24 +666,33 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = dy.contiguous()
     dstates, dinit, dlast = _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting)
-    heads = _group_heads(H, G, "bwd_heads", 8) if fused else 1
-    atomic = heads < H // G
     dx = torch.empty_like(x)
     ddt = torch.empty(dt.shape, **f32)
-    dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, **f32)
-    dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, **f32)
     dz = torch.empty_like(z) if z is not None else None
     dA = torch.empty(batch, H, nchunks, **f32)
     d_per_p = D is not None and D.dim() == 2
     dD = torch.empty(batch, H, nchunks, P, **f32) if d_per_p else torch.empty(batch, H, nchunks, **f32)
     warps = TUNING.get("bwd_warps") or TUNING.get("num_warps") or (8 if T >= 64 else 4)
-    _ssd_bwd_chunk_kernel[(batch * nchunks, H // heads)](
-        x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy,
-        dx, ddt, dB, dC, dz, dA, dD, L, H, P, G, N, nchunks,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
-        HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting,
-        DLAST_INLINE=dlast is None, HEADS=heads, ATOMIC=atomic, T=T, BLOCK_P=max(16, next_pow2(P)),
-        BLOCK_N=max(16, next_pow2(N)), num_warps=warps)
+    key = (x.dtype, T, P, N, warps)
+    heads = _group_heads(H, G, "bwd_heads", _BWD_HEADS_FIT.get(key, 8)) if fused else 1
+    while True:  # fewer heads per program when the tiles of this many heads do not fit in shared memory
+        atomic = heads < H // G
+        dB = torch.zeros(B.shape, **f32) if atomic else torch.empty(B.shape, **f32)
+        dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, **f32)
+        try:
+            _ssd_bwd_chunk_kernel[(batch * nchunks, H // heads)](
+                x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy,
+                dx, ddt, dB, dC, dz, dA, dD, L, H, P, G, N, nchunks,
+                HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
+                HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting,
+                DLAST_INLINE=dlast is None, HEADS=heads, ATOMIC=atomic, T=T, BLOCK_P=max(16, next_pow2(P)),
+                BLOCK_N=max(16, next_pow2(N)), num_warps=warps)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if heads == 1:
+                raise
+            heads = _group_heads(H, G, "bwd_heads_fallback", heads // 2)
+            _BWD_HEADS_FIT[key] = heads
     grads = dict(x=dx, dt=ddt.to(dt.dtype), A=dA.sum((0, 2)).to(A.dtype), B=dB.to(B.dtype), C=dC.to(C.dtype),
                  z=dz, initial_state=dinit if init_given else None)
     grads["dt_bias"] = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
