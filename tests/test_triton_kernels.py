@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_compile import assert_compiles_for_sm90
 
 triton = pytest.importorskip("triton")
 
@@ -505,46 +504,15 @@ def test_no_grad_forwards_equal_the_autograd_forwards():
 @pytest.fixture(scope="module", autouse=True)
 def _record_launches():
     """Under the interpreter, remember each kernel specialisation the tests launch (see the last test)."""
-    if not _INTERPRET:
+    from triton_compile import recording_launches
+
+    with recording_launches(_LAUNCHED):
         yield
-        return
-    import inspect
-
-    from triton.runtime import interpreter
-
-    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-              torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
-    original = interpreter.InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        params = list(inspect.signature(self.fn).parameters.values())
-        bound = dict(zip([p.name for p in params], args), **kwargs)
-        sig, consts = {}, {}
-        for i, p in enumerate(params):
-            v = bound.get(p.name)
-            if "constexpr" in str(p.annotation) or v is None:
-                sig[p.name], consts[(i,)] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[p.name] = "*" + dtypes[v.dtype]
-            else:
-                sig[p.name] = "i32" if isinstance(v, int) and abs(v) < 2**31 else "i64"
-        _LAUNCHED.append((self.fn.__module__, self.fn.__name__, sig, consts))
-        return original(self, *args, **kwargs)
-
-    interpreter.InterpretedFunction.run = run
-    yield
-    interpreter.InterpretedFunction.run = original
 
 
 def test_every_launched_kernel_compiles_for_sm90_front_end():
     """The interpreter runs code the GPU compiler rejects (e.g. a variable whose shape changes inside a runtime
     `if`); lower every specialisation the tests above launched to Triton IR for sm_90, in a clean process."""
-    if not _INTERPRET or not _LAUNCHED:
-        pytest.skip("only meaningful after the interpreter tests of this file ran")
-    import json
+    from triton_compile import assert_launched_compile_for_sm90
 
-    specs = {}  # one compile per distinct specialisation
-    for m, n, s, c in _LAUNCHED:
-        key = (m, n, json.dumps(s, sort_keys=True), repr(sorted(c.items())))
-        specs[key] = (m, n, s, [[k[0], v] for k, v in c.items()])
-    assert_compiles_for_sm90(list(specs.values()))
+    assert_launched_compile_for_sm90(_LAUNCHED)
