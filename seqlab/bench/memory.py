@@ -9,19 +9,23 @@ Accounting, per sequence of ``context`` tokens and a batch of ``batch`` sequence
 - KV cache: attention layers x 2 (K and V) x n_kv_heads x head_dim x min(context, window) x dtype bytes.
 - other families (linear attention, RWKV, Griffin, mLSTM): parameters and state bytes come from the modules
   themselves, built on the meta device (their states are constant-size).
-- recurrent state: per Mamba-1 layer d_inner x d_state (float32, the scan's accumulator) plus the conv window
-  d_inner x (d_conv - 1) in ``dtype``; Mamba-2 likewise with nheads x headdim x d_state and conv_dim =
-  d_inner + 2 ngroups d_state; S4D H x N/2 complex64. Constant in ``context``.
+- recurrent state: per Mamba-1 layer d_inner x d_state (the SSM state) plus the conv window d_inner x (d_conv - 1),
+  both in ``state_dtype`` (float32 by default, or bf16/fp16: ``allocate_state(..., state_dtype=...)``); Mamba-2
+  likewise with nheads x headdim x d_state and conv_dim = d_inner + 2 ngroups d_state; S4D H x N/2 complex64.
+  Constant in ``context``.
 - activations: the most bytes alive at one moment of a one-shot prefill (``prefill_phases``): the embedding
   output, the residual stream and the block's normed input stay alive across a layer; on top of them the worst
-  step of the largest layer, its tensors counted from the CUDA code paths (Triton conv, selective scan and SSD
-  with their contiguous copies, float32 chunk states and scan checkpoints; Mamba-2's float32 gated norm; fused
-  attention; SwiGLU's three hidden tensors); the head computes the last position's logits only. Chunked prefill
-  replaces ``context`` by the chunk length here (layers of the other families count a generic six projections of
-  width d_model). With eager (non-fused) attention the (heads x context x context) score matrix comes on top:
-  ``attention_score_entries`` counts it.
-- CUDA graph recording (``graph_capture_bytes``): ``DecodeGraph.record`` keeps two snapshots of the state while it
-  checks the replay; the total takes the larger of this and the activations.
+  step of the largest layer, its tensors counted from the CUDA code paths under inference mode (Triton conv,
+  selective scan and SSD with their contiguous copies and SSD's entering chunk states; no scan checkpoints or
+  tensors saved for a backward; Mamba-2's float32 gated norm; fused attention and its float32 RoPE, but not its
+  (B, L, cache) mask; SwiGLU's three hidden tensors; the residual added to the out_proj output inside the mixer);
+  the head computes the last position's logits only.
+  Chunked prefill replaces ``context`` by the chunk length here (layers of the other families count a generic six
+  projections of width d_model). With eager (non-fused) attention the (heads x context x context) score matrix
+  comes on top: ``attention_score_entries`` counts it.
+- CUDA graph recording (``graph_capture_bytes``): ``DecodeGraph.record`` keeps one snapshot of the state (and of 3
+  positions of each KV cache) while it records and checks the replay; the total takes the larger of this and the
+  activations.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from importlib import resources
 from seqlab.errors import ConfigError
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
+# dtypes a recurrent state may be kept in (seqlab.mixers.base.RECURRENT_STATE_DTYPES)
+STATE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -127,11 +133,13 @@ def kv_cache_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int, k
     return spec.attn_layers * 2 * heads * spec.head_dim * kept * batch * dtype_bytes
 
 
-def recurrent_state_bytes(spec: ArchSpec, batch: int, dtype_bytes: int) -> int:
+def recurrent_state_bytes(spec: ArchSpec, batch: int, state_bytes: int = 4) -> int:
+    """Bytes of the constant-size states: Mamba's SSM state and conv window in the state dtype (``state_bytes``
+    per element, float32 by default); S4D's complex64 modes and the other families' states as they allocate them."""
     di, w = spec.d_inner, spec.d_conv - 1
-    mamba = di * spec.d_state * 4 + di * w * dtype_bytes
+    mamba = di * (spec.d_state + w) * state_bytes
     conv_dim = di + 2 * spec.ssd_ngroups * spec.ssd_d_state
-    mamba2 = spec.ssd_nheads * spec.ssd_headdim * spec.ssd_d_state * 4 + conv_dim * w * dtype_bytes
+    mamba2 = (spec.ssd_nheads * spec.ssd_headdim * spec.ssd_d_state + conv_dim * w) * state_bytes
     s4 = spec.d_model * (spec.s4_d_state // 2) * 8
     modelled = spec.mamba_layers * mamba + spec.mamba2_layers * mamba2 + spec.s4_layers * s4
     return batch * (modelled + spec.other_state_bytes)
@@ -181,9 +189,15 @@ def _next_pow2(n: int) -> int:
 
 
 def ssd_chunk_len(chunk_size: int) -> int:
-    """The SSD Triton forward's chunk length. Its ``training`` flag is ``any(ctx.needs_input_grad)``, which the
-    parameters D and dt_bias set even under inference_mode, so the prefill takes the training tile (16..64)."""
-    return min(64, max(16, _next_pow2(chunk_size)))
+    """The SSD Triton forward's chunk length under no_grad / inference_mode: the inference tile, chunk_size rounded
+    up to a power of two and clamped to [16, 128] (training takes at most 64)."""
+    return min(128, max(16, _next_pow2(chunk_size)))
+
+
+def ssd_chunk_state_bytes(dtype_bytes: int) -> int:
+    """Bytes per element of the SSD's entering chunk states: the fused state pass stores them in the input dtype
+    when it is 16-bit, else in float32."""
+    return dtype_bytes if dtype_bytes == 2 else 4
 
 
 def _resident(spec: ArchSpec, tokens: int, nbytes: int) -> tuple[Buffer, ...]:
@@ -209,18 +223,22 @@ def _mamba_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[
     delta = Buffer("delta = dt_proj(dt)", n * di * nbytes)
     y = Buffer("scan output y", n * di * nbytes)
     final = Buffer("final state (B, D, N) fp32", batch * di * N * 4)
-    # the scan kernel stores its backward checkpoint every 8 steps whenever an input requires grad: the
-    # parameters D and dt_proj.bias do, even under inference_mode
-    checkpoints = Buffer("scan checkpoints (B, L/8, D, N) fp32", batch * -(-seqlen // 8) * di * N * 4)
+    # without autograd the scan stores no checkpoints and saves nothing for a backward (the time-segment carries
+    # of a split scan, a few (B, D, N) float32 at small batch, are left out)
+    kept = (A, proj, conv, window, x_proj, delta, y, final)  # alive from the scan until the block returns
     return [
         Phase("mamba conv", (A, proj, Buffer("contiguous copy of x for the conv", n * di * nbytes), conv)),
-        Phase("mamba selective scan", (
-            A, proj, conv, window, x_proj, delta, Buffer("contiguous copies of B, C", n * 2 * N * nbytes),
-            Buffer("contiguous copy of z", n * di * nbytes), y, checkpoints, final,
-        )),
-        Phase("mamba out_proj", (A, proj, conv, window, x_proj, delta, y, final,
-                                 Buffer("out_proj output", n * spec.d_model * nbytes))),
+        Phase("mamba selective scan", kept + (Buffer("contiguous copies of B, C", n * 2 * N * nbytes),
+                                              Buffer("contiguous copy of z", n * di * nbytes))),
+        Phase("mamba out_proj", kept + _out_proj_and_residual(spec, n, nbytes)),
     ]
+
+
+def _out_proj_and_residual(spec: ArchSpec, tokens: int, nbytes: int) -> tuple[Buffer, ...]:
+    """The mixer's out_proj output and the block's next residual stream (``residual + out``, formed inside the
+    mixer's forward while its locals are alive)."""
+    width = tokens * spec.d_model * nbytes
+    return (Buffer("out_proj output", width), Buffer("residual + out_proj output", width))
 
 
 def _mamba2_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[Phase]:
@@ -235,13 +253,16 @@ def _mamba2_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list
     final = Buffer("final state (B, H, P, N) fp32", batch * h * P * N * 4)
     T = ssd_chunk_len(spec.ssd_chunk_size)
     nchunks = -(-seqlen // T)
+    state_nbytes = ssd_chunk_state_bytes(nbytes)
+    state_name = "fp32" if state_nbytes == 4 else "in the input dtype"
     upcast = 4 if nbytes < 4 else 0  # .float() of a float32 tensor returns the tensor itself
     kept = (proj, conv, window, y, final)  # alive from the SSD until the block returns
     return [
         Phase("mamba2 conv", (proj, Buffer("contiguous copy of xBC for the conv", n * conv_dim * nbytes), conv)),
+        # the bare forward (no autograd): the copies live while it runs, nothing is kept for a backward
         Phase("mamba2 SSD", kept + (
             Buffer("contiguous copies of x, dt, B, C", n * (di + h + 2 * g * N) * nbytes),
-            Buffer(f"chunk states (B, L/{T}, H, P, N) fp32", batch * nchunks * h * P * N * 4),
+            Buffer(f"chunk states (B, L/{T}, H, P, N) {state_name}", batch * nchunks * h * P * N * state_nbytes),
             Buffer("chunk log-decays fp32", batch * h * nchunks * T * 4),
         )),
         # GatedRMSNorm: y.float() * silu(z.float()); at silu the upcasts of y and z and silu's output are alive
@@ -249,23 +270,41 @@ def _mamba2_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list
             Buffer("y in fp32", n * di * upcast), Buffer("z in fp32", n * di * upcast),
             Buffer("silu(z) fp32", n * di * 4), Buffer("y * silu(z) fp32", n * di * 4 if not upcast else 0),
         )),
-        Phase("mamba2 out_proj", kept + (Buffer("gated norm output", n * di * nbytes),
-                                         Buffer("out_proj output", n * spec.d_model * nbytes))),
+        Phase("mamba2 out_proj", kept + (Buffer("gated norm output", n * di * nbytes),)
+              + _out_proj_and_residual(spec, n, nbytes)),
     ]
+
+
+def _rope_buffers(name: str, tokens: int, width: int, head_dim: int, nbytes: int) -> tuple[Buffer, ...]:
+    """The worst moment of ``RotaryEmbedding._rotate`` on a (tokens, width) input: its float32 copy, the float32
+    angles, cos and sin (tokens, head_dim / 2), and four float32 half-width products alive at once (the first half
+    of the rotation while the second half's two products and their sum are formed)."""
+    upcast = tokens * width * 4 if nbytes < 4 else 0  # .float() of a float32 tensor returns the tensor itself
+    return (
+        Buffer(f"{name} in fp32 for RoPE", upcast),
+        Buffer("RoPE angles, cos, sin fp32", 3 * tokens * (head_dim // 2) * 4),
+        Buffer(f"RoPE products of {name} fp32", 4 * tokens * (width // 2) * 4),
+    )
 
 
 def _attention_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[Phase]:
-    """Fused attention (no score matrix): projections, RoPE'd copies of q and k, the output."""
+    """Attention over a preallocated KV cache (``Attention._attend_cached``, fused SDPA, no score matrix): the q, k, v
+    projections stay alive while RoPE rotates q, then k, in float32, and while SDPA runs. Left out: the (B, L, S)
+    boolean mask over the whole cache and SDPA's additive copy of it in the query dtype (3 bytes per query-key pair
+    in bf16), small while the prompt fills most of the cache (S ~ L) but not for a short chunk of a long cache."""
     n = batch * seqlen
     q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    buffers = [
-        Buffer("q, k, v projections", n * (q + 2 * kv) * nbytes),
-        Buffer("q, k after RoPE", n * (q + kv) * nbytes),
-        Buffer("attention output", n * q * nbytes),
-    ]
+    base = [Buffer("q, k, v projections", n * (q + 2 * kv) * nbytes),
+            Buffer("RoPE positions and document ids (int64)", n * 2 * 8)]
     if spec.shared_attention:  # Zamba's shared block reads [h, x_emb] of width 2 d_model, and its norm
-        buffers.append(Buffer("shared block input [h, x_emb] and its norm", n * 4 * spec.d_model * nbytes))
-    return [Phase("attention", tuple(buffers))]
+        base.append(Buffer("shared block input [h, x_emb] and its norm", n * 4 * spec.d_model * nbytes))
+    q_rotated = Buffer("q after RoPE", n * q * nbytes)
+    return [
+        Phase("attention RoPE(q)", (*base, *_rope_buffers("q", n, q, spec.head_dim, nbytes))),
+        Phase("attention RoPE(k)", (*base, q_rotated, *_rope_buffers("k", n, kv, spec.head_dim, nbytes))),
+        Phase("attention", (*base, Buffer("q, k after RoPE", n * (q + kv) * nbytes),
+                            Buffer("attention output", n * q * nbytes))),
+    ]
 
 
 def _layer_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list[Phase]:
@@ -313,26 +352,31 @@ def activation_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int)
     return activation_peak(spec, context, batch, dtype_bytes).nbytes
 
 
-def graph_capture_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int) -> int:
+def graph_capture_bytes(spec: ArchSpec, context: int, batch: int, dtype_bytes: int, state_bytes: int = 4) -> int:
     """Transient bytes of recording the decode step as a CUDA graph (``seqlab.generation.DecodeGraph.record``):
-    two snapshots of the state are alive at once (the start, and the middle of the replay check), each a copy of
-    every fixed-size state tensor and of 3 positions of each KV cache."""
+    one snapshot of the state, alive while it records and checks the replay: a copy of every fixed-size state
+    tensor and of 3 positions of each KV cache."""
     kv_slots = kv_cache_bytes(spec, min(context, 3), batch, dtype_bytes)
-    return 2 * (recurrent_state_bytes(spec, batch, dtype_bytes) + kv_slots)
+    return recurrent_state_bytes(spec, batch, state_bytes) + kv_slots
 
 
-def plan(spec: ArchSpec, context: int, batch: int = 1, dtype: str = "bf16", prefill_chunk: int | None = None) -> dict:
+def plan(spec: ArchSpec, context: int, batch: int = 1, dtype: str = "bf16", prefill_chunk: int | None = None,
+         state_dtype: str = "fp32") -> dict:
     """All the numbers for one model, plus notes where a common shortcut gets them wrong.
 
-    ``prefill_chunk``: the prompt is consumed in chunks of this many tokens (activations scale with the chunk).
+    ``dtype``: weights, KV cache and activations. ``state_dtype``: the recurrent states (Mamba's SSM state and
+    conv window). ``prefill_chunk``: the prompt is consumed in chunks of this many tokens (activations scale with
+    the chunk).
     """
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype: expected one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ConfigError(f"state_dtype: expected one of {list(STATE_DTYPES)}, got {state_dtype!r}")
     if context < 1 or batch < 1:
         raise ConfigError(f"context and batch must be >= 1, got context={context}, batch={batch}")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ConfigError(f"prefill_chunk: expected a positive count, got {prefill_chunk}")
-    nbytes = DTYPE_BYTES[dtype]
+    nbytes, state_nbytes = DTYPE_BYTES[dtype], DTYPE_BYTES[state_dtype]
     params = param_count(spec)
     prefill_tokens = min(context, prefill_chunk) if prefill_chunk else context
     peak = activation_peak(spec, prefill_tokens, batch, nbytes)
@@ -342,15 +386,16 @@ def plan(spec: ArchSpec, context: int, batch: int = 1, dtype: str = "bf16", pref
         "context": context,
         "batch": batch,
         "dtype": dtype,
+        "state_dtype": state_dtype,
         "params": params,
         "published_params": spec.published_params,
         "weights_bytes": params * nbytes,
         "kv_cache_bytes": kv_cache_bytes(spec, context, batch, nbytes),
-        "recurrent_state_bytes": recurrent_state_bytes(spec, batch, nbytes),
+        "recurrent_state_bytes": recurrent_state_bytes(spec, batch, state_nbytes),
         "prefill_chunk": prefill_chunk,
         "activation_bytes": peak.nbytes,
         "activation_peak": {"phase": peak.name, "buffers": [dataclasses.asdict(b) for b in peak.largest(None)]},
-        "graph_capture_bytes": graph_capture_bytes(spec, context, batch, nbytes),
+        "graph_capture_bytes": graph_capture_bytes(spec, context, batch, nbytes, state_nbytes),
         "attention_score_entries": attention_score_entries(spec, context),
         "notes": [],
     }
@@ -359,7 +404,7 @@ def plan(spec: ArchSpec, context: int, batch: int = 1, dtype: str = "bf16", pref
     result["total_bytes"] = result["weights_bytes"] + result["inference_state_bytes"] + transient
     if result["graph_capture_bytes"] > result["activation_bytes"]:
         result["notes"].append(
-            f"recording the CUDA decode graph keeps two snapshots of the state "
+            f"recording the CUDA decode graph keeps a snapshot of the state "
             f"({human_bytes(result['graph_capture_bytes'])}), more than the prefill's activations "
             f"({human_bytes(result['activation_bytes'])}); the total counts the larger."
         )

@@ -21,6 +21,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=int, default=1, help="sequences held at once")
     parser.add_argument("--dtype", default="bf16", help="dtype of weights, KV cache and activations")
+    parser.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="dtype of the recurrent (SSM and conv) states (default fp32)")
     parser.add_argument("--vocab-size", type=int, default=50280, help="vocabulary of seqlab presets (default 50280)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--list", action="store_true", help="list the public models and presets known here")
@@ -41,14 +43,16 @@ def run(args: argparse.Namespace) -> int:
     chunk = parse_count(args.prefill_chunk, "--prefill-chunk") if args.prefill_chunk else None
     names = args.model or list(public_specs())
     plans = [
-        plan(resolve_spec(name, vocab_size=args.vocab_size), context, args.batch, args.dtype, prefill_chunk=chunk)
+        plan(resolve_spec(name, vocab_size=args.vocab_size), context, args.batch, args.dtype, prefill_chunk=chunk,
+             state_dtype=args.state_dtype)
         for name in names
     ]
     if args.json:
         print(json.dumps(plans, indent=2))
         return 0
     prefill = f"prefill in chunks of {chunk:,}" if chunk else "one-shot prefill"
-    print(f"memory at context {context:,} tokens, batch {args.batch}, {args.dtype}, {prefill} (SSM states in float32)")
+    print(f"memory at context {context:,} tokens, batch {args.batch}, {args.dtype}, {prefill} "
+          f"(SSM states in {args.state_dtype})")
     header = (
         f"{'model':<18} {'params':>8} {'weights':>11} {'KV cache':>11} {'SSM state':>11} {'activations':>12}"
         f" {'total':>11} {'score entries':>14}"
@@ -72,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {model}: {note}")
     print(
         "\nactivations: the most bytes alive at one moment of a one-shot prefill with a preallocated state (the"
-        "\nlargest layer's worst step on CUDA: Triton conv/scan/SSD buffers, float32 upcasts, fused attention;"
-        "\n--prefill-chunk scales it down); total = weights + cache/state + the larger of the activations and the"
-        "\ntwo state snapshots of recording the CUDA decode graph."
+        "\nlargest layer's worst step on CUDA under inference mode: Triton conv/scan/SSD buffers, float32 upcasts,"
+        "\nRoPE, fused attention; --prefill-chunk scales it down); total = weights + cache/state + the larger of the"
+        "\nactivations and the state snapshot of recording the CUDA decode graph."
         "\nscore entries: heads x T x T over attention layers, what eager attention would "
         "materialise per sequence."
     )
