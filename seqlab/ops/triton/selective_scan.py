@@ -503,10 +503,11 @@ def _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, chunk, t_e
                 offs_d, offs_n, mask_d, mask_n,
                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr, LOAD_B: tl.constexpr,
                 LOAD_C: tl.constexpr):
-    """Inputs of steps 8 chunk .. 8 chunk + 7; steps at or past t_end become the identity (dt = 0).
+    """Inputs of steps 8 chunk .. 8 chunk + 7; steps before 0 (a prefetch past the first chunk) or at or past t_end
+    are not read and become the identity (dt = 0).
     Returns u, raw delta (+ bias), dt, reset (BD, 8) and B, C (BN, 8) (zeros where not asked for)."""
     t = chunk * 8 + tl.arange(0, 8)
-    mask_t = t < t_end
+    mask_t = (t >= 0) & (t < t_end)
     row = pid_b.to(tl.int64) * L + t
     io = offs_d[:, None] + row[None, :] * DIM  # (BD, 8)
     mask_io = mask_d[:, None] & mask_t[None, :]
@@ -688,7 +689,7 @@ def _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk, t_end, L, DIM, offs_d, mask_d,
     """dy and z (BD, 8) of steps 8 chunk .. 8 chunk + 7 (z = 0 without a gate)."""
     t = chunk * 8 + tl.arange(0, 8)
     io = offs_d[:, None] + (pid_b.to(tl.int64) * L + t)[None, :] * DIM
-    mask_io = mask_d[:, None] & (t < t_end)[None, :]
+    mask_io = mask_d[:, None] & ((t >= 0) & (t < t_end))[None, :]  # t < 0: a prefetch past the first chunk
     dy = tl.load(dy_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
     if HAS_Z:
         zv = tl.load(z_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
