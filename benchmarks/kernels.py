@@ -221,7 +221,7 @@ def scan_loop(u, delta, A, B, C, D, z, bias, steps: int):
 # loop kernels' best tiles (run 4) for comparison (see TUNING in seqlab/ops/triton/selective_scan.py)
 SCAN_SWEEP = ({}, {"forward": "chunk", "SAVE_Y": True}, {"forward": "chunk", "CHUNK_BLOCK_D": 16},
               {"forward": "chunk", "CHUNK_BLOCK_D": 32, "CHUNK_WARPS": 2}, {"forward": "chunk", "BWD_BLOCK_D": 32},
-              {"forward": "chunk", "BWD_PREFETCH": True}, {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 2})
+              {"forward": "chunk", "BWD_PREFETCH": False}, {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 2})
 
 
 def bench_selective_scan(c, shapes, sweep: bool):
