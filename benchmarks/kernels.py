@@ -352,6 +352,8 @@ def ssd_breakdown(batch, seqlen, H, P, N, chunk):
     path, shape = "fused" if fused else "unfused", f"{batch}x{seqlen}"
     states = ("_ssd_fwd_state_kernel",) if fused else ("_ssd_chunk_state_kernel", "_ssd_state_pass_kernel")
     bwd_states = ("_ssd_bwd_state_kernel",) if fused else ("_ssd_bwd_dstate_kernel", "_ssd_bwd_state_pass_kernel")
+    split = tssd.TUNING.get("bwd_variant") == "split"
+    bwd_chunk = ("_ssd_bwd_dx_kernel", "_ssd_bwd_dbc_kernel") if split else ("_ssd_bwd_chunk_kernel",)
     ins = ssd_inputs(batch, seqlen, H, P, N)
     x, dt, A, B, C, D, z, bias = ins
     with torch.no_grad():
@@ -363,13 +365,14 @@ def ssd_breakdown(batch, seqlen, H, P, N, chunk):
         saved, dy = (x, dt, A, B, C, D, z, bias, doc, st, cum, False), torch.randn_like(y)
         _breakdown_row("ssd backward breakdown (ms, total minus total without the kernel)", shape,
                        f"triton bwd {path}", lambda: tssd.ssd_backward_triton(saved, dy, None, T, True, ran_fused),
-                       (*bwd_states, "_ssd_bwd_chunk_kernel"), tssd)
+                       (*bwd_states, *bwd_chunk), tssd)
 
 
 # The SSD sweep at 8 x 2048: the unfused kernels, the fused defaults, then one knob changed at a time (see TUNING
 # in seqlab/ops/triton/ssd.py); knobs that beat the defaults are then tried together.
 SSD_SWEEP = ({"fused_state": False}, {}, {"state_block_n": 64}, {"state_warps": 8}, {"state_stages": 3},
-             {"bwd_heads": 1}, {"bwd_heads": 80}, {"out_heads": 8}, {"state_dtype": "fp32"})
+             {"bwd_heads": 1}, {"bwd_heads": 80}, {"out_heads": 8}, {"state_dtype": "fp32"},
+             {"bwd_variant": "split"}, {"bwd_variant": "split", "bwd_dbc_splits": 4})
 
 
 def ssd_sweep_one(cfg, batch, seqlen, H, P, N, chunk):

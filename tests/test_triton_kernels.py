@@ -396,6 +396,12 @@ SSD_TUNINGS = {
     "fused_state_tiles_and_head_loop": {"state_block_p": 16, "state_block_n": 16, "bwd_heads": 2, "out_heads": 4},
     # one head per backward program with the passing-decay gradient formed in the chunk kernel
     "fused_one_head_per_program": {"bwd_heads": 1, "state_stages": 1, "out_heads": 2},
+    # split backward: dx/dt/dz/dD/dA kernel over 2 N slices; dB/dC kernel over 2 N tiles, 2 programs per group
+    # (atomics)
+    "split_backward_sliced": {"bwd_variant": "split", "bwd_dx_block_n": 16, "bwd_dbc_block_n": 16,
+                              "bwd_dbc_splits": 2},
+    # split backward after the unfused state passes (passing-decay gradient read from dlast), whole-N tiles
+    "split_backward_unfused": {"bwd_variant": "split", "fused_state": False},
 }
 
 

@@ -257,6 +257,13 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
 #   out_heads      heads per forward output program, sharing C Bᵀ (default 1; rounded down likewise)
 #   state_block_p, state_block_n, state_warps, state_stages   tiles, warps and pipeline stages of the fused state
 #                  passes (forward and backward)
+#   bwd_variant    "fused" (default): one backward chunk kernel; "split": _ssd_bwd_dx_kernel (dx, dt, dz, dD, dA
+#                  per (chunk, head), N-sliced) + _ssd_bwd_dbc_kernel (dB, dC per (chunk, group, N slice), looping
+#                  over the group's heads); bwd_heads is then unused
+#   bwd_dx_block_n, bwd_dx_warps    N slice (default min(64, N)) and warps of _ssd_bwd_dx_kernel
+#   bwd_dbc_block_n, bwd_dbc_warps  N tile (default min(64, N)) and warps of _ssd_bwd_dbc_kernel
+#   bwd_dbc_splits programs per group of _ssd_bwd_dbc_kernel, each over its share of the heads (default 1: no
+#                  atomics; rounded down to a divisor of the heads per group)
 #   state_dtype    "input" (default) or "fp32": dtype of the stored entering states and their gradients (fused)
 TUNING: dict = {}
 _PROGRAMS_IN_FLIGHT = 512  # fused state passes: split (P, N) until this many programs run the sequential loop
@@ -617,6 +624,215 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
         tl.store(dB_ptr + gn, dB_sum, mask=mask_tn)
 
 
+# Split backward (TUNING["bwd_variant"] = "split"): the chunk kernel above keeps C, B, C Bᵀ, the (T, N) dB and dC
+# accumulators and every per-head (T, T), (T, P) and (P, N) tile alive at once. The split variant runs two
+# kernels that each hold a fraction of that:
+#   _ssd_bwd_dx_kernel   one (chunk, head) per program: dx, dt, dz, dD, dA. C Bᵀ, C h_inᵀ and B dSᵀ are formed in
+#                        a loop over N slices, so only (T, T) and (T, P) accumulators stay live; no atomics.
+#   _ssd_bwd_dbc_kernel  one (chunk, group, N slice) per program, looping over the group's heads: dB, dC. The
+#                        per-head d(C Bᵀ) is recomputed from dy' xᵀ (one T x P x T dot) and summed over the heads,
+#                        then multiplied by B and C once; written without atomics unless the heads are split.
+
+
+@triton.jit
+def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr,
+                       dstates_ptr, cum_ptr, dlast_ptr, dy_ptr,
+                       dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr,
+                       L, H, P, G, N, nchunks,
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
+                       HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr, DLAST_INLINE: tl.constexpr,
+                       T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gradients of x, dt, z, D and A for chunk c of head h; grid (B * nchunks, H). BLOCK_N: the N slice of the
+    loop forming C Bᵀ (T, T), C h_inᵀ and B dSᵀ (T, P)."""
+    pid = tl.program_id(0)
+    b = pid // nchunks
+    c = pid % nchunks
+    h = tl.program_id(1)
+    g = h // (H // G)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_t = tl.arange(0, T)
+    t = c * T + offs_t
+    mask_t = t < L
+    mask_p = offs_p < P
+    b64 = b.to(tl.int64)
+    row = b64 * L + t
+    bh = b64 * H + h
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
+    x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
+    sbase = ((b64 * nchunks + c) * H + h) * P * N
+    CB = tl.zeros((T, T), dtype=tl.float32)
+    y_in = tl.zeros((T, BLOCK_P), dtype=tl.float32)  # C h_inᵀ, the carried-state term before its decay
+    BdS = tl.zeros((T, BLOCK_P), dtype=tl.float32)
+    hd = tl.zeros((BLOCK_P,), dtype=tl.float32)  # row sums of h_in ∘ dS
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        gn = ((row * G + g) * N)[:, None] + offs_n[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        Cs = tl.load(C_ptr + gn, mask=mask_tn, other=0.0)
+        Bs = tl.load(B_ptr + gn, mask=mask_tn, other=0.0)
+        pn = offs_p[:, None] * N + offs_n[None, :]
+        mask_pn = mask_p[:, None] & mask_n[None, :]
+        hin_raw = tl.load(states_ptr + sbase + pn, mask=mask_pn, other=0.0)
+        dS_raw = tl.load(dstates_ptr + sbase + pn, mask=mask_pn, other=0.0)
+        CB += _mm(Cs, tl.trans(Bs), IEEE, UPCAST)
+        y_in += _mm(Cs, tl.trans(hin_raw.to(x.dtype)), IEEE, UPCAST)
+        BdS += _mm(Bs, tl.trans(dS_raw.to(x.dtype)), IEEE, UPCAST)
+        if DLAST_INLINE:
+            hd += tl.sum(hin_raw.to(tl.float32) * dS_raw.to(tl.float32), axis=1)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    if HAS_DOC:
+        doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
+        causal = causal & (doc[:, None] == doc[None, :])
+        prev_doc = tl.load(doc_ptr + b64 * L + c * T - 1, mask=c > 0, other=0)
+        doc_end = tl.load(doc_ptr + b64 * L + tl.minimum(c * T + T - 1, L - 1))
+    raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_t, dt, 0.0)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
+    cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+    xf = x.to(tl.float32)
+    dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+    scale_in = tl.exp(cum)
+    w = tl.exp(cum_last - cum)
+    keep = tl.exp(cum_last)
+    if HAS_DOC:
+        scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
+        w = tl.where(doc == doc_end, w, 0.0)
+        keep = tl.where(doc_end == prev_doc, keep, 0.0)
+    CBd = CB * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # (T, T)
+    M = CBd * dt[None, :]
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+    if HAS_Z:
+        y = _mm(M.to(x.dtype), x, IEEE, UPCAST) + scale_in[:, None] * y_in
+        if HAS_D:
+            y += Dv * xf
+        zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zv)
+        tl.store(dz_ptr + xo, (dy * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=mask_tp)
+        dy = dy * zv * sz
+    dyc = dy.to(x.dtype)
+    wdt = w * dt
+    dx = _mm(tl.trans(M.to(x.dtype)), dyc, IEEE, UPCAST) + wdt[:, None] * BdS
+    if HAS_D:
+        dx += Dv * dy
+        if D_PER_P:
+            tl.store(dD_ptr + (bh * nchunks + c) * P + offs_p, tl.sum(dy * xf, axis=0), mask=mask_p)
+        else:
+            tl.store(dD_ptr + bh * nchunks + c, tl.sum(tl.sum(dy * xf, axis=1), axis=0))
+    tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
+    dM = _mm(dyc, tl.trans(x), IEEE, UPCAST)  # (T, T)
+    dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
+    ddt = tl.sum(dM * CBd, axis=0) + dw * w
+    MM = dM * M
+    dcum = tl.sum(MM, axis=1) - tl.sum(MM, axis=0) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
+    if DLAST_INLINE:
+        dlast = keep * tl.sum(hd, axis=0)
+    else:
+        dlast = tl.load(dlast_ptr + bh * nchunks + c)
+    dcum_last = tl.sum(dw * wdt, axis=0) + dlast
+    dcum += tl.where(offs_t == T - 1, dcum_last, 0.0)
+    rev = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # sum_{t >= s} dcum_t
+    ddt += A * rev
+    tl.store(dA_ptr + bh * nchunks + c, tl.sum(dt * rev, axis=0))
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(raw)
+    tl.store(ddt_ptr + row * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
+
+
+@triton.jit
+def _ssd_bwd_dbc_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr, dstates_ptr, cum_ptr,
+                        dy_ptr, dB_ptr, dC_ptr,
+                        L, H, P, G, N, nchunks, heads,
+                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
+                        HAS_Z: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLITS: tl.constexpr,
+                        T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dB, dC of chunk c, group g, N slice n over `heads` consecutive heads of the group; grid
+    (B * nchunks, G * SPLITS, cdiv(N, BLOCK_N)). SPLITS > 1: the group's heads are split over SPLITS programs
+    that add their sums atomically (dB, dC zeroed)."""
+    pid = tl.program_id(0)
+    b = pid // nchunks
+    c = pid % nchunks
+    g = tl.program_id(1) // SPLITS
+    h0 = g * (H // G) + (tl.program_id(1) % SPLITS) * heads
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_t = tl.arange(0, T)
+    t = c * T + offs_t
+    mask_t = t < L
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    b64 = b.to(tl.int64)
+    row = b64 * L + t
+    gn = ((row * G + g) * N)[:, None] + offs_n[None, :]
+    mask_tn = mask_t[:, None] & mask_n[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    causal = offs_t[:, None] >= offs_t[None, :]
+    if HAS_DOC:
+        doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
+        causal = causal & (doc[:, None] == doc[None, :])
+        prev_doc = tl.load(doc_ptr + b64 * L + c * T - 1, mask=c > 0, other=0)
+        doc_end = tl.load(doc_ptr + b64 * L + tl.minimum(c * T + T - 1, L - 1))
+    dC_acc = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    dB_acc = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    dCB = tl.zeros((T, T), dtype=tl.float32)  # sum over the heads of d(C Bᵀ)
+    for j in range(heads):
+        h = h0 + j
+        bh = b64 * H + h
+        dt = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += tl.load(bias_ptr + h).to(tl.float32)
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(mask_t, dt, 0.0)
+        cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
+        cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+        xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
+        x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
+        dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
+            dy = dy * zv * tl.sigmoid(zv)
+        sbase = ((b64 * nchunks + c) * H + h) * P * N
+        hin = tl.load(states_ptr + sbase + pn, mask=mask_pn, other=0.0).to(x.dtype)  # (P, BN)
+        dS = tl.load(dstates_ptr + sbase + pn, mask=mask_pn, other=0.0).to(x.dtype)
+        scale_in = tl.exp(cum)
+        w = tl.exp(cum_last - cum)
+        if HAS_DOC:
+            scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
+            w = tl.where(doc == doc_end, w, 0.0)
+        decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+        dM = _mm(dy.to(x.dtype), tl.trans(x), IEEE, UPCAST)  # (T, T)
+        dCB += dM * decay * dt[None, :]
+        dC_acc += _mm((scale_in[:, None] * dy).to(x.dtype), hin, IEEE, UPCAST)
+        dB_acc += _mm(((w * dt)[:, None] * x.to(tl.float32)).to(x.dtype), dS, IEEE, UPCAST)
+    Ct = tl.load(C_ptr + gn, mask=mask_tn, other=0.0)
+    Bt = tl.load(B_ptr + gn, mask=mask_tn, other=0.0)
+    dCB = dCB.to(Ct.dtype)
+    dC_acc += _mm(dCB, Bt, IEEE, UPCAST)
+    dB_acc += _mm(tl.trans(dCB), Ct, IEEE, UPCAST)
+    if SPLITS > 1:
+        tl.atomic_add(dC_ptr + gn, dC_acc, mask=mask_tn)
+        tl.atomic_add(dB_ptr + gn, dB_acc, mask=mask_tn)
+    else:
+        tl.store(dC_ptr + gn, dC_acc, mask=mask_tn)
+        tl.store(dB_ptr + gn, dB_acc, mask=mask_tn)
+
+
 def _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting):
     """Reverse state pass. Returns dstates (dS_c = dLoss/d state leaving chunk c, shaped and typed like the
     states), d initial_state (B, H, P, N) float32 and, unfused only, the passing decays' gradients
@@ -655,6 +871,32 @@ def _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting):
 _BWD_HEADS_FIT: dict = {}
 
 
+def _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy, dx, ddt, dz, dA, dD,
+                    T, dt_softplus, d_per_p, ieee, interpreting, warps):
+    """The split backward (TUNING["bwd_variant"] = "split"): fills dx, ddt, dz, dA, dD; returns dB, dC float32."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    nchunks = cum.shape[2]
+    bp = max(16, next_pow2(P))
+    common = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
+                  HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=bp)
+    _ssd_bwd_dx_kernel[(batch * nchunks, H)](
+        x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy, dx, ddt, dz, dA, dD,
+        L, H, P, G, N, nchunks, HAS_D=D is not None, D_PER_P=d_per_p, DLAST_INLINE=dlast is None,
+        BLOCK_N=TUNING.get("bwd_dx_block_n") or min(64, max(16, next_pow2(N))),
+        num_warps=TUNING.get("bwd_dx_warps") or warps, **common)
+    per_group = H // G
+    splits = _group_heads(per_group, 1, "bwd_dbc_splits", 1)
+    bn = TUNING.get("bwd_dbc_block_n") or min(64, max(16, next_pow2(N)))
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dB = torch.zeros(B.shape, **f32) if splits > 1 else torch.empty(B.shape, **f32)
+    dC = torch.zeros(C.shape, **f32) if splits > 1 else torch.empty(C.shape, **f32)
+    _ssd_bwd_dbc_kernel[(batch * nchunks, G * splits, triton.cdiv(N, bn))](
+        x, dt, B, C, z, dt_bias, doc, states, dstates, cum, dy, dB, dC, L, H, P, G, N, nchunks, per_group // splits,
+        SPLITS=splits, BLOCK_N=bn, num_warps=TUNING.get("bwd_dbc_warps") or warps, **common)
+    return dB, dC
+
+
 def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
     """Gradients of every input, as a dict; ``saved`` as _SSDFn saves it, ``fused`` as the forward ran."""
     x, dt, A, B, C, D, z, dt_bias, doc, states, cum, init_given = saved
@@ -673,6 +915,10 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
     d_per_p = D is not None and D.dim() == 2
     dD = torch.empty(batch, H, nchunks, P, **f32) if d_per_p else torch.empty(batch, H, nchunks, **f32)
     warps = TUNING.get("bwd_warps") or TUNING.get("num_warps") or (8 if T >= 64 else 4)
+    if TUNING.get("bwd_variant") == "split":
+        dB, dC = _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy,
+                                 dx, ddt, dz, dA, dD, T, dt_softplus, d_per_p, ieee, interpreting, warps)
+        return _grads(dx, ddt, dA, dB, dC, dz, dinit, dD, dt, A, B, C, D, dt_bias, init_given)
     key = (x.dtype, T, P, N, warps)
     heads = _group_heads(H, G, "bwd_heads", _BWD_HEADS_FIT.get(key, 8)) if fused else 1
     while True:  # fewer heads per program when the tiles of this many heads do not fit in shared memory
@@ -693,6 +939,11 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
                 raise
             heads = _group_heads(H, G, "bwd_heads_fallback", heads // 2)
             _BWD_HEADS_FIT[key] = heads
+    return _grads(dx, ddt, dA, dB, dC, dz, dinit, dD, dt, A, B, C, D, dt_bias, init_given)
+
+
+def _grads(dx, ddt, dA, dB, dC, dz, dinit, dD, dt, A, B, C, D, dt_bias, init_given):
+    """The backward kernels' outputs as the gradient dict (per-chunk partial sums reduced, input dtypes)."""
     grads = dict(x=dx, dt=ddt.to(dt.dtype), A=dA.sum((0, 2)).to(A.dtype), B=dB.to(B.dtype), C=dC.to(C.dtype),
                  z=dz, initial_state=dinit if init_given else None)
     grads["dt_bias"] = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
