@@ -113,6 +113,8 @@ class DecodeGraph:
     replays the graph once at a later position and keeps it only if it matches the eager step.
     """
 
+    last_rejection: str | None = None  # why the latest ``record`` returned None (benchmarks report it)
+
     def __init__(self, graph, token: torch.Tensor, logits: torch.Tensor, state, position: torch.Tensor):
         self.graph, self.token, self.logits, self.state, self.position = graph, token, logits, state, position
 
@@ -139,12 +141,14 @@ class DecodeGraph:
             with _autocast_without_cache(), _device_offset(state, position), torch.cuda.graph(graph):
                 static_logits = model(static_token, state=state)[:, -1, :vocab]
             _restore(state, start)
-        except Exception:  # a kernel or op that cannot be recorded: decode eagerly
+        except Exception as err:  # a kernel or op that cannot be recorded: decode eagerly
             _restore(state, start)
+            cls.last_rejection = f"recording failed: {type(err).__name__}: {err}"[:200]
             return None
         recorded = cls(graph, static_token, static_logits, state, position)
         if verify and not recorded._matches_eager(model, token, vocab, start):
             _restore(state, start)
+            cls.last_rejection = "the replay did not match an eager step"
             return None
         _restore(state, start)
         return recorded

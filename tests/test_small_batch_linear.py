@@ -34,10 +34,13 @@ def test_matches_torch_in_float32(m, n, k, split, with_residual):
     res = torch.randn(m, n, generator=gen).to(DEVICE) if with_residual else None
     cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, STAGES=2, WARPS=4)
     ref = x @ w.t() + (res if res is not None else 0)
-    for _ in range(2):  # the second call finds the workspace and counters zeroed again
+    outs = []
+    for _ in range(3):  # later calls find the counters zeroed again, and give the same bits (fixed-order sums)
         out = small_batch_linear_triton(x, w, res, cfg)
         assert out.shape == (m, n) and out.dtype == x.dtype
         assert rel_err(out, ref) <= 1e-5
+        outs.append(out)
+    assert all(torch.equal(o, outs[0]) for o in outs)
 
 
 def test_bfloat16_strided_input_and_default_config():

@@ -156,6 +156,8 @@ def time_seqlab(model, batch: int, prompt_len: int, gen_len: int, device: torch.
                 torch.cuda.empty_cache()
             if graph is not None:
                 step, how = graph.step, "graph"
+            elif how == "eager":
+                how = f"eager: {DecodeGraph.last_rejection}"
 
         def once() -> tuple[float, float]:
             state.reset()

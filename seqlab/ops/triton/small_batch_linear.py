@@ -2,12 +2,13 @@
 
 At decode time x has one row per sequence (M <= 128) and the GEMM only has to stream W (N, K) from memory once.
 Programs own a BLOCK_N slice of the outputs and, with split-K, a slice of K; all M rows are one tile, so W is read
-exactly once. Split-K partial sums go to a float32 workspace by atomic adds; the last program of each output
-slice to finish (a per-slice arrival counter) adds the residual, writes the output and zeroes the workspace and
-the counter again, so the call stays one launch and can be recorded in a CUDA graph.
+exactly once. Each split-K program stores its partial sum in its own float32 workspace slot; the last program of
+each output slice to arrive (a per-slice arrival counter) sums the slots in a fixed order, adds the residual,
+writes the output and zeroes the counter again. The call stays one launch (it can be recorded in a CUDA graph)
+and is deterministic: the same inputs give the same bits whichever program arrives last.
 
-The workspaces are cached per (device, N) and shared by every call of that width: calls must not run
-concurrently on different streams.
+The workspaces are cached per (device, N, tiles, split) and shared by every call of that shape: calls must not
+run concurrently on different streams.
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr
     if SPLIT_K == 1:
         _store_output(acc, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES)
     else:
-        tl.atomic_add(ws_ptr + out_off, acc, mask=mask_mn)
-        arrived = tl.atomic_add(count_ptr + pid_n, 1)  # acq_rel: the adds above are visible to the last arrival
+        slot = M * N  # workspace (SPLIT_K, M, N): one slot per K slice
+        tl.store(ws_ptr + pid_k * slot + out_off, acc, mask=mask_mn)
+        arrived = tl.atomic_add(count_ptr + pid_n, 1)  # acq_rel: the store above is visible to the last arrival
         if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptr + out_off, mask=mask_mn, other=0.0, cache_modifier=".cg")
-            tl.store(ws_ptr + out_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_mn)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(SPLIT_K):  # a fixed order: deterministic sums
+                total += tl.load(ws_ptr + k * slot + out_off, mask=mask_mn, other=0.0, cache_modifier=".cg")
             tl.store(count_ptr + pid_n, 0)
             _store_output(total, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES)
 
@@ -80,11 +83,11 @@ def _store_output(total, out_ptr, res_ptr, out_off, res_off, mask, HAS_RES: tl.c
 _WORKSPACES: dict = {}
 
 
-def _workspace(device: torch.device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 (MAX_ROWS, n) partial sums and int32 (tiles,) arrival counters, kept zero between calls."""
-    key = (device, n, tiles)
+def _workspace(device: torch.device, n: int, tiles: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (split, MAX_ROWS, n) partial sums and int32 (tiles,) arrival counters (zero between calls)."""
+    key = (device, n, tiles, split)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.zeros(MAX_ROWS, n, device=device, dtype=torch.float32),
+        _WORKSPACES[key] = (torch.empty(split * MAX_ROWS * n, device=device, dtype=torch.float32),
                             torch.zeros(tiles, device=device, dtype=torch.int32))
     return _WORKSPACES[key]
 
@@ -113,7 +116,7 @@ def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: t
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)  # no empty K slices
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    ws, counts = _workspace(x.device, n, tiles)
+    ws, counts = _workspace(x.device, n, tiles, split)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ieee = x.dtype == torch.float32
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
