@@ -260,7 +260,7 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
 #   bwd_variant    "fused" (default): one backward chunk kernel; "split": _ssd_bwd_dx_kernel (dx, dt, dz, dD, dA
 #                  per (chunk, head), N-sliced) + _ssd_bwd_dbc_kernel (dB, dC per (chunk, group, N slice), looping
 #                  over the group's heads); bwd_heads is then unused
-#   bwd_dx_block_n, bwd_dx_warps    N slice (default min(64, N)) and warps of _ssd_bwd_dx_kernel
+#   bwd_dx_block_n, bwd_dx_warps    N slice (default min(32, N)) and warps of _ssd_bwd_dx_kernel
 #   bwd_dbc_block_n, bwd_dbc_warps  N tile (default min(64, N)) and warps of _ssd_bwd_dbc_kernel
 #   bwd_dbc_splits programs per group of _ssd_bwd_dbc_kernel, each over its share of the heads (default 1: no
 #                  atomics; rounded down to a divisor of the heads per group)
@@ -636,7 +636,8 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
 #                        memory (x, dy' are right operands): the elementwise math on x, dy', z stays in a blocked
 #                        layout instead of the wgmma left-operand register layout, which 8 warps duplicate.
 # ptxas (sm_90a, bf16, T = 64, P = 64, N = 128, 8 warps) reports 255 registers for all three, with per-thread
-# spill stacks of 2080 B (chunk kernel, 1 head; 5336 B at 8 heads) vs 280 B (dx) and 488 B (dbc, N tile 64).
+# spill stacks of 2080 B (chunk kernel, 1 head; 5336 B at 8 heads) vs 64 B (dx, N slice 32; 240 B at 64) and
+# 488 B (dbc, N tile 64; 192 B at 32).
 
 
 @triton.jit
@@ -649,7 +650,7 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
                        UPCAST: tl.constexpr, DLAST_INLINE: tl.constexpr,
                        T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Gradients of x, dt, z, D and A for chunk c of head h; grid (B * nchunks, H). BLOCK_N: the N slice of the
-    loop forming C Bᵀ (T, T), C h_inᵀ and B dSᵀ (T, P)."""
+    loop forming (C Bᵀ)ᵀ (T, T), C h_inᵀ and B dSᵀ (T, P)."""
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid % nchunks
@@ -667,7 +668,7 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
     xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
     x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
     sbase = ((b64 * nchunks + c) * H + h) * P * N
-    CB = tl.zeros((T, T), dtype=tl.float32)
+    CB_t = tl.zeros((T, T), dtype=tl.float32)  # (C Bᵀ)ᵀ: the (T, T) tiles are kept transposed (see below)
     y_in = tl.zeros((T, BLOCK_P), dtype=tl.float32)  # C h_inᵀ, the carried-state term before its decay
     BdS = tl.zeros((T, BLOCK_P), dtype=tl.float32)
     hd = tl.zeros((BLOCK_P,), dtype=tl.float32)  # row sums of h_in ∘ dS
@@ -682,15 +683,15 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         mask_pn = mask_p[:, None] & mask_n[None, :]
         hin_raw = tl.load(states_ptr + sbase + pn, mask=mask_pn, other=0.0)
         dS_raw = tl.load(dstates_ptr + sbase + pn, mask=mask_pn, other=0.0)
-        CB += _mm(Cs, tl.trans(Bs), IEEE, UPCAST)
+        CB_t += _mm(Bs, tl.trans(Cs), IEEE, UPCAST)
         y_in += _mm(Cs, tl.trans(hin_raw.to(x.dtype)), IEEE, UPCAST)
         BdS += _mm(Bs, tl.trans(dS_raw.to(x.dtype)), IEEE, UPCAST)
         if DLAST_INLINE:
             hd += tl.sum(hin_raw.to(tl.float32) * dS_raw.to(tl.float32), axis=1)
-    causal = offs_t[:, None] >= offs_t[None, :]
+    causal_t = offs_t[:, None] <= offs_t[None, :]  # row j (source), column i (target)
     if HAS_DOC:
         doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
-        causal = causal & (doc[:, None] == doc[None, :])
+        causal_t = causal_t & (doc[:, None] == doc[None, :])
         prev_doc = tl.load(doc_ptr + b64 * L + c * T - 1, mask=c > 0, other=0)
         doc_end = tl.load(doc_ptr + b64 * L + tl.minimum(c * T + T - 1, L - 1))
     raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
@@ -713,15 +714,17 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         scale_in = tl.where(doc == prev_doc, scale_in, 0.0)
         w = tl.where(doc == doc_end, w, 0.0)
         keep = tl.where(doc_end == prev_doc, keep, 0.0)
-    CBd = CB * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # (T, T)
-    M = CBd * dt[None, :]
+    # transposed (T, T) tiles: dMᵀ = x dy'ᵀ takes dy' as a right operand (shared memory), so dy', z and their
+    # elementwise math stay out of the wgmma left-operand register layout
+    CBd_t = CB_t * tl.exp(tl.where(causal_t, cum[None, :] - cum[:, None], float("-inf")))
+    M_t = CBd_t * dt[:, None]
     if HAS_D:
         if D_PER_P:
             Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
         else:
             Dv = tl.load(D_ptr + h).to(tl.float32)
     if HAS_Z:
-        y = _mm(M.to(x.dtype), x, IEEE, UPCAST) + scale_in[:, None] * y_in
+        y = _mm(tl.trans(M_t.to(x.dtype)), x, IEEE, UPCAST) + scale_in[:, None] * y_in
         if HAS_D:
             y += Dv * xf
         zv = tl.load(z_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
@@ -730,7 +733,7 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         dy = dy * zv * sz
     dyc = dy.to(x.dtype)
     wdt = w * dt
-    dx = _mm(tl.trans(M.to(x.dtype)), dyc, IEEE, UPCAST) + wdt[:, None] * BdS
+    dx = _mm(M_t.to(x.dtype), dyc, IEEE, UPCAST) + wdt[:, None] * BdS
     if HAS_D:
         dx += Dv * dy
         if D_PER_P:
@@ -738,11 +741,11 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         else:
             tl.store(dD_ptr + bh * nchunks + c, tl.sum(tl.sum(dy * xf, axis=1), axis=0))
     tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=mask_tp)
-    dM = _mm(dyc, tl.trans(x), IEEE, UPCAST)  # (T, T)
+    dM_t = _mm(x, tl.trans(dyc), IEEE, UPCAST)  # (T, T) dMᵀ
     dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
-    ddt = tl.sum(dM * CBd, axis=0) + dw * w
-    MM = dM * M
-    dcum = tl.sum(MM, axis=1) - tl.sum(MM, axis=0) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
+    ddt = tl.sum(dM_t * CBd_t, axis=1) + dw * w
+    MM_t = dM_t * M_t
+    dcum = tl.sum(MM_t, axis=0) - tl.sum(MM_t, axis=1) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
     if DLAST_INLINE:
         dlast = keep * tl.sum(hd, axis=0)
     else:
@@ -893,7 +896,7 @@ def _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dl
     _ssd_bwd_dx_kernel[(batch * nchunks, H)](
         x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy, dx, ddt, dz, dA, dD,
         L, H, P, G, N, nchunks, HAS_D=D is not None, D_PER_P=d_per_p, DLAST_INLINE=dlast is None,
-        BLOCK_N=TUNING.get("bwd_dx_block_n") or min(64, max(16, next_pow2(N))),
+        BLOCK_N=TUNING.get("bwd_dx_block_n") or min(32, max(16, next_pow2(N))),
         num_warps=TUNING.get("bwd_dx_warps") or warps, **common)
     per_group = H // G
     splits = _group_heads(per_group, 1, "bwd_dbc_splits", 1)
