@@ -370,9 +370,9 @@ def ssd_breakdown(batch, seqlen, H, P, N, chunk):
 
 # The SSD sweep at 8 x 2048: the unfused kernels, the fused defaults, then one knob changed at a time (see TUNING
 # in seqlab/ops/triton/ssd.py); knobs that beat the defaults are then tried together.
-SSD_SWEEP = ({"fused_state": False}, {}, {"state_block_n": 64}, {"state_warps": 8}, {"state_stages": 3},
-             {"bwd_heads": 1}, {"bwd_heads": 80}, {"out_heads": 8}, {"state_dtype": "fp32"},
-             {"bwd_variant": "split"}, {"bwd_variant": "split", "bwd_dbc_block_n": 32})
+SSD_SWEEP = ({"fused_state": False, "bwd_variant": "chunk"}, {}, {"state_block_n": 64}, {"state_warps": 8},
+             {"state_stages": 3}, {"bwd_variant": "chunk"}, {"bwd_variant": "chunk", "bwd_heads": 1},
+             {"out_heads": 8}, {"state_dtype": "fp32"}, {"bwd_dbc_block_n": 32})
 
 
 def ssd_sweep_one(cfg, batch, seqlen, H, P, N, chunk):

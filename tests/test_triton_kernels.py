@@ -390,12 +390,13 @@ def test_ssd_triton_matches_ref(case):
 
 SSD_TUNINGS = {
     # the unfused kernels (chunk states, then a separate state pass; old backward with per-head atomics)
-    "unfused": {"fused_state": False},
+    "unfused": {"fused_state": False, "bwd_variant": "chunk"},
     # fused state passes over 2 x 2 (P, N) tiles; 2 heads per backward program, 2 programs per group (atomics);
     # all 4 heads of a group per output program
-    "fused_state_tiles_and_head_loop": {"state_block_p": 16, "state_block_n": 16, "bwd_heads": 2, "out_heads": 4},
+    "fused_state_tiles_and_head_loop": {"state_block_p": 16, "state_block_n": 16, "bwd_heads": 2, "out_heads": 4,
+                                        "bwd_variant": "chunk"},
     # one head per backward program with the passing-decay gradient formed in the chunk kernel
-    "fused_one_head_per_program": {"bwd_heads": 1, "state_stages": 1, "out_heads": 2},
+    "fused_one_head_per_program": {"bwd_heads": 1, "state_stages": 1, "out_heads": 2, "bwd_variant": "chunk"},
     # split backward: dx/dt/dz/dD/dA kernel over 2 N slices; dB/dC kernel over 2 N tiles, 2 programs per group
     # (atomics)
     "split_backward_sliced": {"bwd_variant": "split", "bwd_dx_block_n": 16, "bwd_dbc_block_n": 16,
@@ -437,7 +438,7 @@ def test_ssd_backward_takes_fewer_heads_per_program_when_the_tiles_do_not_fit(mo
 
     monkeypatch.setattr(tssd, "_ssd_bwd_chunk_kernel", TooBigForMoreThanOneHead())
     monkeypatch.setattr(tssd, "_BWD_HEADS_FIT", {})
-    monkeypatch.setattr(tssd, "TUNING", {})
+    monkeypatch.setattr(tssd, "TUNING", {"bwd_variant": "chunk"})
     opts = dict(D=True, z=True, bias=True, init=True, seq_idx=True)
     ins, seq_idx = _ssd_inputs(2, 45, 8, 32, 2, 32, opts, seed=13)
     _ssd_assert_close(*_ssd_run(ins, 16, seq_idx))
