@@ -73,3 +73,18 @@ def test_the_choice_is_forced_by_the_environment_and_never_timed_while_recording
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(dl, "_CHOICE", {})
     assert dl._choose(x, w, None) == "torch" and dl._CHOICE == {}
+
+
+def test_project_calls_a_hooked_layer_as_its_module():
+    """Tensor parallelism converts inputs in module hooks: a hooked layer must not be bypassed by the decode path."""
+    from torch import nn
+
+    from seqlab.mixers.base import project
+
+    layer = nn.Linear(8, 4, bias=False)
+    seen = []
+    layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    x, res = torch.randn(2, 1, 8), torch.randn(2, 1, 4)
+    out = project(layer, x, res, few_rows=True)
+    assert seen == [(2, 1, 8)]
+    torch.testing.assert_close(out, res + F.linear(x, layer.weight))

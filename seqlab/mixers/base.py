@@ -71,8 +71,13 @@ class MixerState:
 def project(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None,
             few_rows: bool = False) -> torch.Tensor:
     """``layer(x)`` (+ ``residual``); with ``few_rows`` (a decode step) through ``seqlab.ops.decode_linear``, which
-    adds the residual inside the GEMM and picks the faster kernel for the shape."""
-    if few_rows:
+    adds the residual inside the GEMM and picks the faster kernel for the shape. A layer with hooks or sharded
+    weights (tensor parallelism's DTensors) always runs as its module, so the hooks see the call."""
+    if few_rows and _plain(layer):
         return decode_linear(x, layer.weight, layer.bias, residual)
     out = layer(x)
     return out if residual is None else residual + out
+
+
+def _plain(layer: nn.Linear) -> bool:
+    return not (layer._forward_pre_hooks or layer._forward_hooks or hasattr(layer.weight, "device_mesh"))
