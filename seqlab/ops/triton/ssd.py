@@ -62,6 +62,25 @@ def _chunk_dt(dt_ptr, bias_ptr, b, h, t, mask_t, L, H, HAS_BIAS: tl.constexpr, S
     return tl.where(mask_t, dt, 0.0)
 
 @triton.jit
+def _head_chunk(dt_ptr, bias_ptr, A_ptr, cum_ptr, row, h, bh, c, nchunks, offs_t, mask_t, H,
+                T: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Head h in chunk c: dt before softplus (T,), dt (0 on padded positions), A, the in-chunk log decays (T,) and
+    the last of them."""
+    raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(mask_t, dt, 0.0)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
+    cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+    return raw, dt, A, cum, cum_last
+
+
+@triton.jit
 def _ssd_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, states_ptr, cum_ptr,
                             L, H, P, G, N, nchunks,
                             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
@@ -536,17 +555,8 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
     for j in range(HEADS):
         h = h0 + j
         bh = b64 * H + h
-        raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw += tl.load(bias_ptr + h).to(tl.float32)
-        if SOFTPLUS:
-            dt = _softplus(raw)
-        else:
-            dt = raw
-        dt = tl.where(mask_t, dt, 0.0)
-        A = tl.load(A_ptr + h).to(tl.float32)
-        cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
-        cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+        raw, dt, A, cum, cum_last = _head_chunk(dt_ptr, bias_ptr, A_ptr, cum_ptr, row, h, bh, c, nchunks, offs_t,
+                                                mask_t, H, T, HAS_BIAS, SOFTPLUS)
         xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
         x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
         xf = x.to(tl.float32)
@@ -694,17 +704,8 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         causal_t = causal_t & (doc[:, None] == doc[None, :])
         prev_doc = tl.load(doc_ptr + b64 * L + c * T - 1, mask=c > 0, other=0)
         doc_end = tl.load(doc_ptr + b64 * L + tl.minimum(c * T + T - 1, L - 1))
-    raw = tl.load(dt_ptr + row * H + h, mask=mask_t, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        raw += tl.load(bias_ptr + h).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    else:
-        dt = raw
-    dt = tl.where(mask_t, dt, 0.0)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
-    cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
+    raw, dt, A, cum, cum_last = _head_chunk(dt_ptr, bias_ptr, A_ptr, cum_ptr, row, h, bh, c, nchunks, offs_t, mask_t,
+                                            H, T, HAS_BIAS, SOFTPLUS)
     xf = x.to(tl.float32)
     dy = tl.load(dy_ptr + xo, mask=mask_tp, other=0.0).to(tl.float32)
     scale_in = tl.exp(cum)
