@@ -179,7 +179,8 @@ _SIDE_STREAMS: dict = {}
 
 def _side_stream(device: torch.device):
     """One warm-up stream per device for every recording (each new stream would get its own cuBLAS workspace)."""
-    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    index = torch.device(device).index
+    key = torch.cuda.current_device() if index is None else index
     if key not in _SIDE_STREAMS:
         _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
     return _SIDE_STREAMS[key]

@@ -197,6 +197,11 @@ def bench_seqlab(model, name: str, batches: list[int], prompt_len: int, gen_len:
                   on_result, recurrent_dtype=state_dtype)
 
 
+def takes_state_dtype(model) -> bool:
+    """Whether any layer of a seqlab model keeps a recurrent state whose dtype ``state_dtype`` sets."""
+    return any(getattr(b.mixer, "takes_state_dtype", False) for b in getattr(model, "layers", ()))
+
+
 def _sweep(model, name: str, side: str, batches: list[int], prompt_len: int, gen_len: int, device: torch.device,
            bandwidth: float | None, time_limit: float, measure: Callable[[int, GenerateResult], None],
            on_result: Callable[[GenerateResult], None] | None, notes: tuple[str, ...] = (),
@@ -205,7 +210,7 @@ def _sweep(model, name: str, side: str, batches: list[int], prompt_len: int, gen
     floor. Out of memory and over-time stop the sweep and are recorded; other errors too when ``record_errors``."""
     results: list[GenerateResult] = []
     stop = None
-    recurrent = side == "seqlab" and any(getattr(b.mixer, "takes_state_dtype", False) for b in model.layers)
+    recurrent = side == "seqlab" and takes_state_dtype(model)
     for batch in sorted(batches):
         result = GenerateResult(name, side, batch, prompt_len, gen_len, "ok", notes=list(notes))
         if recurrent:

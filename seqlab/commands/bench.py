@@ -157,8 +157,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"# {spec}: {model.num_params() / 1e6:,.2f}M parameters, "
               f"{human_bytes(G.decode_step_bytes(model, 1, prompt_len)['weights'])} of weights", flush=True)
         # a model without recurrent states runs once: the state dtype would change nothing
-        recurrent = any(getattr(b.mixer, "takes_state_dtype", False) for b in getattr(model, "layers", ()))
-        for state_dtype in state_dtypes if recurrent else state_dtypes[:1]:
+        for state_dtype in state_dtypes if G.takes_state_dtype(model) else state_dtypes[:1]:
             results += G.bench_seqlab(model, spec, batches, prompt_len, gen_len, device, repeats, bandwidth,
                                       args.time_limit, not args.no_cuda_graph, show, state_dtype=state_dtype)
         if args.hf:

@@ -41,6 +41,7 @@ from seqlab.ops._common import (
     triton_misfit,
     triton_usable,
 )
+from seqlab.ops.decode_linear import decode_linear
 
 __all__ = ["selective_scan", "selective_state_update"]
 
@@ -454,17 +455,20 @@ def selective_state_update(
     (the Triton kernel computes it in registers, so a decode step launches no separate exp/neg). x, dt, z, B, C
     may be strided views (slices of a projection's output); the Triton kernel reads them without copies.
     ``dt_proj_weight`` (D, R): ``dt`` is the low-rank (B, R) input of Mamba's dt projection and the step uses
-    dt = dt @ dt_proj_weightᵀ (float32 products in the Triton kernel, so that projection costs no launch).
+    dt = dt @ dt_proj_weightᵀ (on CUDA a decode GEMM, ``seqlab.ops.decode_linear``, or inside the step kernel
+    when ``seqlab.ops.triton.decode.TUNING["dt_rows"]`` asks for it).
     The state may be float32 or a 16-bit float (read, updated in float32, rounded once when stored).
     """
     B3, C3 = _validate_step(state, x, dt, A, B, C, D, z, dt_bias, backend, dt_proj_weight)
     if backend == "triton" or (backend == "auto" and x.is_cuda and triton_usable(state, x, dt, A, B3, C3)
                                and _kernel_importable("decode", "selective_state_update_triton")):
         require_triton("selective_state_update", state, x, dt, A, B3, C3, D, z, dt_bias)
-        from seqlab.ops.triton.decode import selective_state_update_triton
+        from seqlab.ops.triton import decode as triton_decode
 
-        return selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus, A_is_log=A_is_log,
-                                             dt_proj_weight=dt_proj_weight)
+        if dt_proj_weight is not None and not triton_decode.TUNING.get("dt_rows"):  # the projection as its own GEMM
+            dt, dt_proj_weight = decode_linear(dt, dt_proj_weight), None
+        return triton_decode.selective_state_update_triton(state, x, dt, A, B3, C3, D, z, dt_bias, dt_softplus,
+                                                           A_is_log=A_is_log, dt_proj_weight=dt_proj_weight)
     if dt_proj_weight is not None:
         with torch.autocast(x.device.type, enabled=False):
             dt = F.linear(dt.to(compute_dtype(dt)), dt_proj_weight.to(compute_dtype(dt)))

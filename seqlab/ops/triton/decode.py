@@ -94,8 +94,9 @@ def _strides(t, n):
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
-# dt_rows: 0 = Mamba's dt projection as its own GEMM (seqlab.ops.decode_linear) before the step kernel; n > 0 = inside
-# the step kernel, each program stepping n batch rows so the projection weight is fetched once per n rows
+# dt_rows: 0 = the op (seqlab.ops.selective_state_update) runs Mamba's dt projection as its own GEMM before the step
+# kernel; n > 0 = inside the step kernel, each program stepping n batch rows so the projection weight is fetched
+# once per n rows (measured slower on an H200: benchmarks/generate-gpu/run3/profile_variants.md)
 TUNING: dict = {"dt_rows": 0}
 
 
@@ -105,7 +106,8 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
 
     x, dt, z, B and C may be strided views (e.g. slices of a projection's output): they are read in place.
     ``A_is_log``: ``A`` holds A_log and the kernel uses A = -exp(A_log). ``dt_proj_weight`` (D, R): dt is
-    (B, R) and dt @ dt_proj_weightᵀ is formed first (a decode GEMM) or inside the kernel (``TUNING["dt_rows"]``)."""
+    (B, R) and the kernel forms dt @ dt_proj_weightᵀ, each program stepping ``TUNING["dt_rows"]`` (at least 1)
+    batch rows so the weight is fetched once per that many rows."""
     batch, dim = x.shape
     G, N = B.shape[1], B.shape[2]
     A = A.contiguous()
@@ -116,11 +118,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
     y = torch.empty((batch, dim), device=x.device, dtype=x.dtype)
     block_n = next_pow2(N)
     block_d = max(1, min(64, 2048 // block_n, next_pow2(dim)))
-    if dt_proj_weight is not None and not TUNING.get("dt_rows"):  # the dt projection as its own decode GEMM
-        from seqlab.ops.decode_linear import decode_linear
-
-        dt, dt_proj_weight = decode_linear(dt, dt_proj_weight), None
-    rows = TUNING.get("dt_rows") if dt_proj_weight is not None else 1
+    rows = max(1, TUNING.get("dt_rows") or 1) if dt_proj_weight is not None else 1
     grid = (triton.cdiv(batch, rows), triton.cdiv(dim, block_d))
     rank = dt_proj_weight.shape[1] if dt_proj_weight is not None else 1
     _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, y, batch, dim, G, N, rank,
