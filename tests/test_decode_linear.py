@@ -1,12 +1,16 @@
-"""seqlab.ops.decode_linear: the decode step's linear layers equal F.linear (+ residual) on every path.
+"""seqlab.ops.decode_linear: the decode step's linear layers equal F.linear (+ residual), or rms_norm then F.linear,
+on every path.
 
 The Triton branch needs CUDA tensors (its kernel is tested in test_small_batch_linear.py); here the fallbacks,
-the residual inside addmm, autograd through them, and the kernel choice. float32: exact to 1e-6 relative.
+the residual inside addmm, the norm before them, autograd through them, and the choice of kernel and tile shape
+(with a stand-in clock). float32: exact to 1e-6 relative; the norm's fallback is seqlab.mixers.norm.rms_norm's
+arithmetic, so bfloat16 results are equal.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -67,12 +71,121 @@ def test_the_triton_path_applies_only_to_16bit_cuda_tensors_without_grad(monkeyp
 
 def test_the_choice_is_forced_by_the_environment_and_never_timed_while_recording(monkeypatch):
     x, w = torch.randn(2, 8), torch.randn(4, 8)
-    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "triton")
-    assert dl._choose(x, w, None) == "triton"
-    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "auto")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(dl, "_CHOICE", {})
-    assert dl._choose(x, w, None) == "torch" and dl._CHOICE == {}
+    monkeypatch.setattr(dl, "_CONFIG", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "triton")
+    assert dl._choose(x, w, None) == ("triton", None)  # nothing timed yet: the default tile shape
+    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "torch")
+    assert dl._choose(x, w, None) == ("torch", None)
+    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "auto")
+    assert dl._choose(x, w, None) == ("torch", None) and dl._CHOICE == {} == dl._CONFIG
+
+
+def _stand_in_clock(monkeypatch, times):
+    """Replace the CUDA-graph timing by ``times`` in call order (cuBLAS first, then each candidate tile shape); an
+    exception instance is raised instead of returned, as the compiler does for a tile that does not fit."""
+    pending = list(times)
+
+    def graph_time_ms(fn):
+        t = pending.pop(0)
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+    monkeypatch.setattr(dl, "_graph_time_ms", graph_time_ms)
+    return pending
+
+
+def test_the_fastest_tile_shape_is_remembered_per_shape_and_refused_tiles_are_skipped(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from seqlab.ops.triton.small_batch_linear import candidate_configs
+
+    monkeypatch.setattr(dl, "_CHOICE", {})
+    monkeypatch.setattr(dl, "_CONFIG", {})
+    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "auto")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    x, w = torch.randn(2, 2048), torch.randn(8192, 2048)
+    configs = candidate_configs(2, 8192, 2048)
+    times = [5.0, 4.0, OutOfResources(262144, 232448, "shared memory"), 3.0] + [9.0] * (len(configs) - 3)
+    pending = _stand_in_clock(monkeypatch, times)
+    assert dl._choose(x, w, None) == ("triton", configs[2]) and not pending
+    assert dl._choose(x, w, None) == ("triton", configs[2])  # remembered: no more timing
+
+    _stand_in_clock(monkeypatch, [1.0] + [2.0] * len(configs))  # with a fused norm: its own entry
+    assert dl._choose(x, w, None, (None, 1e-5)) == ("torch", configs[0])
+    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "triton")  # forced: still the fastest Triton tile shape
+    assert dl._choose(x, w, None, (None, 1e-5)) == ("triton", configs[0])
+    assert len(dl._CHOICE) == 2 and [k[-1] for k in dl._CHOICE] == [False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norm_on_cpu_equals_rms_norm_then_linear(dtype, with_weight, with_residual):
+    from seqlab.mixers.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(3, 1, 16, generator=gen)).to(dtype)
+    w = torch.randn(24, 16, generator=gen).to(dtype)
+    g = torch.randn(16, generator=gen) if with_weight else None  # a float32 parameter beside 16-bit activations
+    res = torch.randn(3, 1, 24, generator=gen).to(dtype) if with_residual else None
+    out = dl.decode_linear(x, w, None, res, norm=(g, 1e-6))
+    assert out.shape == (3, 1, 24) and out.dtype == dtype
+    assert torch.equal(out, dl.decode_linear(rms_norm(x, g, 1e-6), w, None, res))  # the norm, then as without one
+    ref = F.linear(rms_norm(x, g, 1e-6), w) + (res if with_residual else 0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bfloat16: addmm rounds once, linear + residual twice
+    assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() <= tol
+
+
+def test_norm_under_autocast_and_with_gradients_follows_rms_norm():
+    from seqlab.mixers.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, generator=gen, requires_grad=True)
+    w = torch.randn(5, 8, generator=gen, requires_grad=True)
+    g = torch.randn(8, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dl.decode_linear(x, w, None, None, norm=(g, 1e-5))
+        ref = F.linear(rms_norm(x, g, 1e-5), w)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (x, w, g)]
+    for t in (x, w, g):
+        t.grad = None
+    ref.float().square().sum().backward()
+    for got, t in zip(grads, (x, w, g)):
+        torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="runs the kernel under TRITON_INTERPRET=1")
+def test_the_triton_branch_fuses_the_norm(monkeypatch):
+    """The kernel branch on CPU tensors through the interpreter: the norm reaches the kernel, shapes come back."""
+    from seqlab.mixers.norm import rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    x = (3 * torch.randn(3, 1, 64, generator=gen)).to(torch.bfloat16)
+    w = torch.randn(40, 64, generator=gen).to(torch.bfloat16)
+    g, res = torch.randn(64, generator=gen), torch.randn(3, 1, 40, generator=gen).to(torch.bfloat16)
+    ref = dl.decode_linear(x, w, None, res, norm=(g, 1e-5))  # rms_norm, then addmm
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, STAGES=2, WARPS=4)
+    monkeypatch.setattr(dl, "_choose", lambda *args: ("triton", cfg))
+    out = dl.decode_linear(x, w, None, res, norm=(g, 1e-5))
+    assert out.shape == (3, 1, 40) and out.dtype == torch.bfloat16
+    exact = F.linear(rms_norm(x.double(), g.double(), 1e-5), w.double()) + res.double()
+    assert all(((y.double() - exact).norm() / exact.norm()).item() <= 1e-2 for y in (out, ref))
+
+
+def test_a_norm_weight_of_the_wrong_length_is_named():
+    from seqlab.errors import InputError
+
+    with pytest.raises(InputError, match=r"norm: expected a norm weight of shape \(8,\)"):
+        dl.decode_linear(torch.randn(2, 8), torch.randn(4, 8), norm=(torch.ones(7), 1e-5))
+    with pytest.raises(InputError, match="norm: expected None or a tuple"):
+        dl.decode_linear(torch.randn(2, 8), torch.randn(4, 8), norm=torch.ones(8))
 
 
 def test_project_calls_a_hooked_layer_as_its_module():

@@ -1,7 +1,9 @@
-"""The decode-step GEMM (seqlab.ops.triton.small_batch_linear) against torch's x @ Wᵀ (+ residual).
+"""The decode-step GEMM (seqlab.ops.triton.small_batch_linear) against torch's x @ Wᵀ (+ residual), and with the
+fused RMSNorm against rms_norm(x) @ Wᵀ (+ residual) computed in float64.
 
 Runs under TRITON_INTERPRET=1 on the CPU or natively on CUDA. Tolerances: float32 inputs, relative error <= 1e-5
-(IEEE products, split-K sums in another order); bfloat16 inputs, <= 1e-2 (one rounding of a float32 sum).
+(IEEE products, split-K sums in another order, the norm's row scale applied after the sum); bfloat16 inputs,
+<= 1e-2 (x ⊙ norm weight rounded to bfloat16 once for the dot, one rounding of the float32 output).
 """
 
 from __future__ import annotations
@@ -53,6 +55,85 @@ def test_bfloat16_strided_input_and_default_config():
     out = small_batch_linear_triton(x, w, res)
     ref = x.float() @ w.float().t() + res.float()
     assert out.dtype == torch.bfloat16 and rel_err(out, ref) <= 1e-2
+
+
+def rms_norm_reference(x, weight, eps):
+    """float64 rms_norm of the inputs' values (seqlab.mixers.norm.rms_norm without its roundings)."""
+    x = x.double()
+    x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x if weight is None else x * weight.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_fused_rms_norm_matches_norm_then_gemm(m, split, dtype):
+    """Both forms of the norm in each case: weighted without a residual, weightless with one."""
+    from seqlab.ops.triton.small_batch_linear import small_batch_linear_triton
+
+    n, k, eps = 48, 200, 1e-5  # K=200 in BLOCK_K=32 slices: split 3 gives slices of 96, 96, 8
+    gen = torch.Generator().manual_seed(m * 7 + split)
+    x = (3 * torch.randn(m, k, generator=gen)).to(DEVICE, dtype)  # not unit RMS: the scale matters
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    g = (1 + 0.5 * torch.randn(k, generator=gen)).to(DEVICE)  # a float32 parameter, as models keep them
+    res = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, STAGES=2, WARPS=4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for norm_weight, residual in ((g, None), (None, res)):
+        out = small_batch_linear_triton(x, w, residual, cfg, normalize=True, norm_weight=norm_weight, norm_eps=eps)
+        ref = rms_norm_reference(x, norm_weight, eps) @ w.double().t() + (0 if residual is None else residual.double())
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_err(out, ref) <= tol, (norm_weight is not None, residual is not None)
+
+
+def test_fused_rms_norm_with_split_k_gives_the_same_bits_every_call():
+    """The partial sums of squares are added in slot order like the partial products: no run-to-run variation."""
+    from seqlab.ops.triton.small_batch_linear import small_batch_linear_triton
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 200, generator=gen).to(DEVICE, torch.bfloat16)
+    w = torch.randn(40, 200, generator=gen).to(DEVICE, torch.bfloat16)
+    g = torch.randn(200, generator=gen).to(DEVICE, torch.bfloat16)
+    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=4, STAGES=2, WARPS=4)
+    outs = [small_batch_linear_triton(x, w, None, cfg, normalize=True, norm_weight=g, norm_eps=1e-6)
+            for _ in range(3)]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_candidate_configs_start_with_the_default_and_are_distinct(monkeypatch):
+    from seqlab.ops.triton import small_batch_linear as sbl
+
+    for m, n, k in ((1, 8192, 2048), (64, 160, 4096), (128, 4096, 128)):
+        configs = sbl.candidate_configs(m, n, k)
+        assert configs[0]["BLOCK_N"] == sbl.default_config(m, n, k)["BLOCK_N"] and 3 <= len(configs) <= 6
+        assert len({tuple(sorted(c.items())) for c in configs}) == len(configs)
+        assert all(c["SPLIT_K"] == sbl._effective_split(k, c["BLOCK_K"], c["SPLIT_K"]) for c in configs)
+    monkeypatch.setitem(sbl.TUNING, "BLOCK_N", 32)  # a benchmark's override leaves nothing to choose
+    assert sbl.candidate_configs(1, 8192, 2048) == [sbl.default_config(1, 8192, 2048)]
+
+
+def test_transient_workspaces_drop_only_what_the_block_made():
+    from seqlab.ops.triton import small_batch_linear as sbl
+
+    x, w = torch.randn(2, 64).to(DEVICE), torch.randn(40, 64).to(DEVICE)
+    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, STAGES=2, WARPS=4)
+    sbl.small_batch_linear_triton(x, w, None, cfg)
+    before = set(sbl._WORKSPACES)
+    with sbl.transient_workspaces():
+        sbl.small_batch_linear_triton(x, w, None, cfg)
+        sbl.small_batch_linear_triton(x, w, None, {**cfg, "BLOCK_N": 16})
+        assert len(sbl._WORKSPACES) == len(before) + 1
+    assert set(sbl._WORKSPACES) == before
+
+
+def test_refuses_a_norm_weight_without_normalize_or_of_the_wrong_length():
+    from seqlab.ops.triton.small_batch_linear import small_batch_linear_triton
+
+    x, w = torch.zeros(2, 8), torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="norm_weight: given without normalize"):
+        small_batch_linear_triton(x, w, norm_weight=torch.ones(8))
+    with pytest.raises(ValueError, match=r"norm_weight: expected shape \(8,\)"):
+        small_batch_linear_triton(x, w, normalize=True, norm_weight=torch.ones(7))
 
 
 def test_refuses_more_rows_than_it_tiles():

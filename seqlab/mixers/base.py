@@ -30,6 +30,10 @@ def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | Non
         raise InputError("seq_idx", f"shape {tuple(x.shape[:2])}", f"shape {tuple(seq_idx.shape)}")
 
 
+# Decode steps fold the block's pre-norm into the mixer's input GEMM and run Mamba's conv/x_proj and dt_proj/state
+# update as fused kernels; False runs the unfused ops (benchmarks compare the two).
+FUSE_DECODE = True
+
 RECURRENT_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -69,12 +73,16 @@ class MixerState:
 
 
 def project(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None,
-            few_rows: bool = False) -> torch.Tensor:
-    """``layer(x)`` (+ ``residual``); with ``few_rows`` (a decode step) through ``seqlab.ops.decode_linear``, which
-    adds the residual inside the GEMM and picks the faster kernel for the shape. A layer with hooks or sharded
-    weights (tensor parallelism's DTensors) always runs as its module, so the hooks see the call."""
+            few_rows: bool = False, norm: nn.Module | None = None) -> torch.Tensor:
+    """``layer(norm(x))`` (+ ``residual``); ``norm`` (an RMSNorm, or None) is applied to x first. With ``few_rows``
+    (a decode step) through ``seqlab.ops.decode_linear``, which adds the residual inside the GEMM, folds the norm
+    into it and picks the faster kernel for the shape. A layer with hooks or sharded weights (tensor parallelism's
+    DTensors) always runs as its module, so the hooks see the call."""
     if few_rows and _plain(layer):
-        return decode_linear(x, layer.weight, layer.bias, residual)
+        fused_norm = None if norm is None else (norm.weight, norm.eps)
+        return decode_linear(x, layer.weight, layer.bias, residual, norm=fused_norm)
+    if norm is not None:
+        x = norm(x)
     out = layer(x)
     return out if residual is None else residual + out
 

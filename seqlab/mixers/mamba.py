@@ -146,17 +146,19 @@ class Mamba(nn.Module):
 
     # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM
     adds_residual = True
+    fuses_norm = True  # Block passes its pre-norm in with a decode step
 
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None, norm: nn.Module | None = None,
     ) -> torch.Tensor:
-        """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output."""
+        """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output;
+        ``norm`` (an RMSNorm), if given, is applied to x first (a decode step folds it into in_proj)."""
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
         decode = state is not None and L == 1
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
-        xs, z = project(self.in_proj, x, few_rows=decode).chunk(2, dim=-1)  # (B, L, D) each
+        xs, z = project(self.in_proj, x, few_rows=decode, norm=norm).chunk(2, dim=-1)  # (B, L, D) each
 
         if decode:  # O(1) step
             # xs, z, B, C stay strided views of the projections; A = -exp(A_log) and the dt projection are formed

@@ -115,18 +115,21 @@ class Mamba2(nn.Module):
     # --------------------------------------------------------------------------------------------- forward
 
     adds_residual = True  # Block passes its residual stream in (added inside the decode step's out_proj GEMM)
+    fuses_norm = True  # Block passes its pre-norm in with a decode step
 
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None, norm: nn.Module | None = None,
     ) -> torch.Tensor:
-        """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output."""
+        """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output;
+        ``norm`` (an RMSNorm), if given, is applied to x first (a decode step folds it into in_proj)."""
         check_mixer_input(x, self.d_model)
         Bsz, L, _ = x.shape
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         decode = state is not None and L == 1
         conv_weight = self.conv1d.weight.squeeze(1)  # (conv_dim, W)
-        z, xBC, dt = project(self.in_proj, x, few_rows=decode).split([self.d_inner, self.conv_dim, H], dim=-1)
+        zxbcdt = project(self.in_proj, x, few_rows=decode, norm=norm)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, H], dim=-1)
 
         if decode:  # O(1) step
             # strided views into the kernels, A = -exp(A_log) and the gate y * silu(z) inside the step kernel

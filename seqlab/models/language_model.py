@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from seqlab.errors import InputError
+from seqlab.mixers import base as mixer_base
 from seqlab.mixers.base import MixerState, recurrent_state_dtype
 from seqlab.models.config import ModelConfig
 from seqlab.models.state import InferenceState, config_fingerprint
@@ -57,6 +58,15 @@ def _norm(d: int, eps: float) -> nn.Module:
     return RMSNorm(d, eps=eps)
 
 
+def _fuses_norm(mixer: nn.Module) -> bool:
+    return mixer_base.FUSE_DECODE and getattr(mixer, "fuses_norm", False)
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hooks: the module may be folded into another op without anyone missing its call."""
+    return not (module._forward_pre_hooks or module._forward_hooks)
+
+
 def _state_dtype_kwarg(mixer: nn.Module, state_dtype: torch.dtype | None) -> dict:
     """``{"state_dtype": ..}`` for mixers that take one (see seqlab.mixers.base), else nothing."""
     takes = state_dtype is not None and getattr(mixer, "takes_state_dtype", False)
@@ -78,7 +88,10 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def forward(self, h: torch.Tensor, state: MixerState | None = None, seq_idx=None) -> torch.Tensor:
-        if getattr(self.mixer, "adds_residual", False):
+        if state is not None and h.shape[1] == 1 and _fuses_norm(self.mixer) and _plain(self.norm):
+            # a decode step: the mixer applies the norm inside its input projection (one launch, no normed copy)
+            h = self.mixer(h, state=state, seq_idx=seq_idx, residual=h, norm=self.norm)
+        elif getattr(self.mixer, "adds_residual", False):
             h = self.mixer(self.norm(h), state=state, seq_idx=seq_idx, residual=h)
         else:
             h = h + self.mixer(self.norm(h), state=state, seq_idx=seq_idx)

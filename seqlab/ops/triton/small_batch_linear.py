@@ -1,11 +1,21 @@
-"""y = x Wᵀ (+ residual) for the few rows of a decode step: a weight-streaming GEMM in one launch.
+"""y = rms_norm(x) Wᵀ (+ residual) for the few rows of a decode step: a weight-streaming GEMM in one launch.
 
 At decode time x has one row per sequence (M <= 128) and the GEMM only has to stream W (N, K) from memory once.
 Programs own a BLOCK_N slice of the outputs and, with split-K, a slice of K; all M rows are one tile, so W is read
 exactly once. Each split-K program stores its partial sum in its own float32 workspace slot; the last program of
-each output slice to arrive (a per-slice arrival counter) sums the slots in a fixed order, adds the residual,
-writes the output and zeroes the counter again. The call stays one launch (it can be recorded in a CUDA graph)
-and is deterministic: the same inputs give the same bits whichever program arrives last.
+each output slice to arrive (a per-slice arrival counter, ``last_to_arrive``) sums the slots in a fixed order
+(``sum_slots``), adds the residual, writes the output and zeroes the counter again. The call stays one launch (it
+can be recorded in a CUDA graph) and is deterministic: the same inputs give the same bits whichever program
+arrives last.
+
+The optional RMSNorm of x (a pre-norm followed by an in-projection) is fused. Its row scale is per row, so it
+commutes with the K-reduction:
+
+    rms_norm(x) Wᵀ = diag(r) (x ⊙ g) Wᵀ,    r_m = 1 / sqrt(Σ_k x_mk² / K + eps),  g the norm weight (K,)
+
+Each program multiplies its x tiles by g (float32, rounded to the input dtype for the tensor-core dot), sums x² in
+float32 over its K slice, and the epilogue scales each row by r_m. With split-K the partial sums of squares sit in
+the workspace beside the partial products and are added in the same fixed order.
 
 The workspaces are cached per (device, N, tiles, split) and shared by every call of that shape: calls must not
 run concurrently on different streams.
@@ -13,6 +23,7 @@ run concurrently on different streams.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -22,16 +33,48 @@ import triton.language as tl
 from seqlab.ops.triton import next_pow2
 
 # Kernel shape per call, overridable for benchmarks that sweep it; keys BLOCK_N, BLOCK_K, SPLIT_K, STAGES, WARPS.
+# A non-empty TUNING also leaves candidate_configs with the one shape it describes.
 TUNING: dict = {}
 MAX_ROWS = 128
 
 
 @triton.jit
-def _small_batch_linear_kernel(x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
+def last_to_arrive(count_ptr, ARRIVALS: tl.constexpr):
+    """True in the last of the ARRIVALS programs that call this on the int32 counter at ``count_ptr``; that program
+    then sees every global store the others made before their call (read them with ``cache_modifier=".cg"``, e.g.
+    through ``sum_slots``) and has reset the counter to 0 for the next launch.
+
+    Triton performs a scalar atomic from one thread of the CTA, and its release orders only that thread's own
+    stores: without the barrier before it, other warps' stores may not yet be visible when the last program
+    reads them. The barrier after it keeps every warp's loads behind the acquire. (CUTLASS's semaphore does the
+    same: __syncthreads, then one thread's release; one thread's acquire, then __syncthreads.)
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    last = arrived == ARRIVALS - 1
+    if last:
+        tl.store(count_ptr, 0)
+    return last
+
+
+@triton.jit
+def sum_slots(ptr, offs, mask, SLOT, SLOTS: tl.constexpr):
+    """Σ_{s < SLOTS} ptr[s * SLOT + offs] in float32, in slot order: the same bits whichever program sums.
+
+    Loads with ``.cg`` (from L2): the slots were written by other CTAs, after ``last_to_arrive``."""
+    total = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    for s in tl.static_range(1, SLOTS):
+        total += tl.load(ptr + s * SLOT + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return total
+
+
+@triton.jit
+def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
                                M, N, K, K_PER_SPLIT,
-                               sx_m, sx_k, sw_n, sw_k, sr_m, sr_n,
-                               HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-                               UPCAST: tl.constexpr,
+                               sx_m, sx_k, sw_n, sw_k, sg_k, sr_m, sr_n,
+                               HAS_RES: tl.constexpr, NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr,
+                               EPS: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -43,11 +86,18 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ_k x² over this K slice (NORM)
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         xt = tl.load(x_ptr + offs_m[:, None] * sx_m + offs_k[None, :] * sx_k, mask=mask_m[:, None] & mask_k[None, :],
                      other=0.0)
+        if NORM:
+            xf = xt.to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+            if NORM_WEIGHT:
+                g = tl.load(g_ptr + offs_k * sg_k, mask=mask_k, other=0.0).to(tl.float32)
+                xt = (xf * g[None, :]).to(x_ptr.dtype.element_ty)
         wt = tl.load(w_ptr + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k, mask=mask_n[:, None] & mask_k[None, :],
                      other=0.0)
         if UPCAST:  # the interpreter's dot on 16-bit inputs
@@ -60,21 +110,28 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr
     out_off = offs_m[:, None] * N + offs_n[None, :]
     res_off = offs_m[:, None] * sr_m + offs_n[None, :] * sr_n
     if SPLIT_K == 1:
-        _store_output(acc, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES)
+        _store_output(acc, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES, NORM, EPS)
     else:
-        slot = M * N  # workspace (SPLIT_K, M, N): one slot per K slice
+        # workspace: partial products (SPLIT_K, M, N), then partial sums of squares (SPLIT_K, tiles, M)
+        slot = M * N
+        sq_ptr = ws_ptr + SPLIT_K * slot
+        sq_slot = tl.num_programs(0) * M
         tl.store(ws_ptr + pid_k * slot + out_off, acc, mask=mask_mn)
-        arrived = tl.atomic_add(count_ptr + pid_n, 1)  # acq_rel: the store above is visible to the last arrival
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(SPLIT_K):  # a fixed order: deterministic sums
-                total += tl.load(ws_ptr + k * slot + out_off, mask=mask_mn, other=0.0, cache_modifier=".cg")
-            tl.store(count_ptr + pid_n, 0)
-            _store_output(total, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES)
+        if NORM:
+            tl.store(sq_ptr + pid_k * sq_slot + pid_n * M + offs_m, sumsq, mask=mask_m)
+        if last_to_arrive(count_ptr + pid_n, SPLIT_K):
+            total = sum_slots(ws_ptr, out_off, mask_mn, slot, SPLIT_K)
+            row_sumsq = sumsq
+            if NORM:
+                row_sumsq = sum_slots(sq_ptr, pid_n * M + offs_m, mask_m, sq_slot, SPLIT_K)
+            _store_output(total, row_sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES, NORM, EPS)
 
 
 @triton.jit
-def _store_output(total, out_ptr, res_ptr, out_off, res_off, mask, HAS_RES: tl.constexpr):
+def _store_output(total, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask, HAS_RES: tl.constexpr,
+                  NORM: tl.constexpr, EPS: tl.constexpr):
+    if NORM:
+        total = total * tl.math.rsqrt(sumsq / K + EPS)[:, None]
     if HAS_RES:
         total += tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask)
@@ -84,46 +141,108 @@ _WORKSPACES: dict = {}
 
 
 def _workspace(device: torch.device, n: int, tiles: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (split, MAX_ROWS, n) partial sums and int32 (tiles,) arrival counters (zero between calls)."""
+    """float32 partial products (split, MAX_ROWS, n) and sums of squares (split, tiles, MAX_ROWS) in one buffer,
+    and int32 (tiles,) arrival counters (zero between calls)."""
     key = (device, n, tiles, split)
     if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.empty(split * MAX_ROWS * n, device=device, dtype=torch.float32),
+        _WORKSPACES[key] = (torch.empty(split * MAX_ROWS * (n + tiles), device=device, dtype=torch.float32),
                             torch.zeros(tiles, device=device, dtype=torch.int32))
     return _WORKSPACES[key]
 
 
+@contextlib.contextmanager
+def transient_workspaces():
+    """Workspaces first made inside the block are dropped at its end: for timing runs whose graphs no one replays
+    later (the shape finally chosen makes its own on its next call)."""
+    before = set(_WORKSPACES)
+    try:
+        yield
+    finally:
+        for key in set(_WORKSPACES) - before:
+            del _WORKSPACES[key]
+
+
+def _split(n: int, k: int, block_n: int, block_k: int) -> int:
+    """Enough programs to stream W over every SM: split K when the output tiles are few."""
+    return max(1, min(8, 256 // triton.cdiv(n, block_n), triton.cdiv(k, 4 * block_k)))
+
+
 def default_config(m: int, n: int, k: int) -> dict:
-    """Tile shape: enough programs to stream W over every SM (split K when the outputs are few)."""
+    """The tile shape used without timing: BLOCK_N 64, BLOCK_K 128, split by ``_split`` (TUNING overrides)."""
     block_n = TUNING.get("BLOCK_N", 64)
     block_k = TUNING.get("BLOCK_K", 128)
-    tiles = triton.cdiv(n, block_n)
-    split = TUNING.get("SPLIT_K") or max(1, min(8, 256 // tiles, triton.cdiv(k, 4 * block_k)))
+    split = TUNING.get("SPLIT_K") or _split(n, k, block_n, block_k)
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=TUNING.get("STAGES", 4),
                 WARPS=TUNING.get("WARPS", 4))
 
 
-def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-                              config: dict | None = None) -> torch.Tensor:
-    """x (M, K) with M <= 128, weight (N, K), residual (M, N) or None -> x weightᵀ (+ residual), (M, N) in x.dtype.
+def candidate_configs(m: int, n: int, k: int) -> list[dict]:
+    """A few tile shapes worth timing for one GEMM shape, the default first: narrower and wider output tiles (each
+    with its own split), no split, twice the split. Distinct after ``_effective_split``; only the default when
+    TUNING is set."""
+    base = default_config(m, n, k)
+    if TUNING:
+        return [base]
+    variants = [
+        base,
+        {**base, "SPLIT_K": 1},
+        {**base, "SPLIT_K": min(8, 2 * base["SPLIT_K"])},
+        {**base, "BLOCK_N": 32, "SPLIT_K": _split(n, k, 32, 128)},
+        {**base, "BLOCK_N": 128, "SPLIT_K": _split(n, k, 128, 128), "STAGES": 3, "WARPS": 8},
+    ]
+    configs, seen = [], set()
+    for cfg in variants:
+        cfg = {**cfg, "SPLIT_K": _effective_split(k, cfg["BLOCK_K"], cfg["SPLIT_K"])}
+        key = tuple(sorted(cfg.items()))
+        if key not in seen:
+            seen.add(key)
+            configs.append(cfg)
+    return configs
 
-    Products accumulate in float32 (tensor cores for 16-bit inputs; IEEE float32 for float32 inputs)."""
+
+def _k_slices(k: int, block_k: int, split: int) -> tuple[int, int]:
+    """(K per slice, slices) actually launched for a requested split: slices are whole BLOCK_Ks, none is empty."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
+def _effective_split(k: int, block_k: int, split: int) -> int:
+    return _k_slices(k, block_k, split)[1]
+
+
+def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+                              config: dict | None = None, *, normalize: bool = False,
+                              norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5) -> torch.Tensor:
+    """x (M, K) with M <= 128, weight (N, K), residual (M, N) or None -> (M, N) in x.dtype:
+
+        x Wᵀ (+ residual),  or with ``normalize``  rms_norm(x, norm_weight, norm_eps) Wᵀ (+ residual)
+
+    ``norm_weight`` (K,) or None (the weightless norm). Products accumulate in float32 (tensor cores for 16-bit
+    inputs; IEEE float32 for float32 inputs); the norm's statistics are float32. ``config``: a tile shape
+    (``default_config``'s keys), None for the default."""
     m, k = x.shape
     n = weight.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"small_batch_linear_triton: x: expected at most {MAX_ROWS} rows, got {m}")
+    if norm_weight is not None and not normalize:
+        raise ValueError("small_batch_linear_triton: norm_weight: given without normalize=True")
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"small_batch_linear_triton: norm_weight: expected shape ({k},), "
+                         f"got {tuple(norm_weight.shape)}")
     cfg = config or default_config(m, n, k)
-    block_k, split = cfg["BLOCK_K"], cfg["SPLIT_K"]
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)  # no empty K slices
+    block_k = cfg["BLOCK_K"]
+    k_per_split, split = _k_slices(k, block_k, cfg["SPLIT_K"])
     tiles = triton.cdiv(n, cfg["BLOCK_N"])
     ws, counts = _workspace(x.device, n, tiles, split)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ieee = x.dtype == torch.float32
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     _small_batch_linear_kernel[(tiles, split)](
-        x, weight, residual, out, ws, counts, m, n, k, k_per_split, *x.stride(), *weight.stride(),
+        x, weight, norm_weight, residual, out, ws, counts, m, n, k, k_per_split, *x.stride(), *weight.stride(),
+        norm_weight.stride(0) if norm_weight is not None else 0,
         *(residual.stride() if residual is not None else (0, 0)),
-        HAS_RES=residual is not None, SPLIT_K=split, IEEE=ieee or interpreting, UPCAST=interpreting,
+        HAS_RES=residual is not None, NORM=normalize, NORM_WEIGHT=norm_weight is not None,
+        EPS=float(norm_eps) if normalize else 0.0, SPLIT_K=split, IEEE=ieee or interpreting, UPCAST=interpreting,
         BLOCK_M=max(16, next_pow2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, STAGES=cfg["STAGES"],
         num_warps=cfg["WARPS"])
     return out
