@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke test under TRITON_INTERPRET=1
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 CHECKS: list = []
+# interpreter test files that also run natively on a GPU (their tensors go to cuda when it is there)
+GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_small_batch_linear.py", "tests/test_mamba_step.py"]
 
 
 def log(*a):
@@ -205,6 +207,64 @@ def check_decode_graph(dtype):
     compare("decode (CUDA graph x3)", "B=4", dtype, names, [*ys_g, *states_g], [*ys_r, *states_r])
 
 
+def check_decode_gemm(repeats: int = 20):
+    """The small-batch split-K GEMM at the mamba 1.4b decode shapes, every tile shape of the sweep, called
+    ``repeats`` times: each result equals a float32 reference (a lost partial sum shows up as a large error) and
+    all repeats are bit-identical (the fixed-order reduction)."""
+    import itertools
+
+    from seqlab.ops.triton.small_batch_linear import small_batch_linear_triton
+
+    gen = torch.Generator().manual_seed(0)
+    for (n, k), m in itertools.product(((8192, 2048), (160, 4096), (2048, 4096)), (1, 64, 128)):
+        x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, torch.bfloat16)
+        res = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16)
+        ref = torch.addmm(res.float(), x.float(), w.float().t())
+        worst, varied, tried = 0.0, 0, 0
+        for bn, split in itertools.product((32, 64, 128), (1, 2, 8)):
+            cfg = dict(BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, STAGES=3, WARPS=4)
+            try:
+                outs = [small_batch_linear_triton(x, w, res, cfg) for _ in range(repeats)]
+            except Exception as e:  # noqa: BLE001 - a tile the compiler refuses is not a wrong result
+                if "OutOfResources" not in type(e).__name__:
+                    raise
+                continue
+            tried += 1
+            worst = max(worst, max(rel(o, ref) for o in outs))
+            varied += any(not torch.equal(o, outs[0]) for o in outs)
+        CHECKS.append(dict(kernel="small_batch_linear", case=f"M{m} N{n} K{k}", dtype="torch.bfloat16",
+                           ok=worst <= 1e-2 and varied == 0, tol=1e-2, worst=worst,
+                           errors=dict(configs=tried, nondeterministic_configs=varied)))
+        log(f"  {'PASS' if CHECKS[-1]['ok'] else 'FAIL'} small_batch_linear M{m} N{n} K{k}: {tried} configs x "
+            f"{repeats} calls, worst {worst:.1e} (tol 1e-02), {varied} configs not bit-identical")
+
+
+def check_decode_model(spec: str, batch: int = 64, steps: int = 8):
+    """A model's decode steps with the fused kernels (pre-norm in the GEMM, Mamba's fused conv/x_proj and
+    dt_proj/state update) against the unfused ops and against the parallel forward over the same tokens, bf16."""
+    from seqlab.mixers import base
+    from seqlab.models.presets import from_preset
+
+    name, size = spec.split(":")
+    torch.manual_seed(0)
+    model = from_preset(name, size).to(device=DEVICE, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, 32 + steps), device=DEVICE)
+    runs = {}
+    with torch.inference_mode():
+        full = model(ids)[:, 32:].float()  # (B, steps, V)
+        for fused in (True, False):
+            base.FUSE_DECODE = fused
+            state = model.allocate_state(batch, 32 + steps, device=DEVICE, dtype=torch.bfloat16)
+            model(ids[:, :32], state=state)
+            runs[fused] = torch.cat([model(ids[:, 32 + i:33 + i], state=state) for i in range(steps)], 1).float()
+        base.FUSE_DECODE = True
+    # decode step i consumes the token at position 32 + i: its logits are the parallel forward's at 32 + i
+    compare("decode model", f"{spec} B={batch} {steps} steps", torch.bfloat16,
+            ["fused vs unfused", "fused vs parallel", "unfused vs parallel"],
+            [runs[True], runs[True], runs[False]], [runs[False], full, full])
+
+
 def run_checks(only=None):
     f32, bf16 = torch.float32, torch.bfloat16
     jobs = [
@@ -226,6 +286,10 @@ def run_checks(only=None):
         ("conv", lambda: check_conv(bf16, 1, 65536, 512, 3, "1x65536 D512 W3 docs+state", ndocs=5)),
         ("decode_graph", lambda: check_decode_graph(f32)),
         ("decode_graph", lambda: check_decode_graph(bf16)),
+        ("decode_gemm", check_decode_gemm),
+        ("decode_model", lambda: check_decode_model("mamba:small")),
+        ("decode_model", lambda: check_decode_model("mamba2:small")),
+        ("decode_model", lambda: check_decode_model("mamba:small", batch=1)),
     ]
     for kind, job in jobs:
         if only and not any(o in kind for o in only):
@@ -245,7 +309,8 @@ def main() -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--quick-bench", action="store_true")
-    p.add_argument("--only", default="", help="comma-separated check kinds: selective_scan,ssd,conv,decode_graph")
+    p.add_argument("--only", default="",
+                   help="comma-separated check kinds: selective_scan,ssd,conv,decode_graph,decode_gemm")
     p.add_argument("--bench-args", default="", help="extra arguments for benchmarks/kernels.py")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -259,10 +324,10 @@ def main() -> int:
     if not args.skip_tests:
         t0 = time.time()
         env = dict(os.environ, TRITON_INTERPRET="0")
-        res = subprocess.run([sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "-q", "-x",
+        res = subprocess.run([sys.executable, "-m", "pytest", *GPU_TEST_FILES, "-q", "-x",
                               "-p", "no:cacheprovider", "-m", "not slow"], capture_output=True, text=True, env=env,
                              timeout=300)
-        log("== pytest tests/test_triton_kernels.py on the GPU")
+        log(f"== pytest {' '.join(GPU_TEST_FILES)} on the GPU")
         log(res.stdout[-3000:], res.stderr[-2000:])
         summary["pytest_rc"] = res.returncode
         summary["pytest_s"] = time.time() - t0

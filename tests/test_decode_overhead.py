@@ -302,7 +302,8 @@ def _force_triton(monkeypatch):
     import seqlab.mixers.mamba as mamba
     import seqlab.mixers.mamba2 as mamba2
 
-    for mod, names in ((mamba, ("conv_step", "selective_state_update")), (mamba2, ("conv_step", "ssd_state_update"))):
+    mamba_ops = ("conv_step", "selective_state_update", "conv_x_proj_step", "selective_step_dt_proj")
+    for mod, names in ((mamba, mamba_ops), (mamba2, ("conv_step", "ssd_state_update"))):
         for name in names:
             monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), backend="triton"))
 
@@ -347,12 +348,16 @@ class _OpLog(TorchDispatchMode):
 
 
 @needs_triton
-@pytest.mark.parametrize("preset", ["mamba", "mamba2"])
-def test_decode_step_launches_no_copies_or_elementwise_ops(preset, monkeypatch):
+@pytest.mark.parametrize("preset,fused", [("mamba", True), ("mamba", False), ("mamba2", True)])
+def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkeypatch):
     """Per layer: the projections' GEMMs (the residual added inside the out_proj GEMM) and one RMSNorm per norm;
-    nothing else in torch."""
+    nothing else in torch. Fused (Mamba): in_proj and out_proj are the only GEMMs (the pre-norm folded into in_proj
+    runs as its own op here only because the GEMMs are forced to cuBLAS)."""
+    import seqlab.mixers.base as mixer_base
     import seqlab.ops.triton.decode as decode
+    import seqlab.ops.triton.mamba_step as mamba_step
 
+    monkeypatch.setattr(mixer_base, "FUSE_DECODE", fused)
     model = _tiny(preset, seed=9).to(DEVICE).to(torch.bfloat16)
     _force_triton(monkeypatch)
     monkeypatch.setenv("SEQLAB_DECODE_GEMM", "torch")  # count the GEMMs as aten ops (on CUDA some could be Triton)
@@ -369,6 +374,8 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, monkeypatch):
 
     for name in ("_selective_step_kernel", "_ssd_step_kernel", "_conv_step_kernel"):
         monkeypatch.setattr(decode, name, launcher(getattr(decode, name)))
+    for name in ("_conv_x_proj_kernel", "_selective_step_dt_proj_kernel"):
+        monkeypatch.setattr(mamba_step, name, launcher(getattr(mamba_step, name)))
     rms = F.rms_norm
 
     def rms_norm_as_one_op(*args, **kwargs):  # one fused kernel on CUDA; a decomposition on the CPU
@@ -390,7 +397,7 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, monkeypatch):
     assert ops["rms_norm"] == n * norms_per_layer + 1, ops  # + final norm
     # mamba: in_proj, x_proj, dt_proj (unless inside the step kernel); mamba2: in_proj; both: out_proj + residual
     # in one addmm; + the head
-    gemms = (2 + (0 if decode.TUNING["dt_rows"] else 1)) if preset == "mamba" else 1
+    gemms = (2 + (0 if decode.TUNING["dt_rows"] else 1)) if preset == "mamba" and not fused else 1
     assert ops["mm"] == gemms * n + 1 and ops["addmm"] == n and ops["add"] == 0, ops
     # nothing else but the embedding, the float32 logits and the aux-loss zero
     allowed = ("rms_norm", "mm", "addmm", "add", "embedding", "_to_copy", "zeros")

@@ -78,7 +78,7 @@ def project(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = N
     (a decode step) through ``seqlab.ops.decode_linear``, which adds the residual inside the GEMM, folds the norm
     into it and picks the faster kernel for the shape. A layer with hooks or sharded weights (tensor parallelism's
     DTensors) always runs as its module, so the hooks see the call."""
-    if few_rows and _plain(layer):
+    if few_rows and plain_linear(layer):
         fused_norm = None if norm is None else (norm.weight, norm.eps)
         return decode_linear(x, layer.weight, layer.bias, residual, norm=fused_norm)
     if norm is not None:
@@ -87,5 +87,6 @@ def project(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = N
     return out if residual is None else residual + out
 
 
-def _plain(layer: nn.Linear) -> bool:
+def plain_linear(layer: nn.Linear) -> bool:
+    """No hooks and no sharded weight: the layer's weight may be handed to a fused kernel."""
     return not (layer._forward_pre_hooks or layer._forward_hooks or hasattr(layer.weight, "device_mesh"))

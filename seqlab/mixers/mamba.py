@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError
+from seqlab.mixers import base as mixer_base
 from seqlab.mixers._init import dt_bias_init, no_weight_decay
 from seqlab.mixers.base import MixerState, check_mixer_input, project, recurrent_state_dtype
 from seqlab.mixers.norm import RMSNorm, rms_norm
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
 from seqlab.ops.conv import causal_conv1d, conv_step
+from seqlab.ops.mamba_step import conv_x_proj_step, selective_step_dt_proj
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
 
 
@@ -144,6 +146,13 @@ class Mamba(nn.Module):
             dt, B, C = (rms_norm(t, w, self.bcdt_norm_eps) for t, w in zip((dt, B, C), scales))
         return dt, B, C
 
+    def _fused_step(self) -> bool:
+        """The decode step through seqlab.ops.mamba_step's fused ops: not with Falcon Mamba / Jamba's dt, B, C norms
+        (they sit between x_proj and the step), nor with hooked or sharded projections."""
+        plain = mixer_base.plain_linear
+        return mixer_base.FUSE_DECODE and not self.bcdt_norm and self.x_proj.bias is None and plain(self.x_proj) \
+            and plain(self.dt_proj)
+
     # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM
     adds_residual = True
     fuses_norm = True  # Block passes its pre-norm in with a decode step
@@ -160,6 +169,13 @@ class Mamba(nn.Module):
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
         xs, z = project(self.in_proj, x, few_rows=decode, norm=norm).chunk(2, dim=-1)  # (B, L, D) each
 
+        if decode and self._fused_step():  # O(1) step: on CUDA the GEMMs and two fused kernels
+            xt, x_dbl = conv_x_proj_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, self.x_proj.weight)
+            dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            y = selective_step_dt_proj(state["ssm"], xt, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C,
+                                       self.D, z[:, 0])
+            state.offset += 1
+            return project(self.out_proj, y.unsqueeze(1), residual, few_rows=True)
         if decode:  # O(1) step
             # xs, z, B, C stay strided views of the projections; A = -exp(A_log) and the dt projection are formed
             # inside the step kernel: on CUDA the step is the GEMMs and two kernels, no copies or elementwise ops

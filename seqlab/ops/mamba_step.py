@@ -1,0 +1,233 @@
+"""The Mamba-1 decode step as two fused ops (Gu & Dao 2023, Sec. 3, one position of Algorithm 2).
+
+Between the in_proj and out_proj GEMMs one decode step of a Mamba block is::
+
+    u, x_dbl = conv_x_proj_step(conv_state, x, conv_weight, conv_bias, x_proj_weight)
+        u     = silu(conv_bias + sum_k conv_weight[:, k] window[k]),  window = (conv_state, x)    # (B, D)
+        conv_state <- window[1:]                                                                  # (B, D, W-1)
+        x_dbl = u x_projᵀ = (dt_low, B, C)                                                        # (B, R + 2N)
+    y = selective_step_dt_proj(state, u, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z)
+        Δ = softplus(dt_low W_dtᵀ + dt_bias),  A = -exp(A_log)                                    # (B, D), (D, N)
+        h = exp(Δ A) h + Δ u B;   y = (<h, C> + D u) silu(z)                                     # (B, D, N), (B, D)
+
+Glossary: B batch, D d_inner channels, W d_conv, N d_state, R dt_rank, O = R + 2N the outputs of x_proj.
+
+The same math as ``conv_step`` + ``F.linear`` and ``selective_state_update(..., dt_proj_weight=W_dt,
+dt_softplus=True, A_is_log=True)``, in two launches instead of about seven on CUDA (``seqlab.ops.triton.mamba_step``).
+Decode has no backward: the Triton path is forward only. Paths: ``ref`` and ``torch`` run the same plain PyTorch
+step (a single position has no loop to parallelise); ``triton`` the fused kernels, for CUDA tensors of float32 or
+16-bit dtypes (``auto`` takes it there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from seqlab.errors import InputError
+from seqlab.ops._common import (
+    check_backend,
+    check_dim,
+    check_tensor,
+    require_triton,
+    triton_entry,
+    triton_usable,
+)
+
+_KERNELS = "seqlab.ops.triton.mamba_step"
+MAX_X_PROJ_OUTPUTS = 512  # O that the fused kernel holds in one tile (seqlab.ops.triton.mamba_step.MAX_OUTPUTS)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation and dispatch helpers
+
+
+def _check_real(**tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.is_complex():
+            raise InputError(name, "a real floating-point tensor", f"dtype {t.dtype}")
+
+
+def _check_same_device(dev: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != dev:
+            raise InputError(name, f"a tensor on {dev} like x", f"one on {t.device}")
+
+
+def _triton_misfit(tensors: dict, outputs: int | None = None) -> InputError | None:
+    """An InputError naming the first input the fused kernels do not take, or None when they all fit."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _TRITON_DTYPES:
+            return InputError(name, "float32, bfloat16 or float16 for backend='triton' (use backend='torch')",
+                              f"dtype {t.dtype}")
+    if outputs is not None and outputs > MAX_X_PROJ_OUTPUTS:
+        return InputError("x_proj_weight", f"at most {MAX_X_PROJ_OUTPUTS} rows (O = R + 2N) for backend='triton' "
+                          "(use backend='torch')", f"{outputs} rows")
+    return None
+
+
+def _triton_kernel(op: str, backend: str, x: torch.Tensor, tensors: dict, name: str, outputs: int | None = None):
+    """The Triton entry point to run, or None for the PyTorch path: ``backend="triton"`` requires it (and inputs
+    it takes); ``"auto"`` takes it on CUDA when Triton is usable and the inputs fit."""
+    misfit = _triton_misfit(tensors, outputs)
+    if backend == "triton":
+        require_triton(op, *tensors.values())
+        if misfit is not None:
+            raise misfit
+        return triton_entry(_KERNELS, name, required=True)
+    if backend == "auto" and x.is_cuda and misfit is None and triton_usable(*tensors.values()):
+        return triton_entry(_KERNELS, name)
+    return None
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64 (for exact checks), float32 otherwise."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conv step + SiLU + x_proj
+
+
+def conv_x_proj_step(
+    conv_state: torch.Tensor,
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's conv step, SiLU and x_proj for one token: returns ``(u (B, D), x_dbl (B, O))`` in x's dtype and
+    updates ``conv_state (B, D, W-1)`` in place.
+
+    x (B, D) (may be a strided view, e.g. a column slice of in_proj's output); conv_weight (D, W); conv_bias (D,)
+    or None; x_proj_weight (O, D). u is ``conv_step(conv_state, x, conv_weight, conv_bias, "silu")``; x_dbl is
+    u (rounded to x's dtype, as the unfused path feeds it to the GEMM) times x_proj_weightᵀ, accumulated in
+    float32 and rounded to x's dtype.
+    """
+    check_backend(backend)
+    check_tensor("x", x, ("B", "D"))
+    dev = x.device
+    batch, dim = x.shape
+    check_tensor("conv_weight", conv_weight, ("D", "W"), device=dev)
+    check_dim("conv_weight", conv_weight, 0, dim, "D, the channels of x")
+    width = conv_weight.shape[1]
+    if width < 1:
+        raise InputError("conv_weight", "filter width W >= 1", f"shape {tuple(conv_weight.shape)}")
+    check_tensor("conv_bias", conv_bias, (dim,), optional=True, device=dev)
+    check_tensor("conv_state", conv_state, ("B", "D", "W-1"), device=dev)
+    if tuple(conv_state.shape) != (batch, dim, width - 1):
+        raise InputError("conv_state", f"shape {(batch, dim, width - 1)} (B and D of x, W-1 of conv_weight)",
+                         f"shape {tuple(conv_state.shape)}")
+    check_tensor("x_proj_weight", x_proj_weight, ("O", "D"), device=dev)
+    check_dim("x_proj_weight", x_proj_weight, 1, dim, "D, the channels of x")
+    tensors = dict(conv_state=conv_state, x=x, conv_weight=conv_weight, conv_bias=conv_bias,
+                   x_proj_weight=x_proj_weight)
+    _check_real(**tensors)
+    _check_same_device(dev, **tensors)
+
+    kernel = _triton_kernel("conv_x_proj_step", backend, x, tensors, "conv_x_proj_step_triton",
+                            outputs=x_proj_weight.shape[0])
+    if kernel is not None and x.numel() > 0:  # empty inputs: nothing to launch
+        return kernel(conv_state, x, conv_weight, conv_bias, x_proj_weight)
+    return conv_x_proj_step_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight)
+
+
+def conv_x_proj_step_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight):
+    """Plain PyTorch: the window (state, x) times the filter, SiLU, the state shifted, then one F.linear."""
+    dtype = _compute_dtype(conv_state, x, conv_weight, conv_bias, x_proj_weight)
+    window = torch.cat([conv_state.to(dtype), x.to(dtype).unsqueeze(-1)], dim=-1)  # (B, D, W)
+    pre = (window * conv_weight.to(dtype)).sum(dim=-1)  # (B, D)
+    if conv_bias is not None:
+        pre = pre + conv_bias.to(dtype)
+    u = F.silu(pre).to(x.dtype)  # (B, D)
+    conv_state.copy_(window[:, :, 1:])
+    with torch.autocast(x.device.type, enabled=False):
+        x_dbl = F.linear(u.to(dtype), x_proj_weight.to(dtype))  # (B, O)
+    return u, x_dbl.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dt projection + selective state update
+
+
+def selective_step_dt_proj(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt_low: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    A_log: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mamba's dt projection and selective state update for one token: returns y (B, D) in x's dtype and updates
+    ``state (B, D, N)`` in place.
+
+    x (B, D) the conv output u; dt_low (B, R); dt_proj_weight (D, R); dt_bias (D,) or None; A_log (D, N);
+    B, C (B, N); D (D,) or None; z (B, D) or None. x, dt_low, B, C and z may be strided views (column slices of
+    the projections' outputs). Equal to ``selective_state_update(state, x, dt_low, A_log, B, C, D, z, dt_bias,
+    dt_softplus=True, A_is_log=True, dt_proj_weight=dt_proj_weight)``: Δ = softplus(dt_low W_dtᵀ + dt_bias) in
+    float32, never rounded. The state may be float32 or 16-bit (updated in float32, rounded once when stored).
+    """
+    check_backend(backend)
+    check_tensor("x", x, ("B", "D"))
+    dev = x.device
+    batch, dim = x.shape
+    check_tensor("A_log", A_log, ("D", "N"), device=dev)
+    check_dim("A_log", A_log, 0, dim, "D, the channels of x")
+    d_state = A_log.shape[1]
+    check_tensor("state", state, ("B", "D", "N"), device=dev)
+    if tuple(state.shape) != (batch, dim, d_state):
+        raise InputError("state", f"shape {(batch, dim, d_state)} (B and D of x, N of A_log)",
+                         f"shape {tuple(state.shape)}")
+    check_tensor("dt_proj_weight", dt_proj_weight, ("D", "R"), device=dev)
+    check_dim("dt_proj_weight", dt_proj_weight, 0, dim, "D, the channels of x")
+    rank = dt_proj_weight.shape[1]
+    check_tensor("dt_low", dt_low, ("B", "R"), device=dev)
+    if tuple(dt_low.shape) != (batch, rank):
+        raise InputError("dt_low", f"shape {(batch, rank)} (B of x, R of dt_proj_weight)",
+                         f"shape {tuple(dt_low.shape)}")
+    check_tensor("dt_bias", dt_bias, (dim,), optional=True, device=dev)
+    for name, t in (("B", B), ("C", C)):
+        check_tensor(name, t, ("B", "N"), device=dev)
+        if tuple(t.shape) != (batch, d_state):
+            raise InputError(name, f"shape {(batch, d_state)} (B of x, N of A_log)", f"shape {tuple(t.shape)}")
+    check_tensor("D", D, (dim,), optional=True, device=dev)
+    check_tensor("z", z, ("B", "D"), optional=True, device=dev)
+    if z is not None and z.shape != x.shape:
+        raise InputError("z", f"shape {tuple(x.shape)} like x", f"shape {tuple(z.shape)}")
+    tensors = dict(state=state, x=x, dt_low=dt_low, dt_proj_weight=dt_proj_weight, dt_bias=dt_bias, A_log=A_log,
+                   B=B, C=C, D=D, z=z)
+    _check_real(**tensors)
+    _check_same_device(dev, **tensors)
+
+    kernel = _triton_kernel("selective_step_dt_proj", backend, x, tensors, "selective_step_dt_proj_triton")
+    if kernel is not None and x.numel() > 0:  # empty inputs: nothing to launch
+        return kernel(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z)
+    return selective_step_dt_proj_ref(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z)
+
+
+def selective_step_dt_proj_ref(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z):
+    """Plain PyTorch, float32 (float64 for float64 inputs): Δ, then the zero-order-hold step of every state."""
+    dtype = _compute_dtype(state, x, dt_low)
+    xc = x.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        delta = F.linear(dt_low.to(dtype), dt_proj_weight.to(dtype))  # (B, D)
+    if dt_bias is not None:
+        delta = delta + dt_bias.to(dtype)
+    delta = F.softplus(delta)
+    A = -torch.exp(A_log.to(dtype))  # (D, N), S4D-real parameterisation
+    decay = torch.exp(delta.unsqueeze(-1) * A)  # (B, D, N)
+    h = decay * state.to(dtype) + (delta * xc).unsqueeze(-1) * B.to(dtype).unsqueeze(1)  # (B, D, N)
+    state.copy_(h)
+    y = (h * C.to(dtype).unsqueeze(1)).sum(dim=-1)  # (B, D)
+    if D is not None:
+        y = y + D.to(dtype) * xc
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(x.dtype)
