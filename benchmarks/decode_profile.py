@@ -7,7 +7,8 @@ Prints, per model, the step's kernels sorted by device time (count per step, mic
 total next to the wall time of a CUDA-graph replay of the same step; the gap between the two is launch and
 scheduling overhead inside the graph. Random weights in bf16 (the generation benchmark's setting). The variant
 options run every combination: the recurrent states' dtype, Mamba's dt projection as its own GEMM (0) or inside
-the step kernel with n batch rows per program, and the decode GEMMs' kernel (auto: timed per shape; torch: cuBLAS).
+the step kernel with n batch rows per program, the decode GEMMs' kernel (auto: timed per shape; torch: cuBLAS), and
+the fused decode kernels (pre-norm folded into the input GEMM, Mamba's two fused step kernels) or the unfused ops.
 """
 
 from __future__ import annotations
@@ -82,28 +83,32 @@ def main() -> int:
     parser.add_argument("--state-dtype", default="fp32", help="comma list of fp32, bf16")
     parser.add_argument("--dt-rows", default="0", help="comma list: Mamba's dt projection (0 = own GEMM)")
     parser.add_argument("--gemm", default="auto", help="comma list of auto, torch, triton (SEQLAB_DECODE_GEMM)")
+    parser.add_argument("--fuse", default="1", help="comma list: 1 = fused decode kernels (default), 0 = unfused ops")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("decode_profile: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from seqlab.mixers import base
     from seqlab.ops.decode_linear import _CHOICE
     from seqlab.ops.triton import decode
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     results = []
     variants = itertools.product(args.models.split(","), args.state_dtype.split(","),
-                                 [int(r) for r in args.dt_rows.split(",")], args.gemm.split(","))
-    for spec, state_dtype, dt_rows, gemm in variants:
+                                 [int(r) for r in args.dt_rows.split(",")], args.gemm.split(","),
+                                 [f == "1" for f in args.fuse.split(",")])
+    for spec, state_dtype, dt_rows, gemm, fuse in variants:
+        base.FUSE_DECODE = fuse
         decode.TUNING["dt_rows"] = dt_rows
         os.environ["SEQLAB_DECODE_GEMM"] = gemm
         result = profile_model(spec, args.batch, args.context, dtypes[state_dtype])
-        result.update(state_dtype=state_dtype, dt_rows=dt_rows, gemm=gemm,
+        result.update(state_dtype=state_dtype, dt_rows=dt_rows, gemm=gemm, fused=fuse,
                       gemm_choices={str(k[1:4]): v for k, v in _CHOICE.items()})
         results.append(result)
         graph = f"{result['graph_ms_per_step']:.3f} ms" if result["graph_ms_per_step"] is not None else "n/a"
         print(f"\n## {spec}, batch {args.batch}, context {args.context}, state {state_dtype}, dt_rows {dt_rows}, "
-              f"gemm {gemm}: {result['kernels_per_step']:.0f} kernels, "
+              f"gemm {gemm}, fused {int(fuse)}: {result['kernels_per_step']:.0f} kernels, "
               f"{result['kernel_us_per_step'] / 1000:.3f} ms of kernel time per step; CUDA-graph step {graph}")
         if gemm == "auto":
             print(f"decode GEMM choices (rows, N, K): {result['gemm_choices']}")
