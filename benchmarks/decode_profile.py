@@ -83,7 +83,9 @@ def main() -> int:
     parser.add_argument("--state-dtype", default="fp32", help="comma list of fp32, bf16")
     parser.add_argument("--dt-rows", default="0", help="comma list: Mamba's dt projection (0 = own GEMM)")
     parser.add_argument("--gemm", default="auto", help="comma list of auto, torch, triton (SEQLAB_DECODE_GEMM)")
-    parser.add_argument("--fuse", default="1", help="comma list: 1 = fused decode kernels (default), 0 = unfused ops")
+    parser.add_argument("--fuse", default="default",
+                        help="comma list: default (seqlab.mixers.base's settings), none (unfused ops), all (every "
+                             "fused decode kernel, conv_x_proj included)")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -97,9 +99,10 @@ def main() -> int:
     results = []
     variants = itertools.product(args.models.split(","), args.state_dtype.split(","),
                                  [int(r) for r in args.dt_rows.split(",")], args.gemm.split(","),
-                                 [f == "1" for f in args.fuse.split(",")])
+                                 args.fuse.split(","))
     for spec, state_dtype, dt_rows, gemm, fuse in variants:
-        base.FUSE_DECODE = fuse
+        base.FUSE_DECODE = fuse != "none"
+        base.FUSED_DECODE_KERNELS["conv_x_proj"] = fuse == "all"
         decode.TUNING["dt_rows"] = dt_rows
         os.environ["SEQLAB_DECODE_GEMM"] = gemm
         result = profile_model(spec, args.batch, args.context, dtypes[state_dtype])
@@ -108,7 +111,7 @@ def main() -> int:
         results.append(result)
         graph = f"{result['graph_ms_per_step']:.3f} ms" if result["graph_ms_per_step"] is not None else "n/a"
         print(f"\n## {spec}, batch {args.batch}, context {args.context}, state {state_dtype}, dt_rows {dt_rows}, "
-              f"gemm {gemm}, fused {int(fuse)}: {result['kernels_per_step']:.0f} kernels, "
+              f"gemm {gemm}, fused {fuse}: {result['kernels_per_step']:.0f} kernels, "
               f"{result['kernel_us_per_step'] / 1000:.3f} ms of kernel time per step; CUDA-graph step {graph}")
         if gemm == "auto":
             print(f"decode GEMM choices (rows, N, K): {result['gemm_choices']}")

@@ -344,35 +344,38 @@ def _breakdown_row(table, shape, name, run, kernels, module):
 
 
 def ssd_breakdown(batch, seqlen, H, P, N, chunk):
-    """Time of each SSD kernel on the path TUNING selects (fused or unfused state passes): the forward at
-    inference tiles, the backward alone (after a training-tile forward)."""
+    """Time of each SSD kernel on the path TUNING selects (fused or unfused state passes, shared C Bᵀ or not): the
+    forward at inference tiles, the backward alone (after a training-tile forward; it recomputes C Bᵀ)."""
     from seqlab.ops.triton import ssd as tssd
 
     fused = tssd.TUNING.get("fused_state", True)
     path, shape = "fused" if fused else "unfused", f"{batch}x{seqlen}"
     states = ("_ssd_fwd_state_kernel",) if fused else ("_ssd_chunk_state_kernel", "_ssd_state_pass_kernel")
     bwd_states = ("_ssd_bwd_state_kernel",) if fused else ("_ssd_bwd_dstate_kernel", "_ssd_bwd_state_pass_kernel")
-    split = tssd.TUNING.get("bwd_variant") == "split"
+    split = tssd.TUNING.get("bwd_variant", "split") == "split"
     bwd_chunk = ("_ssd_bwd_dx_kernel", "_ssd_bwd_dbc_kernel") if split else ("_ssd_bwd_chunk_kernel",)
+    cb = ("_ssd_cb_kernel",) if tssd.TUNING.get("shared_cb", True) else ()
     ins = ssd_inputs(batch, seqlen, H, P, N)
     x, dt, A, B, C, D, z, bias = ins
     with torch.no_grad():
         _breakdown_row("ssd forward breakdown (ms, total minus total without the kernel)", shape, f"triton fwd {path}",
                        lambda: tssd._forward(x, dt, A, B, C, chunk, D, z, bias, True, None, None),
-                       (*states, "_ssd_chunk_out_kernel"), tssd)
+                       (*states, *cb, "_ssd_chunk_out_kernel"), tssd)
         y, _, st, cum, doc, T, ran_fused = tssd._forward(x, dt, A, B, C, chunk, D, z, bias, True, None, None,
                                                           training=True)
         saved, dy = (x, dt, A, B, C, D, z, bias, doc, st, cum, False), torch.randn_like(y)
         _breakdown_row("ssd backward breakdown (ms, total minus total without the kernel)", shape,
                        f"triton bwd {path}", lambda: tssd.ssd_backward_triton(saved, dy, None, T, True, ran_fused),
-                       (*bwd_states, *bwd_chunk), tssd)
+                       (*bwd_states, *cb, *bwd_chunk), tssd)
 
+
+SSD_VS_SDPA_SHAPES = ((4, 4096), (2, 8192))  # the SSD vs SDPA comparison runs here besides the chosen shapes
 
 # The SSD sweep at 8 x 2048: the unfused kernels, the fused defaults, then one knob changed at a time (see TUNING
 # in seqlab/ops/triton/ssd.py); knobs that beat the defaults are then tried together.
 SSD_SWEEP = ({"fused_state": False, "bwd_variant": "chunk"}, {}, {"state_block_n": 64}, {"state_warps": 8},
              {"state_stages": 3}, {"bwd_variant": "chunk"}, {"bwd_variant": "chunk", "bwd_heads": 1},
-             {"out_heads": 8}, {"state_dtype": "fp32"}, {"bwd_dbc_block_n": 32})
+             {"out_heads": 8}, {"state_dtype": "fp32"}, {"bwd_dbc_block_n": 32}, {"shared_cb": False})
 
 
 def ssd_sweep_one(cfg, batch, seqlen, H, P, N, chunk):
@@ -425,14 +428,17 @@ def bench_ssd(c, shapes, sweep: bool):
             torch.cuda.empty_cache()
     tssd.TUNING.clear()
     tssd.TUNING.update(best)
-    for batch, seqlen in shapes:
-        shape = f"{batch}x{seqlen}"
+    crossover = {}  # seqlen -> SDPA flash fwd+bwd ms / SSD fwd+bwd ms
+    # the SSD vs SDPA comparison always runs at SSD_VS_SDPA_SHAPES too (--quick included), so the sequence length
+    # where SSD overtakes attention is bracketed; only the comparison runs at those extra shapes
+    for batch, seqlen in [s for s in SHAPES if s in shapes or s in SSD_VS_SDPA_SHAPES]:
+        shape, extra = f"{batch}x{seqlen}", (batch, seqlen) not in shapes
         ins = ssd_inputs(batch, seqlen, H, P, N)
         args = lambda i: (*i[:5], chunk, *i[5:8], True, None, None)
         with torch.no_grad():
             ms = safe(cuda_time, lambda: ssd_triton(*args(ins)))
             record(table, shape, "triton fwd", ms, ssd_floor(c, batch, seqlen, H, P, N, 128, False))
-            if batch * seqlen <= 16384:
+            if batch * seqlen <= 16384 and not extra:
                 ms_t = safe(cuda_time, lambda: ssd(*ins[:5], chunk_size=chunk, D=ins[5], z=ins[6], dt_bias=ins[7],
                                                    backend="torch"), max_seconds=2)
                 record(table, shape, "torch path fwd", ms_t,
@@ -448,6 +454,9 @@ def bench_ssd(c, shapes, sweep: bool):
         if msb and sdpa_fb:
             verdict = "faster" if msb < sdpa_fb else "slower"
             log(f"     SSD fwd+bwd vs SDPA flash fwd+bwd: {sdpa_fb / msb:.2f}x ({verdict})")
+            crossover[seqlen] = sdpa_fb / msb
+        if extra:
+            continue
         # Mamba-1 scan at equal d_inner (5120, N 16)
         gins = scan_inputs(batch, seqlen, 5120, 16, grad=True)
         from seqlab.ops.triton.selective_scan import selective_scan_triton
@@ -461,6 +470,12 @@ def bench_ssd(c, shapes, sweep: bool):
                note=f"SSD fwd+bwd {ms_m1b / msb:.2f}x faster" if msb and ms_m1b else "")
         gins = None
         torch.cuda.empty_cache()
+    if crossover:
+        faster = [n for n, ratio in sorted(crossover.items()) if ratio > 1]
+        note = (f"SSD fwd+bwd first beats SDPA flash at seqlen {faster[0]} (ratios {crossover})" if faster
+                else f"SDPA flash fwd+bwd faster at every measured seqlen (ratios {crossover})")
+        log(f"  {note}")
+        RESULTS["ssd_vs_sdpa"] = dict(ratio_by_seqlen=crossover, note=note)
 
 
 # ----------------------------------------------------------------------------------------------- conv
@@ -571,7 +586,8 @@ def print_summary():
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--quick", action="store_true", help="two shapes only")
+    p.add_argument("--quick", action="store_true",
+                   help="two shapes only (the SSD vs SDPA comparison also at 4x4096 and 2x8192)")
     p.add_argument("--no-sweep", action="store_true", help="skip the selective-scan tile sweep")
     p.add_argument("--no-ssd-sweep", action="store_true", help="skip the SSD tile sweep")
     p.add_argument("--sections", default="selective_scan,ssd,conv,decode")

@@ -348,16 +348,20 @@ class _OpLog(TorchDispatchMode):
 
 
 @needs_triton
-@pytest.mark.parametrize("preset,fused", [("mamba", True), ("mamba", False), ("mamba2", True)])
+@pytest.mark.parametrize("preset,fused", [("mamba", "default"), ("mamba", "none"), ("mamba", "all"),
+                                          ("mamba2", "default")])
 def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkeypatch):
     """Per layer: the projections' GEMMs (the residual added inside the out_proj GEMM) and one RMSNorm per norm;
-    nothing else in torch. Fused (Mamba): in_proj and out_proj are the only GEMMs (the pre-norm folded into in_proj
-    runs as its own op here only because the GEMMs are forced to cuBLAS)."""
+    nothing else in torch. Mamba's fused step kernels leave in_proj, x_proj (unless fused with the conv) and
+    out_proj as GEMMs (the pre-norm folded into in_proj runs as its own op here only because the GEMMs are forced
+    to cuBLAS)."""
     import seqlab.mixers.base as mixer_base
     import seqlab.ops.triton.decode as decode
     import seqlab.ops.triton.mamba_step as mamba_step
 
-    monkeypatch.setattr(mixer_base, "FUSE_DECODE", fused)
+    monkeypatch.setattr(mixer_base, "FUSE_DECODE", fused != "none")
+    if fused == "all":
+        monkeypatch.setitem(mixer_base.FUSED_DECODE_KERNELS, "conv_x_proj", True)
     model = _tiny(preset, seed=9).to(DEVICE).to(torch.bfloat16)
     _force_triton(monkeypatch)
     monkeypatch.setenv("SEQLAB_DECODE_GEMM", "torch")  # count the GEMMs as aten ops (on CUDA some could be Triton)
@@ -397,7 +401,12 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkey
     assert ops["rms_norm"] == n * norms_per_layer + 1, ops  # + final norm
     # mamba: in_proj, x_proj, dt_proj (unless inside the step kernel); mamba2: in_proj; both: out_proj + residual
     # in one addmm; + the head
-    gemms = (2 + (0 if decode.TUNING["dt_rows"] else 1)) if preset == "mamba" and not fused else 1
+    if preset == "mamba2":
+        gemms = 1
+    elif fused == "none":
+        gemms = 2 + (0 if decode.TUNING["dt_rows"] else 1)  # in_proj, x_proj, dt_proj (unless in the step kernel)
+    else:
+        gemms = 1 if mixer_base.FUSED_DECODE_KERNELS["conv_x_proj"] else 2
     assert ops["mm"] == gemms * n + 1 and ops["addmm"] == n and ops["add"] == 0, ops
     # nothing else but the embedding, the float32 logits and the aux-loss zero
     allowed = ("rms_norm", "mm", "addmm", "add", "embedding", "_to_copy", "zeros")

@@ -204,7 +204,7 @@ def test_mamba2_prefill_peak_is_the_float32_gated_norm():
     assert peak.nbytes == kept + 3 * 4 * L * D
     ssd = next(p for p in prefill_phases(spec, L, 1, 2) if p.name == "mamba2 SSD")
     states = 2 * (L // 128) * H * P * N
-    assert ssd.nbytes == kept + 2 * L * (D + H + 2 * N) + states + 4 * H * (L // 128) * 128
+    assert ssd.nbytes == kept + 2 * L * (D + H + 2 * N) + states + 4 * H * (L // 128) * 128 + 4 * (L // 128) * 128 * 128
     assert states == 16 * 2**20
 
 

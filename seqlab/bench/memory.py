@@ -264,6 +264,7 @@ def _mamba2_phases(spec: ArchSpec, batch: int, seqlen: int, nbytes: int) -> list
             Buffer("contiguous copies of x, dt, B, C", n * (di + h + 2 * g * N) * nbytes),
             Buffer(f"chunk states (B, L/{T}, H, P, N) {state_name}", batch * nchunks * h * P * N * state_nbytes),
             Buffer("chunk log-decays fp32", batch * h * nchunks * T * 4),
+            Buffer(f"C Bᵀ per chunk and group (B, L/{T}, G, T, T) fp32", batch * nchunks * g * T * T * 4),
         )),
         # GatedRMSNorm: y.float() * silu(z.float()); at silu the upcasts of y and z and silu's output are alive
         Phase("mamba2 gated RMSNorm", kept + (

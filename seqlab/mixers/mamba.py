@@ -150,8 +150,9 @@ class Mamba(nn.Module):
         """The decode step through seqlab.ops.mamba_step's fused ops: not with Falcon Mamba / Jamba's dt, B, C norms
         (they sit between x_proj and the step), nor with hooked or sharded projections."""
         plain = mixer_base.plain_linear
-        return mixer_base.FUSE_DECODE and not self.bcdt_norm and self.x_proj.bias is None and plain(self.x_proj) \
-            and plain(self.dt_proj)
+        wanted = mixer_base.FUSE_DECODE and mixer_base.FUSED_DECODE_KERNELS["dt_proj_step"]
+        return wanted and not self.bcdt_norm and self.x_proj.bias is None and plain(self.x_proj) and \
+            plain(self.dt_proj)
 
     # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM
     adds_residual = True
@@ -169,8 +170,13 @@ class Mamba(nn.Module):
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
         xs, z = project(self.in_proj, x, few_rows=decode, norm=norm).chunk(2, dim=-1)  # (B, L, D) each
 
-        if decode and self._fused_step():  # O(1) step: on CUDA the GEMMs and two fused kernels
-            xt, x_dbl = conv_x_proj_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, self.x_proj.weight)
+        if decode and self._fused_step():  # O(1) step: on CUDA the GEMMs and one or two fused kernels
+            if mixer_base.FUSED_DECODE_KERNELS["conv_x_proj"]:
+                xt, x_dbl = conv_x_proj_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias,
+                                             self.x_proj.weight)
+            else:
+                xt = conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")
+                x_dbl = project(self.x_proj, xt, few_rows=True)
             dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
             y = selective_step_dt_proj(state["ssm"], xt, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C,
                                        self.D, z[:, 0])

@@ -14,11 +14,7 @@ import triton
 import triton.language as tl
 
 from seqlab.ops.triton import next_pow2
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+from seqlab.ops.triton.jit_math import softplus
 
 
 @triton.jit
@@ -70,7 +66,7 @@ def _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr,
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     g = offs_d // (DIM // G)
     Bm = tl.load(B_ptr + b64 * sB_b + g[:, None] * sB_g + offs_n[None, :] * sB_n, mask=mask_dn,
                  other=0.0).to(tl.float32)
@@ -150,7 +146,7 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
     if HAS_BIAS:
         dt += tl.load(bias_ptr + h_idx).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     A = tl.load(A_ptr + h_idx).to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)

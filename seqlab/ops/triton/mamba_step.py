@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from seqlab.ops.triton import next_pow2
-from seqlab.ops.triton.decode import _softplus
+from seqlab.ops.triton.jit_math import softplus
 from seqlab.ops.triton.small_batch_linear import last_to_arrive, sum_slots
 
 # x_proj outputs O = dt_rank + 2 d_state that one program holds as a single (BLOCK_B, O) accumulator tile
@@ -224,7 +224,7 @@ def _selective_step_dt_proj_kernel(state_ptr, x_ptr, low_ptr, wdt_ptr, bias_ptr,
             dt += tl.dot(low, wt)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    dt = _softplus(dt)
+    dt = softplus(dt)
     x = tl.load(x_ptr + rows[:, None] * sx_b + offs_d[None, :] * sx_d, mask=mask_bd, other=0.0).to(tl.float32)
     dtx = dt * x  # (BB, BD)
     y = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)

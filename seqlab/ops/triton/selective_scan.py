@@ -29,17 +29,13 @@ import triton
 import triton.language as tl
 
 from seqlab.ops.triton import doc_ids, next_pow2
+from seqlab.ops.triton.jit_math import softplus
 
 
 @triton.jit
 def _affine_combine(a1, b1, a2, b2):
     # composition of h -> a1 h + b1 then h -> a2 h + b2
     return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.jit
@@ -58,7 +54,7 @@ def _load_tile(u_ptr, delta_ptr, bias_ptr, B_ptr, C_ptr, doc_ptr, A, pid_b, tile
     if HAS_BIAS:
         raw = raw + tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     if SOFTPLUS:
-        dt = _softplus(raw)
+        dt = softplus(raw)
     else:
         dt = raw
     dt = tl.where(mask_td, dt, 0.0)  # padded steps become the identity map (a = 1, b = 0)
@@ -213,7 +209,7 @@ def _scan_fwd_seq_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
         if HAS_BIAS:
             raw = raw + bias[:, None]
         if SOFTPLUS:
-            dt = _softplus(raw)
+            dt = softplus(raw)
         else:
             dt = raw
         dt = tl.where(mask_io, dt, 0.0)
@@ -323,7 +319,7 @@ def _scan_bwd_seq_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bi
         if HAS_BIAS:
             raw = raw + bias[:, None]
         if SOFTPLUS:
-            dt = _softplus(raw)
+            dt = softplus(raw)
         else:
             dt = raw
         dt = tl.where(mask_io, dt, 0.0)
@@ -526,7 +522,7 @@ def _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, chunk, t_e
     if HAS_BIAS:
         raw = raw + bias[:, None]
     if SOFTPLUS:
-        dt = _softplus(raw)
+        dt = softplus(raw)
     else:
         dt = raw
     dt = tl.where(mask_io, dt, 0.0)

@@ -20,7 +20,10 @@ Two ways to run steps 1-2 (``TUNING["fused_state"]``):
   unfused          a per-chunk kernel writes every S_c (float32), a second kernel passes states over the chunks
                    in place; the backward likewise (kept for A/B comparison).
 
-Backward: the reverse state pass, then one per-chunk kernel for the input gradients that reuses the forward's
+C Bᵀ of step 3, a (T, T) tile per chunk, depends on the group only, not the head: one small kernel forms it per
+(batch, chunk, group) and the output and backward kernels read it (``TUNING["shared_cb"]``).
+
+Backward: the reverse state pass, then per-chunk kernels for the input gradients that reuse the forward's
 entering states and log decays; no (L, L) or per-position state tensor is formed.
 """
 
@@ -33,11 +36,7 @@ import triton
 import triton.language as tl
 
 from seqlab.ops.triton import doc_ids, next_pow2
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+from seqlab.ops.triton.jit_math import softplus
 
 
 @triton.jit
@@ -58,7 +57,7 @@ def _chunk_dt(dt_ptr, bias_ptr, b, h, t, mask_t, L, H, HAS_BIAS: tl.constexpr, S
     if HAS_BIAS:
         dt += tl.load(bias_ptr + h).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     return tl.where(mask_t, dt, 0.0)
 
 @triton.jit
@@ -70,7 +69,7 @@ def _head_chunk(dt_ptr, bias_ptr, A_ptr, cum_ptr, row, h, bh, c, nchunks, offs_t
     if HAS_BIAS:
         raw += tl.load(bias_ptr + h).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(raw)
+        dt = softplus(raw)
     else:
         dt = raw
     dt = tl.where(mask_t, dt, 0.0)
@@ -208,14 +207,40 @@ def _ssd_fwd_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, init_p
 
 
 @triton.jit
-def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr, cum_ptr, y_ptr,
-                          L, H, P, G, N, nchunks,
+def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, L, G, N, nchunks,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C Bᵀ of chunk c and group g, which all the group's heads share: cb (B, nchunks, G, T, T) float32 with
+    cb[i, j] = C_i·B_j (row i target, column j source; 0 where i or j is beyond L); grid (B * nchunks, G)."""
+    pid = tl.program_id(0)
+    b = pid // nchunks
+    c = pid % nchunks
+    g = tl.program_id(1)
+    offs_t = tl.arange(0, T)
+    t = c * T + offs_t
+    mask_t = t < L
+    row = b.to(tl.int64) * L + t
+    CB = tl.zeros((T, T), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        gn = ((row * G + g) * N)[:, None] + offs_n[None, :]
+        mask_tn = mask_t[:, None] & (offs_n < N)[None, :]
+        Cs = tl.load(C_ptr + gn, mask=mask_tn, other=0.0)
+        Bs = tl.load(B_ptr + gn, mask=mask_tn, other=0.0)
+        CB += _mm(Cs, tl.trans(Bs), IEEE, UPCAST)
+    cbase = ((b.to(tl.int64) * nchunks + c) * G + g) * T * T
+    tl.store(cb_ptr + cbase + offs_t[:, None] * T + offs_t[None, :], CB)
+
+
+@triton.jit
+def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr, cum_ptr, cb_ptr,
+                          y_ptr, L, H, P, G, N, nchunks,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
                           HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
-                          UPCAST: tl.constexpr, HEADS: tl.constexpr,
+                          UPCAST: tl.constexpr, SHARED_CB: tl.constexpr, HEADS: tl.constexpr,
                           T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Step 3 for chunk c, HEADS consecutive heads of one group and a block of P; grid (B * nchunks, H // HEADS,
-    P blocks). The group's C, B and C Bᵀ are loaded and formed once for its heads."""
+    P blocks). The group's C (and B) are loaded once for its heads; C Bᵀ is read from cb (B, nchunks, G, T, T)
+    (SHARED_CB) or formed here."""
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid % nchunks
@@ -228,11 +253,16 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
     mask_p = offs_p < P
     mask_n = offs_n < N
     row = b.to(tl.int64) * L + t
-    bc = ((row * G + h0 // (H // G)) * N)[:, None] + offs_n[None, :]
+    g = h0 // (H // G)
+    bc = ((row * G + g) * N)[:, None] + offs_n[None, :]
     mask_tn = mask_t[:, None] & mask_n[None, :]
     Ct = tl.load(C_ptr + bc, mask=mask_tn, other=0.0)
-    Bt = tl.load(B_ptr + bc, mask=mask_tn, other=0.0)
-    CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)  # (T, T)
+    if SHARED_CB:
+        CB = tl.load(cb_ptr + ((b.to(tl.int64) * nchunks + c) * G + g) * T * T + offs_t[:, None] * T
+                     + offs_t[None, :])
+    else:
+        Bt = tl.load(B_ptr + bc, mask=mask_tn, other=0.0)
+        CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)  # (T, T)
     causal = offs_t[:, None] >= offs_t[None, :]
     if HAS_DOC:
         doc = tl.load(doc_ptr + b.to(tl.int64) * L + t, mask=mask_t, other=-1)
@@ -276,14 +306,17 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
 #   out_heads      heads per forward output program, sharing C Bᵀ (default 1; rounded down likewise)
 #   state_block_p, state_block_n, state_warps, state_stages   tiles, warps and pipeline stages of the fused state
 #                  passes (forward and backward)
-#   bwd_variant    "fused" (default): one backward chunk kernel; "split": _ssd_bwd_dx_kernel (dx, dt, dz, dD, dA
-#                  per (chunk, head), N-sliced) + _ssd_bwd_dbc_kernel (dB, dC per (chunk, group, N slice), looping
-#                  over the group's heads); bwd_heads is then unused
+#   bwd_variant    "split" (default): _ssd_bwd_dx_kernel (dx, dt, dz, dD, dA per (chunk, head), N-sliced) +
+#                  _ssd_bwd_dbc_kernel (dB, dC per (chunk, group, N slice), looping over the group's heads);
+#                  bwd_heads is then unused. Any other value ("chunk"): the one backward chunk kernel
 #   bwd_dx_block_n, bwd_dx_warps    N slice (default min(32, N)) and warps of _ssd_bwd_dx_kernel
 #   bwd_dbc_block_n, bwd_dbc_warps  N tile (default min(64, N)) and warps of _ssd_bwd_dbc_kernel
 #   bwd_dbc_splits programs per group of _ssd_bwd_dbc_kernel, each over its share of the heads (default 1: no
 #                  atomics; rounded down to a divisor of the heads per group)
 #   state_dtype    "input" (default) or "fp32": dtype of the stored entering states and their gradients (fused)
+#   shared_cb      True (default): _ssd_cb_kernel writes C Bᵀ once per (batch, chunk, group), (B, nchunks, G, T, T)
+#                  float32, and the chunk_out, dx and backward chunk kernels read it; False: each of those forms it
+#                  from C and B itself, once per program (per head: H // G times over for chunk_out and dx)
 TUNING: dict = {}
 _PROGRAMS_IN_FLIGHT = 512  # fused state passes: split (P, N) until this many programs run the sequential loop
 
@@ -317,6 +350,16 @@ def _group_heads(H: int, G: int, key: str, default: int) -> int:
 def _state_dtype(x: torch.Tensor, fused: bool) -> torch.dtype:
     low = x.dtype in (torch.bfloat16, torch.float16)
     return x.dtype if fused and low and TUNING.get("state_dtype", "input") == "input" else torch.float32
+
+
+def _chunk_cb(B, C, T, nchunks, ieee, interpreting):
+    """C Bᵀ per (batch, chunk, group): (B, nchunks, G, T, T) float32, [i, j] = C_i·B_j, 0 beyond L."""
+    batch, L, G, N = B.shape
+    cb = torch.empty(batch, nchunks, G, T, T, device=B.device, dtype=torch.float32)
+    # N slices of 64 (32 at T = 128) keep ptxas (sm_90a, bf16, 4 warps) free of spills
+    _ssd_cb_kernel[(batch * nchunks, G)](B, C, cb, L, G, N, nchunks, IEEE=ieee, UPCAST=interpreting, T=T,
+                                         BLOCK_N=min(64 if T <= 64 else 32, max(16, next_pow2(N))), num_warps=4)
+    return cb
 
 
 def _fused_state_pass(x, dt, A, B, dt_bias, dt_softplus, doc, init, states, final, cum, T, ieee, interpreting):
@@ -368,12 +411,13 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_sta
         _ssd_state_pass_kernel[(batch, H, triton.cdiv(P * N, block))](
             states, cum, init, doc, final, L, H, P * N, nchunks,
             HAS_INIT=init is not None, HAS_DOC=doc is not None, T=T, BLOCK=block, num_warps=4)
+    cb = _chunk_cb(B, C, T, nchunks, ieee, interpreting) if TUNING.get("shared_cb", True) else None
     y = torch.empty_like(x)
     _ssd_chunk_out_kernel[(batch * nchunks, H // out_heads, triton.cdiv(P, block_p))](
-        x, dt, B, C, D, z, dt_bias, doc, states, cum, y, L, H, P, G, N, nchunks,
+        x, dt, B, C, D, z, dt_bias, doc, states, cum, cb, y, L, H, P, G, N, nchunks,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None, HAS_D=D is not None,
         D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting,
-        HEADS=out_heads, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+        SHARED_CB=cb is not None, HEADS=out_heads, T=T, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
     return y, final, states, cum, doc, T, fused
 
 
@@ -385,7 +429,23 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_sta
 #   dx = Mᵀ dy' + w (B dSᵀ) + D dy'          dM = dy' xᵀ,  dCB = dM ∘ exp(seg) dt_j
 #   dC = dCB B + exp(cum) dy' h_in           dB = dCBᵀ C + w (x dS)
 #   dcum from M (row sums - column sums of dM ∘ M), the carried state, the chunk state and the passing decay;
-#   d(dt A)_s = sum_{t >= s} dcum_t within the chunk.
+#   d(dt A)_s = rev_s = sum_{t >= s} dcum_t within the chunk.
+# rev is summed part by part in a form with no cancellation. Taken literally (dcum_t, then total minus prefix),
+# it subtracts sums that agree to all but their last digits: the diagonal of G = dM ∘ M enters dcum_t twice with
+# opposite signs, and where exp(cum) underflows the true rev is orders of magnitude below those sums, so float32
+# returned noise of the wrong sign for dA under extreme dt. Per part, directly:
+#   M:             sum_{t >= s} (sum_j G_tj - sum_i G_it) = sum_{i >= s, j < s} G_ij, the entries crossing s
+#                  (G is lower triangular): a reverse cumulative sum over targets, then a masked sum over sources
+#   carried state: u_t = exp(cum_t) dy'_t·(C_t h_in) at t, a reverse cumulative sum
+#   chunk state:   q_t = dLoss/d(w_t dt_t) w_t dt_t, -q_t at t and +sum q at the last position: sum_{t < s} q_t
+#   passing decay: dlast at the last position: dlast for every s
+
+
+@triton.jit
+def _rev_dcum_rest(u, q, dlast, offs_t):
+    """(T,) rev_s of the carried-state (u), chunk-state (q) and passing-decay (dlast) parts, see above."""
+    exclusive = tl.sum(tl.where(offs_t[:, None] < offs_t[None, :], q[:, None], 0.0), axis=0)  # sum_{t < s} q_t
+    return tl.cumsum(u, axis=0, reverse=True) + exclusive + dlast
 
 
 @triton.jit
@@ -509,18 +569,20 @@ def _ssd_bwd_state_kernel(dy_ptr, z_ptr, C_ptr, doc_ptr, cum_ptr, dfinal_ptr, ds
 
 @triton.jit
 def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr,
-                          dstates_ptr, cum_ptr, dlast_ptr, dy_ptr,
+                          dstates_ptr, cum_ptr, cb_ptr, dlast_ptr, dy_ptr,
                           dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_ptr, dD_ptr,
                           L, H, P, G, N, nchunks,
                           HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
                           HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
-                          UPCAST: tl.constexpr, DLAST_INLINE: tl.constexpr, HEADS: tl.constexpr,
-                          ATOMIC: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                          UPCAST: tl.constexpr, SHARED_CB: tl.constexpr, DLAST_INLINE: tl.constexpr,
+                          HEADS: tl.constexpr, ATOMIC: tl.constexpr, T: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     """Input gradients of chunk c for HEADS consecutive heads of one group; grid (B * nchunks, H // HEADS).
-    The group's C, B and C Bᵀ are loaded and formed once; dB, dC (B, L, G, N) gather over the heads in registers
-    (the C Bᵀ part through the heads' summed d(C Bᵀ)) and are written once (added atomically when other programs share the group). DLAST_INLINE: the gradient of
-    the passing decay, keep_c exp(cum_last_c) <dS_c, h_in_c>, is formed here from the loaded states; else it is
-    read from dlast (B, H, nchunks)."""
+    The group's C and B are loaded once, C Bᵀ read from cb (SHARED_CB) or formed once; dB, dC (B, L, G, N)
+    gather over the heads in registers (the C Bᵀ part through the heads' summed d(C Bᵀ)) and are written once
+    (added atomically when other programs share the group). DLAST_INLINE: the gradient of the passing decay,
+    keep_c exp(cum_last_c) <dS_c, h_in_c>, is formed here from the loaded states; else it is read from dlast
+    (B, H, nchunks)."""
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid % nchunks
@@ -539,7 +601,10 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
     mask_tn = mask_t[:, None] & mask_n[None, :]
     Ct = tl.load(C_ptr + gn, mask=mask_tn, other=0.0)
     Bt = tl.load(B_ptr + gn, mask=mask_tn, other=0.0)
-    CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)  # (T, T), shared by the group's heads
+    if SHARED_CB:
+        CB = tl.load(cb_ptr + ((b64 * nchunks + c) * G + g) * T * T + offs_t[:, None] * T + offs_t[None, :])
+    else:
+        CB = _mm(Ct, tl.trans(Bt), IEEE, UPCAST)  # (T, T), shared by the group's heads
     causal = offs_t[:, None] >= offs_t[None, :]
     if HAS_DOC:
         doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
@@ -609,15 +674,13 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
         # step sizes: direct factor dt_j in M and in the chunk state, then through cum
         dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
         ddt = tl.sum(dM * CB * decay, axis=0) + dw * w
-        MM = dM * M
-        dcum = tl.sum(MM, axis=1) - tl.sum(MM, axis=0) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
         if DLAST_INLINE:
             dlast = keep * tl.sum(tl.sum(hin_raw.to(tl.float32) * dS_raw.to(tl.float32), axis=1), axis=0)
         else:
             dlast = tl.load(dlast_ptr + bh * nchunks + c)
-        dcum_last = tl.sum(dw * wdt, axis=0) + dlast
-        dcum += tl.where(offs_t == T - 1, dcum_last, 0.0)
-        rev = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # sum_{t >= s} dcum_t
+        cross = tl.cumsum(dM * M, axis=0, reverse=True)  # [s, j] = sum_{i >= s} G_ij
+        rev = tl.sum(tl.where(offs_t[None, :] < offs_t[:, None], cross, 0.0), axis=1)  # sum_{i >= s, j < s} G_ij
+        rev += _rev_dcum_rest(scale_in * tl.sum(dy * y_in, axis=1), dw * wdt, dlast, offs_t)
         ddt += A * rev
         tl.store(dA_ptr + bh * nchunks + c, tl.sum(dt * rev, axis=0))
         if SOFTPLUS:
@@ -652,15 +715,15 @@ def _ssd_bwd_chunk_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias
 
 @triton.jit
 def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, doc_ptr, states_ptr,
-                       dstates_ptr, cum_ptr, dlast_ptr, dy_ptr,
+                       dstates_ptr, cum_ptr, cb_ptr, dlast_ptr, dy_ptr,
                        dx_ptr, ddt_ptr, dz_ptr, dA_ptr, dD_ptr,
                        L, H, P, G, N, nchunks,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
                        HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
-                       UPCAST: tl.constexpr, DLAST_INLINE: tl.constexpr,
+                       UPCAST: tl.constexpr, SHARED_CB: tl.constexpr, DLAST_INLINE: tl.constexpr,
                        T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Gradients of x, dt, z, D and A for chunk c of head h; grid (B * nchunks, H). BLOCK_N: the N slice of the
-    loop forming (C Bᵀ)ᵀ (T, T), C h_inᵀ and B dSᵀ (T, P)."""
+    loop forming C h_inᵀ and B dSᵀ (T, P), and (C Bᵀ)ᵀ (T, T) unless SHARED_CB reads it from cb."""
     pid = tl.program_id(0)
     b = pid // nchunks
     c = pid % nchunks
@@ -678,7 +741,8 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
     xo = ((row * H + h) * P)[:, None] + offs_p[None, :]
     x = tl.load(x_ptr + xo, mask=mask_tp, other=0.0)
     sbase = ((b64 * nchunks + c) * H + h) * P * N
-    CB_t = tl.zeros((T, T), dtype=tl.float32)  # (C Bᵀ)ᵀ: the (T, T) tiles are kept transposed (see below)
+    if not SHARED_CB:
+        CB_t = tl.zeros((T, T), dtype=tl.float32)  # (C Bᵀ)ᵀ: the (T, T) tiles are kept transposed (see below)
     y_in = tl.zeros((T, BLOCK_P), dtype=tl.float32)  # C h_inᵀ, the carried-state term before its decay
     BdS = tl.zeros((T, BLOCK_P), dtype=tl.float32)
     hd = tl.zeros((BLOCK_P,), dtype=tl.float32)  # row sums of h_in ∘ dS
@@ -693,11 +757,14 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
         mask_pn = mask_p[:, None] & mask_n[None, :]
         hin_raw = tl.load(states_ptr + sbase + pn, mask=mask_pn, other=0.0)
         dS_raw = tl.load(dstates_ptr + sbase + pn, mask=mask_pn, other=0.0)
-        CB_t += _mm(Bs, tl.trans(Cs), IEEE, UPCAST)
+        if not SHARED_CB:
+            CB_t += _mm(Bs, tl.trans(Cs), IEEE, UPCAST)
         y_in += _mm(Cs, tl.trans(hin_raw.to(x.dtype)), IEEE, UPCAST)
         BdS += _mm(Bs, tl.trans(dS_raw.to(x.dtype)), IEEE, UPCAST)
         if DLAST_INLINE:
             hd += tl.sum(hin_raw.to(tl.float32) * dS_raw.to(tl.float32), axis=1)
+    if SHARED_CB:  # read transposed: [j, i] = C_i·B_j
+        CB_t = tl.load(cb_ptr + ((b64 * nchunks + c) * G + g) * T * T + offs_t[None, :] * T + offs_t[:, None])
     causal_t = offs_t[:, None] <= offs_t[None, :]  # row j (source), column i (target)
     if HAS_DOC:
         doc = tl.load(doc_ptr + row, mask=mask_t, other=-1)
@@ -745,15 +812,14 @@ def _ssd_bwd_dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_pt
     dM_t = _mm(x, tl.trans(dyc), IEEE, UPCAST)  # (T, T) dMᵀ
     dw = tl.sum(xf * BdS, axis=1)  # (T,) dLoss/d(w_t dt_t)
     ddt = tl.sum(dM_t * CBd_t, axis=1) + dw * w
-    MM_t = dM_t * M_t
-    dcum = tl.sum(MM_t, axis=0) - tl.sum(MM_t, axis=1) + scale_in * tl.sum(dy * y_in, axis=1) - dw * wdt
     if DLAST_INLINE:
         dlast = keep * tl.sum(hd, axis=0)
     else:
         dlast = tl.load(dlast_ptr + bh * nchunks + c)
-    dcum_last = tl.sum(dw * wdt, axis=0) + dlast
-    dcum += tl.where(offs_t == T - 1, dcum_last, 0.0)
-    rev = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # sum_{t >= s} dcum_t
+    # rev_s = sum_{t >= s} dcum_t, part by part (see the backward's comment block); transposed tiles: [j, s]
+    cross = tl.cumsum(dM_t * M_t, axis=1, reverse=True)  # [j, s] = sum_{i >= s} G_ij
+    rev = tl.sum(tl.where(offs_t[:, None] < offs_t[None, :], cross, 0.0), axis=0)  # sum_{i >= s, j < s} G_ij
+    rev += _rev_dcum_rest(scale_in * tl.sum(dy * y_in, axis=1), dw * wdt, dlast, offs_t)
     ddt += A * rev
     tl.store(dA_ptr + bh * nchunks + c, tl.sum(dt * rev, axis=0))
     if SOFTPLUS:
@@ -809,7 +875,7 @@ def _ssd_bwd_dbc_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, doc_ptr, s
         if HAS_BIAS:
             dt += tl.load(bias_ptr + h).to(tl.float32)
         if SOFTPLUS:
-            dt = _softplus(dt)
+            dt = softplus(dt)
         dt = tl.where(mask_t, dt, 0.0)
         cum = tl.load(cum_ptr + (bh * nchunks + c) * T + offs_t)
         cum_last = tl.sum(tl.where(offs_t == T - 1, cum, 0.0), axis=0)
@@ -885,7 +951,7 @@ def _state_grads(saved, dy, dfinal, T, fused, ieee, interpreting):
 _BWD_HEADS_FIT: dict = {}
 
 
-def _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy, dx, ddt, dz, dA, dD,
+def _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, cb, dlast, dy, dx, ddt, dz, dA, dD,
                     T, dt_softplus, d_per_p, ieee, interpreting, warps):
     """The split backward (TUNING["bwd_variant"] = "split"): fills dx, ddt, dz, dA, dD; returns dB, dC float32."""
     batch, L, H, P = x.shape
@@ -895,8 +961,9 @@ def _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dl
     common = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
                   HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting, T=T, BLOCK_P=bp)
     _ssd_bwd_dx_kernel[(batch * nchunks, H)](
-        x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy, dx, ddt, dz, dA, dD,
-        L, H, P, G, N, nchunks, HAS_D=D is not None, D_PER_P=d_per_p, DLAST_INLINE=dlast is None,
+        x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, cb, dlast, dy, dx, ddt, dz, dA, dD,
+        L, H, P, G, N, nchunks, HAS_D=D is not None, D_PER_P=d_per_p, SHARED_CB=cb is not None,
+        DLAST_INLINE=dlast is None,
         BLOCK_N=TUNING.get("bwd_dx_block_n") or min(32, max(16, next_pow2(N))),
         num_warps=TUNING.get("bwd_dx_warps") or warps, **common)
     per_group = H // G
@@ -929,10 +996,12 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
     d_per_p = D is not None and D.dim() == 2
     dD = torch.empty(batch, H, nchunks, P, **f32) if d_per_p else torch.empty(batch, H, nchunks, **f32)
     warps = TUNING.get("bwd_warps") or TUNING.get("num_warps") or (8 if T >= 64 else 4)
-    # split: fwd+bwd 4.5 vs 10.3 ms at 8 x 2048 (bf16) on an H200, and passes every GPU check but one: float32 dA
-    # under extreme dt, 6.3e-3 relative error against a 2e-3 tolerance (benchmarks/gpu_check.py)
+    # C Bᵀ is recomputed here rather than saved by the forward: one small kernel (a T x N x T dot per batch, chunk
+    # and group) keeps the saved tensors and the backward's inputs as they were
+    cb = _chunk_cb(B, C, T, nchunks, ieee, interpreting) if TUNING.get("shared_cb", True) else None
+    # split: fwd+bwd 4.5 vs 10.3 ms at 8 x 2048 (bf16) on an H200 (measured before C Bᵀ was shared)
     if TUNING.get("bwd_variant", "split") == "split":
-        dB, dC = _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy,
+        dB, dC = _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, cb, dlast, dy,
                                  dx, ddt, dz, dA, dD, T, dt_softplus, d_per_p, ieee, interpreting, warps)
         return _grads(dx, ddt, dA, dB, dC, dz, dinit, dD, dt, A, B, C, D, dt_bias, init_given)
     key = (x.dtype, T, P, N, warps)
@@ -943,12 +1012,12 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
         dC = torch.zeros(C.shape, **f32) if atomic else torch.empty(C.shape, **f32)
         try:
             _ssd_bwd_chunk_kernel[(batch * nchunks, H // heads)](
-                x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, dlast, dy,
+                x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, cb, dlast, dy,
                 dx, ddt, dB, dC, dz, dA, dD, L, H, P, G, N, nchunks,
                 HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_DOC=doc is not None,
                 HAS_D=D is not None, D_PER_P=d_per_p, HAS_Z=z is not None, IEEE=ieee, UPCAST=interpreting,
-                DLAST_INLINE=dlast is None, HEADS=heads, ATOMIC=atomic, T=T, BLOCK_P=max(16, next_pow2(P)),
-                BLOCK_N=max(16, next_pow2(N)), num_warps=warps)
+                SHARED_CB=cb is not None, DLAST_INLINE=dlast is None, HEADS=heads, ATOMIC=atomic, T=T,
+                BLOCK_P=max(16, next_pow2(P)), BLOCK_N=max(16, next_pow2(N)), num_warps=warps)
             break
         except triton.runtime.errors.OutOfResources:
             if heads == 1:
