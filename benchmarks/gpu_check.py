@@ -30,7 +30,7 @@ TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 CHECKS: list = []
 # interpreter test files that also run natively on a GPU (their tensors go to cuda when it is there)
 GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_small_batch_linear.py", "tests/test_mamba_step.py",
-                  "tests/test_ssd_triton_numerics.py"]
+                  "tests/test_ssd_triton_numerics.py", "tests/test_triton_jit_math.py"]
 
 
 def log(*a):

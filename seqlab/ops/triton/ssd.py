@@ -314,7 +314,8 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
 #   bwd_dbc_splits programs per group of _ssd_bwd_dbc_kernel, each over its share of the heads (default 1: no
 #                  atomics; rounded down to a divisor of the heads per group)
 #   state_dtype    "input" (default) or "fp32": dtype of the stored entering states and their gradients (fused)
-#   shared_cb      True (default): _ssd_cb_kernel writes C Bᵀ once per (batch, chunk, group), (B, nchunks, G, T, T)
+#   shared_cb      True (default for tiles T <= 64, see _shared_cb): _ssd_cb_kernel writes C Bᵀ once per (batch,
+#                  chunk, group), (B, nchunks, G, T, T)
 #                  float32, and the chunk_out, dx and backward chunk kernels read it; False: each of those forms it
 #                  from C and B itself, once per program (per head: H // G times over for chunk_out and dx)
 TUNING: dict = {}
@@ -345,6 +346,14 @@ def _group_heads(H: int, G: int, key: str, default: int) -> int:
     per_group = H // G
     want = TUNING.get(key) or default
     return max(d for d in range(1, min(want, per_group) + 1) if per_group % d == 0)
+
+
+def _shared_cb(T: int) -> bool:
+    """Whether C Bᵀ is formed once by _ssd_cb_kernel (default for tiles up to 64, the training tile) or inside each
+    consumer. On an H200 at the Mamba-2-2.7B layer, 8 x 2048 (kernels-gpu/run7): with T = 128 (the forward without
+    autograd) loading the (128, 128) float32 tile took longer than forming it, 1.22 vs 1.03 ms; with T = 64 the
+    shared tile made forward+backward 4.71 vs 4.80 ms."""
+    return TUNING.get("shared_cb", T <= 64)
 
 
 def _state_dtype(x: torch.Tensor, fused: bool) -> torch.dtype:
@@ -411,7 +420,7 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_sta
         _ssd_state_pass_kernel[(batch, H, triton.cdiv(P * N, block))](
             states, cum, init, doc, final, L, H, P * N, nchunks,
             HAS_INIT=init is not None, HAS_DOC=doc is not None, T=T, BLOCK=block, num_warps=4)
-    cb = _chunk_cb(B, C, T, nchunks, ieee, interpreting) if TUNING.get("shared_cb", True) else None
+    cb = _chunk_cb(B, C, T, nchunks, ieee, interpreting) if _shared_cb(T) else None
     y = torch.empty_like(x)
     _ssd_chunk_out_kernel[(batch * nchunks, H // out_heads, triton.cdiv(P, block_p))](
         x, dt, B, C, D, z, dt_bias, doc, states, cum, cb, y, L, H, P, G, N, nchunks,
@@ -998,7 +1007,7 @@ def ssd_backward_triton(saved, dy, dfinal, T, dt_softplus, fused=True):
     warps = TUNING.get("bwd_warps") or TUNING.get("num_warps") or (8 if T >= 64 else 4)
     # C Bᵀ is recomputed here rather than saved by the forward: one small kernel (a T x N x T dot per batch, chunk
     # and group) keeps the saved tensors and the backward's inputs as they were
-    cb = _chunk_cb(B, C, T, nchunks, ieee, interpreting) if TUNING.get("shared_cb", True) else None
+    cb = _chunk_cb(B, C, T, nchunks, ieee, interpreting) if _shared_cb(T) else None
     # split: fwd+bwd 4.5 vs 10.3 ms at 8 x 2048 (bf16) on an H200 (measured before C Bᵀ was shared)
     if TUNING.get("bwd_variant", "split") == "split":
         dB, dC = _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, cb, dlast, dy,
