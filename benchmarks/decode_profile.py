@@ -29,6 +29,7 @@ from seqlab.generation import DecodeGraph  # noqa: E402
 from seqlab.models.presets import from_preset  # noqa: E402
 
 STEPS = 5
+DEFAULT_KERNELS = None  # seqlab.mixers.base.FUSED_DECODE_KERNELS as imported (set in main)
 
 
 def profile_model(spec: str, batch: int, context: int, state_dtype: torch.dtype = torch.float32) -> dict:
@@ -85,7 +86,7 @@ def main() -> int:
     parser.add_argument("--gemm", default="auto", help="comma list of auto, torch, triton (SEQLAB_DECODE_GEMM)")
     parser.add_argument("--fuse", default="default",
                         help="comma list: default (seqlab.mixers.base's settings), none (unfused ops), all (every "
-                             "fused decode kernel, conv_x_proj included)")
+                             "fused decode kernel of seqlab.ops.mamba_step on)")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -93,6 +94,9 @@ def main() -> int:
         return 2
     from seqlab.mixers import base
     from seqlab.ops.decode_linear import _CHOICE
+
+    global DEFAULT_KERNELS
+    DEFAULT_KERNELS = dict(base.FUSED_DECODE_KERNELS)
     from seqlab.ops.triton import decode
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -102,7 +106,8 @@ def main() -> int:
                                  args.fuse.split(","))
     for spec, state_dtype, dt_rows, gemm, fuse in variants:
         base.FUSE_DECODE = fuse != "none"
-        base.FUSED_DECODE_KERNELS["conv_x_proj"] = fuse == "all"
+        for kernel in base.FUSED_DECODE_KERNELS:
+            base.FUSED_DECODE_KERNELS[kernel] = fuse == "all" or (fuse == "default" and DEFAULT_KERNELS[kernel])
         decode.TUNING["dt_rows"] = dt_rows
         os.environ["SEQLAB_DECODE_GEMM"] = gemm
         result = profile_model(spec, args.batch, args.context, dtypes[state_dtype])
