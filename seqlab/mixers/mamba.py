@@ -154,6 +154,23 @@ class Mamba(nn.Module):
         return wanted and not self.bcdt_norm and self.x_proj.bias is None and plain(self.x_proj) and \
             plain(self.dt_proj)
 
+    def _step(self, state: MixerState, x: torch.Tensor, z: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
+        """One token: x, z (B, D) strided views of in_proj's output -> y (B, D), states updated in place. A =
+        -exp(A_log) and the dt projection are formed inside the step kernel: on CUDA the step is the GEMMs and two
+        kernels (one with the fused conv + x_proj), no copies or elementwise ops."""
+        fused = self._fused_step()
+        if fused and mixer_base.FUSED_DECODE_KERNELS["conv_x_proj"]:
+            u, x_dbl = conv_x_proj_step(state["conv"], x, conv_weight, self.conv1d.bias, self.x_proj.weight)
+            dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        else:
+            u = conv_step(state["conv"], x, conv_weight, self.conv1d.bias, activation="silu")
+            dt, B, C = self._split_x_proj(u, few_rows=True)  # dt (B, R)
+        if fused:
+            return selective_step_dt_proj(state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
+                                          B, C, self.D, z)
+        return selective_state_update(state["ssm"], u, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
+                                      dt_softplus=True, A_is_log=True, dt_proj_weight=self.dt_proj.weight)
+
     # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM
     adds_residual = True
     fuses_norm = True  # Block passes its pre-norm in with a decode step
@@ -170,27 +187,8 @@ class Mamba(nn.Module):
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
         xs, z = project(self.in_proj, x, few_rows=decode, norm=norm).chunk(2, dim=-1)  # (B, L, D) each
 
-        if decode and self._fused_step():  # O(1) step: on CUDA the GEMMs and one or two fused kernels
-            if mixer_base.FUSED_DECODE_KERNELS["conv_x_proj"]:
-                xt, x_dbl = conv_x_proj_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias,
-                                             self.x_proj.weight)
-            else:
-                xt = conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")
-                x_dbl = project(self.x_proj, xt, few_rows=True)
-            dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-            y = selective_step_dt_proj(state["ssm"], xt, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C,
-                                       self.D, z[:, 0])
-            state.offset += 1
-            return project(self.out_proj, y.unsqueeze(1), residual, few_rows=True)
         if decode:  # O(1) step
-            # xs, z, B, C stay strided views of the projections; A = -exp(A_log) and the dt projection are formed
-            # inside the step kernel: on CUDA the step is the GEMMs and two kernels, no copies or elementwise ops
-            xt = conv_step(state["conv"], xs[:, 0], conv_weight, self.conv1d.bias, activation="silu")  # (B, D)
-            dt, B, C = self._split_x_proj(xt, few_rows=True)  # dt (B, R)
-            y = selective_state_update(
-                state["ssm"], xt, dt, self.A_log, B, C, self.D, z=z[:, 0], dt_bias=self.dt_proj.bias,
-                dt_softplus=True, A_is_log=True, dt_proj_weight=self.dt_proj.weight,
-            )
+            y = self._step(state, xs[:, 0], z[:, 0], conv_weight)  # (B, D)
             state.offset += 1
             return project(self.out_proj, y.unsqueeze(1), residual, few_rows=True)
 

@@ -13,19 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import ConfigError
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``x (..., d)`` normalised over its last dim in float32, scaled by ``weight (d,)`` if given.
-
-    One fused op (one kernel on CUDA): statistics and scaling in float32 (the op upcasts low-precision inputs),
-    one rounding to x.dtype at the end. Autocast is off around it: its float32 policy for rms_norm would change
-    the dtype of the result.
-    """
-    with torch.autocast(x.device.type, enabled=False):
-        if weight is None or weight.dtype == x.dtype:
-            return F.rms_norm(x, (x.shape[-1],), weight, eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+from seqlab.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from seqlab.errors import InputError
 from seqlab.ops._common import triton_entry
+from seqlab.ops.norm import rms_norm
 
 MAX_ROWS = 128  # rows the Triton kernel tiles in one block (seqlab.ops.triton.small_batch_linear.MAX_ROWS)
 _MODULE = "seqlab.ops.triton.small_batch_linear"
@@ -49,7 +50,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                         norm_eps=eps)
             return out.view(*x.shape[:-1], n)
     if norm is not None:
-        x = _rms_norm(x, norm_weight, eps)
+        x = rms_norm(x, norm_weight, eps)
     if residual is not None and bias is None and _one_dtype(x, weight, residual):
         out = torch.addmm(residual.reshape(-1, n), x.reshape(-1, k), weight.t())  # the add in the GEMM's epilogue
         return out.view(*x.shape[:-1], n)
@@ -67,15 +68,6 @@ def _check_norm(norm, k: int) -> tuple[torch.Tensor | None, float]:
         raise InputError("decode_linear: norm", f"a norm weight of shape ({k},) (the weight's K)",
                          f"shape {tuple(norm_weight.shape)}")
     return norm_weight, float(eps)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``seqlab.mixers.norm.rms_norm`` (ops import nothing from mixers): statistics and scaling in float32, one
-    rounding to x.dtype, autocast off (its float32 policy for rms_norm would change the result's dtype)."""
-    with torch.autocast(x.device.type, enabled=False):
-        if weight is None or weight.dtype == x.dtype:
-            return F.rms_norm(x, (x.shape[-1],), weight, eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 def _one_dtype(x, weight, residual) -> bool:
@@ -123,7 +115,7 @@ def _time_both(x, weight, residual, norm=None) -> tuple[str, dict | None]:
 
     def cublas():
         for w in weights:
-            x_in = _rms_norm(x, norm_weight, eps) if norm is not None else x
+            x_in = rms_norm(x, norm_weight, eps) if norm is not None else x
             torch.addmm(residual, x_in, w.t()) if residual is not None else F.linear(x_in, w)
 
     times = {("torch", None): _graph_time_ms(cublas)}
