@@ -30,7 +30,8 @@ TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 CHECKS: list = []
 # interpreter test files that also run natively on a GPU (their tensors go to cuda when it is there)
 GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_small_batch_linear.py", "tests/test_mamba_step.py",
-                  "tests/test_ssd_triton_numerics.py", "tests/test_triton_jit_math.py"]
+                  "tests/test_ssd_triton_numerics.py", "tests/test_triton_jit_math.py", "tests/test_decode_overhead.py",
+                  "tests/test_decode_linear.py"]
 
 
 def log(*a):
@@ -242,8 +243,8 @@ def check_decode_gemm(repeats: int = 20):
 
 
 def check_decode_model(spec: str, batch: int = 64, steps: int = 8):
-    """A model's decode steps with the fused kernels (pre-norm in the GEMM, Mamba's fused conv/x_proj and
-    dt_proj/state update) against the unfused ops and against the parallel forward over the same tokens, bf16."""
+    """A model's decode steps with the fused kernels (pre-norm and Mamba's conv step in the in_proj GEMM where the
+    timing picks it) against the unfused ops and against the parallel forward over the same tokens, bf16."""
     from seqlab.mixers import base
     from seqlab.models.presets import from_preset
 

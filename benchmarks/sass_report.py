@@ -2,14 +2,17 @@
 
     python3 benchmarks/sass_report.py seqlab.ops.triton.ssd:_ssd_bwd_dx_kernel \
         --const T=64,BLOCK_P=64,BLOCK_N=32,HAS_Z=1,SHARED_CB=1 --ptr-dtype bf16 \
-        --ptr states_ptr=fp32,cum_ptr=fp32 --warps 8 [--arch 90] [--sass FILE] [--json]
+        --ptr states_ptr=fp32,cum_ptr=fp32 --int L=2048,H=80,P=64 --warps 8 [--arch 90] [--sass FILE] [--json]
 
 Prints registers per thread, spilled bytes (local-memory loads and stores), shared memory, the occupancy the
 register and shared-memory use allow (CTAs and warps per SM), and the SASS instruction mix (total, MUFU, tensor-core
 HGMMA/HMMA, global/shared/local memory). Registers bound the warps an SM can keep in flight, which is what a
 latency-bound kernel lives on; this lets a kernel's variants be compared on a machine with no GPU before one is
 timed. Constexprs not given are False (flags); integer arguments are int32; pointers take ``--ptr-dtype`` unless
-named in ``--ptr``. The compiler is the installed Triton's (its bundled cuobjdump reads the cubin).
+named in ``--ptr``. Specialised as a launch would: pointers 16-byte aligned, integers given with ``--int`` equal to
+1 become constants and multiples of 16 carry that divisibility (vectorised loads depend on it; strides and sizes
+not given are assumed to be neither). The compiler is the installed Triton's (its bundled cuobjdump reads the
+cubin).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def _value(text: str):
         return float(text)
 
 
-def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: int, stages: int, arch: int):
+def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: int, stages: int, arch: int,
+                   ints: dict | None = None):
     """The compiled kernel (triton.compile's result) for ``module:function``."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -59,8 +63,9 @@ def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: 
 
     module, name = target.split(":")
     fn = getattr(importlib.import_module(module), name)
-    constexprs = {}
-    signature = {}
+    ints = ints or {}
+    constexprs, signature, attrs = {}, {}, {}
+    aligned = [["tt.divisibility", 16]]
     for index, arg in enumerate(fn.arg_names):
         param = fn.params[index]
         if param.is_constexpr:
@@ -68,12 +73,18 @@ def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: 
             constexprs[(index,)] = const.get(arg, False)
         elif arg.endswith("_ptr"):
             signature[arg] = "*" + ptrs.get(arg, ptr_dtype)
+            attrs[(index,)] = aligned
+        elif ints.get(arg) == 1:
+            signature[arg] = "constexpr"
+            constexprs[(index,)] = 1
         else:
             signature[arg] = "i32"
+            if arg in ints and ints[arg] % 16 == 0:
+                attrs[(index,)] = aligned
     unknown = set(const) - {a for a, p in zip(fn.arg_names, fn.params) if p.is_constexpr}
     if unknown:
         raise SystemExit(f"sass_report: --const names no constexpr of {name}: {sorted(unknown)}")
-    source = ASTSource(fn, signature=signature, constexprs=constexprs)
+    source = ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 128),
                           options={"num_warps": warps, "num_stages": stages})
 
@@ -124,6 +135,7 @@ def main(argv=None) -> None:
     parser.add_argument("--const", default="", help="constexpr values, NAME=VALUE,...")
     parser.add_argument("--ptr-dtype", default="bf16", help="pointer element type by default (bf16, fp16, fp32, i32)")
     parser.add_argument("--ptr", default="", help="pointer types by name, NAME=TYPE,...")
+    parser.add_argument("--int", default="", help="integer arguments' values at the launch, NAME=VALUE,...")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
@@ -131,8 +143,9 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     const = {k: _value(v) for k, v in _pairs(args.const).items()}
+    ints = {k: int(v) for k, v in _pairs(args.int).items()}
     compiled = compile_kernel(args.kernel, const, args.ptr_dtype, _pairs(args.ptr), args.warps, args.stages,
-                              args.arch)
+                              args.arch, ints)
     result = report(compiled, args.warps, args.sass)
     if args.json:
         print(json.dumps(result))

@@ -1,5 +1,5 @@
 """seqlab.ops.decode_linear: the decode step's linear layers equal F.linear (+ residual), or rms_norm then F.linear,
-on every path.
+on every path; decode_linear_conv equals that followed by seqlab.ops.conv.conv_step.
 
 The Triton branch needs CUDA tensors (its kernel is tested in test_small_batch_linear.py); here the fallbacks,
 the residual inside addmm, the norm before them, autograd through them, and the choice of kernel and tile shape
@@ -113,11 +113,16 @@ def test_the_fastest_tile_shape_is_remembered_per_shape_and_refused_tiles_are_sk
     assert dl._choose(x, w, None) == ("triton", configs[2]) and not pending
     assert dl._choose(x, w, None) == ("triton", configs[2])  # remembered: no more timing
 
-    _stand_in_clock(monkeypatch, [1.0] + [2.0] * len(configs))  # with a fused norm: its own entry
+    # with a norm: its own entry; cuBLAS, then each tile shape with the norm folded in, then with the norm first
+    _stand_in_clock(monkeypatch, [1.0] + [2.0] * len(configs) + [1.5] + [3.0] * (len(configs) - 1))
     assert dl._choose(x, w, None, (None, 1e-5)) == ("torch", configs[0])
     monkeypatch.setenv("SEQLAB_DECODE_GEMM", "triton")  # forced: still the fastest Triton tile shape
     assert dl._choose(x, w, None, (None, 1e-5)) == ("triton", configs[0])
-    assert len(dl._CHOICE) == 2 and [k[-1] for k in dl._CHOICE] == [False, True]
+    assert len(dl._CHOICE) == 2 and [k[-2] for k in dl._CHOICE] == [False, True]
+
+    monkeypatch.setenv("SEQLAB_DECODE_GEMM", "auto")  # the norm run first wins: its kind and tile shape
+    _stand_in_clock(monkeypatch, [5.0] + [4.0] * len(configs) + [9.0, 3.0] + [9.0] * (len(configs) - 2))
+    assert dl._choose(x[:1], w, None, (None, 1e-5)) == ("triton_prenorm", configs[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -201,3 +206,62 @@ def test_project_calls_a_hooked_layer_as_its_module():
     out = project(layer, x, res, few_rows=True)
     assert seen == [(2, 1, 8)]
     torch.testing.assert_close(out, res + F.linear(x, layer.weight))
+
+
+def _conv_case(gen, m=3, n=24, k=16, channels=10, width=4, dtype=torch.float32):
+    x = (2 * torch.randn(m, k, generator=gen)).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    conv_w = torch.randn(channels, width, generator=gen).to(dtype)
+    conv_b = torch.randn(channels, generator=gen).to(dtype)
+    state = torch.randn(m, channels, width - 1, generator=gen).to(dtype)
+    return x, w, state, conv_w, conv_b
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_linear_conv_equals_linear_then_conv_step(with_norm):
+    from seqlab.mixers.norm import rms_norm
+    from seqlab.ops.conv import conv_step
+
+    gen = torch.Generator().manual_seed(5)
+    x, w, state, conv_w, conv_b = _conv_case(gen)
+    g = torch.randn(16, generator=gen)
+    norm = (g, 1e-5) if with_norm else None
+    state_ref = state.clone()
+    u, rest = dl.decode_linear_conv(x, w, state, conv_w, conv_b, norm=norm)
+    y = F.linear(rms_norm(x, g, 1e-5) if with_norm else x, w)
+    u_ref = conv_step(state_ref, y[:, :10], conv_w, conv_b, activation="silu")
+    assert u.shape == (3, 10) and rest.shape == (3, 14)
+    torch.testing.assert_close(u, u_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rest, y[:, 10:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="runs the kernel under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["triton", "triton_prenorm"])
+def test_the_triton_branch_folds_the_conv(kind, monkeypatch):
+    """The kernel branch on CPU tensors through the interpreter, each kind, against the torch branch."""
+    gen = torch.Generator().manual_seed(6)
+    x, w, state, conv_w, conv_b = _conv_case(gen, m=5, n=72, k=64, channels=40, dtype=torch.bfloat16)
+    g = torch.randn(64, generator=gen)
+    state_ref = state.clone()
+    u_ref, rest_ref = dl.decode_linear_conv(x, w, state_ref, conv_w, conv_b, norm=(g, 1e-5))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, STAGES=2, WARPS=4)
+    monkeypatch.setattr(dl, "_choose", lambda *args: (kind, cfg))
+    u, rest = dl.decode_linear_conv(x, w, state, conv_w, conv_b, norm=(g, 1e-5))
+    assert u.shape == (5, 40) and rest.shape == (5, 32) and u.dtype == torch.bfloat16
+    for got, ref in ((u, u_ref), (rest, rest_ref), (state, state_ref)):
+        assert ((got.double() - ref.double()).norm() / ref.double().norm()).item() <= 1e-2
+
+
+def test_linear_conv_names_the_argument_that_does_not_fit():
+    from seqlab.errors import InputError
+
+    gen = torch.Generator().manual_seed(7)
+    x, w, state, conv_w, conv_b = _conv_case(gen)
+    with pytest.raises(InputError, match="conv_weight: expected a .C, W. tensor with C <= 24"):
+        dl.decode_linear_conv(x, w, state, torch.zeros(25, 4))
+    with pytest.raises(InputError, match=r"conv_state: expected shape \(3, 10, 3\)"):
+        dl.decode_linear_conv(x, w, state[:, :, :2], conv_w)
+    with pytest.raises(InputError, match=r"x: expected a \(M, 16\) tensor"):
+        dl.decode_linear_conv(x[:, None], w, state, conv_w)

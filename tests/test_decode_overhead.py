@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import os
 
 import pytest
@@ -136,9 +137,17 @@ def strided_rows(t: torch.Tensor, gen) -> torch.Tensor:
 @needs_triton
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("A_is_log", [False, True])
-def test_selective_state_update_triton_reads_strided_views_and_A_log(groups, A_is_log):
+@pytest.mark.parametrize("tile", [None, (2, 8, 2), (4, 4, 1)], ids=["default", "rows2", "rows4"])
+def test_selective_state_update_triton_reads_strided_views_and_A_log(groups, A_is_log, tile, monkeypatch):
+    """Also with other program tiles (rows, channels, warps): 3 rows in tiles of 2 or 4 leave a row past the batch
+    in the last program, 12 channels in blocks of 8 a partial block."""
     from seqlab.ops.selective_scan import selective_state_update
+    from seqlab.ops.triton import decode
     from seqlab.ops.triton.decode import selective_state_update_triton
+
+    if tile is not None:
+        for key, value in zip(("step_rows", "step_block_d", "step_warps"), tile):
+            monkeypatch.setitem(decode.TUNING, key, value)
 
     batch, dim, N = 3, 12, 5
     gen = torch.Generator().manual_seed(4)
@@ -301,9 +310,11 @@ def _force_triton(monkeypatch):
     """Route the mixers' decode ops to the Triton kernels (the CUDA path) on any device."""
     import seqlab.mixers.mamba as mamba
     import seqlab.mixers.mamba2 as mamba2
+    decode_linear = importlib.import_module("seqlab.ops.decode_linear")  # seqlab.ops binds the function's name
 
-    mamba_ops = ("conv_step", "selective_state_update", "conv_x_proj_step", "selective_step_dt_proj")
-    for mod, names in ((mamba, mamba_ops), (mamba2, ("conv_step", "ssd_state_update"))):
+    mamba_ops = ("conv_step", "selective_state_update", "selective_step_dt_proj")
+    for mod, names in ((mamba, mamba_ops), (mamba2, ("conv_step", "ssd_state_update")),
+                       (decode_linear, ("conv_step",))):
         for name in names:
             monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), backend="triton"))
 
@@ -352,16 +363,15 @@ class _OpLog(TorchDispatchMode):
                                           ("mamba2", "default")])
 def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkeypatch):
     """Per layer: the projections' GEMMs (the residual added inside the out_proj GEMM) and one RMSNorm per norm;
-    nothing else in torch. Mamba's fused step kernels leave in_proj, x_proj (unless fused with the conv) and
-    out_proj as GEMMs (the pre-norm folded into in_proj runs as its own op here only because the GEMMs are forced
-    to cuBLAS)."""
+    nothing else in torch. Mamba's fused step kernel leaves in_proj, x_proj and out_proj as GEMMs (the pre-norm
+    and the conv step folded into in_proj run as their own ops here only because the GEMMs are forced to
+    cuBLAS)."""
     import seqlab.mixers.base as mixer_base
     import seqlab.ops.triton.decode as decode
     import seqlab.ops.triton.mamba_step as mamba_step
 
     monkeypatch.setattr(mixer_base, "FUSE_DECODE", fused != "none")
     if fused == "all":
-        monkeypatch.setitem(mixer_base.FUSED_DECODE_KERNELS, "conv_x_proj", True)
         monkeypatch.setitem(mixer_base.FUSED_DECODE_KERNELS, "dt_proj_step", True)
     model = _tiny(preset, seed=9).to(DEVICE).to(torch.bfloat16)
     _force_triton(monkeypatch)
@@ -379,8 +389,8 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkey
 
     for name in ("_selective_step_kernel", "_ssd_step_kernel", "_conv_step_kernel"):
         monkeypatch.setattr(decode, name, launcher(getattr(decode, name)))
-    for name in ("_conv_x_proj_kernel", "_selective_step_dt_proj_kernel"):
-        monkeypatch.setattr(mamba_step, name, launcher(getattr(mamba_step, name)))
+    monkeypatch.setattr(mamba_step, "_selective_step_dt_proj_kernel",
+                        launcher(mamba_step._selective_step_dt_proj_kernel))
     rms = F.rms_norm
 
     def rms_norm_as_one_op(*args, **kwargs):  # one fused kernel on CUDA; a decomposition on the CPU
@@ -407,7 +417,7 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkey
     elif fused == "none" or not mixer_base.FUSED_DECODE_KERNELS["dt_proj_step"]:
         gemms = 2 + (0 if decode.TUNING["dt_rows"] else 1)  # in_proj, x_proj, dt_proj (unless in the step kernel)
     else:
-        gemms = 1 if mixer_base.FUSED_DECODE_KERNELS["conv_x_proj"] else 2
+        gemms = 2  # in_proj, x_proj
     assert ops["mm"] == gemms * n + 1 and ops["addmm"] == n and ops["add"] == 0, ops
     # nothing else but the embedding, the float32 logits and the aux-loss zero
     allowed = ("rms_norm", "mm", "addmm", "add", "embedding", "_to_copy", "zeros")

@@ -1,9 +1,11 @@
-"""The decode-step GEMM (seqlab.ops.triton.small_batch_linear) against torch's x @ Wᵀ (+ residual), and with the
-fused RMSNorm against rms_norm(x) @ Wᵀ (+ residual) computed in float64.
+"""The decode-step GEMM (seqlab.ops.triton.small_batch_linear) against torch's x @ Wᵀ (+ residual), with the
+fused RMSNorm against rms_norm(x) @ Wᵀ (+ residual) computed in float64, and with the conv step in its epilogue
+against the GEMM followed by seqlab.ops.conv.conv_step_ref.
 
 Runs under TRITON_INTERPRET=1 on the CPU or natively on CUDA. Tolerances: float32 inputs, relative error <= 1e-5
 (IEEE products, split-K sums in another order, the norm's row scale applied after the sum); bfloat16 inputs,
-<= 1e-2 (x ⊙ norm weight rounded to bfloat16 once for the dot, one rounding of the float32 output).
+<= 1e-2 (x ⊙ norm weight rounded to bfloat16 once for the dot, one rounding of the float32 output). Conv states:
+the shifted slots are copies (equal bits), the appended slot is the GEMM output (the tolerance of the output).
 """
 
 from __future__ import annotations
@@ -98,6 +100,56 @@ def test_fused_rms_norm_with_split_k_gives_the_same_bits_every_call():
     outs = [small_batch_linear_triton(x, w, None, cfg, normalize=True, norm_weight=g, norm_eps=1e-6)
             for _ in range(3)]
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-f32state"])
+def test_conv_epilogue_matches_gemm_then_conv_step(width, split, dtype, state_dtype):
+    """Mamba's in_proj then conv step over two steps with the state carried: the first C columns through the conv
+    (C and N not multiples of BLOCK_N, so one output tile holds both kinds of column), the rest plain; with and
+    without the norm, bias on the first step only."""
+    from seqlab.ops.conv import conv_step_ref
+    from seqlab.ops.triton.small_batch_linear import small_batch_linear_triton
+
+    m, n, k, channels = 5, 72, 96, 40
+    gen = torch.Generator().manual_seed(width * 10 + split)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    conv_w = (0.5 * torch.randn(channels, width, generator=gen)).to(DEVICE, dtype)
+    conv_b = torch.randn(channels, generator=gen).to(DEVICE, dtype)
+    state = torch.randn(m, channels, width - 1, generator=gen).to(DEVICE, state_dtype)
+    state_ref = state.clone()
+    g = (1 + 0.5 * torch.randn(k, generator=gen)).to(DEVICE)
+    cfg = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, STAGES=2, WARPS=4)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for step, (bias, normalize) in enumerate(((conv_b, False), (None, True))):
+        x = (2 * torch.randn(m, k, generator=gen)).to(DEVICE, dtype)
+        before = state.clone()
+        out = small_batch_linear_triton(x, w, None, cfg, normalize=normalize, norm_weight=g if normalize else None,
+                                        conv=(state, conv_w, bias))
+        x_in = rms_norm_reference(x, g, 1e-5).to(dtype) if normalize else x
+        y = (x_in.double() @ w.double().t()).to(dtype)
+        u_ref = conv_step_ref(state_ref, y[:, :channels], conv_w, bias, activation="silu")
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert rel_err(out[:, :channels], u_ref) <= tol, step
+        assert rel_err(out[:, channels:], y[:, channels:]) <= tol, step
+        assert torch.equal(state[:, :, :-1], before[:, :, 1:]), step  # shifted: copies
+        assert rel_err(state[:, :, -1], state_ref[:, :, -1]) <= tol, step
+        state_ref.copy_(state)  # carry the kernel's state: each step is compared from the same start
+
+
+def test_conv_epilogue_refuses_what_it_cannot_fold():
+    from seqlab.ops.triton.small_batch_linear import small_batch_linear_triton
+
+    x, w = torch.zeros(2, 8), torch.zeros(6, 8)
+    state, conv_w = torch.zeros(2, 4, 3), torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="conv: expected a .C, W. weight with 2 <= W <= 4"):
+        small_batch_linear_triton(x, w, conv=(torch.zeros(2, 4, 4), torch.zeros(4, 5), None))
+    with pytest.raises(ValueError, match="conv: expected a contiguous state of shape"):
+        small_batch_linear_triton(x, w, conv=(torch.zeros(2, 4, 2), conv_w, None))
+    with pytest.raises(ValueError, match="residual: not taken with conv"):
+        small_batch_linear_triton(x, w, torch.zeros(2, 6), conv=(state, conv_w, None))
 
 
 def test_candidate_configs_start_with_the_default_and_are_distinct(monkeypatch):

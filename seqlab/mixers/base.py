@@ -30,14 +30,13 @@ def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | Non
         raise InputError("seq_idx", f"shape {tuple(x.shape[:2])}", f"shape {tuple(seq_idx.shape)}")
 
 
-# Decode steps fold the block's pre-norm into the mixer's input GEMM (where the Triton GEMM is the faster kernel
-# for the shape) and run Mamba's fused step kernels (seqlab.ops.mamba_step) as FUSED_DECODE_KERNELS says;
-# FUSE_DECODE = False runs the unfused ops throughout (benchmarks compare them). Both Mamba kernels are off: on an
-# H200 (mamba 1.4b, batch 64, bf16 state; benchmarks/generate-gpu/run6, run7) the fused conv + x_proj kernel took
-# 36 µs per layer against ~8 µs for the conv step and the x_proj GEMM, and the fused dt_proj + state update left
-# the graphed step where it was (2.42 vs 2.40 ms).
+# Decode steps fold the block's pre-norm into the mixer's input GEMM and Mamba's conv step into its epilogue (each
+# where the Triton GEMM is the faster kernel for the shape: seqlab.ops.decode_linear times them) and run Mamba's
+# fused dt_proj + step kernel (seqlab.ops.mamba_step) as FUSED_DECODE_KERNELS says; FUSE_DECODE = False runs the
+# unfused ops throughout (benchmarks compare them). The fused dt_proj + step kernel is off: on an H200 (mamba 1.4b,
+# batch 64, bf16 state; benchmarks/generate-gpu/run7) the graphed step was where it was without it (2.42 vs 2.40 ms).
 FUSE_DECODE = True
-FUSED_DECODE_KERNELS = {"conv_x_proj": False, "dt_proj_step": False}
+FUSED_DECODE_KERNELS = {"dt_proj_step": False}
 
 RECURRENT_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -36,7 +36,8 @@ from seqlab.mixers.norm import RMSNorm, rms_norm
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
 from seqlab.ops.conv import causal_conv1d, conv_step
-from seqlab.ops.mamba_step import conv_x_proj_step, selective_step_dt_proj
+from seqlab.ops.decode_linear import decode_linear_conv
+from seqlab.ops.mamba_step import selective_step_dt_proj
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
 
 
@@ -147,25 +148,32 @@ class Mamba(nn.Module):
         return dt, B, C
 
     def _fused_step(self) -> bool:
-        """The decode step through seqlab.ops.mamba_step's fused ops: not with Falcon Mamba / Jamba's dt, B, C norms
-        (they sit between x_proj and the step), nor with hooked or sharded projections."""
+        """The dt projection inside the step kernel (seqlab.ops.mamba_step): not with Falcon Mamba / Jamba's dt, B,
+        C norms (they sit between x_proj and the step), nor with hooked or sharded projections."""
         plain = mixer_base.plain_linear
         wanted = mixer_base.FUSE_DECODE and mixer_base.FUSED_DECODE_KERNELS["dt_proj_step"]
         return wanted and not self.bcdt_norm and self.x_proj.bias is None and plain(self.x_proj) and \
             plain(self.dt_proj)
 
-    def _step(self, state: MixerState, x: torch.Tensor, z: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
-        """One token: x, z (B, D) strided views of in_proj's output -> y (B, D), states updated in place. A =
-        -exp(A_log) and the dt projection are formed inside the step kernel: on CUDA the step is the GEMMs and two
-        kernels (one with the fused conv + x_proj), no copies or elementwise ops."""
-        fused = self._fused_step()
-        if fused and mixer_base.FUSED_DECODE_KERNELS["conv_x_proj"]:
-            u, x_dbl = conv_x_proj_step(state["conv"], x, conv_weight, self.conv1d.bias, self.x_proj.weight)
-            dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+    def _conv_in_proj(self) -> bool:
+        """The decode step's conv inside the in_proj GEMM (seqlab.ops.decode_linear_conv, which times it against
+        the two kernels): a plain in_proj without bias."""
+        return mixer_base.FUSE_DECODE and self.in_proj.bias is None and mixer_base.plain_linear(self.in_proj)
+
+    def _decode(self, state: MixerState, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+        """One token: x (B, d_model) -> y (B, D), states updated in place. On CUDA the step is in_proj (with the
+        block's pre-norm and the conv step folded in where that is faster), x_proj, dt_proj and the step kernel,
+        which forms A = -exp(A_log) itself; x, z, dt, B, C are strided views, never copied."""
+        conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
+        norm_args = None if norm is None else (norm.weight, norm.eps)
+        if self._conv_in_proj():
+            u, z = decode_linear_conv(x, self.in_proj.weight, state["conv"], conv_weight, self.conv1d.bias,
+                                      norm=norm_args)
         else:
-            u = conv_step(state["conv"], x, conv_weight, self.conv1d.bias, activation="silu")
-            dt, B, C = self._split_x_proj(u, few_rows=True)  # dt (B, R)
-        if fused:
+            xs, z = project(self.in_proj, x, few_rows=True, norm=norm).chunk(2, dim=-1)
+            u = conv_step(state["conv"], xs, conv_weight, self.conv1d.bias, activation="silu")
+        dt, B, C = self._split_x_proj(u, few_rows=True)  # dt (B, R)
+        if self._fused_step():
             return selective_step_dt_proj(state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
                                           B, C, self.D, z)
         return selective_state_update(state["ssm"], u, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
@@ -183,15 +191,13 @@ class Mamba(nn.Module):
         ``norm`` (an RMSNorm), if given, is applied to x first (a decode step folds it into in_proj)."""
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
-        decode = state is not None and L == 1
-        conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
-        xs, z = project(self.in_proj, x, few_rows=decode, norm=norm).chunk(2, dim=-1)  # (B, L, D) each
-
-        if decode:  # O(1) step
-            y = self._step(state, xs[:, 0], z[:, 0], conv_weight)  # (B, D)
+        if state is not None and L == 1:  # O(1) step
+            y = self._decode(state, x[:, 0], norm)  # (B, D)
             state.offset += 1
             return project(self.out_proj, y.unsqueeze(1), residual, few_rows=True)
 
+        conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
+        xs, z = project(self.in_proj, x, norm=norm).chunk(2, dim=-1)  # (B, L, D) each
         A = -torch.exp(self.A_log.float())  # (D, N)
 
         if state is None:

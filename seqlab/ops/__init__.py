@@ -6,10 +6,10 @@
 """
 
 from seqlab.ops.conv import causal_conv1d, conv_step
-from seqlab.ops.decode_linear import decode_linear
+from seqlab.ops.decode_linear import decode_linear, decode_linear_conv
 from seqlab.ops.delta_rule import delta_rule, delta_rule_step
 from seqlab.ops.linear_attention import linear_attention, linear_attention_step
-from seqlab.ops.mamba_step import conv_x_proj_step, selective_step_dt_proj
+from seqlab.ops.mamba_step import selective_step_dt_proj
 from seqlab.ops.mlstm import mlstm, mlstm_quadratic, mlstm_step
 from seqlab.ops.registry import backends_table
 from seqlab.ops.s4 import fft_conv, hippo_legs, s4d_discretize, s4d_init, s4d_kernel, s4d_step
@@ -24,7 +24,6 @@ __all__ = [
     "ssd_state_update",
     "causal_conv1d",
     "conv_step",
-    "conv_x_proj_step",
     "selective_step_dt_proj",
     "hippo_legs",
     "s4d_init",
@@ -40,5 +39,6 @@ __all__ = [
     "mlstm_quadratic",
     "mlstm_step",
     "decode_linear",
+    "decode_linear_conv",
     "backends_table",
 ]

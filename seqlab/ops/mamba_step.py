@@ -1,22 +1,17 @@
-"""The Mamba-1 decode step as two fused ops (Gu & Dao 2023, Sec. 3, one position of Algorithm 2).
+"""Mamba-1's dt projection and selective state update for one token as one fused op (Gu & Dao 2023, Sec. 3, one
+position of Algorithm 2)::
 
-Between the in_proj and out_proj GEMMs one decode step of a Mamba block is::
-
-    u, x_dbl = conv_x_proj_step(conv_state, x, conv_weight, conv_bias, x_proj_weight)
-        u     = silu(conv_bias + sum_k conv_weight[:, k] window[k]),  window = (conv_state, x)    # (B, D)
-        conv_state <- window[1:]                                                                  # (B, D, W-1)
-        x_dbl = u x_projᵀ = (dt_low, B, C)                                                        # (B, R + 2N)
     y = selective_step_dt_proj(state, u, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z)
         Δ = softplus(dt_low W_dtᵀ + dt_bias),  A = -exp(A_log)                                    # (B, D), (D, N)
         h = exp(Δ A) h + Δ u B;   y = (<h, C> + D u) silu(z)                                     # (B, D, N), (B, D)
 
-Glossary: B batch, D d_inner channels, W d_conv, N d_state, R dt_rank, O = R + 2N the outputs of x_proj.
+Glossary: B batch, D d_inner channels, N d_state, R dt_rank.
 
-The same math as ``conv_step`` + ``F.linear`` and ``selective_state_update(..., dt_proj_weight=W_dt,
-dt_softplus=True, A_is_log=True)``, in two launches instead of about seven on CUDA (``seqlab.ops.triton.mamba_step``).
-Decode has no backward: the Triton path is forward only. Paths: ``ref`` and ``torch`` run the same plain PyTorch
-step (a single position has no loop to parallelise); ``triton`` the fused kernels, for CUDA tensors of float32 or
-16-bit dtypes (``auto`` takes it there).
+The same math as ``selective_state_update(..., dt_proj_weight=W_dt, dt_softplus=True, A_is_log=True)``, in one
+launch instead of the dt_proj GEMM and the step kernel on CUDA (``seqlab.ops.triton.mamba_step``). Decode has no
+backward: the Triton path is forward only. Paths: ``ref`` and ``torch`` run the same plain PyTorch step (a single
+position has no loop to parallelise); ``triton`` the fused kernel, for CUDA tensors of float32 or 16-bit dtypes
+(``auto`` takes it there).
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ from seqlab.ops._common import (
 )
 
 _KERNELS = "seqlab.ops.triton.mamba_step"
-MAX_X_PROJ_OUTPUTS = 512  # O that the fused kernel holds in one tile (seqlab.ops.triton.mamba_step.MAX_OUTPUTS)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -55,22 +49,19 @@ def _check_same_device(dev: torch.device, **tensors: torch.Tensor | None) -> Non
             raise InputError(name, f"a tensor on {dev} like x", f"one on {t.device}")
 
 
-def _triton_misfit(tensors: dict, outputs: int | None = None) -> InputError | None:
-    """An InputError naming the first input the fused kernels do not take, or None when they all fit."""
+def _triton_misfit(tensors: dict) -> InputError | None:
+    """An InputError naming the first input the fused kernel does not take, or None when they all fit."""
     for name, t in tensors.items():
         if t is not None and t.dtype not in _TRITON_DTYPES:
             return InputError(name, "float32, bfloat16 or float16 for backend='triton' (use backend='torch')",
                               f"dtype {t.dtype}")
-    if outputs is not None and outputs > MAX_X_PROJ_OUTPUTS:
-        return InputError("x_proj_weight", f"at most {MAX_X_PROJ_OUTPUTS} rows (O = R + 2N) for backend='triton' "
-                          "(use backend='torch')", f"{outputs} rows")
     return None
 
 
-def _triton_kernel(op: str, backend: str, x: torch.Tensor, tensors: dict, name: str, outputs: int | None = None):
+def _triton_kernel(op: str, backend: str, x: torch.Tensor, tensors: dict, name: str):
     """The Triton entry point to run, or None for the PyTorch path: ``backend="triton"`` requires it (and inputs
     it takes); ``"auto"`` takes it on CUDA when Triton is usable and the inputs fit."""
-    misfit = _triton_misfit(tensors, outputs)
+    misfit = _triton_misfit(tensors)
     if backend == "triton":
         require_triton(op, *tensors.values())
         if misfit is not None:
@@ -84,68 +75,6 @@ def _triton_kernel(op: str, backend: str, x: torch.Tensor, tensors: dict, name: 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 when any input is float64 (for exact checks), float32 otherwise."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-# ---------------------------------------------------------------------------------------------------------
-# conv step + SiLU + x_proj
-
-
-def conv_x_proj_step(
-    conv_state: torch.Tensor,
-    x: torch.Tensor,
-    conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor | None,
-    x_proj_weight: torch.Tensor,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba's conv step, SiLU and x_proj for one token: returns ``(u (B, D), x_dbl (B, O))`` in x's dtype and
-    updates ``conv_state (B, D, W-1)`` in place.
-
-    x (B, D) (may be a strided view, e.g. a column slice of in_proj's output); conv_weight (D, W); conv_bias (D,)
-    or None; x_proj_weight (O, D). u is ``conv_step(conv_state, x, conv_weight, conv_bias, "silu")``; x_dbl is
-    u (rounded to x's dtype, as the unfused path feeds it to the GEMM) times x_proj_weightᵀ, accumulated in
-    float32 and rounded to x's dtype.
-    """
-    check_backend(backend)
-    check_tensor("x", x, ("B", "D"))
-    dev = x.device
-    batch, dim = x.shape
-    check_tensor("conv_weight", conv_weight, ("D", "W"), device=dev)
-    check_dim("conv_weight", conv_weight, 0, dim, "D, the channels of x")
-    width = conv_weight.shape[1]
-    if width < 1:
-        raise InputError("conv_weight", "filter width W >= 1", f"shape {tuple(conv_weight.shape)}")
-    check_tensor("conv_bias", conv_bias, (dim,), optional=True, device=dev)
-    check_tensor("conv_state", conv_state, ("B", "D", "W-1"), device=dev)
-    if tuple(conv_state.shape) != (batch, dim, width - 1):
-        raise InputError("conv_state", f"shape {(batch, dim, width - 1)} (B and D of x, W-1 of conv_weight)",
-                         f"shape {tuple(conv_state.shape)}")
-    check_tensor("x_proj_weight", x_proj_weight, ("O", "D"), device=dev)
-    check_dim("x_proj_weight", x_proj_weight, 1, dim, "D, the channels of x")
-    tensors = dict(conv_state=conv_state, x=x, conv_weight=conv_weight, conv_bias=conv_bias,
-                   x_proj_weight=x_proj_weight)
-    _check_real(**tensors)
-    _check_same_device(dev, **tensors)
-
-    kernel = _triton_kernel("conv_x_proj_step", backend, x, tensors, "conv_x_proj_step_triton",
-                            outputs=x_proj_weight.shape[0])
-    if kernel is not None and x.numel() > 0:  # empty inputs: nothing to launch
-        return kernel(conv_state, x, conv_weight, conv_bias, x_proj_weight)
-    return conv_x_proj_step_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight)
-
-
-def conv_x_proj_step_ref(conv_state, x, conv_weight, conv_bias, x_proj_weight):
-    """Plain PyTorch: the window (state, x) times the filter, SiLU, the state shifted, then one F.linear."""
-    dtype = _compute_dtype(conv_state, x, conv_weight, conv_bias, x_proj_weight)
-    window = torch.cat([conv_state.to(dtype), x.to(dtype).unsqueeze(-1)], dim=-1)  # (B, D, W)
-    pre = (window * conv_weight.to(dtype)).sum(dim=-1)  # (B, D)
-    if conv_bias is not None:
-        pre = pre + conv_bias.to(dtype)
-    u = F.silu(pre).to(x.dtype)  # (B, D)
-    conv_state.copy_(window[:, :, 1:])
-    with torch.autocast(x.device.type, enabled=False):
-        x_dbl = F.linear(u.to(dtype), x_proj_weight.to(dtype))  # (B, O)
-    return u, x_dbl.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

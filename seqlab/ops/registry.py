@@ -12,7 +12,6 @@ OPS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "ssd_state_update": (("ref", "torch", "triton"), "seqlab.ops.triton.decode"),
     "causal_conv1d": (("ref", "torch", "triton"), "seqlab.ops.triton.conv"),
     "conv_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode"),
-    "conv_x_proj_step": (("ref", "torch", "triton"), "seqlab.ops.triton.mamba_step"),
     "selective_step_dt_proj": (("ref", "torch", "triton"), "seqlab.ops.triton.mamba_step"),
     "s4d_kernel": (("ref", "torch"), None),
     "fft_conv": (("ref", "torch"), None),

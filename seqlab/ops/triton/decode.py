@@ -33,7 +33,7 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
                 other=0.0).to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)  # A = -exp(A_log), S4D-real parameterisation
-    for i in range(ROWS):
+    for i in tl.static_range(ROWS):  # unrolled: the rows' loads are independent and overlap
         b = tl.program_id(0) * ROWS + i
         _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, w_ptr, y_ptr,
                             b, offs_d, offs_n, mask_d0 & (offs_d * 0 + b < BATCH), DIM, G, N, R,
@@ -92,8 +92,16 @@ def _strides(t, n):
 
 # dt_rows: 0 = the op (seqlab.ops.selective_state_update) runs Mamba's dt projection as its own GEMM before the step
 # kernel; n > 0 = inside the step kernel, each program stepping n batch rows so the projection weight is fetched
-# once per n rows (measured slower on an H200: benchmarks/generate-gpu/run3/profile_variants.md)
-TUNING: dict = {"dt_rows": 0}
+# once per n rows (measured slower on an H200: benchmarks/generate-gpu/run3/profile_variants.md).
+# step_rows, step_block_d, step_warps: the selective step's tile without the dt projection (batch rows per program,
+# channels per program, warps); None: the defaults of _selective_step_tile.
+TUNING: dict = {"dt_rows": 0, "step_rows": None, "step_block_d": None, "step_warps": None}
+
+
+def _selective_step_tile(dim: int, block_n: int) -> tuple[int, int, int]:
+    """(rows, BLOCK_D, warps) of a selective step program without the dt projection."""
+    block_d = TUNING.get("step_block_d") or max(1, min(64, 2048 // block_n, next_pow2(dim)))
+    return TUNING.get("step_rows") or 1, block_d, TUNING.get("step_warps") or 4
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False,
@@ -113,8 +121,9 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
         raise ValueError("selective_state_update_triton: state must be contiguous (it is updated in place)")
     y = torch.empty((batch, dim), device=x.device, dtype=x.dtype)
     block_n = next_pow2(N)
-    block_d = max(1, min(64, 2048 // block_n, next_pow2(dim)))
-    rows = max(1, TUNING.get("dt_rows") or 1) if dt_proj_weight is not None else 1
+    rows, block_d, warps = _selective_step_tile(dim, block_n)
+    if dt_proj_weight is not None:
+        rows = max(1, TUNING.get("dt_rows") or 1)
     grid = (triton.cdiv(batch, rows), triton.cdiv(dim, block_d))
     rank = dt_proj_weight.shape[1] if dt_proj_weight is not None else 1
     _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, y, batch, dim, G, N, rank,
@@ -123,7 +132,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
                                  A_IS_LOG=bool(A_is_log), HAS_D=D is not None, HAS_Z=z is not None,
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
                                  DT_PROJ=dt_proj_weight is not None, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
-                                 BLOCK_R=min(64, next_pow2(rank)), num_warps=4)
+                                 BLOCK_R=min(64, next_pow2(rank)), num_warps=warps)
     return y
 
 

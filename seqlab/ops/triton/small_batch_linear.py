@@ -71,10 +71,12 @@ def sum_slots(ptr, offs, mask, SLOT, SLOTS: tl.constexpr):
 
 @triton.jit
 def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, count_ptr,
-                               M, N, K, K_PER_SPLIT,
+                               cs_ptr, cw_ptr, cb_ptr,
+                               M, N, K, K_PER_SPLIT, CONV_DIM,
                                sx_m, sx_k, sw_n, sw_k, sg_k, sr_m, sr_n,
                                HAS_RES: tl.constexpr, NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr,
-                               EPS: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                               EPS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr,
+                               SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -110,7 +112,8 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
     out_off = offs_m[:, None] * N + offs_n[None, :]
     res_off = offs_m[:, None] * sr_m + offs_n[None, :] * sr_n
     if SPLIT_K == 1:
-        _store_output(acc, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES, NORM, EPS)
+        _store_output(acc, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, cs_ptr, cw_ptr, cb_ptr, CONV_DIM,
+                      offs_m, offs_n, HAS_RES, NORM, EPS, CONV_W, CONV_BIAS)
     else:
         # workspace: partial products (SPLIT_K, M, N), then partial sums of squares (SPLIT_K, tiles, M)
         slot = M * N
@@ -124,17 +127,59 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
             row_sumsq = sumsq
             if NORM:
                 row_sumsq = sum_slots(sq_ptr, pid_n * M + offs_m, mask_m, sq_slot, SPLIT_K)
-            _store_output(total, row_sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, HAS_RES, NORM, EPS)
+            _store_output(total, row_sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, cs_ptr, cw_ptr, cb_ptr,
+                          CONV_DIM, offs_m, offs_n, HAS_RES, NORM, EPS, CONV_W, CONV_BIAS)
 
 
 @triton.jit
-def _store_output(total, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask, HAS_RES: tl.constexpr,
-                  NORM: tl.constexpr, EPS: tl.constexpr):
+def _store_output(total, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m,
+                  offs_n, HAS_RES: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr, CONV_W: tl.constexpr,
+                  CONV_BIAS: tl.constexpr):
     if NORM:
         total = total * tl.math.rsqrt(sumsq / K + EPS)[:, None]
     if HAS_RES:
         total += tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask)
+    out = total.to(out_ptr.dtype.element_ty)
+    if CONV_W > 0:
+        out = _conv_step_epilogue(out, mask, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m, offs_n, CONV_W, CONV_BIAS)
+    tl.store(out_ptr + out_off, out, mask=mask)
+
+
+@triton.jit
+def _conv_step_epilogue(out, mask, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m, offs_n, W: tl.constexpr,
+                        HAS_BIAS: tl.constexpr):
+    """Columns n < CONV_DIM of the (BLOCK_M, BLOCK_N) output tile through one step of the depthwise causal conv
+    and SiLU: y = silu(b_n + Σ_{j<W-1} w_nj s_mnj + w_n,W-1 x_mn), state s (M, CONV_DIM, W-1) shifted left by one
+    with x appended (x as rounded to the output dtype, as the unfused conv step reads it). The program that stores
+    an output tile owns those (row, channel) states: no other program reads or writes them."""
+    is_conv = offs_n < CONV_DIM
+    cmask = mask & is_conv[None, :]
+    x = out.to(tl.float32)
+    s_off = (offs_m[:, None] * CONV_DIM + offs_n[None, :]) * (W - 1)
+    w_off = offs_n * W
+    acc = x * tl.load(cw_ptr + w_off + (W - 1), mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(cb_ptr + offs_n, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    s0 = tl.load(cs_ptr + s_off, mask=cmask, other=0.0)
+    acc += s0.to(tl.float32) * tl.load(cw_ptr + w_off, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    if W > 2:
+        s1 = tl.load(cs_ptr + s_off + 1, mask=cmask, other=0.0)
+        acc += s1.to(tl.float32) * tl.load(cw_ptr + w_off + 1, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    if W > 3:
+        s2 = tl.load(cs_ptr + s_off + 2, mask=cmask, other=0.0)
+        acc += s2.to(tl.float32) * tl.load(cw_ptr + w_off + 2, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    state_dtype = cs_ptr.dtype.element_ty
+    if W == 2:
+        tl.store(cs_ptr + s_off, x.to(state_dtype), mask=cmask)
+    if W == 3:
+        tl.store(cs_ptr + s_off, s1, mask=cmask)
+        tl.store(cs_ptr + s_off + 1, x.to(state_dtype), mask=cmask)
+    if W == 4:
+        tl.store(cs_ptr + s_off, s1, mask=cmask)
+        tl.store(cs_ptr + s_off + 1, s2, mask=cmask)
+        tl.store(cs_ptr + s_off + 2, x.to(state_dtype), mask=cmask)
+    y = acc * tl.sigmoid(acc)
+    return tl.where(is_conv[None, :], y.to(out.dtype), out)
 
 
 _WORKSPACES: dict = {}
@@ -210,16 +255,36 @@ def _effective_split(k: int, block_k: int, split: int) -> int:
     return _k_slices(k, block_k, split)[1]
 
 
+def _check_conv(conv, m: int, n: int, residual) -> None:
+    conv_state, conv_weight, conv_bias = conv
+    channels, width = conv_weight.shape
+    if not 2 <= width <= 4 or channels > n:
+        raise ValueError(f"small_batch_linear_triton: conv: expected a (C, W) weight with 2 <= W <= 4 and C <= {n}, "
+                         f"got shape {tuple(conv_weight.shape)}")
+    if tuple(conv_state.shape) != (m, channels, width - 1) or not conv_state.is_contiguous():
+        raise ValueError(f"small_batch_linear_triton: conv: expected a contiguous state of shape "
+                         f"{(m, channels, width - 1)}, got {tuple(conv_state.shape)}")
+    if not conv_weight.is_contiguous() or (conv_bias is not None and tuple(conv_bias.shape) != (channels,)):
+        raise ValueError("small_batch_linear_triton: conv: expected a contiguous weight and a bias of shape "
+                         f"({channels},) or None")
+    if residual is not None:
+        raise ValueError("small_batch_linear_triton: residual: not taken with conv")
+
+
 def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
                               config: dict | None = None, *, normalize: bool = False,
-                              norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5) -> torch.Tensor:
+                              norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5,
+                              conv: tuple | None = None) -> torch.Tensor:
     """x (M, K) with M <= 128, weight (N, K), residual (M, N) or None -> (M, N) in x.dtype:
 
         x Wᵀ (+ residual),  or with ``normalize``  rms_norm(x, norm_weight, norm_eps) Wᵀ (+ residual)
 
     ``norm_weight`` (K,) or None (the weightless norm). Products accumulate in float32 (tensor cores for 16-bit
     inputs; IEEE float32 for float32 inputs); the norm's statistics are float32. ``config``: a tile shape
-    (``default_config``'s keys), None for the default."""
+    (``default_config``'s keys), None for the default. ``conv=(conv_state (M, C, W-1) contiguous, conv_weight
+    (C, W) contiguous, conv_bias (C,) or None)`` with 2 <= W <= 4, C <= N: the first C output columns go through
+    one step of the depthwise causal conv and SiLU (Mamba's conv after its in-projection), the state updated in
+    place; no residual then."""
     m, k = x.shape
     n = weight.shape[0]
     if m > MAX_ROWS:
@@ -229,6 +294,8 @@ def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: t
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise ValueError(f"small_batch_linear_triton: norm_weight: expected shape ({k},), "
                          f"got {tuple(norm_weight.shape)}")
+    if conv is not None:
+        _check_conv(conv, m, n, residual)
     cfg = config or default_config(m, n, k)
     block_k = cfg["BLOCK_K"]
     k_per_split, split = _k_slices(k, block_k, cfg["SPLIT_K"])
@@ -237,12 +304,15 @@ def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: t
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     ieee = x.dtype == torch.float32
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    conv_state, conv_weight, conv_bias = conv if conv is not None else (None, None, None)
     _small_batch_linear_kernel[(tiles, split)](
-        x, weight, norm_weight, residual, out, ws, counts, m, n, k, k_per_split, *x.stride(), *weight.stride(),
+        x, weight, norm_weight, residual, out, ws, counts, conv_state, conv_weight, conv_bias,
+        m, n, k, k_per_split, conv_state.shape[1] if conv is not None else 0, *x.stride(), *weight.stride(),
         norm_weight.stride(0) if norm_weight is not None else 0,
         *(residual.stride() if residual is not None else (0, 0)),
         HAS_RES=residual is not None, NORM=normalize, NORM_WEIGHT=norm_weight is not None,
-        EPS=float(norm_eps) if normalize else 0.0, SPLIT_K=split, IEEE=ieee or interpreting, UPCAST=interpreting,
+        EPS=float(norm_eps) if normalize else 0.0, CONV_W=conv_weight.shape[1] if conv is not None else 0,
+        CONV_BIAS=conv_bias is not None, SPLIT_K=split, IEEE=ieee or interpreting, UPCAST=interpreting,
         BLOCK_M=max(16, next_pow2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, STAGES=cfg["STAGES"],
         num_warps=cfg["WARPS"])
     return out

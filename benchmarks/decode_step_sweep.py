@@ -1,0 +1,153 @@
+"""The selective (Mamba-1) decode step kernel over program tiles, at a model's shape, as a decode step runs it.
+
+    python3 benchmarks/decode_step_sweep.py [--batch 64,128] [--state-dtype bf16,fp32] [--json FILE]
+
+Each tile (batch rows per program, channels per program, warps; seqlab.ops.triton.decode.TUNING's step_rows,
+step_block_d, step_warps) is checked against the default tile's output and state on the same inputs (equal within
+float32 rounding), then timed in a CUDA graph that steps LAYERS separate states in turn (the states of the other
+layers evict each one from L2, as in a model's step), median of 5 replays. Shown with the bandwidth of the state
+read and written (2 x B x D x N x bytes per step) against the byte floor. Mamba 1.4b: D = 4096, N = 16, dt (B, D)
+given (the dt projection as its own GEMM, the default), x, z, B, C as strided views of the projections' outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LAYERS = 48
+TILES = [(rows, block_d, warps) for rows, block_d, warps in itertools.product((1, 2, 4), (32, 64, 128), (1, 2, 4))
+         if block_d * 16 // (32 * warps) in (1, 2, 4, 8, 16, 32)]  # 1..32 states a thread
+
+
+def _inputs(batch: int, dim: int, n: int, rank: int, state_dtype: torch.dtype):
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    xz = torch.randn(batch, 2 * dim, generator=gen, **bf16)
+    x_dbl = torch.randn(batch, rank + 2 * n, generator=gen, **bf16)
+    dt = torch.randn(batch, dim, generator=gen, **bf16)
+    states = [torch.randn(batch, dim, n, generator=gen, device="cuda").to(state_dtype) for _ in range(LAYERS)]
+    params = dict(A_log=torch.rand(dim, n, generator=gen, device="cuda").log1p(), D=torch.randn(dim, device="cuda"),
+                  dt_bias=torch.randn(dim, device="cuda"))
+    views = dict(x=xz[:, :dim], z=xz[:, dim:], B=x_dbl[:, rank:rank + n].unsqueeze(1),
+                 C=x_dbl[:, rank + n:].unsqueeze(1), dt=dt)
+    return states, views, params
+
+
+def _step(state, views, params):
+    from seqlab.ops.triton.decode import selective_state_update_triton
+
+    return selective_state_update_triton(state, views["x"], views["dt"], params["A_log"], views["B"], views["C"],
+                                         params["D"], views["z"], params["dt_bias"], True, A_is_log=True)
+
+
+def _graph_us(fn, replays: int = 5) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end) * 1e3 / LAYERS)
+    return statistics.median(times)
+
+
+def sweep(batch: int, state_dtype: torch.dtype, bandwidth: float, dim: int = 4096, n: int = 16,
+          rank: int = 128) -> list[dict]:
+    from seqlab.ops.triton import decode
+
+    states, views, params = _inputs(batch, dim, n, rank, state_dtype)
+    saved = dict(decode.TUNING)
+    probe = states[0].clone()
+    y_ref = _step(probe, views, params)
+    state_ref = probe
+    floor_us = 2 * batch * dim * n * state_dtype.itemsize / bandwidth * 1e6
+    rows = []
+    try:
+        for tile in [None, *TILES]:
+            for key, value in zip(("step_rows", "step_block_d", "step_warps"), tile or (None, None, None)):
+                decode.TUNING[key] = value
+            probe = states[0].clone()
+            try:
+                y = _step(probe, views, params)
+            except Exception as exc:  # a tile the compiler refuses
+                rows.append(dict(tile=tile, error=f"{type(exc).__name__}: {exc}"[:200]))
+                continue
+            err = max(((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item(),
+                      ((probe.float() - state_ref.float()).norm() / state_ref.float().norm()).item())
+            us = _graph_us(lambda: [_step(s, views, params) for s in states])
+            rows.append(dict(tile=tile or "default", us=us, floor_us=floor_us, of_floor=us / floor_us,
+                             rel_err=err, ok=err <= 1e-2))
+    finally:
+        decode.TUNING.clear()
+        decode.TUNING.update(saved)
+    return rows
+
+
+def _bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 10 * a.numel() / (begin.elapsed_time(end) / 1e3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="64,128")
+    parser.add_argument("--state-dtype", default="bf16,fp32")
+    parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("decode_step_sweep: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    bandwidth = _bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    results = []
+    for batch, name in itertools.product([int(b) for b in args.batch.split(",")], args.state_dtype.split(",")):
+        rows = sweep(batch, dtypes[name], bandwidth)
+        for row in rows:
+            row.update(batch=batch, state_dtype=name)
+        results += rows
+        timed = sorted((r for r in rows if "us" in r and r["ok"]), key=lambda r: r["us"])
+        default = next(r for r in rows if r["tile"] == "default")
+        print(f"\n## batch {batch}, state {name}: default {default['us']:.2f} us per layer "
+              f"({default['of_floor']:.2f}x the byte floor {default['floor_us']:.2f} us)")
+        print("| tile (rows, block_d, warps) | us per layer | x floor | rel err |\n|---|---|---|---|")
+        for r in timed[: args.top]:
+            print(f"| {r['tile']} | {r['us']:.2f} | {r['of_floor']:.2f} | {r['rel_err']:.1e} |")
+        bad = [r for r in rows if not r.get("ok", False)]
+        if bad:
+            print(f"refused or wrong: {[(r['tile'], r.get('error') or r.get('rel_err')) for r in bad]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
