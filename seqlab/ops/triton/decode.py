@@ -99,9 +99,13 @@ TUNING: dict = {"dt_rows": 0, "step_rows": None, "step_block_d": None, "step_war
 
 
 def _selective_step_tile(dim: int, block_n: int) -> tuple[int, int, int]:
-    """(rows, BLOCK_D, warps) of a selective step program without the dt projection."""
-    block_d = TUNING.get("step_block_d") or max(1, min(64, 2048 // block_n, next_pow2(dim)))
-    return TUNING.get("step_rows") or 1, block_d, TUNING.get("step_warps") or 4
+    """(rows, BLOCK_D, warps) of a selective step program without the dt projection: one row, 32 channels, one
+    warp (16 states a thread at N = 16). Swept on an H200 at Mamba 1.4b's step (benchmarks/decode_step_sweep.py,
+    benchmarks/generate-gpu/run9): the fastest or within 3% of it at batch 64 and 128, bf16 and float32 states,
+    8.6 vs 10.0 us per layer (bf16, batch 64) and 14.8 vs 17.4 (batch 128) against 64 channels on 4 warps."""
+    block_d = TUNING.get("step_block_d") or max(1, min(32, 2048 // block_n, next_pow2(dim)))
+    warps = TUNING.get("step_warps") or max(1, min(4, block_d * block_n // 512))
+    return TUNING.get("step_rows") or 1, block_d, warps
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log=False,

@@ -223,8 +223,8 @@ def default_config(m: int, n: int, k: int) -> dict:
 
 def candidate_configs(m: int, n: int, k: int) -> list[dict]:
     """A few tile shapes worth timing for one GEMM shape, the default first: narrower and wider output tiles (each
-    with its own split), no split, twice the split. Distinct after ``_effective_split``; only the default when
-    TUNING is set."""
+    with its own split), no split, twice the split, and 16 or 32 slices of K where the default leaves fewer
+    programs than an H200 has SMs. Distinct after ``_effective_split``; only the default when TUNING is set."""
     base = default_config(m, n, k)
     if TUNING:
         return [base]
@@ -235,6 +235,11 @@ def candidate_configs(m: int, n: int, k: int) -> list[dict]:
         {**base, "BLOCK_N": 32, "SPLIT_K": _split(n, k, 32, 128)},
         {**base, "BLOCK_N": 128, "SPLIT_K": _split(n, k, 128, 128), "STAGES": 3, "WARPS": 8},
     ]
+    # few output tiles (x_proj's N = dt_rank + 2 d_state): deeper splits put more SMs on the weight
+    for block_n in (32, 64):
+        tiles = triton.cdiv(n, block_n)
+        variants += [{**base, "BLOCK_N": block_n, "BLOCK_K": 64, "SPLIT_K": split} for split in (16, 32)
+                     if tiles * split <= 512 and triton.cdiv(k, 64) >= split and tiles * base["SPLIT_K"] < 132]
     configs, seen = [], set()
     for cfg in variants:
         cfg = {**cfg, "SPLIT_K": _effective_split(k, cfg["BLOCK_K"], cfg["SPLIT_K"])}

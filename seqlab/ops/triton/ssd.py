@@ -310,6 +310,11 @@ def _ssd_chunk_out_kernel(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, d
 #                  _ssd_bwd_dbc_kernel (dB, dC per (chunk, group, N slice), looping over the group's heads);
 #                  bwd_heads is then unused. Any other value ("chunk"): the one backward chunk kernel
 #   bwd_dx_block_n, bwd_dx_warps    N slice (default min(32, N)) and warps of _ssd_bwd_dx_kernel
+#   bwd_dx_maxnreg registers per thread the compiler may give _ssd_bwd_dx_kernel (default 128; None: no cap). At the
+#                  Mamba-2-2.7B layer (bf16, T = 64, 8 warps) it takes 255 uncapped, with spills, so one CTA fits
+#                  per SM; capped at 128 two do, with more spilled: fwd+bwd 4.46 vs 4.72 ms at 8 x 2048 on an H200
+#                  (benchmarks/kernels-gpu/run9). Splitting it in two kernels by tile kind (y/dx/dz/dD, then ddt/dA)
+#                  fitted two CTAs without spills but re-read x, dy and z and lost (5.4 ms).
 #   bwd_dbc_block_n, bwd_dbc_warps  N tile (default min(64, N)) and warps of _ssd_bwd_dbc_kernel
 #   bwd_dbc_splits programs per group of _ssd_bwd_dbc_kernel, each over its share of the heads (default 1: no
 #                  atomics; rounded down to a divisor of the heads per group)
@@ -974,7 +979,7 @@ def _split_backward(x, dt, A, B, C, D, z, dt_bias, doc, states, dstates, cum, cb
         L, H, P, G, N, nchunks, HAS_D=D is not None, D_PER_P=d_per_p, SHARED_CB=cb is not None,
         DLAST_INLINE=dlast is None,
         BLOCK_N=TUNING.get("bwd_dx_block_n") or min(32, max(16, next_pow2(N))),
-        num_warps=TUNING.get("bwd_dx_warps") or warps, **common)
+        num_warps=TUNING.get("bwd_dx_warps") or warps, maxnreg=TUNING.get("bwd_dx_maxnreg", 128), **common)
     per_group = H // G
     splits = _group_heads(per_group, 1, "bwd_dbc_splits", 1)
     bn = TUNING.get("bwd_dbc_block_n") or min(64, max(16, next_pow2(N)))
