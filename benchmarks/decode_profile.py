@@ -14,6 +14,7 @@ the fused decode kernels (pre-norm folded into the input GEMM, Mamba's two fused
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -87,14 +88,18 @@ def main() -> int:
     parser.add_argument("--fuse", default="default",
                         help="comma list: default (seqlab.mixers.base's settings), none (unfused ops), all (every "
                              "fused decode kernel of seqlab.ops.mamba_step on)")
+    parser.add_argument("--pdl", default="0",
+                        help="comma list: 1 = the decode kernels launch with programmatic dependent launch "
+                             "(seqlab.ops.triton.PDL), 0 = without")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("decode_profile: needs a CUDA GPU", file=sys.stderr)
         return 2
     from seqlab.mixers import base
-    from seqlab.ops.decode_linear import _CHOICE
+    from seqlab.ops.triton import PDL
 
+    decode_linear = importlib.import_module("seqlab.ops.decode_linear")  # seqlab.ops binds the function's name
     global DEFAULT_KERNELS
     DEFAULT_KERNELS = dict(base.FUSED_DECODE_KERNELS)
     from seqlab.ops.triton import decode
@@ -103,20 +108,24 @@ def main() -> int:
     results = []
     variants = itertools.product(args.models.split(","), args.state_dtype.split(","),
                                  [int(r) for r in args.dt_rows.split(",")], args.gemm.split(","),
-                                 args.fuse.split(","))
-    for spec, state_dtype, dt_rows, gemm, fuse in variants:
+                                 args.fuse.split(","), [p == "1" for p in args.pdl.split(",")])
+    for spec, state_dtype, dt_rows, gemm, fuse, pdl in variants:
+        PDL["enabled"] = pdl
+        decode_linear._CHOICE.clear()  # each variant times its own GEMM choices
+        decode_linear._CONFIG.clear()
         base.FUSE_DECODE = fuse != "none"
         for kernel in base.FUSED_DECODE_KERNELS:
             base.FUSED_DECODE_KERNELS[kernel] = fuse == "all" or (fuse == "default" and DEFAULT_KERNELS[kernel])
         decode.TUNING["dt_rows"] = dt_rows
         os.environ["SEQLAB_DECODE_GEMM"] = gemm
         result = profile_model(spec, args.batch, args.context, dtypes[state_dtype])
-        result.update(state_dtype=state_dtype, dt_rows=dt_rows, gemm=gemm, fused=fuse,
-                      gemm_choices={str(k[1:4]): v for k, v in _CHOICE.items()})
+        result.update(state_dtype=state_dtype, dt_rows=dt_rows, gemm=gemm, fused=fuse, pdl=pdl,
+                      gemm_choices={str(k[1:4]): (v, decode_linear._CONFIG[k])
+                                    for k, v in decode_linear._CHOICE.items()})
         results.append(result)
         graph = f"{result['graph_ms_per_step']:.3f} ms" if result["graph_ms_per_step"] is not None else "n/a"
         print(f"\n## {spec}, batch {args.batch}, context {args.context}, state {state_dtype}, dt_rows {dt_rows}, "
-              f"gemm {gemm}, fused {fuse}: {result['kernels_per_step']:.0f} kernels, "
+              f"gemm {gemm}, fused {fuse}, pdl {int(pdl)}: {result['kernels_per_step']:.0f} kernels, "
               f"{result['kernel_us_per_step'] / 1000:.3f} ms of kernel time per step; CUDA-graph step {graph}")
         if gemm == "auto":
             print(f"decode GEMM choices (rows, N, K): {result['gemm_choices']}")

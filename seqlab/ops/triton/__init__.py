@@ -7,7 +7,16 @@ on CPU tensors (slowly) for tests.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Programmatic dependent launch (Hopper and later) for the decode-step kernels that take it: each launch may start
+# while the previous kernel finishes, reads what no kernel writes during a decode step (weights, parameters), waits
+# (griddepcontrol.wait) for the previous kernel's results, then lets the next one start. Weights must then not be
+# written by the kernel just before: true in a decode step, not in general, hence off unless asked for
+# (SEQLAB_PDL=1 or PDL["enabled"] = True).
+PDL = {"enabled": os.environ.get("SEQLAB_PDL", "0") == "1"}
 
 
 def doc_ids(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
@@ -25,3 +34,11 @@ def doc_ids(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def pdl_launch(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device launch with programmatic dependent launch (PDL["enabled"], CUDA with
+    compute capability 9 or later, not under the interpreter)."""
+    if not PDL["enabled"] or not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9

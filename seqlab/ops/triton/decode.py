@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton import next_pow2
+from seqlab.ops.triton import next_pow2, pdl_launch
 from seqlab.ops.triton.jit_math import softplus
 
 
@@ -23,9 +23,9 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
                            sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
                            A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     """Programs over (ROWS batch rows, BLOCK_D channels): A (and with DT_PROJ the dt weight, from L1) is read
-    once for the rows the program steps in turn."""
+    once for the rows the program steps in turn. PDL: A is formed before waiting for the previous kernel."""
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d0 = offs_d < DIM
@@ -33,6 +33,9 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
                 other=0.0).to(tl.float32)
     if A_IS_LOG:
         A = -tl.exp(A)  # A = -exp(A_log), S4D-real parameterisation
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     for i in tl.static_range(ROWS):  # unrolled: the rows' loads are independent and overlap
         b = tl.program_id(0) * ROWS + i
         _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, w_ptr, y_ptr,
@@ -136,7 +139,8 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
                                  A_IS_LOG=bool(A_is_log), HAS_D=D is not None, HAS_Z=z is not None,
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
                                  DT_PROJ=dt_proj_weight is not None, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
-                                 BLOCK_R=min(64, next_pow2(rank)), num_warps=warps)
+                                 BLOCK_R=min(64, next_pow2(rank)), PDL=pdl_launch(x), launch_pdl=pdl_launch(x),
+                                 num_warps=warps)
     return y
 
 
@@ -210,20 +214,24 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A
 @triton.jit
 def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, DIM, sx_b, sx_d,
                       W: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
+    """PDL: the filter taps are read before waiting for the previous kernel (which writes x)."""
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_w = tl.arange(0, BLOCK_W)
     mask_d = offs_d < DIM
     bd = b.to(tl.int64) * DIM + offs_d  # state and y are contiguous; x may be a strided view
+    w = tl.load(w_ptr + offs_d[:, None] * W + offs_w[None, :], mask=(offs_w < W)[None, :] & mask_d[:, None],
+                other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + b.to(tl.int64) * sx_b + offs_d * sx_d, mask=mask_d, other=0.0)
     # window (BD, BLOCK_W): slots 0..W-2 from the state, slot W-1 is x
     in_state = (offs_w < W - 1)[None, :] & mask_d[:, None]
     sp = state_ptr + bd[:, None] * (W - 1) + offs_w[None, :]
     window = tl.load(sp, mask=in_state, other=0.0).to(tl.float32)
     window = tl.where((offs_w == W - 1)[None, :], x.to(tl.float32)[:, None], window)
-    w = tl.load(w_ptr + offs_d[:, None] * W + offs_w[None, :], mask=(offs_w < W)[None, :] & mask_d[:, None],
-                other=0.0).to(tl.float32)
     y = tl.sum(window * w, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -252,5 +260,6 @@ def conv_step_triton(conv_state, x, weight, bias, activation):
     block_d = min(256, next_pow2(dim))
     grid = (batch, triton.cdiv(dim, block_d))
     _conv_step_kernel[grid](conv_state, x, weight, bias, y, dim, *x.stride(), W=W, SILU=activation == "silu",
-                            HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_W=max(2, next_pow2(W)), num_warps=4)
+                            HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_W=max(2, next_pow2(W)),
+                            PDL=pdl_launch(x), launch_pdl=pdl_launch(x), num_warps=4)
     return y

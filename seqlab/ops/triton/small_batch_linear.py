@@ -17,6 +17,9 @@ Each program multiplies its x tiles by g (float32, rounded to the input dtype fo
 float32 over its K slice, and the epilogue scales each row by r_m. With split-K the partial sums of squares sit in
 the workspace beside the partial products and are added in the same fixed order.
 
+With programmatic dependent launch (seqlab.ops.triton.PDL) a program loads its first W tile before waiting for the
+previous kernel (which writes x), so the launch and the first weight fetch overlap that kernel's tail.
+
 The workspaces are cached per (device, N, tiles, split) and shared by every call of that shape: calls must not
 run concurrently on different streams.
 """
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton import next_pow2
+from seqlab.ops.triton import next_pow2, pdl_launch
 
 # Kernel shape per call, overridable for benchmarks that sweep it; keys BLOCK_N, BLOCK_K, SPLIT_K, STAGES, WARPS.
 # A non-empty TUNING also leaves candidate_configs with the one shape it describes.
@@ -78,7 +81,7 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
                                EPS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr,
                                SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               STAGES: tl.constexpr):
+                               STAGES: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -89,25 +92,26 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ_k x² over this K slice (NORM)
-    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
+    k_loop = k_begin
+    if PDL:  # the first W tile while the previous kernel finishes, then wait for its x (module docstring)
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        wt = tl.load(w_ptr + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k, mask=mask_n[:, None] & mask_k[None, :],
+                     other=0.0)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        xt = tl.load(x_ptr + offs_m[:, None] * sx_m + offs_k[None, :] * sx_k, mask=mask_m[:, None] & mask_k[None, :],
+                     other=0.0)
+        acc, sumsq = _accumulate(acc, sumsq, xt, wt, g_ptr, offs_k, mask_k, sg_k, NORM, NORM_WEIGHT, IEEE, UPCAST)
+        k_loop = k_begin + BLOCK_K
+    for k0 in tl.range(k_loop, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         xt = tl.load(x_ptr + offs_m[:, None] * sx_m + offs_k[None, :] * sx_k, mask=mask_m[:, None] & mask_k[None, :],
                      other=0.0)
-        if NORM:
-            xf = xt.to(tl.float32)
-            sumsq += tl.sum(xf * xf, axis=1)
-            if NORM_WEIGHT:
-                g = tl.load(g_ptr + offs_k * sg_k, mask=mask_k, other=0.0).to(tl.float32)
-                xt = (xf * g[None, :]).to(x_ptr.dtype.element_ty)
         wt = tl.load(w_ptr + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k, mask=mask_n[:, None] & mask_k[None, :],
                      other=0.0)
-        if UPCAST:  # the interpreter's dot on 16-bit inputs
-            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(wt))
+        acc, sumsq = _accumulate(acc, sumsq, xt, wt, g_ptr, offs_k, mask_k, sg_k, NORM, NORM_WEIGHT, IEEE, UPCAST)
     mask_mn = mask_m[:, None] & mask_n[None, :]
     out_off = offs_m[:, None] * N + offs_n[None, :]
     res_off = offs_m[:, None] * sr_m + offs_n[None, :] * sr_n
@@ -129,6 +133,25 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
                 row_sumsq = sum_slots(sq_ptr, pid_n * M + offs_m, mask_m, sq_slot, SPLIT_K)
             _store_output(total, row_sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, cs_ptr, cw_ptr, cb_ptr,
                           CONV_DIM, offs_m, offs_n, HAS_RES, NORM, EPS, CONV_W, CONV_BIAS)
+
+
+@triton.jit
+def _accumulate(acc, sumsq, xt, wt, g_ptr, offs_k, mask_k, sg_k, NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += x' wᵀ for one K tile, x' = x (⊙ g) (NORM); sumsq += Σ_k x² over the tile (NORM)."""
+    if NORM:
+        xf = xt.to(tl.float32)
+        sumsq += tl.sum(xf * xf, axis=1)
+        if NORM_WEIGHT:
+            g = tl.load(g_ptr + offs_k * sg_k, mask=mask_k, other=0.0).to(tl.float32)
+            xt = (xf * g[None, :]).to(xt.dtype)
+    if UPCAST:  # the interpreter's dot on 16-bit inputs
+        xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+    if IEEE:
+        acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+    else:
+        acc += tl.dot(xt, tl.trans(wt))
+    return acc, sumsq
 
 
 @triton.jit
@@ -318,6 +341,7 @@ def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: t
         HAS_RES=residual is not None, NORM=normalize, NORM_WEIGHT=norm_weight is not None,
         EPS=float(norm_eps) if normalize else 0.0, CONV_W=conv_weight.shape[1] if conv is not None else 0,
         CONV_BIAS=conv_bias is not None, SPLIT_K=split, IEEE=ieee or interpreting, UPCAST=interpreting,
+        PDL=pdl_launch(x), launch_pdl=pdl_launch(x),
         BLOCK_M=max(16, next_pow2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, STAGES=cfg["STAGES"],
         num_warps=cfg["WARPS"])
     return out
