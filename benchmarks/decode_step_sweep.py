@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.decode_gemm import graph_time_us  # noqa: E402
 
 LAYERS = 48
 TILES = [(rows, block_d, warps) for rows, block_d, warps in itertools.product((1, 2, 4), (32, 64, 128), (1, 2, 4))
@@ -49,26 +50,6 @@ def _step(state, views, params):
                                          params["D"], views["z"], params["dt_bias"], True, A_is_log=True)
 
 
-def _graph_us(fn, replays: int = 5) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(replays):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / LAYERS)
-    return statistics.median(times)
-
-
 def sweep(batch: int, state_dtype: torch.dtype, bandwidth: float, dim: int = 4096, n: int = 16,
           rank: int = 128) -> list[dict]:
     from seqlab.ops.triton import decode
@@ -92,7 +73,7 @@ def sweep(batch: int, state_dtype: torch.dtype, bandwidth: float, dim: int = 409
                 continue
             err = max(((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item(),
                       ((probe.float() - state_ref.float()).norm() / state_ref.float().norm()).item())
-            us = _graph_us(lambda: [_step(s, views, params) for s in states])
+            us = graph_time_us(lambda: [_step(s, views, params) for s in states], calls=1) / LAYERS
             rows.append(dict(tile=tile or "default", us=us, floor_us=floor_us, of_floor=us / floor_us,
                              rel_err=err, ok=err <= 1e-2))
     finally:
