@@ -217,11 +217,10 @@ def scan_loop(u, delta, A, B, C, D, z, bias, steps: int):
     return (y * F.silu(z[:, :steps].float())).to(u.dtype)
 
 
-# The selective-scan sweep at 8 x 2048: the chunk kernels' defaults, one knob changed at a time, and the old
-# loop kernels' best tiles (run 4) for comparison (see TUNING in seqlab/ops/triton/selective_scan.py)
-SCAN_SWEEP = ({}, {"forward": "chunk", "SAVE_Y": True}, {"forward": "chunk", "CHUNK_BLOCK_D": 16},
-              {"forward": "chunk", "CHUNK_BLOCK_D": 32, "CHUNK_WARPS": 2}, {"forward": "chunk", "BWD_BLOCK_D": 32},
-              {"forward": "chunk", "BWD_PREFETCH": False}, {"forward": "loop", "SEQ_BLOCK_D": 32, "SEQ_WARPS": 2})
+# The selective-scan sweep at 8 x 2048: the defaults (the lane forward), the chunk forward, one knob changed at a
+# time (see TUNING in seqlab/ops/triton/selective_scan.py)
+SCAN_SWEEP = ({}, {"fwd_variant": "chunk"}, {"fwd_variant": "lane", "lane_bc_ahead": 3},
+              {"fwd_variant": "lane", "lane_bc_ahead": 5}, {"fwd_variant": "lane", "BWD_BLOCK_D": 32})
 
 
 def bench_selective_scan(c, shapes, sweep: bool):

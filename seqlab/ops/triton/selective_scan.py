@@ -664,6 +664,313 @@ def _scan_fwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             tl.store(final_ptr + state_base + dn, h, mask=mask_dn)
 
 
+# ----------------------------------------------------------------------------------------- lane forward
+# TUNING["fwd_variant"] = "lane": the chunk forward with one channel per lane and all N states of the channel in
+# that lane's registers, held as a tuple of N (BLOCK_D,) vectors. A step costs per state a multiply, an ex2, a
+# multiply and two FMAs, with no shuffles, shared memory or barriers: the sum over n for y stays in the lane. B_t
+# and C_t (shared by the block's channels) are read by every lane as 16-byte vectors (one L1 broadcast per warp)
+# and split into scalars in registers; bf16 ones as int32 pairs, widened by one shift or one mask per element.
+# They are loaded BC_AHEAD steps before their use (u, delta, z a chunk ahead): the loop is latency-bound, and on an
+# H200 (Triton 3.6) 4 steps ahead took the forward from 0.688 ms (1 step) to 0.602 ms against 0.705 ms for the
+# chunk kernel, with more SASS per step (199 vs 178) but no shuffles or barriers. Chunks in the segment whose
+# successor lies in the batch row run with no masks or clamps; the last one or two clamp rows to the batch row's
+# last step instead of masking (steps past the segment get dt = 0). Checkpoints keep the (B, L / 8, D, N) layout:
+# either backward reads them.
+
+
+@triton.jit
+def _elements(x):
+    """(W,), W a power of two -> tuple of its W elements in order (scalars; W = 1: (x,))."""
+    parts = (x,)
+    for _ in tl.static_range(6):
+        if len(parts) < x.shape[0]:
+            ev = ()
+            od = ()
+            for i in tl.static_range(len(parts)):
+                if parts[i].shape[0] == 2:
+                    e, o = tl.split(parts[i])
+                else:
+                    e, o = tl.split(tl.reshape(parts[i], (parts[i].shape[0] // 2, 2)))
+                ev = ev + (e,)
+                od = od + (o,)
+            # parts[i] held the elements = i mod len(parts); evens first keeps them in order mod 2 len(parts)
+            parts = ev + od
+    return parts
+
+
+@triton.jit
+def _lane_row_load(ptr, row, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
+                   BF16_PAIRS: tl.constexpr):
+    """B or C (B, L, G, N) at flat row `row` (batch x L) and group g, as loaded: a tuple of the (VEC,) pieces (0 for
+    n >= N) that every lane reads alike. BF16_PAIRS (bf16, N = BLOCK_N, a multiple of 8): (4,) int32 pieces, each
+    word two bf16."""
+    pieces = ()
+    if BF16_PAIRS:
+        base = ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (row * G + g) * (BLOCK_N // 2)
+        for k in tl.static_range(BLOCK_N // 8):
+            pieces = pieces + (tl.load(base + k * 4 + tl.arange(0, 4)),)
+    else:
+        for k in tl.static_range(BLOCK_N // VEC):
+            offs = k * VEC + tl.arange(0, VEC)
+            if EVEN_N:
+                pieces = pieces + (tl.load(ptr + (row * G + g) * N + offs),)
+            else:
+                pieces = pieces + (tl.load(ptr + (row * G + g) * N + offs, mask=offs < N, other=0.0),)
+    return pieces
+
+
+@triton.jit
+def _lane_row_widen(pieces, BF16_PAIRS: tl.constexpr):
+    """_lane_row_load's pieces -> tuple of BLOCK_N float32 scalars. A bf16 pair's even element is the word's low
+    half (word << 16), the odd one its high half (word & 0xffff0000): one integer op each."""
+    vals = ()
+    for k in tl.static_range(len(pieces)):
+        if BF16_PAIRS:
+            words = _elements(pieces[k])
+            for i in tl.static_range(len(words)):
+                vals = vals + ((words[i] << 16).to(tl.float32, bitcast=True),
+                               (words[i] & -65536).to(tl.float32, bitcast=True))
+        else:
+            vals = vals + _elements(pieces[k].to(tl.float32))
+    return vals
+
+
+@triton.jit
+def _lane_load_state(ptr, base, offs_d, mask, N, BLOCK_N: tl.constexpr):
+    """(BLOCK_D, N) float32 rows at ptr + base as a tuple of BLOCK_N (BLOCK_D,) vectors (0 where n >= N)."""
+    h = ()
+    for n in tl.static_range(BLOCK_N):
+        h = h + (tl.load(ptr + base + offs_d * N + n, mask=mask & (offs_d * 0 + n < N), other=0.0).to(tl.float32),)
+    return h
+
+
+@triton.jit
+def _lane_tile(h):
+    """Tuple of BLOCK_N (BLOCK_D,) vectors -> (BLOCK_D, BLOCK_N) tile, each row in one lane's registers."""
+    parts = h
+    for _ in tl.static_range(6):
+        if len(parts) > 1:
+            nxt = ()
+            for k in tl.static_range(len(parts) // 2):
+                nxt = nxt + (tl.join(parts[k], parts[k + len(parts) // 2]),)  # new last axis: the high bit of n
+            parts = nxt
+    x = parts[0]
+    if len(h) == 1:
+        x = x[:, None]
+    return tl.reshape(x, (x.shape[0], len(h)))
+
+
+@triton.jit
+def _lane_step(h, A2, dt, dtu, Bs, Cs, reset, HAS_DOC: tl.constexpr, WANT_Y: tl.constexpr):
+    """h_{t-1} -> h_t for the tuple of N (BD,) state vectors; dt, dtu, reset (BD,); B, C tuples of scalars.
+    Returns h_t and y_t = <h_t, C_t> (BD,) (zeros without WANT_Y)."""
+    new = ()
+    y0 = tl.zeros_like(dt)
+    y1 = tl.zeros_like(dt)
+    for n in tl.static_range(len(h)):
+        a = tl.exp2(dt * A2[n])
+        if HAS_DOC:
+            a = tl.where(reset, 0.0, a)
+        hn = a * h[n] + dtu * Bs[n]
+        new = new + (hn,)
+        if WANT_Y:
+            if n % 2 == 0:  # two partial sums halve the dependent FMA chain
+                y0 += hn * Cs[n]
+            else:
+                y1 += hn * Cs[n]
+    return new, y0 + y1
+
+
+@triton.jit
+def _lane_load_steps(ptr, row0, row_last, DIM, offs_d, CLAMP: tl.constexpr):
+    """Eight (BD,) rows row0 .. row0 + 7 of a (B, L, D) tensor, raw dtype; CLAMP: rows past row_last read row_last."""
+    vals = ()
+    for s in tl.static_range(8):
+        if CLAMP:
+            vals = vals + (tl.load(ptr + tl.minimum(row0 + s, row_last) * DIM + offs_d),)
+        else:
+            vals = vals + (tl.load(ptr + (row0 + s) * DIM + offs_d),)
+    return vals
+
+
+@triton.jit
+def _lane_chunk(h, sdt, nreset, u8, d8, z8, nbc, chunk, row_b, row_last, t_end, A2, Dskip, bias, g, offs_d,
+                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, doc_ptr, y_ptr, ckpt_ptr, ypre_ptr,
+                pid_b, DIM, G, N, n_ckpt, dn, mask_dn,
+                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                HAS_DOC: tl.constexpr, STORE_CKPT: tl.constexpr, STORE_YPRE: tl.constexpr,
+                STATES_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BC_VEC: tl.constexpr, EVEN_N: tl.constexpr,
+                BF16_PAIRS: tl.constexpr, BC_AHEAD: tl.constexpr, TAIL: tl.constexpr):
+    """Steps 8 chunk .. 8 chunk + 7 of the lane forward, given their u, delta, z rows (u8, d8, z8) and the B, C
+    rows of the first BC_AHEAD steps (nbc, as loaded); loads the next chunk's u, delta, z and keeps B, C loads
+    BC_AHEAD steps ahead. Without TAIL the caller guarantees that this chunk lies in the segment and the next one in
+    the batch row: no clamps, no masks. Returns h, sdt, nreset and the next chunk's rows (u, delta, z, B/C)."""
+    row0 = row_b + chunk * 8
+    nu = _lane_load_steps(u_ptr, row0 + 8, row_last, DIM, offs_d, TAIL)
+    nd = _lane_load_steps(delta_ptr, row0 + 8, row_last, DIM, offs_d, TAIL)
+    nz = nu
+    if HAS_Z and not STATES_ONLY:
+        nz = _lane_load_steps(z_ptr, row0 + 8, row_last, DIM, offs_d, TAIL)
+    if STORE_CKPT and not STATES_ONLY:
+        tl.store(ckpt_ptr + (pid_b.to(tl.int64) * n_ckpt + chunk) * DIM * N + dn, _lane_tile(h), mask=mask_dn)
+    for s in tl.static_range(8):
+        t = chunk * 8 + s
+        in_seg = offs_d * 0 + t < t_end  # (BD,): a scalar condition as a vector
+        row = row0 + s
+        if TAIL:
+            row = tl.minimum(row, row_last)
+        raw = d8[s].to(tl.float32)
+        if HAS_BIAS:
+            raw = raw + bias
+        if SOFTPLUS:
+            dt = softplus(raw)
+        else:
+            dt = raw
+        if TAIL:
+            dt = tl.where(in_seg, dt, 0.0)  # steps past the segment: the identity
+        u = u8[s].to(tl.float32)
+        reset = in_seg
+        if HAS_DOC:  # every lane reads the step's document id
+            doc = tl.load(doc_ptr + row + offs_d * 0, mask=in_seg, other=0)
+            prev = tl.load(doc_ptr + row - 1 + offs_d * 0, mask=in_seg & (offs_d * 0 + t > 0), other=0)
+            reset = doc != prev
+        ahead = row0 + s + BC_AHEAD
+        if TAIL:
+            ahead = tl.minimum(ahead, row_last)
+        Bp = _lane_row_load(B_ptr, ahead, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        Cp = Bp
+        if not STATES_ONLY:
+            Cp = _lane_row_load(C_ptr, ahead, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        cur = nbc[0]
+        queue = ()
+        for k in tl.static_range(1, BC_AHEAD):
+            queue = queue + (nbc[k],)
+        nbc = queue + ((Bp, Cp),)
+        Bs = _lane_row_widen(cur[0], BF16_PAIRS)
+        if STATES_ONLY:
+            sdt += dt
+            if HAS_DOC:
+                nreset += reset.to(tl.int32)
+            h, _ = _lane_step(h, A2, dt, dt * u, Bs, Bs, reset, HAS_DOC, False)
+        else:
+            Cs = _lane_row_widen(cur[1], BF16_PAIRS)
+            h, y = _lane_step(h, A2, dt, dt * u, Bs, Cs, reset, HAS_DOC, True)
+            if HAS_D:
+                y += Dskip * u
+            io = row * DIM + offs_d
+            if HAS_Z:
+                if STORE_YPRE:
+                    if TAIL:
+                        tl.store(ypre_ptr + io, y.to(ypre_ptr.dtype.element_ty), mask=in_seg)
+                    else:
+                        tl.store(ypre_ptr + io, y.to(ypre_ptr.dtype.element_ty))
+                zv = z8[s].to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            if TAIL:
+                tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty), mask=in_seg)
+            else:
+                tl.store(y_ptr + io, y.to(y_ptr.dtype.element_ty))
+    return h, sdt, nreset, nu, nd, nz, nbc
+
+
+@triton.jit
+def _scan_fwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, doc_ptr,
+                          y_ptr, final_ptr, ckpt_ptr, seg_a_ptr, seg_b_ptr, ypre_ptr,
+                          L, DIM, G, N, n_ckpt, seg_len, n_seg, seg_first,
+                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                          HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, STORE_CKPT: tl.constexpr,
+                          STORE_YPRE: tl.constexpr, STATES_ONLY: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BC_VEC: tl.constexpr, EVEN_N: tl.constexpr,
+                          BF16_PAIRS: tl.constexpr, BC_AHEAD: tl.constexpr):
+    """Same grid, arguments and outputs as _scan_fwd_chunk_kernel (BLOCK_D divides D / G), with the state as
+    BLOCK_N (BLOCK_D,) vectors, one channel per lane. BC_VEC: elements per B/C load (16 bytes); EVEN_N: N ==
+    BLOCK_N; BF16_PAIRS: see _lane_row_load; BC_AHEAD (>= 1): steps between loading B, C and their use. Chunks
+    inside the segment whose successor lies inside the batch row run without clamps or masks; the last one or two
+    run with them."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2) + seg_first
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    A2 = _lane_load_state(A_ptr, 0, offs_d, mask_d, N, BLOCK_N)
+    A2_scaled = ()
+    for n in tl.static_range(BLOCK_N):
+        A2_scaled = A2_scaled + (A2[n] * LOG2E,)
+    A2 = A2_scaled
+    g = (pid_d * BLOCK_D) // (DIM // G)
+    state_base = pid_b.to(tl.int64) * DIM * N
+    seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
+    if HAS_INIT:
+        h = _lane_load_state(init_ptr, state_base, offs_d, mask_d & (offs_d * 0 + pid_s == 0), N, BLOCK_N)
+    else:
+        h = ()
+        for _ in tl.static_range(BLOCK_N):
+            h = h + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
+    if not STATES_ONLY:
+        for k in range(pid_s):  # fold the earlier segments: h <- a_k h + b_k
+            off = seg_base + k * DIM * N
+            sa = _lane_load_state(seg_a_ptr, off, offs_d, mask_d, N, BLOCK_N)
+            sb = _lane_load_state(seg_b_ptr, off, offs_d, mask_d, N, BLOCK_N)
+            folded = ()
+            for n in tl.static_range(BLOCK_N):
+                folded = folded + (sa[n] * h[n] + sb[n],)
+            h = folded
+    Dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    dn = offs_d[:, None] * N + offs_n[None, :]
+    mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
+    t_begin = pid_s * seg_len
+    t_end = tl.minimum(t_begin + seg_len, L)
+    c_begin = t_begin // 8
+    c_end = tl.cdiv(t_end, 8)
+    c_safe = tl.maximum(tl.minimum(t_end // 8, L // 8 - 1), c_begin)  # chunks before: full, successor in the row
+    sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    nreset = tl.zeros((BLOCK_D,), dtype=tl.int32)
+    row_b = pid_b.to(tl.int64) * L
+    row_last = row_b + L - 1
+    nu = _lane_load_steps(u_ptr, row_b + t_begin, row_last, DIM, offs_d, True)
+    nd = _lane_load_steps(delta_ptr, row_b + t_begin, row_last, DIM, offs_d, True)
+    nz = nu
+    if HAS_Z and not STATES_ONLY:
+        nz = _lane_load_steps(z_ptr, row_b + t_begin, row_last, DIM, offs_d, True)
+    nbc = ()
+    for k in tl.static_range(BC_AHEAD):
+        first = tl.minimum(row_b + t_begin + k, row_last)
+        Bp = _lane_row_load(B_ptr, first, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        Cp = Bp
+        if not STATES_ONLY:
+            Cp = _lane_row_load(C_ptr, first, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        nbc = nbc + ((Bp, Cp),)
+    for chunk in range(c_begin, c_safe):
+        h, sdt, nreset, nu, nd, nz, nbc = _lane_chunk(
+            h, sdt, nreset, nu, nd, nz, nbc, chunk, row_b, row_last, t_end, A2, Dskip, bias, g, offs_d,
+            u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, doc_ptr, y_ptr, ckpt_ptr, ypre_ptr, pid_b, DIM, G, N, n_ckpt,
+            dn, mask_dn, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DOC, STORE_CKPT, STORE_YPRE, STATES_ONLY, BLOCK_N,
+            BC_VEC, EVEN_N, BF16_PAIRS, BC_AHEAD, False)
+    for chunk in range(c_safe, c_end):
+        h, sdt, nreset, nu, nd, nz, nbc = _lane_chunk(
+            h, sdt, nreset, nu, nd, nz, nbc, chunk, row_b, row_last, t_end, A2, Dskip, bias, g, offs_d,
+            u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, doc_ptr, y_ptr, ckpt_ptr, ypre_ptr, pid_b, DIM, G, N, n_ckpt,
+            dn, mask_dn, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DOC, STORE_CKPT, STORE_YPRE, STATES_ONLY, BLOCK_N,
+            BC_VEC, EVEN_N, BF16_PAIRS, BC_AHEAD, True)
+    if STATES_ONLY:
+        seg = seg_base + pid_s.to(tl.int64) * DIM * N
+        for n in tl.static_range(BLOCK_N):
+            dec = tl.exp2(sdt * A2[n])
+            if HAS_DOC:
+                dec = tl.where(nreset > 0, 0.0, dec)
+            tl.store(seg_a_ptr + seg + offs_d * N + n, dec, mask=mask_d & (offs_d * 0 + n < N))
+            tl.store(seg_b_ptr + seg + offs_d * N + n, h[n], mask=mask_d & (offs_d * 0 + n < N))
+    else:
+        if pid_s == n_seg - 1:
+            tl.store(final_ptr + state_base + dn, _lane_tile(h), mask=mask_dn)
+
+
 @triton.jit
 def _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset, HAS_DOC: tl.constexpr):
     """Adjoint of one step; dyg is dy through the gate, carry = a_{t+1} dh_{t+1} (BD, BN).
@@ -850,6 +1157,12 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          chunk during this one; on by default: fwd+bwd 3.92 vs 4.27 ms at 8 x 2048 on an H200), SAVE_Y (keep y
 #          before the gate for dz, as mamba_ssm does, so the backward skips <h, C>; off: it costs a (B, L, D)
 #          activation).
+#          fwd_variant: "lane" (default: _scan_fwd_lane_kernel, one channel per lane, no shuffles or barriers in
+#          the time loop; fwd 0.740 vs 0.818 ms for "chunk" at 8 x 2048 x 4096, N 16, bf16 on an H200,
+#          benchmarks/kernels-gpu/run10; the same checkpoints, so the backward is unchanged) or "chunk"
+#          (_scan_fwd_chunk_kernel); with "lane": lane_bc_ahead (steps between a B/C load and its use, default 4:
+#          0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate timing). Float32 copies of B
+#          and C made before the launch (no widening in the loop) measured slower: 1.04 ms.
 #   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
 
@@ -935,11 +1248,22 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
                   BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or 1)
     args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b, ypre,
             L, dim, groups, n, n_ckpt, seg_len, n_seg)
+    kernel = _scan_fwd_chunk_kernel
+    variant = TUNING.get("fwd_variant", "lane")
+    if variant == "lane":
+        kernel = _scan_fwd_lane_kernel
+        Bk = args[3]
+        even_n = n == common["BLOCK_N"]
+        common.update(BC_VEC=min(common["BLOCK_N"], 16 // Bk.element_size()), EVEN_N=even_n,
+                      BF16_PAIRS=even_n and n % 8 == 0 and Bk.dtype == args[4].dtype == torch.bfloat16,
+                      BC_AHEAD=max(1, min(8, int(TUNING.get("lane_bc_ahead", 4)))))
+    elif variant != "chunk":
+        raise ValueError(f"TUNING['fwd_variant'] must be 'chunk' or 'lane', got {variant!r}")
     if n_seg > 1:
-        _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False,
-                                                              STATES_ONLY=True, **common)
-    _scan_fwd_chunk_kernel[(n_blocks, batch, n_seg)](*args, 0, STORE_CKPT=need_grad, STORE_YPRE=ypre is not None,
-                                                      STATES_ONLY=False, **common)
+        kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False, STATES_ONLY=True,
+                                             **common)
+    kernel[(n_blocks, batch, n_seg)](*args, 0, STORE_CKPT=need_grad, STORE_YPRE=ypre is not None, STATES_ONLY=False,
+                                     **common)
     return y, final, (ckpt if need_grad else None), ypre
 
 

@@ -1,0 +1,130 @@
+"""The selective scan's lane forward (the default, TUNING["fwd_variant"] = "lane") equals the chunk forward and the
+torch path: output, final state and every gradient, on fresh random inputs.
+
+On the CPU these run under TRITON_INTERPRET=1 (``make test`` sets it); on a CUDA machine natively. The backward is
+the chunk backward in both runs, reading the variant's checkpoints.
+Tolerances (relative error ||out - ref|| / ||ref||): float32 1e-5 against both references (float32 state, sums in
+another order); bf16 inputs 2e-2 against the torch path (bf16 outputs and gradients, 2^-8 relative each) and 1e-2
+against the chunk forward. NaN never passes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not (_INTERPRET or torch.cuda.is_available()),
+                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
+]
+DEVICE = "cuda" if (torch.cuda.is_available() and not _INTERPRET) else "cpu"
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+# name: (batch, seqlen, dim, N, groups, dtype, options, TUNING of the variant run)
+CASES = {
+    # N 8, two groups, every option, three documents per row, a partial last chunk (70 = 8 x 8 + 6)
+    "full_n8_g2": (2, 70, 64, 8, 2, torch.float32,
+                   dict(D=True, z=True, bias=True, init=True, docs=True, dfinal=True), dict(fwd_variant="lane")),
+    # N 16 in bf16: B, C read as int32 pairs
+    "bf16_n16": (2, 70, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, dfinal=True),
+                 dict(fwd_variant="lane")),
+    # no skip, gate, bias or softplus; time split into 3 segments (states-only pass and fold), y saved for dz
+    "split3_n16": (1, 70, 32, 16, 1, torch.float32, dict(init=True, softplus=False, dfinal=True),
+                   dict(fwd_variant="lane", SPLIT_T=3)),
+    "split3_docs_save_y": (2, 45, 32, 8, 2, torch.float32, dict(D=True, z=True, bias=True, docs=True, dfinal=True),
+                           dict(fwd_variant="lane", SPLIT_T=3, SAVE_Y=True)),
+    # N 3 (padded to 4, masked B/C pieces), 3 channels per group (blocks of 1 channel)
+    "odd_n3": (1, 20, 6, 3, 2, torch.float32, dict(D=True, z=True, bias=True, init=True, docs=True),
+               dict(fwd_variant="lane")),
+    # B, C loaded one step ahead; a sequence shorter than one chunk
+    "ahead1": (2, 5, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, init=True, dfinal=True),
+               dict(fwd_variant="lane", lane_bc_ahead=1)),
+}
+# every run: 32-channel blocks (one warp of channels per program, few programs for the interpreter)
+BASE_TUNING = dict(CHUNK_BLOCK_D=32, BWD_BLOCK_D=32, fwd_variant="chunk")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(batch, seqlen, dim, n, groups, dtype, opts, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen)
+    softplus = opts.get("softplus", True)
+    delta = 0.5 * r(batch, seqlen, dim) - 1.0 if softplus else 0.3 * r(batch, seqlen, dim).abs()
+    seq_idx = None
+    if opts.get("docs"):  # three documents per row at random starts
+        cuts = torch.sort(torch.randint(1, seqlen, (batch, 2), generator=gen), dim=1).values
+        t = torch.arange(seqlen)
+        seq_idx = ((t >= cuts[:, :1]).int() + (t >= cuts[:, 1:]).int()).to(torch.int32).to(DEVICE)
+    kw = dict(
+        u=r(batch, seqlen, dim).to(dtype), delta=delta.to(dtype), A=-torch.exp(0.5 * r(dim, n)),
+        B=r(batch, seqlen, groups, n).to(dtype), C=r(batch, seqlen, groups, n).to(dtype),
+        D=r(dim) if opts.get("D") else None, z=r(batch, seqlen, dim).to(dtype) if opts.get("z") else None,
+        delta_bias=0.3 * r(dim) if opts.get("bias") else None,
+        initial_state=r(batch, dim, n) if opts.get("init") else None,
+    )
+    kw = {k: (v.to(DEVICE) if v is not None else None) for k, v in kw.items()}
+    weights = (r(batch, seqlen, dim).to(DEVICE), r(batch, dim, n).to(DEVICE) if opts.get("dfinal") else None)
+    return kw, seq_idx, softplus, weights
+
+
+def run(backend, kw, seq_idx, softplus, weights, tuning=None):
+    """y, final state and the gradients of <y, wy> + <final, wh> for every input present."""
+    from seqlab.ops.selective_scan import selective_scan
+    from seqlab.ops.triton import selective_scan as module
+
+    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in kw.items()}
+    args = [leaves[k] for k in NAMES]
+    if backend == "torch":
+        y, hT = selective_scan(*args[:8], softplus, args[8], return_final_state=True, seq_idx=seq_idx,
+                               backend="torch")
+    else:
+        module.TUNING.clear()
+        module.TUNING.update(BASE_TUNING, **(tuning or {}))
+        try:
+            y, hT = module.selective_scan_triton(*args[:8], softplus, args[8], seq_idx)
+        finally:
+            module.TUNING.clear()
+    loss = (y.double() * weights[0].double()).sum()
+    if weights[1] is not None:
+        loss = loss + (hT.double() * weights[1].double()).sum()
+    present = [k for k in NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+    return dict(y=y.detach(), final_state=hT.detach(), **{f"grad {k}": g for k, g in zip(present, grads)})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunk_variant_matches_default_and_torch(case):
+    batch, seqlen, dim, n, groups, dtype, opts, tuning = CASES[case]
+    kw, seq_idx, softplus, weights = make_inputs(batch, seqlen, dim, n, groups, dtype, opts, seed=11)
+    variant = run("triton", kw, seq_idx, softplus, weights, tuning)
+    default = run("triton", kw, seq_idx, softplus, weights)
+    ref = run("torch", kw, seq_idx, softplus, weights)
+    tol_default, tol_torch = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2)
+    assert variant.keys() == ref.keys() == default.keys()
+    for name in ref:
+        assert variant[name].dtype == default[name].dtype and variant[name].shape == default[name].shape, name
+        err = rel_err(variant[name], default[name])
+        assert err <= tol_default, f"{name}: relative error {err:.2e} against the default kernel > {tol_default:.0e}"
+        err = rel_err(variant[name], ref[name])
+        assert err <= tol_torch, f"{name}: relative error {err:.2e} against the torch path > {tol_torch:.0e}"
+
+
+def test_unknown_fwd_variant_is_refused():
+    from seqlab.ops.triton import selective_scan as module
+
+    kw, seq_idx, softplus, weights = make_inputs(1, 8, 32, 4, 1, torch.float32, {}, seed=0)
+    with pytest.raises(ValueError, match="fwd_variant"):
+        run("triton", kw, seq_idx, softplus, weights, dict(fwd_variant="nope"))
+    assert module.TUNING == {}
