@@ -10,20 +10,16 @@ moves a decay by ~1e-3 relative), dt per head within 1e-5 and dt_bias per head w
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not (_INTERPRET or torch.cuda.is_available()),
-                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
-]
-DEVICE = "cuda" if (torch.cuda.is_available() and not _INTERPRET) else "cpu"
+from triton_env import DEVICE, TRITON_MARKS  # noqa: E402
+from triton_env import INTERPRET as _INTERPRET  # noqa: E402
+
+pytestmark = TRITON_MARKS
 NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"]
 _LAUNCHED: list = []  # kernel specialisations launched under the interpreter, compiled by the last test
 

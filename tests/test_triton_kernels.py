@@ -8,21 +8,15 @@ differently ordered sums); NaN never passes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not (_INTERPRET or torch.cuda.is_available()),
-                       reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
-]
-DEVICE = "cuda" if (torch.cuda.is_available() and not _INTERPRET) else "cpu"
+from triton_env import DEVICE, TRITON_MARKS  # noqa: E402
+
+pytestmark = TRITON_MARKS
 RTOL = 1e-4
 
 
