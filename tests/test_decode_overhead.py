@@ -442,7 +442,8 @@ def _record_launches():
 
 def test_launched_decode_kernels_compile_for_sm90():
     """The interpreter accepts code the GPU compiler rejects: lower every specialisation launched above (strided
-    inputs, A_IS_LOG, bfloat16 models) to Triton IR for sm_90 in a clean process."""
-    from triton_compile import assert_launched_compile_for_sm90
+    inputs, A_IS_LOG, bfloat16 models), and each again with programmatic dependent launch, to Triton IR for sm_90
+    in a clean process."""
+    from triton_compile import assert_launched_compile_for_sm90, with_constexpr
 
-    assert_launched_compile_for_sm90(_LAUNCHED)
+    assert_launched_compile_for_sm90(_LAUNCHED + with_constexpr(_LAUNCHED, "PDL", True))

@@ -207,6 +207,8 @@ def _record_launches():
 
 
 def test_launched_kernels_compile_for_sm90():
-    from triton_compile import assert_launched_compile_for_sm90
+    """Every specialisation launched above, and each with programmatic dependent launch (a Hopper GPU's, which the
+    interpreter cannot run), lowers for sm_90."""
+    from triton_compile import assert_launched_compile_for_sm90, with_constexpr
 
-    assert_launched_compile_for_sm90(_LAUNCHED)
+    assert_launched_compile_for_sm90(_LAUNCHED + with_constexpr(_LAUNCHED, "PDL", True))

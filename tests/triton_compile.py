@@ -100,3 +100,14 @@ def assert_launched_compile_for_sm90(launched: list) -> None:
         pytest.skip("only meaningful after interpreter tests recorded their launches")
     specs = {json.dumps(s, sort_keys=True, default=str): s for s in launched}
     assert_compiles_for_sm90(list(specs.values()))
+
+
+def with_constexpr(launched: list, name: str, value) -> list:
+    """The recorded specialisations whose kernel has constexpr ``name``, with it set to ``value``: the variants the
+    interpreter cannot run (e.g. programmatic dependent launch, which needs a Hopper GPU) still get lowered."""
+    variants = []
+    for module, kernel, sig, consts in launched:
+        if name in sig and sig[name] == "constexpr":
+            index = list(sig).index(name)
+            variants.append((module, kernel, sig, [[i, value if i == index else v] for i, v in consts]))
+    return variants
