@@ -2,7 +2,8 @@
 
     python3 benchmarks/sass_report.py seqlab.ops.triton.ssd:_ssd_bwd_dx_kernel \
         --const T=64,BLOCK_P=64,BLOCK_N=32,HAS_Z=1,SHARED_CB=1 --ptr-dtype bf16 \
-        --ptr states_ptr=fp32,cum_ptr=fp32 --int L=2048,H=80,P=64 --warps 8 [--arch 90] [--sass FILE] [--json]
+        --ptr states_ptr=fp32,cum_ptr=fp32 --int L=2048,H=80,P=64 --warps 8 [--maxnreg 128] [--arch 90] \
+        [--sass FILE] [--json]
 
 Prints registers per thread, spilled bytes (local-memory loads and stores), shared memory, the occupancy the
 register and shared-memory use allow (CTAs and warps per SM), and the SASS instruction mix (total, MUFU, tensor-core
@@ -55,7 +56,7 @@ def _value(text: str):
 
 
 def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: int, stages: int, arch: int,
-                   ints: dict | None = None):
+                   ints: dict | None = None, maxnreg: int | None = None):
     """The compiled kernel (triton.compile's result) for ``module:function``."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -85,8 +86,10 @@ def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: 
     if unknown:
         raise SystemExit(f"sass_report: --const names no constexpr of {name}: {sorted(unknown)}")
     source = ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 128),
-                          options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", arch, 128), options=options)
 
 
 def report(compiled, warps: int, sass_file: str | None = None) -> dict:
@@ -138,6 +141,7 @@ def main(argv=None) -> None:
     parser.add_argument("--int", default="", help="integer arguments' values at the launch, NAME=VALUE,...")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--maxnreg", type=int, help="registers per thread the compiler may use (a launch's maxnreg)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--sass", help="write the SASS listing here")
     parser.add_argument("--json", action="store_true")
@@ -145,7 +149,7 @@ def main(argv=None) -> None:
     const = {k: _value(v) for k, v in _pairs(args.const).items()}
     ints = {k: int(v) for k, v in _pairs(args.int).items()}
     compiled = compile_kernel(args.kernel, const, args.ptr_dtype, _pairs(args.ptr), args.warps, args.stages,
-                              args.arch, ints)
+                              args.arch, ints, args.maxnreg)
     result = report(compiled, args.warps, args.sass)
     if args.json:
         print(json.dumps(result))
