@@ -162,4 +162,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled for the GPU, also where the tests interpret kernels
     main()
