@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.decode_gemm import graph_time_us  # noqa: E402
+from seqlab.bench.roofline import measure_bandwidth  # noqa: E402
 
 LAYERS = 48
 TILES = [(rows, block_d, warps) for rows, block_d, warps in itertools.product((1, 2, 4), (32, 64, 128), (1, 2, 4))
@@ -82,20 +83,6 @@ def sweep(batch: int, state_dtype: torch.dtype, bandwidth: float, dim: int = 409
     return rows
 
 
-def _bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 10 * a.numel() / (begin.elapsed_time(end) / 1e3)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="64,128")
@@ -107,7 +94,7 @@ def main() -> int:
         print("decode_step_sweep: needs a CUDA GPU", file=sys.stderr)
         return 2
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    bandwidth = _bandwidth()
+    bandwidth = measure_bandwidth("cuda")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     results = []
     for batch, name in itertools.product([int(b) for b in args.batch.split(",")], args.state_dtype.split(",")):

@@ -372,10 +372,7 @@ SSD_VS_SDPA_SHAPES = ((4, 4096), (2, 8192))  # the SSD vs SDPA comparison runs h
 
 # The SSD sweep at 8 x 2048: the unfused kernels, the fused defaults, then one knob changed at a time (see TUNING
 # in seqlab/ops/triton/ssd.py); knobs that beat the defaults are then tried together.
-SSD_SWEEP = ({}, {"bwd_dx_warps": 16}, {"bwd_dx_maxnreg": 128}, {"bwd_dx_variant": "two"},
-             {"bwd_dx_variant": "two", "bwd_ddt_maxnreg": None}, {"bwd_dx_variant": "two", "bwd_dx_block_p": 64},
-             {"bwd_dx_variant": "two", "bwd_dx_block_p": 64, "bwd_dx_out_maxnreg": 128},
-             {"bwd_dx_variant": "two", "bwd_dx_block_p": 64, "bwd_dx_warps": 16}, {"bwd_dbc_block_n": 32})
+SSD_SWEEP = ({}, {"bwd_dx_maxnreg": None}, {"bwd_dx_warps": 16}, {"bwd_dbc_block_n": 32})
 
 
 def ssd_sweep_one(cfg, batch, seqlen, H, P, N, chunk):

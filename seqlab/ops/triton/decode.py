@@ -133,13 +133,14 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
         rows = max(1, TUNING.get("dt_rows") or 1)
     grid = (triton.cdiv(batch, rows), triton.cdiv(dim, block_d))
     rank = dt_proj_weight.shape[1] if dt_proj_weight is not None else 1
+    pdl = pdl_launch(x)
     _selective_step_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, dt_proj_weight, y, batch, dim, G, N, rank,
                                  *x.stride(), *dt.stride(), *_strides(z, 2), *B.stride(), *C.stride(),
                                  *_strides(dt_proj_weight, 2),
                                  A_IS_LOG=bool(A_is_log), HAS_D=D is not None, HAS_Z=z is not None,
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
                                  DT_PROJ=dt_proj_weight is not None, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
-                                 BLOCK_R=min(64, next_pow2(rank)), PDL=pdl_launch(x), launch_pdl=pdl_launch(x),
+                                 BLOCK_R=min(64, next_pow2(rank)), PDL=pdl, launch_pdl=pdl,
                                  num_warps=warps)
     return y
 
@@ -259,7 +260,8 @@ def conv_step_triton(conv_state, x, weight, bias, activation):
     y = torch.empty((batch, dim), device=x.device, dtype=x.dtype)
     block_d = min(256, next_pow2(dim))
     grid = (batch, triton.cdiv(dim, block_d))
+    pdl = pdl_launch(x)
     _conv_step_kernel[grid](conv_state, x, weight, bias, y, dim, *x.stride(), W=W, SILU=activation == "silu",
                             HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_W=max(2, next_pow2(W)),
-                            PDL=pdl_launch(x), launch_pdl=pdl_launch(x), num_warps=4)
+                            PDL=pdl, launch_pdl=pdl, num_warps=4)
     return y

@@ -333,6 +333,7 @@ def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: t
     ieee = x.dtype == torch.float32
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     conv_state, conv_weight, conv_bias = conv if conv is not None else (None, None, None)
+    pdl = pdl_launch(x)
     _small_batch_linear_kernel[(tiles, split)](
         x, weight, norm_weight, residual, out, ws, counts, conv_state, conv_weight, conv_bias,
         m, n, k, k_per_split, conv_state.shape[1] if conv is not None else 0, *x.stride(), *weight.stride(),
@@ -341,7 +342,7 @@ def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: t
         HAS_RES=residual is not None, NORM=normalize, NORM_WEIGHT=norm_weight is not None,
         EPS=float(norm_eps) if normalize else 0.0, CONV_W=conv_weight.shape[1] if conv is not None else 0,
         CONV_BIAS=conv_bias is not None, SPLIT_K=split, IEEE=ieee or interpreting, UPCAST=interpreting,
-        PDL=pdl_launch(x), launch_pdl=pdl_launch(x),
+        PDL=pdl, launch_pdl=pdl,
         BLOCK_M=max(16, next_pow2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, STAGES=cfg["STAGES"],
         num_warps=cfg["WARPS"])
     return out
