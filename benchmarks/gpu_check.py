@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -267,7 +268,7 @@ def check_decode_model(spec: str, batch: int = 64, steps: int = 8):
             [runs[True], runs[True], runs[False]], [runs[False], full, full])
 
 
-def run_checks(only=None):
+def run_checks(only=None, cases=None, processes: int = 1):
     f32, bf16 = torch.float32, torch.bfloat16
     jobs = [
         ("selective_scan", lambda: check_scan(f32, 2, 2048, 1024, 16, "2x2048 D1024 N16 docs+state")),
@@ -293,9 +294,12 @@ def run_checks(only=None):
         ("decode_model", lambda: check_decode_model("mamba2:small")),
         ("decode_model", lambda: check_decode_model("mamba:small", batch=1)),
     ]
-    for kind, job in jobs:
-        if only and not any(o in kind for o in only):
-            continue
+    selected = [(i, job) for i, (kind, job) in enumerate(jobs) if not only or any(o in kind for o in only)]
+    if cases is not None:
+        selected = [(i, job) for i, job in selected if i in cases]
+    if processes > 1:  # compiling dominates a cold run: one process per case, CHECKS gathered from their files
+        return run_in_processes([i for i, _ in selected], processes)
+    for _, job in selected:
         try:
             job()
         except Exception:  # noqa: BLE001 - one broken check must not hide the others
@@ -303,6 +307,29 @@ def run_checks(only=None):
             log(f"  ERROR {tb}")
             CHECKS.append(dict(ok=False, error=tb[-1500:]))
         torch.cuda.empty_cache()
+
+
+def run_in_processes(indices: list[int], processes: int) -> None:
+    """Run each check case (an index into run_checks' list) in a process of its own, ``processes`` at a time (the
+    Triton compiler is single-threaded and a cold cache makes it the cost of a run); logs each case's output in
+    order and adds its CHECKS."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        with tempfile.TemporaryDirectory() as tmp:
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--skip-tests", "--skip-bench",
+                                  "--cases", str(i), "--out", tmp], capture_output=True, text=True)
+            path = os.path.join(tmp, "gpu_check.json")
+            checks = json.load(open(path))["checks"] if os.path.exists(path) else []
+        if not checks:
+            checks = [dict(ok=False, case=f"case {i}", error=(res.stdout + res.stderr)[-1500:])]
+        return res.stdout, checks
+
+    with ThreadPoolExecutor(processes) as pool:
+        for out, checks in pool.map(one, indices):
+            lines = [ln for ln in out.splitlines() if not ln.startswith(("torch ", "== "))]
+            log("\n".join(lines))
+            CHECKS.extend(checks)
 
 
 def main() -> int:
@@ -313,6 +340,8 @@ def main() -> int:
     p.add_argument("--quick-bench", action="store_true")
     p.add_argument("--only", default="",
                    help="comma-separated check kinds: selective_scan,ssd,conv,decode_graph,decode_gemm")
+    p.add_argument("--cases", default="", help="comma-separated indices into the check list (after --only)")
+    p.add_argument("--jobs", type=int, default=1, help="run the check cases in this many processes at a time")
     p.add_argument("--bench-args", default="", help="extra arguments for benchmarks/kernels.py")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -335,7 +364,8 @@ def main() -> int:
         summary["pytest_s"] = time.time() - t0
     log("== kernel checks against the torch path")
     t0 = time.time()
-    run_checks([o for o in args.only.split(",") if o])
+    cases = {int(c) for c in args.cases.split(",") if c} or None
+    run_checks([o for o in args.only.split(",") if o], cases, args.jobs)
     summary["checks_s"] = time.time() - t0
     summary["checks"] = CHECKS
     summary["all_passed"] = all(c["ok"] for c in CHECKS)

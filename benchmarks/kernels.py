@@ -39,10 +39,15 @@ def log(*a):
 # ----------------------------------------------------------------------------------------------- timing
 
 
+WARM_ONLY = False  # --warm-only: every timed call runs once (compiling its kernels into the cache), no timing
+
+
 def cuda_time(fn, max_seconds: float = 1.0, min_reps: int = 3, max_reps: int = 50) -> float:
     """Median milliseconds of fn() by CUDA events, after one warm-up call (which also compiles)."""
     fn()
     torch.cuda.synchronize()
+    if WARM_ONLY:
+        return 1.0
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
@@ -580,6 +585,15 @@ def print_summary():
             f"{row.get('note', '')}")
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """"8x2048" -> (8, 2048)."""
+    try:
+        batch, seqlen = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"kernels.py: --shapes: expected BATCHxSEQLEN items like 8x2048, got {text!r}") from None
+    return batch, seqlen
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -588,13 +602,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="skip the selective-scan tile sweep")
     p.add_argument("--no-ssd-sweep", action="store_true", help="skip the SSD tile sweep")
     p.add_argument("--sections", default="selective_scan,ssd,conv,decode")
+    p.add_argument("--shapes", default="", help="batch x seqlen list, e.g. 8x2048,1x65536 (default: all or --quick)")
+    p.add_argument("--warm-only", action="store_true",
+                   help="call every kernel once at the chosen shapes and time nothing: fills Triton's cache (run "
+                        "one process per shape in parallel before a timed run; compiling is single-threaded)")
     args = p.parse_args(argv)
+    global WARM_ONLY
+    WARM_ONLY = args.warm_only
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
-    c = measure_ceilings()
+    if args.shapes:
+        shapes = [parse_shape(text) for text in args.shapes.split(",")]
+    c = measure_ceilings() if not WARM_ONLY else dict.fromkeys(
+        ("hbm_bytes_per_s", "bf16_flops", "fp32_flops", "exp_per_s"), 1.0)
     sections = [("selective_scan", lambda: bench_selective_scan(c, shapes, not args.no_sweep)),
                 ("ssd", lambda: bench_ssd(c, shapes, not args.no_ssd_sweep)),
                 ("conv", lambda: bench_conv(c, shapes)),

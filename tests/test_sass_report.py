@@ -47,3 +47,12 @@ def test_an_unknown_constexpr_is_named():
     res = subprocess.run([sys.executable, str(SCRIPT), KERNEL, "--const", "NOT_A_FLAG=1"], capture_output=True,
                          text=True, timeout=240)
     assert res.returncode != 0 and "NOT_A_FLAG" in res.stderr
+
+
+def test_softplus_takes_the_special_function_log(tmp_path):
+    """Compiled for the GPU, the step kernel's softplus takes its log from the MUFU (lg2), not libdevice's
+    polynomial log (~20 instructions a call)."""
+    sass = tmp_path / "step.sass"
+    report("--int", STRIDES, "--sass", str(sass))
+    text = sass.read_text()
+    assert "MUFU.LG2" in text and "MUFU.EX2" in text

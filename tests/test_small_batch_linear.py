@@ -164,6 +164,21 @@ def test_candidate_configs_start_with_the_default_and_are_distinct(monkeypatch):
     assert sbl.candidate_configs(1, 8192, 2048) == [sbl.default_config(1, 8192, 2048)]
 
 
+def test_candidates_include_a_one_wave_version_of_tiles_that_take_two(monkeypatch):
+    """Mamba 1.4b's out_proj at 64 rows: 256 programs of 4 x 32 KB stages, one per SM of 132, run in two waves; a
+    candidate with the same tile and fewer stages fits two per SM. At one row the default already fits."""
+    from seqlab.ops.triton import small_batch_linear as sbl
+
+    monkeypatch.setattr(sbl, "_sm_count", lambda: 132)
+    base = sbl.default_config(64, 2048, 4096)
+    assert base["STAGES"] == 4 and base["SPLIT_K"] == 8
+    wave = [c for c in sbl.candidate_configs(64, 2048, 4096)
+            if {**c, "STAGES": base["STAGES"]} == base and c["STAGES"] < base["STAGES"]]
+    assert len(wave) == 1 and 2 * wave[0]["STAGES"] * (64 + 64) * 128 * 2 <= sbl.SHARED_BYTES_PER_SM
+    assert sbl._one_wave(sbl.default_config(1, 2048, 4096), 1, 2048, 4096) is None
+    assert sbl._one_wave({**base, "STAGES": 2, "SPLIT_K": 64, "BLOCK_K": 64}, 64, 2048, 4096) is None  # none fits
+
+
 def test_transient_workspaces_drop_only_what_the_block_made():
     from seqlab.ops.triton import small_batch_linear as sbl
 

@@ -263,6 +263,10 @@ def candidate_configs(m: int, n: int, k: int) -> list[dict]:
         tiles = triton.cdiv(n, block_n)
         variants += [{**base, "BLOCK_N": block_n, "BLOCK_K": 64, "SPLIT_K": split} for split in (16, 32)
                      if tiles * split <= 512 and triton.cdiv(k, 64) >= split and tiles * base["SPLIT_K"] < 132]
+    # the same tiles with fewer pipeline stages where that fits every program on the GPU at once (one wave): with
+    # 4 stages a (64 + 64) x 128 tile takes 128 KB of shared memory, one program per SM, and 256 programs run in
+    # two waves
+    variants += [cfg for cfg in (_one_wave(v, m, n, k) for v in variants[:1] + variants[4:5]) if cfg is not None]
     configs, seen = [], set()
     for cfg in variants:
         cfg = {**cfg, "SPLIT_K": _effective_split(k, cfg["BLOCK_K"], cfg["SPLIT_K"])}
@@ -271,6 +275,29 @@ def candidate_configs(m: int, n: int, k: int) -> list[dict]:
             seen.add(key)
             configs.append(cfg)
     return configs
+
+
+SHARED_BYTES_PER_SM = 220 * 1024  # sm_90 has 227 KB for CTAs; the rest is margin for the epilogue's scratch
+
+
+def _sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132  # an H100 / H200
+
+
+def _one_wave(cfg: dict, m: int, n: int, k: int, element_bytes: int = 2) -> dict | None:
+    """``cfg`` with the most pipeline stages (at least 2, fewer than its own) that let all its programs be resident
+    at once, counting shared memory per stage (BLOCK_M + BLOCK_N) x BLOCK_K 16-bit elements; None if ``cfg``
+    already runs in one wave or no such stage count exists."""
+    block_m = max(16, next_pow2(m))
+    per_stage = (block_m + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * element_bytes
+    programs = triton.cdiv(n, cfg["BLOCK_N"]) * _effective_split(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
+    per_sm = triton.cdiv(programs, _sm_count())
+    if cfg["STAGES"] * per_stage * per_sm <= SHARED_BYTES_PER_SM:
+        return None
+    stages = min(cfg["STAGES"] - 1, SHARED_BYTES_PER_SM // (per_sm * per_stage))
+    return {**cfg, "STAGES": stages} if stages >= 2 else None
 
 
 def _k_slices(k: int, block_k: int, split: int) -> tuple[int, int]:

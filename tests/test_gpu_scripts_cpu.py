@@ -1,0 +1,34 @@
+"""The GPU benchmark scripts' plumbing that runs without a GPU: gpu_check's case processes and kernels.py's
+shape list."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_cases_in_processes_report_a_case_that_produced_no_result():
+    """Without CUDA each case's process exits before checking anything: every case then counts as a failed check
+    that names it and keeps the process's output, never as a pass."""
+    gpu_check = _load("gpu_check")
+    gpu_check.run_in_processes([0, 3], processes=2)
+    assert [c["case"] for c in gpu_check.CHECKS] == ["case 0", "case 3"]
+    assert not any(c["ok"] for c in gpu_check.CHECKS) and all("error" in c for c in gpu_check.CHECKS)
+
+
+def test_kernels_shapes_parse_and_bad_ones_are_named():
+    kernels = _load("kernels")
+    assert kernels.parse_shape("8x2048") == (8, 2048) and kernels.parse_shape("1X65536") == (1, 65536)
+    with pytest.raises(SystemExit, match="--shapes: expected BATCHxSEQLEN items like 8x2048, got '8-2048'"):
+        kernels.parse_shape("8-2048")
