@@ -606,7 +606,14 @@ def main(argv=None) -> int:
     p.add_argument("--warm-only", action="store_true",
                    help="call every kernel once at the chosen shapes and time nothing: fills Triton's cache (run "
                         "one process per shape in parallel before a timed run; compiling is single-threaded)")
+    p.add_argument("--scan-tuning", default="", help='JSON overrides for the selective scan\'s TUNING, e.g. '
+                   '\'{"fwd_variant": "chunk"}\' (seqlab/ops/triton/selective_scan.py)')
     args = p.parse_args(argv)
+    if args.scan_tuning:
+        from seqlab.ops.triton import selective_scan as tss
+
+        tss.TUNING.update(json.loads(args.scan_tuning))
+        RESULTS["scan_tuning"] = tss.TUNING.copy()
     global WARM_ONLY
     WARM_ONLY = args.warm_only
     if not torch.cuda.is_available():

@@ -196,12 +196,16 @@ def test_selective_scan_chunk_time_split_matches_loop(case):
 
 
 def test_selective_scan_chunk_plan_splits_time_only_for_few_programs():
-    """Occupancy plan: narrower channel blocks first, then time segments (multiples of 8 steps) for small batches."""
+    """Occupancy plan: for the chunk kernel narrower channel blocks first, then time segments (multiples of 8 steps)
+    for small batches; the lane kernel keeps a warp's 32 channels and splits time."""
     from seqlab.ops.triton import selective_scan as module
 
     module.TUNING.clear()
-    assert module._chunk_fwd_block_d(8, 4096, 1) == 32
-    assert module._chunk_fwd_block_d(1, 4096, 1) == 8
+    assert module._chunk_fwd_block_d(8, 4096, 1, "chunk") == 32
+    assert module._chunk_fwd_block_d(1, 4096, 1, "chunk") == 8
+    assert module._chunk_fwd_block_d(1, 4096, 1, "lane") == 32
+    assert module._chunk_fwd_block_d(1, 4096 + 16, 1, "lane") == 16  # a power of two dividing the channels
+    assert module._chunk_segments(4096 // 32, 65536) == (8, 8192)
     assert module._chunk_segments(8 * 4096 // 32, 2048) == (1, 2048)
     n_seg, seg_len = module._chunk_segments(4096 // 16, 16384)
     assert n_seg == 4 and seg_len % 8 == 0 and n_seg * seg_len >= 16384
