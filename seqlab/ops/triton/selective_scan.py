@@ -1159,7 +1159,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          activation).
 #          fwd_variant: "lane" (default: _scan_fwd_lane_kernel, one channel per lane, no shuffles or barriers in
 #          the time loop; fwd 0.740 vs 0.818 ms for "chunk" at 8 x 2048 x 4096, N 16, bf16 on an H200,
-#          benchmarks/kernels-gpu/run10; the same checkpoints, so the backward is unchanged) or "chunk"
+#          benchmarks/kernels-gpu/run10, and 4.03 vs 6.66 ms at 1 x 65536, run12; the same checkpoints, so the
+#          backward is unchanged) or "chunk"
 #          (_scan_fwd_chunk_kernel); with "lane": lane_bc_ahead (steps between a B/C load and its use, default 4:
 #          0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate timing). Float32 copies of B
 #          and C made before the launch (no widening in the loop) measured slower: 1.04 ms.
