@@ -19,7 +19,7 @@ done
 python3 benchmarks/gpu_check.py --out "$out" --skip-tests --skip-bench --only "$sections" --jobs 8 \
   > "$out/check.log" 2>&1
 wait
-echo "compiled and checked in $(( $(date +%s) - start )) s" | tee -a "$out/check.log"
+echo "compiled and checked in $(( $(date +%s) - start )) s" >> "$out/check.log"
 tail -n 2 "$out/check.log"
 # shellcheck disable=SC2086
 python3 benchmarks/kernels.py --sections "$sections" --shapes "$shapes" --out "$out" $extra 2>&1 | tee "$out/kernels.log"

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from seqlab.ops._common import triton_interpreting
+
 # Programmatic dependent launch (Hopper and later) for the decode-step kernels that take it: each launch may start
 # while the previous kernel finishes, reads what no kernel writes during a decode step (weights, parameters), waits
 # (griddepcontrol.wait) for the previous kernel's results, then lets the next one start. Weights must then not be
@@ -39,6 +41,6 @@ def next_pow2(n: int) -> int:
 def pdl_launch(t: torch.Tensor) -> bool:
     """Whether kernels on ``t``'s device launch with programmatic dependent launch (PDL["enabled"], CUDA with
     compute capability 9 or later, not under the interpreter)."""
-    if not PDL["enabled"] or not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not PDL["enabled"] or not t.is_cuda or triton_interpreting():
         return False
     return torch.cuda.get_device_capability(t.device)[0] >= 9

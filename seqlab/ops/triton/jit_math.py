@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from seqlab.ops._common import triton_interpreting
+
 # Compiled kernels take the special-function unit's log; the interpreter (TRITON_INTERPRET=1, how the CPU tests run
 # the kernels) has no libdevice, and takes tl.log. Decided at import, as triton.jit decides whether to interpret.
-_SFU_LOG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+_SFU_LOG = tl.constexpr(not triton_interpreting())
 
 
 @triton.jit
