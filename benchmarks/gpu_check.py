@@ -277,6 +277,8 @@ def run_checks(only=None, cases=None, processes: int = 1):
         ("selective_scan", lambda: check_scan(bf16, 1, 65536, 256, 16, "1x65536 D256 N16 docs+state", ndocs=4)),
         ("selective_scan", lambda: check_scan(f32, 1, 4096, 512, 16, "extreme dt 1x4096 D512", True, 1)),
         ("selective_scan", lambda: check_scan(bf16, 1, 4096, 512, 16, "extreme dt 1x4096 D512", True, 1)),
+        ("selective_scan", lambda: check_scan(f32, 2, 2048, 512, 128, "2x2048 D512 N128 docs+state")),
+        ("selective_scan", lambda: check_scan(bf16, 2, 2048, 512, 64, "2x2048 D512 N64 docs+state")),
         ("ssd", lambda: check_ssd(f32, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state")),
         ("ssd", lambda: check_ssd(bf16, 1, 4096, 80, 64, 128, 256, "1x4096 80x64 N128 chunk256 docs+state")),
         ("ssd", lambda: check_ssd(f32, 2, 1000, 8, 64, 64, 64, "2x1000 8x64 N64 chunk64 docs+state")),

@@ -480,6 +480,74 @@ def bench_ssd(c, shapes, sweep: bool):
         RESULTS["ssd_vs_sdpa"] = dict(ratio_by_seqlen=crossover, note=note)
 
 
+# ----------------------------------------------------------------------------------------------- state size
+
+STATE_SIZES = (16, 32, 64, 128)
+# Chunk-kernel tiles tried for the Mamba-1 scan above 16 states (its defaults are tuned at 16): the fastest forward
+# and the fastest forward+backward are reported, each with the tile that gave it.
+SCAN_STATE_TILES = [
+    {},
+    {"CHUNK_BLOCK_D": 8, "CHUNK_WARPS": 2, "BWD_BLOCK_D": 8, "BWD_WARPS": 4},
+    {"CHUNK_BLOCK_D": 16, "CHUNK_WARPS": 4, "BWD_BLOCK_D": 4, "BWD_WARPS": 1},
+    {"CHUNK_BLOCK_D": 4, "CHUNK_WARPS": 1, "BWD_BLOCK_D": 16, "BWD_WARPS": 8},
+]
+
+
+def bench_state_size(c, shapes, sweep: bool):
+    """The Mamba-2 paper's Fig. 10 comparison: the Mamba-1 scan against SSD at equal d_inner (5120) and equal state
+    size N, N from 16 to 128 (the published 2-8x is at N = 64; the Mamba-2-2.7B layer has N = 128)."""
+    from seqlab.ops.triton import selective_scan as tss
+    from seqlab.ops.triton.selective_scan import selective_scan_triton
+    from seqlab.ops.triton.ssd import ssd_triton
+
+    dim, H, P, chunk = 5120, 80, 64, 256
+    table = "state size (d_inner 5120, bf16: Mamba-1 scan vs SSD 80 heads x 64, chunk 256, 1 group)"
+    log(f"\n== {table}")
+    base = dict(tss.TUNING)
+    ratios = {}
+    for batch, seqlen in shapes:
+        shape = f"{batch}x{seqlen}"
+        for N in STATE_SIZES:
+            best_f = best_fb = (None, None)
+            for cfg in (SCAN_STATE_TILES if sweep and N > 16 else [{}]):
+                tss.TUNING.clear()
+                tss.TUNING.update({**base, **cfg})
+                gins = scan_inputs(batch, seqlen, dim, N, grad=True)
+                with torch.no_grad():
+                    ms = safe(cuda_time, lambda: selective_scan_triton(*gins, True, None, None))
+                msb = safe(cuda_time, fwd_bwd(lambda: selective_scan_triton(*gins, True, None, None), gins),
+                           max_seconds=2)
+                gins = None
+                torch.cuda.empty_cache()
+                if len(SCAN_STATE_TILES) > 1 and N > 16 and sweep:
+                    log(f"     N {N:3d} tile {cfg or 'default'}: fwd {ms} ms, fwd+bwd {msb} ms")
+                if ms and (best_f[0] is None or ms < best_f[0]):
+                    best_f = (ms, cfg)
+                if msb and (best_fb[0] is None or msb < best_fb[0]):
+                    best_fb = (msb, cfg)
+            tss.TUNING.clear()
+            tss.TUNING.update(base)
+            record(table, shape, f"Mamba-1 scan N {N} fwd", best_f[0], scan_floor(c, batch, seqlen, dim, N, False),
+                   note=f"tile {best_f[1] or 'default'}")
+            record(table, shape, f"Mamba-1 scan N {N} fwd+bwd", best_fb[0],
+                   scan_floor(c, batch, seqlen, dim, N, True), note=f"tile {best_fb[1] or 'default'}")
+            ins = ssd_inputs(batch, seqlen, H, P, N, grad=True)
+            args = (*ins[:5], chunk, *ins[5:8], True, None, None)
+            with torch.no_grad():
+                ms_s = safe(cuda_time, lambda: ssd_triton(*args))
+            msb_s = safe(cuda_time, fwd_bwd(lambda: ssd_triton(*args), ins), max_seconds=2)
+            ins = args = None
+            torch.cuda.empty_cache()
+            fwd_x = best_f[0] / ms_s if best_f[0] and ms_s else None
+            fb_x = best_fb[0] / msb_s if best_fb[0] and msb_s else None
+            record(table, shape, f"SSD N {N} fwd", ms_s, ssd_floor(c, batch, seqlen, H, P, N, 128, False),
+                   note=f"SSD {fwd_x:.2f}x faster than the scan" if fwd_x else "")
+            record(table, shape, f"SSD N {N} fwd+bwd", msb_s, ssd_floor(c, batch, seqlen, H, P, N, 128, True),
+                   note=f"SSD {fb_x:.2f}x faster than the scan" if fb_x else "")
+            ratios[f"{shape} N{N}"] = dict(fwd=fwd_x, fwd_bwd=fb_x)
+    RESULTS["ssd_vs_scan_by_state_size"] = ratios
+
+
 # ----------------------------------------------------------------------------------------------- conv
 
 
@@ -594,18 +662,32 @@ def parse_shape(text: str) -> tuple[int, int]:
     return batch, seqlen
 
 
+def parse_positive(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SystemExit(f"kernels.py: {flag}: expected positive integers, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
+    global WARM_ONLY, STATE_SIZES
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--quick", action="store_true",
                    help="two shapes only (the SSD vs SDPA comparison also at 4x4096 and 2x8192)")
     p.add_argument("--no-sweep", action="store_true", help="skip the selective-scan tile sweep")
     p.add_argument("--no-ssd-sweep", action="store_true", help="skip the SSD tile sweep")
-    p.add_argument("--sections", default="selective_scan,ssd,conv,decode")
+    p.add_argument("--sections", default="selective_scan,ssd,conv,decode",
+                   help="any of selective_scan, ssd, state_size (Mamba-1 scan vs SSD by state size), conv, decode")
     p.add_argument("--shapes", default="", help="batch x seqlen list, e.g. 8x2048,1x65536 (default: all or --quick)")
     p.add_argument("--warm-only", action="store_true",
                    help="call every kernel once at the chosen shapes and time nothing: fills Triton's cache (run "
                         "one process per shape in parallel before a timed run; compiling is single-threaded)")
+    p.add_argument("--states", default="", help="state sizes of the state_size section, e.g. 64,128 (default "
+                   + ",".join(map(str, STATE_SIZES)) + ")")
     p.add_argument("--scan-tuning", default="", help='JSON overrides for the selective scan\'s TUNING, e.g. '
                    '\'{"fwd_variant": "chunk"}\' (seqlab/ops/triton/selective_scan.py)')
     args = p.parse_args(argv)
@@ -614,8 +696,9 @@ def main(argv=None) -> int:
 
         tss.TUNING.update(json.loads(args.scan_tuning))
         RESULTS["scan_tuning"] = tss.TUNING.copy()
-    global WARM_ONLY
     WARM_ONLY = args.warm_only
+    if args.states:
+        STATE_SIZES = tuple(parse_positive(text, "--states") for text in args.states.split(","))
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
         return 2
@@ -627,6 +710,7 @@ def main(argv=None) -> int:
         ("hbm_bytes_per_s", "bf16_flops", "fp32_flops", "exp_per_s"), 1.0)
     sections = [("selective_scan", lambda: bench_selective_scan(c, shapes, not args.no_sweep)),
                 ("ssd", lambda: bench_ssd(c, shapes, not args.no_ssd_sweep)),
+                ("state_size", lambda: bench_state_size(c, shapes, not args.no_sweep)),
                 ("conv", lambda: bench_conv(c, shapes)),
                 ("decode", lambda: bench_decode(c))]
     for name, fn in sections:

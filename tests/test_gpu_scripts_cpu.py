@@ -32,3 +32,11 @@ def test_kernels_shapes_parse_and_bad_ones_are_named():
     assert kernels.parse_shape("8x2048") == (8, 2048) and kernels.parse_shape("1X65536") == (1, 65536)
     with pytest.raises(SystemExit, match="--shapes: expected BATCHxSEQLEN items like 8x2048, got '8-2048'"):
         kernels.parse_shape("8-2048")
+
+
+def test_kernels_state_sizes_parse_and_bad_ones_are_named():
+    kernels = _load("kernels")
+    assert kernels.parse_positive("128", "--states") == 128
+    for bad in ("0", "-16", "n64"):
+        with pytest.raises(SystemExit, match=f"--states: expected positive integers, got '{bad}'"):
+            kernels.parse_positive(bad, "--states")

@@ -1174,6 +1174,18 @@ _CHUNK_PROGRAMS = 1024
 _MIN_SEGMENT = 256
 
 
+# The lane forward keeps a channel's N states in one thread's registers, unrolled per state: beyond 16 states its
+# registers spill and its compile time (already ~50 s at 16, quadratic in the unrolled copies) runs away, so larger
+# states take the chunk forward, whose (channels, states) tile spreads over more warps (_state_warps).
+_LANE_MAX_STATES = 16
+
+
+def _state_warps(n: int) -> int:
+    """Warps per chunk-kernel program: one per 16 states, so a thread holds as many tile elements at N = 128 as
+    at N = 16."""
+    return max(1, next_pow2(n) // 16)
+
+
 def _chunk_block_d(key: str, default: int, dim: int, groups: int) -> int:
     """Channels per chunk program: a power of two dividing the channels of one B/C group."""
     block_d = TUNING.get(key) or default
@@ -1234,7 +1246,7 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
     bench/memory.py does not count), both None without grad."""
     batch, L, dim = u.shape
     groups, n = B.shape[2], B.shape[3]
-    variant = TUNING.get("fwd_variant", "lane")
+    variant = TUNING.get("fwd_variant", "lane" if next_pow2(n) <= _LANE_MAX_STATES else "chunk")
     if variant not in ("chunk", "lane"):
         raise ValueError(f"TUNING['fwd_variant'] must be 'chunk' or 'lane', got {variant!r}")
     block_d = _chunk_fwd_block_d(batch, dim, groups, variant)
@@ -1251,7 +1263,7 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
     ypre = torch.empty_like(u) if need_grad and z is not None and TUNING.get("SAVE_Y", False) else None
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_INIT=init is not None, HAS_DOC=doc is not None, BLOCK_D=block_d,
-                  BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or 1)
+                  BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or _state_warps(n))
     args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b, ypre,
             L, dim, groups, n, n_ckpt, seg_len, n_seg)
     kernel = _scan_fwd_chunk_kernel

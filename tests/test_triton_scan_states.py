@@ -1,0 +1,40 @@
+"""The selective scan's Triton kernels above 16 states (the Mamba-2 paper's state-size comparison runs the scan at
+N = 32..128): the chunk forward takes over from the lane forward there, spread over more warps, and still equals
+the float64 loop, forward and every gradient (float32, relative error <= 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from test_triton_kernels import _scan_inputs, assert_close, grads_of, leaves, selective_scan_loop  # noqa: E402
+from triton_env import TRITON_MARKS  # noqa: E402
+
+pytestmark = TRITON_MARKS
+
+
+def test_large_states_take_the_chunk_forward_with_a_warp_per_16_states():
+    from seqlab.ops.triton import selective_scan as module
+
+    assert module._LANE_MAX_STATES == 16
+    assert [module._state_warps(n) for n in (3, 16, 17, 64, 128)] == [1, 1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("N", [32, 64])
+def test_selective_scan_triton_large_states_match_loop(N):
+    from seqlab.ops.triton import selective_scan as module
+
+    module.TUNING.clear()
+    u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(
+        2, 21, 8, N, 1, dict(D=True, z=True, bias=True, init=True, seq_idx=True), seed=5)
+    ins = leaves(u, delta, A, B, C, D, z, bias, h0)
+    y, hT = module.selective_scan_triton(*ins[:8], True, ins[8], seq_idx)
+    ins_ref = leaves(u, delta, A, B, C, D, z, bias, h0)
+    y_ref, hT_ref = selective_scan_loop(*ins_ref[:8], True, ins_ref[8], seq_idx)
+    assert_close("y", y, y_ref)
+    assert_close("final_state", hT, hT_ref)
+    gs, gs_ref = grads_of([y, hT], ins, seed=6), grads_of([y_ref, hT_ref], ins_ref, seed=6)
+    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
+        assert g is not None, f"no gradient for {name}"
+        assert_close(f"grad {name}", g, g_ref)
