@@ -195,6 +195,37 @@ def test_selective_scan_chunk_time_split_matches_loop(case):
         module.TUNING.clear()
 
 
+BWD_VARIANTS = {
+    # TUNING of the chunk backward's variants (the forward is the chunk kernel in every run)
+    "subchunk": dict(BWD_SUBCHUNK=True),
+    "out_tiles": dict(BWD_OUT_TILES=True),
+    "bc_step": dict(BWD_BC_STEP=True),
+    "all_capped_no_prefetch": dict(BWD_SUBCHUNK=True, BWD_OUT_TILES=True, BWD_BC_STEP=True, BWD_MAXNREG=128,
+                                   BWD_PREFETCH=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(BWD_VARIANTS))
+def test_selective_scan_chunk_backward_variants_match_loop(variant, monkeypatch):
+    """Every backward variant equals the float64 loop (all gradients, 1e-4): L = 45 (a partial last chunk), two
+    time segments (the carry-only pass and the fold), documents, two B/C groups, initial and final states."""
+    from seqlab.ops.triton import selective_scan as module
+
+    tuning = dict(fwd_variant="chunk", CHUNK_BLOCK_D=8, BWD_BLOCK_D=8, SPLIT_T=2, **BWD_VARIANTS[variant])
+    monkeypatch.setattr(module, "TUNING", tuning)
+    opts = dict(D=True, z=True, bias=True, init=True, dfinal=True, seq_idx=True)
+    u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(2, 45, 16, 8, 2, opts, seed=5)
+    ins = leaves(u, delta, A, B, C, D, z, bias, h0)
+    y, hT = module.selective_scan_triton(*ins[:8], True, ins[8], seq_idx)
+    ins_ref = leaves(u, delta, A, B, C, D, z, bias, h0)
+    y_ref, hT_ref = selective_scan_loop(*ins_ref[:8], True, ins_ref[8], seq_idx)
+    assert_close("y", y, y_ref)
+    gs, gs_ref = grads_of([y, hT], ins, seed=6), grads_of([y_ref, hT_ref], ins_ref, seed=6)
+    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
+        assert g is not None, f"no gradient for {name}"
+        assert_close(f"grad {name}", g, g_ref)
+
+
 def test_selective_scan_chunk_plan_splits_time_only_for_few_programs():
     """Occupancy plan: for the chunk kernel narrower channel blocks first, then time segments (multiples of 8 steps)
     for small batches; the lane kernel keeps a warp's 32 channels and splits time."""

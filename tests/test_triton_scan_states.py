@@ -1,5 +1,5 @@
 """The selective scan's Triton kernels above 16 states (the Mamba-2 paper's state-size comparison runs the scan at
-N = 32..128): the chunk forward takes over from the lane forward there, spread over more warps, and still equals
+N = 32..128): the chunk kernels take over from the lane forward there, with their own tiles, and still equal
 the float64 loop, forward and every gradient (float32, relative error <= 1e-4)."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from triton_env import TRITON_MARKS  # noqa: E402
 pytestmark = TRITON_MARKS
 
 
-def test_large_states_take_the_chunk_forward_with_a_warp_per_16_states():
+def test_large_states_take_the_chunk_kernels_with_their_own_tiles():
     from seqlab.ops.triton import selective_scan as module
 
-    assert module._LANE_MAX_STATES == 16
-    assert [module._state_warps(n) for n in (3, 16, 17, 64, 128)] == [1, 1, 2, 4, 8]
+    assert [module._large_state(n) for n in (3, 16, 17, 64, 128)] == [False, False, True, True, True]
 
 
 @pytest.mark.parametrize("N", [32, 64])
