@@ -226,6 +226,8 @@ def scan_loop(u, delta, A, B, C, D, z, bias, steps: int):
 # time (see TUNING in seqlab/ops/triton/selective_scan.py)
 SCAN_SWEEP = ({}, {"fwd_variant": "chunk"}, {"fwd_variant": "lane", "lane_bc_ahead": 3},
               {"fwd_variant": "lane", "lane_bc_ahead": 5}, {"fwd_variant": "lane", "BWD_BLOCK_D": 32})
+SWEEP_SECONDS = 0.3  # per timing in the sweep; --scan-sweep (a list given to compare) takes 1 s and two rounds
+SWEEP_ROUNDS = 1
 
 
 def bench_selective_scan(c, shapes, sweep: bool):
@@ -238,16 +240,16 @@ def bench_selective_scan(c, shapes, sweep: bool):
     if sweep:
         batch, seqlen = 8, 2048
         best = None
-        for cfg in SCAN_SWEEP:
+        for cfg in [cfg for _ in range(SWEEP_ROUNDS) for cfg in SCAN_SWEEP]:  # rounds interleaved: drift shows
             tss.TUNING.clear()
             tss.TUNING.update(cfg)
             ins = scan_inputs(batch, seqlen, dim, N)
             run = lambda ins=ins: tss.selective_scan_triton(*ins, True, None, None)
             with torch.no_grad():
-                ms = safe(cuda_time, run, max_seconds=0.3)
+                ms = safe(cuda_time, run, max_seconds=SWEEP_SECONDS)
             gins = scan_inputs(batch, seqlen, dim, N, grad=True)
             msb = safe(cuda_time, fwd_bwd(lambda g=gins: tss.selective_scan_triton(*g, True, None, None), gins),
-                       max_seconds=0.3)
+                       max_seconds=SWEEP_SECONDS)
             record("selective_scan tile sweep (8x2048)", f"{batch}x{seqlen}", f"tiles {cfg}", ms,
                    note=f"fwd+bwd {msb}")
             if ms and msb and (best is None or ms + msb < best[0]):
@@ -663,6 +665,17 @@ def parse_shape(text: str) -> tuple[int, int]:
     return batch, seqlen
 
 
+def parse_tuning_list(text: str) -> list[dict]:
+    """'[{}, {"BWD_MAXNREG": 168}]' -> the list of TUNING dicts."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"kernels.py: --scan-sweep: expected a JSON list of objects, got {text!r} ({err})") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise SystemExit(f"kernels.py: --scan-sweep: expected a JSON list of objects, got {text!r}")
+    return value
+
+
 def parse_positive(text: str, flag: str) -> int:
     try:
         value = int(text)
@@ -674,7 +687,7 @@ def parse_positive(text: str, flag: str) -> int:
 
 
 def main(argv=None) -> int:
-    global WARM_ONLY, STATE_SIZES
+    global WARM_ONLY, STATE_SIZES, SCAN_SWEEP, SWEEP_SECONDS, SWEEP_ROUNDS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--quick", action="store_true",
@@ -689,6 +702,8 @@ def main(argv=None) -> int:
                         "one process per shape in parallel before a timed run; compiling is single-threaded)")
     p.add_argument("--states", default="", help="state sizes of the state_size section, e.g. 64,128 (default "
                    + ",".join(map(str, STATE_SIZES)) + ")")
+    p.add_argument("--scan-sweep", default="", help="JSON list of selective-scan TUNING settings to compare at "
+                   "8x2048 instead of the built-in sweep (two interleaved rounds, 1 s per timing)")
     p.add_argument("--scan-tuning", default="", help='JSON overrides for the selective scan\'s TUNING, e.g. '
                    '\'{"fwd_variant": "chunk"}\' (seqlab/ops/triton/selective_scan.py)')
     args = p.parse_args(argv)
@@ -698,6 +713,8 @@ def main(argv=None) -> int:
         tss.TUNING.update(json.loads(args.scan_tuning))
         RESULTS["scan_tuning"] = tss.TUNING.copy()
     WARM_ONLY = args.warm_only
+    if args.scan_sweep:
+        SCAN_SWEEP, SWEEP_SECONDS, SWEEP_ROUNDS = parse_tuning_list(args.scan_sweep), 1.0, 2
     if args.states:
         STATE_SIZES = tuple(parse_positive(text, "--states") for text in args.states.split(","))
     if not torch.cuda.is_available():

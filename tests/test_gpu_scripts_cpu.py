@@ -40,3 +40,11 @@ def test_kernels_state_sizes_parse_and_bad_ones_are_named():
     for bad in ("0", "-16", "n64"):
         with pytest.raises(SystemExit, match=f"--states: expected positive integers, got '{bad}'"):
             kernels.parse_positive(bad, "--states")
+
+
+def test_kernels_scan_sweep_list_parses_and_bad_ones_are_named():
+    kernels = _load("kernels")
+    assert kernels.parse_tuning_list('[{}, {"BWD_MAXNREG": 168}]') == [{}, {"BWD_MAXNREG": 168}]
+    for bad in ('{"BWD_MAXNREG": 168}', "[1, 2]", "[{"):
+        with pytest.raises(SystemExit, match="--scan-sweep: expected a JSON list of objects"):
+            kernels.parse_tuning_list(bad)
