@@ -197,11 +197,9 @@ def test_selective_scan_chunk_time_split_matches_loop(case):
 
 BWD_VARIANTS = {
     # TUNING of the chunk backward's variants (the forward is the chunk kernel in every run)
-    "subchunk": dict(BWD_SUBCHUNK=True),
-    "out_tiles": dict(BWD_OUT_TILES=True),
     "bc_step": dict(BWD_BC_STEP=True),
-    "all_capped_no_prefetch": dict(BWD_SUBCHUNK=True, BWD_OUT_TILES=True, BWD_BC_STEP=True, BWD_MAXNREG=128,
-                                   BWD_PREFETCH=False),
+    "bc_tiles": dict(BWD_BC_STEP=False),
+    "capped_no_prefetch": dict(BWD_MAXNREG=128, BWD_PREFETCH=False),
 }
 
 

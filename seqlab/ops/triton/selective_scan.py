@@ -972,12 +972,10 @@ def _scan_fwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
 
 
 @triton.jit
-def _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset, k, outs, HAS_DOC: tl.constexpr,
-                    OUT_TILES: tl.constexpr):
-    """Adjoint of step k of a chunk; dyg is dy through the gate, carry = a_{t+1} dh_{t+1} (BD, BN).
-    Returns (dx dt (BD,), d dt (BD,), dB, dC (BN,), <h_t, C_t> (BD,) (for dz; computed here, where h_t is live
-    anyway)), dA_acc + this step's dA and the carry for step t - 1. OUT_TILES: the five are instead written into
-    column (row for dB, dC) k of outs = ((BD, 8), (BD, 8), (8, BN), (8, BN), (BD, 8)), which is returned."""
+def _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset, HAS_DOC: tl.constexpr):
+    """Adjoint of one step; dyg is dy through the gate, carry = a_{t+1} dh_{t+1} (BD, BN).
+    Returns dx dt (BD,), d dt (BD,), dB, dC (BN,), dA_acc + this step's dA, the carry for step t - 1 and
+    <h_t, C_t> (BD,) (for dz; computed here, where h_t is live anyway)."""
     a = _decay(dt, A2, reset, HAS_DOC)  # recomputed: cheaper than keeping 8 of them in registers
     dh = dyg[:, None] * Cv[None, :] + carry
     dC = tl.sum(dyg[:, None] * h, axis=0)
@@ -986,15 +984,20 @@ def _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset, k, 
     q = dh * (a * h_prev)
     dA_acc += q * dt[:, None]
     ddt = dx * u + tl.sum(q * A2, axis=1) * LN2  # d/d dt of exp(dt A) h = A a h, with A = A2 ln 2
-    y = tl.sum(h * Cv[None, :], axis=1)
-    if OUT_TILES:
-        col = tl.arange(0, 8)[None, :] == k
-        row = tl.arange(0, 8)[:, None] == k
-        res = (tl.where(col, (dx * dt)[:, None], outs[0]), tl.where(col, ddt[:, None], outs[1]),
-               tl.where(row, dB[None, :], outs[2]), tl.where(row, dC[None, :], outs[3]), tl.where(col, y[:, None], outs[4]))
+    return dx * dt, ddt, dB, dC, dA_acc, a * dh, tl.sum(h * Cv[None, :], axis=1)
+
+
+@triton.jit
+def _bc_step(ptr, base, k, gn, t0n, t_end, mask_n, REVERSE: tl.constexpr):
+    """B or C (BN,) of step k of the chunk starting at row base, float32. REVERSE: the adjoint step's read, with
+    another eviction hint so the compiler does not merge it with the rebuild's read (which would keep all 8 steps'
+    values live across the chunk)."""
+    mask = mask_n & (t0n + k < t_end)
+    if REVERSE:
+        v = tl.load(ptr + base + k * gn, mask=mask, other=0.0, eviction_policy="evict_last")
     else:
-        res = (dx * dt, ddt, dB, dC, y)
-    return res, dA_acc, a * dh
+        v = tl.load(ptr + base + k * gn, mask=mask, other=0.0)
+    return v.to(tl.float32)
 
 
 @triton.jit
@@ -1018,9 +1021,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                            L, DIM, G, N, n_ckpt, seg_len, n_seg, seg_first,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                            HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr, CARRY_ONLY: tl.constexpr,
-                           HAS_YPRE: tl.constexpr, PREFETCH: tl.constexpr, SUBCHUNK: tl.constexpr,
-                           OUT_TILES: tl.constexpr, BC_STEP: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           HAS_YPRE: tl.constexpr, PREFETCH: tl.constexpr, BC_STEP: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward of the chunk forward over one time segment, 8 steps at a time in reverse; grid (D / BLOCK_D, batch,
     segments from seg_first). Per chunk: rebuild its 8 states from the checkpoint in registers, then the adjoint
     steps dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1} backwards. dB, dC: summed over the block's channels in the
@@ -1114,20 +1116,19 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             A2r = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
             e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dt * u)
             if BC_STEP:
-                # B_t, C_t (BN,) read where each step uses them (L1 hits; the reverse steps' reads carry another
-                # eviction hint, so they are not merged with the rebuild's) instead of split from (BN, 8) tiles: a
-                # split holds all 8 steps' B and C, 4 registers each per step
+                # B_t, C_t (BN,) read where each step uses them (L1 hits) instead of split from (BN, 8) tiles, which
+                # hold all 8 steps' values, 4 registers each per step
                 bco = ((pid_b.to(tl.int64) * L + chunk * 8) * G + g) * N + offs_n
                 gn = G * N
                 t0n = offs_n * 0 + chunk * 8  # step 0 of the chunk, as a (BN,) vector
-                b0 = tl.load(B_ptr + bco, mask=mask_n & (t0n < t_end), other=0.0).to(tl.float32)
-                b1 = tl.load(B_ptr + bco + 1 * gn, mask=mask_n & (t0n + 1 < t_end), other=0.0).to(tl.float32)
-                b2 = tl.load(B_ptr + bco + 2 * gn, mask=mask_n & (t0n + 2 < t_end), other=0.0).to(tl.float32)
-                b3 = tl.load(B_ptr + bco + 3 * gn, mask=mask_n & (t0n + 3 < t_end), other=0.0).to(tl.float32)
-                b4 = tl.load(B_ptr + bco + 4 * gn, mask=mask_n & (t0n + 4 < t_end), other=0.0).to(tl.float32)
-                b5 = tl.load(B_ptr + bco + 5 * gn, mask=mask_n & (t0n + 5 < t_end), other=0.0).to(tl.float32)
-                b6 = tl.load(B_ptr + bco + 6 * gn, mask=mask_n & (t0n + 6 < t_end), other=0.0).to(tl.float32)
-                b7 = tl.load(B_ptr + bco + 7 * gn, mask=mask_n & (t0n + 7 < t_end), other=0.0).to(tl.float32)
+                b0 = _bc_step(B_ptr, bco, 0, gn, t0n, t_end, mask_n, False)
+                b1 = _bc_step(B_ptr, bco, 1, gn, t0n, t_end, mask_n, False)
+                b2 = _bc_step(B_ptr, bco, 2, gn, t0n, t_end, mask_n, False)
+                b3 = _bc_step(B_ptr, bco, 3, gn, t0n, t_end, mask_n, False)
+                b4 = _bc_step(B_ptr, bco, 4, gn, t0n, t_end, mask_n, False)
+                b5 = _bc_step(B_ptr, bco, 5, gn, t0n, t_end, mask_n, False)
+                b6 = _bc_step(B_ptr, bco, 6, gn, t0n, t_end, mask_n, False)
+                b7 = _bc_step(B_ptr, bco, 7, gn, t0n, t_end, mask_n, False)
             else:
                 b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
             u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
@@ -1140,83 +1141,56 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             h6, _ = _fwd_step(h5, d6, e6, b6, c6, A2, r6, HAS_DOC)
             h7, _ = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
             dD_acc += tl.sum(dyg * u, axis=1)
-            # OUT_TILES: each step writes its outputs into (BD, 8) / (8, BN) tiles (o8 = zeros); otherwise each step
-            # returns its own and the 8 are joined at the end
-            o8 = (tl.zeros((BLOCK_D, 8), dtype=tl.float32), tl.zeros((BLOCK_D, 8), dtype=tl.float32),
-                  tl.zeros((8, BLOCK_N), dtype=tl.float32), tl.zeros((8, BLOCK_N), dtype=tl.float32),
-                  tl.zeros((BLOCK_D, 8), dtype=tl.float32))
             if BC_STEP:
-                b7 = tl.load(B_ptr + bco + 7 * gn, mask=mask_n & (t0n + 7 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c7 = tl.load(C_ptr + bco + 7 * gn, mask=mask_n & (t0n + 7 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o7, dA_acc, carry = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, 7, o8, HAS_DOC, OUT_TILES)
+                b7 = _bc_step(B_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
+                c7 = _bc_step(C_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
+            x7, q7, dB7, dC7, dA_acc, carry, y7 = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, HAS_DOC)
             if BC_STEP:
-                b6 = tl.load(B_ptr + bco + 6 * gn, mask=mask_n & (t0n + 6 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c6 = tl.load(C_ptr + bco + 6 * gn, mask=mask_n & (t0n + 6 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o6, dA_acc, carry = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, 6, o7, HAS_DOC, OUT_TILES)
+                b6 = _bc_step(B_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
+                c6 = _bc_step(C_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
+            x6, q6, dB6, dC6, dA_acc, carry, y6 = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, HAS_DOC)
             if BC_STEP:
-                b5 = tl.load(B_ptr + bco + 5 * gn, mask=mask_n & (t0n + 5 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c5 = tl.load(C_ptr + bco + 5 * gn, mask=mask_n & (t0n + 5 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o5, dA_acc, carry = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, 5, o6, HAS_DOC, OUT_TILES)
+                b5 = _bc_step(B_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
+                c5 = _bc_step(C_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
+            x5, q5, dB5, dC5, dA_acc, carry, y5 = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, HAS_DOC)
             if BC_STEP:
-                b4 = tl.load(B_ptr + bco + 4 * gn, mask=mask_n & (t0n + 4 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c4 = tl.load(C_ptr + bco + 4 * gn, mask=mask_n & (t0n + 4 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o4, dA_acc, carry = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, 4, o5, HAS_DOC, OUT_TILES)
-            if SUBCHUNK:
-                # h0..h2 rebuilt again from the checkpoint (re-read: an L1 hit; another eviction hint, so the two
-                # reads are not merged) and A likewise: at most 5 state tiles live instead of 9
-                h_in = tl.load(ckpt_ptr + (pid_b.to(tl.int64) * n_ckpt + chunk) * DIM * N + dn, mask=mask_dn, other=0.0,
-                               eviction_policy="evict_last")
-                A2s = tl.load(A_ptr + dn, mask=mask_dn, other=0.0, eviction_policy="evict_last").to(tl.float32) * LOG2E
-                h0, _ = _fwd_step(h_in, d0, e0, b0, c0, A2s, r0, HAS_DOC)
-                h1, _ = _fwd_step(h0, d1, e1, b1, c1, A2s, r1, HAS_DOC)
-                h2, _ = _fwd_step(h1, d2, e2, b2, c2, A2s, r2, HAS_DOC)
+                b4 = _bc_step(B_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
+                c4 = _bc_step(C_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
+            x4, q4, dB4, dC4, dA_acc, carry, y4 = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, HAS_DOC)
             if BC_STEP:
-                b3 = tl.load(B_ptr + bco + 3 * gn, mask=mask_n & (t0n + 3 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c3 = tl.load(C_ptr + bco + 3 * gn, mask=mask_n & (t0n + 3 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o3, dA_acc, carry = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, 3, o4, HAS_DOC, OUT_TILES)
+                b3 = _bc_step(B_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
+                c3 = _bc_step(C_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
+            x3, q3, dB3, dC3, dA_acc, carry, y3 = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, HAS_DOC)
             if BC_STEP:
-                b2 = tl.load(B_ptr + bco + 2 * gn, mask=mask_n & (t0n + 2 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c2 = tl.load(C_ptr + bco + 2 * gn, mask=mask_n & (t0n + 2 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o2, dA_acc, carry = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, 2, o3, HAS_DOC, OUT_TILES)
+                b2 = _bc_step(B_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
+                c2 = _bc_step(C_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
+            x2, q2, dB2, dC2, dA_acc, carry, y2 = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, HAS_DOC)
             if BC_STEP:
-                b1 = tl.load(B_ptr + bco + 1 * gn, mask=mask_n & (t0n + 1 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c1 = tl.load(C_ptr + bco + 1 * gn, mask=mask_n & (t0n + 1 < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o1, dA_acc, carry = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, 1, o2, HAS_DOC, OUT_TILES)
+                b1 = _bc_step(B_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
+                c1 = _bc_step(C_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
+            x1, q1, dB1, dC1, dA_acc, carry, y1 = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, HAS_DOC)
             if BC_STEP:
-                b0 = tl.load(B_ptr + bco, mask=mask_n & (t0n < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-                c0 = tl.load(C_ptr + bco, mask=mask_n & (t0n < t_end), other=0.0, eviction_policy="evict_last").to(tl.float32)
-            o0, dA_acc, carry = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, 0, o1, HAS_DOC, OUT_TILES)
-            if OUT_TILES:
-                xs, qs, dBs, dCs, ys = o0
-            else:
-                xs = _join8(o0[0], o1[0], o2[0], o3[0], o4[0], o5[0], o6[0], o7[0])
-                qs = _join8(o0[1], o1[1], o2[1], o3[1], o4[1], o5[1], o6[1], o7[1])
-                dBs = _join8(o0[2], o1[2], o2[2], o3[2], o4[2], o5[2], o6[2], o7[2])  # (BN, 8)
-                dCs = _join8(o0[3], o1[3], o2[3], o3[3], o4[3], o5[3], o6[3], o7[3])
-                ys = _join8(o0[4], o1[4], o2[4], o3[4], o4[4], o5[4], o6[4], o7[4])
-            du = xs + Dskip[:, None] * dyg
+                b0 = _bc_step(B_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
+                c0 = _bc_step(C_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
+            x0, q0, dB0, dC0, dA_acc, carry, y0 = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, HAS_DOC)
+            du = _join8(x0, x1, x2, x3, x4, x5, x6, x7) + Dskip[:, None] * dyg
             if HAS_Z:
                 if HAS_YPRE:
                     y = tl.load(ypre_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
                 else:
-                    y = ys + Dskip[:, None] * u
+                    y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dskip[:, None] * u
                 dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
                 tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=mask_io)
-            ddt = tl.where(mask_io, qs, 0.0)
+            ddt = tl.where(mask_io, _join8(q0, q1, q2, q3, q4, q5, q6, q7), 0.0)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(raw)
             dbias_acc += tl.sum(ddt, axis=1)
             tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=mask_io)
             tl.store(ddelta_ptr + io, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_io)
-            bc_row = ((pid_b.to(tl.int64) * L + t) * G + g) * N
-            if OUT_TILES:
-                bc = offs_n[None, :] + bc_row[:, None]  # (8, BN)
-                mask_bc = mask_t[:, None] & mask_n[None, :]
-            else:
-                bc = offs_n[:, None] + bc_row[None, :]  # (BN, 8)
-                mask_bc = mask_n[:, None] & mask_t[None, :]
-            tl.atomic_add(dB_ptr + bc, dBs, mask=mask_bc, sem="relaxed")
-            tl.atomic_add(dC_ptr + bc, dCs, mask=mask_bc, sem="relaxed")
+            bc = offs_n[:, None] + (((pid_b.to(tl.int64) * L + t) * G + g) * N)[None, :]  # (BN, 8)
+            mask_bc = mask_n[:, None] & mask_t[None, :]
+            tl.atomic_add(dB_ptr + bc, _join8(dB0, dB1, dB2, dB3, dB4, dB5, dB6, dB7), mask=mask_bc, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc, _join8(dC0, dC1, dC2, dC3, dC4, dC5, dC6, dC7), mask=mask_bc, sem="relaxed")
     if CARRY_ONLY:
         seg = seg_base + pid_s.to(tl.int64) * DIM * N + dn
         tl.store(seg_a_ptr + seg, _segment_decay(sdt, nreset, A2, HAS_DOC), mask=mask_dn)
@@ -1237,21 +1211,14 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          chunk during this one; on by default: fwd+bwd 3.92 vs 4.27 ms at 8 x 2048 on an H200), SAVE_Y (keep y
 #          before the gate for dz, as mamba_ssm does, so the backward skips <h, C>; off: it costs a (B, L, D)
 #          activation).
-#          Backward variants (each off by default; registers, spilled local-memory instructions and SASS
-#          instructions of the kernel compiled for sm_90 at BLOCK_D = N = 16, bf16, gate, skip, bias, softplus;
-#          uncapped the current path takes 255 registers, 92 spill instructions, 3384 SASS):
-#          BWD_SUBCHUNK: rebuild and reverse a chunk in two halves of 4 steps (h0..h2 rebuilt twice from the
-#          checkpoint): 5 live state tiles instead of 9, 24 more ex2 per chunk; 255 / 182 / 3712 (the per-step
-#          inputs and outputs, not the states, dominate the registers).
-#          BWD_OUT_TILES: the reverse steps write du, d dt, y (BD, 8) and dB, dC (8, BN) into tiles as they go
-#          instead of joining 8 vectors at the end: fewer shared-memory conversions (156 vs 184); 255 / 157 / 3472.
-#          BWD_BC_STEP: B_t, C_t read per step where used (L1 hits) instead of split from (BN, 8) tiles, which
-#          hold 8 steps x 4 registers each: 255 / 11 / 3528 uncapped, 168 / 298 / 3792 at BWD_MAXNREG 168 (current
-#          path: 479 / 3776), 128 / 539 / 4024 at 128 (current: 734 / 4024).
-#          BWD_MAXNREG: registers per thread the backward may use (None: no cap); 128 fits 16 one-warp programs
-#          per SM, 168 twelve, at the spills above. BWD_BLOCK_D 8 (the channel block) spills least: 249 / 0 / 2096
-#          uncapped, 168 / 61 / 2184 and 128 / 229 / 2344 capped (with BWD_BC_STEP: 168 / 44 / 2392), for half
-#          the channels per program.
+#          BWD_BC_STEP (on by default): B_t, C_t read per step where used (L1 hits) instead of split from (BN, 8)
+#          tiles, which hold all 8 steps' values: compiled for sm_90 (BLOCK_D = N = 16, bf16, gate, skip, bias,
+#          softplus) 11 instead of 92 spilled local-memory instructions at 255 registers; fwd+bwd 3.79 / 3.72 ms
+#          against 3.85 / 3.82 in two interleaved rounds at 8 x 2048 on an H200 (benchmarks/kernels-gpu/run17).
+#          BWD_MAXNREG: registers per thread the backward may use (None: no cap). Capped it spills: 168 (12
+#          one-warp programs per SM) 6.2-8.6 ms, 128 (16) 9.5-12.2 ms fwd+bwd in run 17. Also measured there and
+#          not kept: rebuilding the chunk in two halves of 4 steps (5 live state tiles instead of 9; 4.47 ms: the
+#          per-step inputs and outputs, not the states, take the registers), BWD_BLOCK_D 8 (3.97-4.07 ms).
 #          fwd_variant: "lane" (default: _scan_fwd_lane_kernel, one channel per lane, no shuffles or barriers in
 #          the time loop; fwd 0.740 vs 0.818 ms for "chunk" at 8 x 2048 x 4096, N 16, bf16 on an H200,
 #          benchmarks/kernels-gpu/run10, and 4.03 vs 6.66 ms at 1 x 65536, run12; the same checkpoints, so the
@@ -1404,8 +1371,7 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_D=block_d, BLOCK_N=next_pow2(n),
                   HAS_YPRE=ypre is not None, PREFETCH=bool(TUNING.get("BWD_PREFETCH", True)),
-                  SUBCHUNK=bool(TUNING.get("BWD_SUBCHUNK", False)), OUT_TILES=bool(TUNING.get("BWD_OUT_TILES", False)),
-                  BC_STEP=bool(TUNING.get("BWD_BC_STEP", False)), num_warps=TUNING.get("BWD_WARPS") or warps,
+                  BC_STEP=bool(TUNING.get("BWD_BC_STEP", True)), num_warps=TUNING.get("BWD_WARPS") or warps,
                   maxnreg=TUNING.get("BWD_MAXNREG"))
     args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
