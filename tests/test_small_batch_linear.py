@@ -169,7 +169,7 @@ def test_candidates_include_a_one_wave_version_of_tiles_that_take_two(monkeypatc
     candidate with the same tile and fewer stages fits two per SM. At one row the default already fits."""
     from seqlab.ops.triton import small_batch_linear as sbl
 
-    monkeypatch.setattr(sbl, "_sm_count", lambda: 132)
+    monkeypatch.setattr(sbl, "sm_count", lambda: 132)
     base = sbl.default_config(64, 2048, 4096)
     assert base["STAGES"] == 4 and base["SPLIT_K"] == 8
     wave = [c for c in sbl.candidate_configs(64, 2048, 4096)

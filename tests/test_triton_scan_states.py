@@ -37,3 +37,19 @@ def test_selective_scan_triton_large_states_match_loop(N):
     for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
         assert g is not None, f"no gradient for {name}"
         assert_close(f"grad {name}", g, g_ref)
+
+
+def test_lane_forward_prefetches_less_when_that_saves_a_wave(monkeypatch):
+    """B/C four steps ahead (8 programs per SM) unless one step ahead (12 per SM, each program slower) saves a
+    poorly filled wave: Mamba-2.8B's d_inner 5120 at batch 8 launches 1280 programs, two waves at 8 per SM on 132
+    SMs (the second of 224) and one at 12."""
+    from seqlab.ops.triton import selective_scan as module
+
+    monkeypatch.setattr(module, "sm_count", lambda: 132)
+    monkeypatch.setattr(module, "TUNING", {})
+    assert module._lane_bc_ahead(8 * 4096 // 32) == 4  # 1024 programs: one wave either way
+    assert module._lane_bc_ahead(8 * 5120 // 32) == 1  # 1280: 1056 + 224 at 8 per SM, one wave at 12
+    assert module._lane_bc_ahead(3 * 1056) == 4  # 3 full waves of 8 per SM against 2 of 12
+    assert module._lane_bc_ahead(1500) == 1
+    monkeypatch.setattr(module, "TUNING", {"lane_bc_ahead": 3})
+    assert module._lane_bc_ahead(8 * 5120 // 32) == 3

@@ -34,6 +34,13 @@ def doc_ids(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cumsum(starts, dim=1, dtype=torch.int32).contiguous()
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the current CUDA device (132, an H100 / H200's, without one)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

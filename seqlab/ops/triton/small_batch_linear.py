@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton import next_pow2, pdl_launch
+from seqlab.ops.triton import next_pow2, pdl_launch, sm_count
 
 # Kernel shape per call, overridable for benchmarks that sweep it; keys BLOCK_N, BLOCK_K, SPLIT_K, STAGES, WARPS.
 # A non-empty TUNING also leaves candidate_configs with the one shape it describes.
@@ -280,12 +280,6 @@ def candidate_configs(m: int, n: int, k: int) -> list[dict]:
 SHARED_BYTES_PER_SM = 220 * 1024  # sm_90 has 227 KB for CTAs; the rest is margin for the epilogue's scratch
 
 
-def _sm_count() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 132  # an H100 / H200
-
-
 def _one_wave(cfg: dict, m: int, n: int, k: int, element_bytes: int = 2) -> dict | None:
     """``cfg`` with the most pipeline stages (at least 2, fewer than its own) that let all its programs be resident
     at once, counting shared memory per stage (BLOCK_M + BLOCK_N) x BLOCK_K 16-bit elements; None if ``cfg``
@@ -293,7 +287,7 @@ def _one_wave(cfg: dict, m: int, n: int, k: int, element_bytes: int = 2) -> dict
     block_m = max(16, next_pow2(m))
     per_stage = (block_m + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * element_bytes
     programs = triton.cdiv(n, cfg["BLOCK_N"]) * _effective_split(k, cfg["BLOCK_K"], cfg["SPLIT_K"])
-    per_sm = triton.cdiv(programs, _sm_count())
+    per_sm = triton.cdiv(programs, sm_count())
     if cfg["STAGES"] * per_stage * per_sm <= SHARED_BYTES_PER_SM:
         return None
     stages = min(cfg["STAGES"] - 1, SHARED_BYTES_PER_SM // (per_sm * per_stage))
