@@ -200,11 +200,7 @@ BWD_VARIANTS = {
     "bc_step": dict(BWD_BC_STEP=True),
     "bc_tiles": dict(BWD_BC_STEP=False),
     "capped_no_prefetch": dict(BWD_MAXNREG=128, BWD_PREFETCH=False),
-    "stream": dict(BWD_STREAM=True),
-    "stream_no_prefetch": dict(BWD_STREAM=True, BWD_PREFETCH=False),
-    "stream_saved_y": dict(BWD_STREAM=True, SAVE_Y=True),
-    "stream_no_prefetch_saved_y": dict(BWD_STREAM=True, BWD_PREFETCH=False, SAVE_Y=True),
-    "stream_2warps_capped": dict(BWD_STREAM=True, BWD_WARPS=2, BWD_MAXNREG=168),
+    "saved_y_no_prefetch": dict(SAVE_Y=True, BWD_PREFETCH=False),
 }
 
 

@@ -1001,97 +1001,6 @@ def _bc_step(ptr, base, k, gn, t0n, t_end, mask_n, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _ld(ptr, mask, REVERSE: tl.constexpr):
-    """A masked load (0 where masked), with _bc_step's eviction hint for the adjoint steps' reads."""
-    if REVERSE:
-        return tl.load(ptr, mask=mask, other=0, eviction_policy="evict_last")
-    else:
-        return tl.load(ptr, mask=mask, other=0)
-
-
-@triton.jit
-def _in_step(u_ptr, delta_ptr, doc_ptr, bias, row, t, t_end, offs_d, mask_d, DIM,
-             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr, REVERSE: tl.constexpr):
-    """u, raw delta (+ bias), dt, reset (BD,) float32 of time t ((BD,), all equal) at flat row `row` (batch x L,
-    int64); at or past t_end not read, and the identity (dt = 0)."""
-    mask = mask_d & (t < t_end)
-    u = _ld(u_ptr + (row * DIM + offs_d), mask, REVERSE).to(tl.float32)
-    raw = _ld(delta_ptr + (row * DIM + offs_d), mask, REVERSE).to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + bias
-    if SOFTPLUS:
-        dt = softplus(raw)
-    else:
-        dt = raw
-    dt = tl.where(mask, dt, 0.0)
-    if HAS_DOC:
-        at = offs_d * 0
-        doc = _ld(doc_ptr + row + at, mask, REVERSE)
-        prev = _ld(doc_ptr + (row - 1) + at, mask & (t > 0), REVERSE)
-        reset = doc != prev
-    else:
-        reset = mask
-    return u, raw, dt, reset
-
-
-@triton.jit
-def _rebuild_step(h, row, t, tn, t_end, A2, bias, u_ptr, delta_ptr, doc_ptr, B_ptr, bc, offs_d, offs_n, mask_d,
-                  mask_n, DIM, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr):
-    """h_{t-1} -> h_t (BD, BN) from step t's inputs read here; t, tn: its time as (BD,), (BN,) vectors (all equal);
-    bc: its B row offset (row G + g) N."""
-    u, raw, dt, reset = _in_step(u_ptr, delta_ptr, doc_ptr, bias, row, t, t_end, offs_d, mask_d, DIM,
-                                 HAS_BIAS, SOFTPLUS, HAS_DOC, False)
-    Bv = _ld(B_ptr + (bc + offs_n), mask_n & (tn < t_end), False).to(tl.float32)
-    h, _ = _fwd_step(h, dt, dt * u, Bv, Bv, A2, reset, HAS_DOC)
-    return h
-
-
-@triton.jit
-def _bwd_stream_step(h_prev, h, row, t, tn, t_end, carry, dA_acc, dD_acc, dbias_acc, A2, Dskip, bias,
-                     u_ptr, delta_ptr, doc_ptr, dy_ptr, z_ptr, ypre_ptr, B_ptr, C_ptr,
-                     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, bc, offs_d, offs_n, mask_d, mask_n, DIM,
-                     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
-                     HAS_YPRE: tl.constexpr, ACC_D: tl.constexpr):
-    """Adjoint of step t (flat row `row`; t, tn, bc as in _rebuild_step) with its inputs read and its outputs written
-    here, so no other step's stay live: du, d delta, dz (BD,) stored, dB, dC (BN,) added. h_prev, h = h_{t-1}, h_t
-    (BD, BN). Returns the carry for step t - 1, dA_acc (BD, BN), dD_acc (dy u added when ACC_D), dbias_acc (BD,)."""
-    u, raw, dt, reset = _in_step(u_ptr, delta_ptr, doc_ptr, bias, row, t, t_end, offs_d, mask_d, DIM,
-                                 HAS_BIAS, SOFTPLUS, HAS_DOC, True)
-    mask = mask_d & (t < t_end)
-    io = row * DIM
-    dy = _ld(dy_ptr + (io + offs_d), mask, True).to(tl.float32)
-    if HAS_Z:
-        zv = _ld(z_ptr + (io + offs_d), mask, True).to(tl.float32)
-        sz = tl.sigmoid(zv)
-        dyg = dy * zv * sz
-    else:
-        dyg = dy
-    mask_bn = mask_n & (tn < t_end)
-    Bv = _ld(B_ptr + (bc + offs_n), mask_bn, True).to(tl.float32)
-    Cv = _ld(C_ptr + (bc + offs_n), mask_bn, True).to(tl.float32)
-    dx, ddt, dB, dC, dA_acc, carry, y = _bwd_chunk_step(h_prev, h, dt, u, dyg, Bv, Cv, carry, dA_acc, A2, reset,
-                                                        HAS_DOC)
-    tl.store(du_ptr + (io + offs_d), (dx + Dskip * dyg).to(du_ptr.dtype.element_ty), mask=mask)
-    if HAS_Z:
-        if HAS_YPRE:
-            y = _ld(ypre_ptr + (io + offs_d), mask, True).to(tl.float32)
-        else:
-            y = y + Dskip * u
-        dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
-        tl.store(dz_ptr + (io + offs_d), dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    ddt = tl.where(mask, ddt, 0.0)
-    if SOFTPLUS:
-        ddt = ddt * tl.sigmoid(raw)
-    dbias_acc += ddt
-    tl.store(ddelta_ptr + (io + offs_d), ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
-    if ACC_D:
-        dD_acc += dyg * u
-    tl.atomic_add(dB_ptr + (bc + offs_n), dB, mask=mask_bn, sem="relaxed")
-    tl.atomic_add(dC_ptr + (bc + offs_n), dC, mask=mask_bn, sem="relaxed")
-    return carry, dA_acc, dD_acc, dbias_acc
-
-
-@triton.jit
 def _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk, t_end, L, DIM, offs_d, mask_d, HAS_Z: tl.constexpr):
     """dy and z (BD, 8) of steps 8 chunk .. 8 chunk + 7 (z = 0 without a gate)."""
     t = chunk * 8 + tl.arange(0, 8)
@@ -1113,7 +1022,7 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                            HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr, CARRY_ONLY: tl.constexpr,
                            HAS_YPRE: tl.constexpr, PREFETCH: tl.constexpr, BC_STEP: tl.constexpr,
-                           STREAM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward of the chunk forward over one time segment, 8 steps at a time in reverse; grid (D / BLOCK_D, batch,
     segments from seg_first). Per chunk: rebuild its 8 states from the checkpoint in registers, then the adjoint
     steps dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1} backwards. dB, dC: summed over the block's channels in the
@@ -1154,9 +1063,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
     t_end = tl.minimum(t_begin + seg_len, L)
     c_begin = t_begin // 8
     c_last = tl.cdiv(t_end, 8) - 1
-    STREAM_RUN: tl.constexpr = STREAM and not CARRY_ONLY
-    LOAD_BT: tl.constexpr = not CARRY_ONLY and not BC_STEP and not STREAM
-    LOAD_CT: tl.constexpr = CARRY_ONLY or not (BC_STEP or STREAM)
+    LOAD_BT: tl.constexpr = not CARRY_ONLY and not BC_STEP
+    LOAD_CT: tl.constexpr = CARRY_ONLY or not BC_STEP
     if PREFETCH:
         nu, nraw, ndt, nres, nB, nC = _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, c_last,
                                                   t_end, L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
@@ -1172,146 +1080,117 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
                                                       t_end, L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
                                                       HAS_BIAS, SOFTPLUS, HAS_DOC, LOAD_BT, LOAD_CT)
             ndy, nz = _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk - 1, t_end, L, DIM, offs_d, mask_d, HAS_Z)
-        elif not STREAM_RUN:
+        else:
             u, raw, dt, reset, Bt, Ct = _load_chunk(u_ptr, delta_ptr, bias, B_ptr, C_ptr, doc_ptr, pid_b, chunk,
                                                     t_end, L, DIM, G, g, N, offs_d, offs_n, mask_d, mask_n,
                                                     HAS_BIAS, SOFTPLUS, HAS_DOC, LOAD_BT, LOAD_CT)
             dy, zv = _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk, t_end, L, DIM, offs_d, mask_d, HAS_Z)
-        if STREAM_RUN:
-            row0 = pid_b.to(tl.int64) * L + chunk * 8
-            t0d = offs_d * 0 + chunk * 8  # step 0 of the chunk, as (BD,) and (BN,) vectors
-            t0n = offs_n * 0 + chunk * 8
-            if PREFETCH:
-                # the rebuild takes the prefetched tiles and dD the dy and z tiles, which also brings them to L1 for
-                # the adjoint steps' per-step reads
-                if HAS_Z:
-                    dD_acc += tl.sum(dy * zv * tl.sigmoid(zv) * u, axis=1)
-                else:
-                    dD_acc += tl.sum(dy * u, axis=1)
-                dts, dtus, resets = _split8(dt), _split8(dt * u), _split8(reset)
-            hs = (h_in,)  # h_in, h_0 .. h_7
-            for k in tl.static_range(8):
-                bc = ((row0 + k) * G + g) * N
-                if PREFETCH:
-                    Bv = _ld(B_ptr + bc + offs_n, mask_n & (t0n + k < t_end), False).to(tl.float32)
-                    h, _ = _fwd_step(hs[k], dts[k], dtus[k], Bv, Bv, A2, resets[k], HAS_DOC)
-                else:
-                    h = _rebuild_step(hs[k], row0 + k, t0d + k, t0n + k, t_end, A2, bias, u_ptr, delta_ptr, doc_ptr,
-                                      B_ptr, bc, offs_d, offs_n, mask_d, mask_n, DIM, HAS_BIAS, SOFTPLUS, HAS_DOC)
-                hs = hs + (h,)
-            for k in tl.static_range(7, -1, -1):
-                carry, dA_acc, dD_acc, dbias_acc = _bwd_stream_step(
-                    hs[k], hs[k + 1], row0 + k, t0d + k, t0n + k, t_end, carry, dA_acc, dD_acc, dbias_acc, A2, Dskip,
-                    bias, u_ptr, delta_ptr, doc_ptr, dy_ptr, z_ptr, ypre_ptr, B_ptr, C_ptr, du_ptr, ddelta_ptr,
-                    dz_ptr, dB_ptr, dC_ptr, ((row0 + k) * G + g) * N, offs_d, offs_n, mask_d, mask_n, DIM,
-                    HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DOC, HAS_YPRE, not PREFETCH)
+        t = chunk * 8 + tl.arange(0, 8)
+        io = offs_d[:, None] + (pid_b.to(tl.int64) * L + t)[None, :] * DIM
+        mask_t = t < t_end
+        mask_io = mask_d[:, None] & mask_t[None, :]
+        if HAS_Z:
+            sz = tl.sigmoid(zv)
+            dyg = dy * zv * sz
         else:
-            t = chunk * 8 + tl.arange(0, 8)
-            io = offs_d[:, None] + (pid_b.to(tl.int64) * L + t)[None, :] * DIM
-            mask_t = t < t_end
-            mask_io = mask_d[:, None] & mask_t[None, :]
+            dyg = dy
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _split8(reset)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _split8(dyg)
+        if CARRY_ONLY:
+            sdt += tl.sum(dt, axis=1)
+            if HAS_DOC:
+                nreset += tl.sum(reset.to(tl.int32), axis=1)
+            carry = _decay(d7, A2, r7, HAS_DOC) * (p7[:, None] * c7[None, :] + carry)
+            carry = _decay(d6, A2, r6, HAS_DOC) * (p6[:, None] * c6[None, :] + carry)
+            carry = _decay(d5, A2, r5, HAS_DOC) * (p5[:, None] * c5[None, :] + carry)
+            carry = _decay(d4, A2, r4, HAS_DOC) * (p4[:, None] * c4[None, :] + carry)
+            carry = _decay(d3, A2, r3, HAS_DOC) * (p3[:, None] * c3[None, :] + carry)
+            carry = _decay(d2, A2, r2, HAS_DOC) * (p2[:, None] * c2[None, :] + carry)
+            carry = _decay(d1, A2, r1, HAS_DOC) * (p1[:, None] * c1[None, :] + carry)
+            carry = _decay(d0, A2, r0, HAS_DOC) * (p0[:, None] * c0[None, :] + carry)
+        else:
+            # A reloaded (an L1 hit) so the compiler recomputes the reverse steps' decays instead of keeping the
+            # forward's 8 in registers
+            A2r = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
+            e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dt * u)
+            if BC_STEP:
+                # B_t, C_t (BN,) read where each step uses them (L1 hits) instead of split from (BN, 8) tiles, which
+                # hold all 8 steps' values, 4 registers each per step
+                bco = ((pid_b.to(tl.int64) * L + chunk * 8) * G + g) * N + offs_n
+                gn = G * N
+                t0n = offs_n * 0 + chunk * 8  # step 0 of the chunk, as a (BN,) vector
+                b0 = _bc_step(B_ptr, bco, 0, gn, t0n, t_end, mask_n, False)
+                b1 = _bc_step(B_ptr, bco, 1, gn, t0n, t_end, mask_n, False)
+                b2 = _bc_step(B_ptr, bco, 2, gn, t0n, t_end, mask_n, False)
+                b3 = _bc_step(B_ptr, bco, 3, gn, t0n, t_end, mask_n, False)
+                b4 = _bc_step(B_ptr, bco, 4, gn, t0n, t_end, mask_n, False)
+                b5 = _bc_step(B_ptr, bco, 5, gn, t0n, t_end, mask_n, False)
+                b6 = _bc_step(B_ptr, bco, 6, gn, t0n, t_end, mask_n, False)
+                b7 = _bc_step(B_ptr, bco, 7, gn, t0n, t_end, mask_n, False)
+            else:
+                b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
+            h0, _ = _fwd_step(h_in, d0, e0, b0, c0, A2, r0, HAS_DOC)
+            h1, _ = _fwd_step(h0, d1, e1, b1, c1, A2, r1, HAS_DOC)
+            h2, _ = _fwd_step(h1, d2, e2, b2, c2, A2, r2, HAS_DOC)
+            h3, _ = _fwd_step(h2, d3, e3, b3, c3, A2, r3, HAS_DOC)
+            h4, _ = _fwd_step(h3, d4, e4, b4, c4, A2, r4, HAS_DOC)
+            h5, _ = _fwd_step(h4, d5, e5, b5, c5, A2, r5, HAS_DOC)
+            h6, _ = _fwd_step(h5, d6, e6, b6, c6, A2, r6, HAS_DOC)
+            h7, _ = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
+            dD_acc += tl.sum(dyg * u, axis=1)
+            if BC_STEP:
+                b7 = _bc_step(B_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
+                c7 = _bc_step(C_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
+            x7, q7, dB7, dC7, dA_acc, carry, y7 = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, HAS_DOC)
+            if BC_STEP:
+                b6 = _bc_step(B_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
+                c6 = _bc_step(C_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
+            x6, q6, dB6, dC6, dA_acc, carry, y6 = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, HAS_DOC)
+            if BC_STEP:
+                b5 = _bc_step(B_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
+                c5 = _bc_step(C_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
+            x5, q5, dB5, dC5, dA_acc, carry, y5 = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, HAS_DOC)
+            if BC_STEP:
+                b4 = _bc_step(B_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
+                c4 = _bc_step(C_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
+            x4, q4, dB4, dC4, dA_acc, carry, y4 = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, HAS_DOC)
+            if BC_STEP:
+                b3 = _bc_step(B_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
+                c3 = _bc_step(C_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
+            x3, q3, dB3, dC3, dA_acc, carry, y3 = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, HAS_DOC)
+            if BC_STEP:
+                b2 = _bc_step(B_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
+                c2 = _bc_step(C_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
+            x2, q2, dB2, dC2, dA_acc, carry, y2 = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, HAS_DOC)
+            if BC_STEP:
+                b1 = _bc_step(B_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
+                c1 = _bc_step(C_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
+            x1, q1, dB1, dC1, dA_acc, carry, y1 = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, HAS_DOC)
+            if BC_STEP:
+                b0 = _bc_step(B_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
+                c0 = _bc_step(C_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
+            x0, q0, dB0, dC0, dA_acc, carry, y0 = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, HAS_DOC)
+            du = _join8(x0, x1, x2, x3, x4, x5, x6, x7) + Dskip[:, None] * dyg
             if HAS_Z:
-                sz = tl.sigmoid(zv)
-                dyg = dy * zv * sz
-            else:
-                dyg = dy
-            d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dt)
-            c0, c1, c2, c3, c4, c5, c6, c7 = _split8(Ct)
-            r0, r1, r2, r3, r4, r5, r6, r7 = _split8(reset)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _split8(dyg)
-            if CARRY_ONLY:
-                sdt += tl.sum(dt, axis=1)
-                if HAS_DOC:
-                    nreset += tl.sum(reset.to(tl.int32), axis=1)
-                carry = _decay(d7, A2, r7, HAS_DOC) * (p7[:, None] * c7[None, :] + carry)
-                carry = _decay(d6, A2, r6, HAS_DOC) * (p6[:, None] * c6[None, :] + carry)
-                carry = _decay(d5, A2, r5, HAS_DOC) * (p5[:, None] * c5[None, :] + carry)
-                carry = _decay(d4, A2, r4, HAS_DOC) * (p4[:, None] * c4[None, :] + carry)
-                carry = _decay(d3, A2, r3, HAS_DOC) * (p3[:, None] * c3[None, :] + carry)
-                carry = _decay(d2, A2, r2, HAS_DOC) * (p2[:, None] * c2[None, :] + carry)
-                carry = _decay(d1, A2, r1, HAS_DOC) * (p1[:, None] * c1[None, :] + carry)
-                carry = _decay(d0, A2, r0, HAS_DOC) * (p0[:, None] * c0[None, :] + carry)
-            else:
-                # A reloaded (an L1 hit) so the compiler recomputes the reverse steps' decays instead of keeping the
-                # forward's 8 in registers
-                A2r = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
-                e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dt * u)
-                if BC_STEP:
-                    # B_t, C_t (BN,) read where each step uses them (L1 hits) instead of split from (BN, 8) tiles, which
-                    # hold all 8 steps' values, 4 registers each per step
-                    bco = ((pid_b.to(tl.int64) * L + chunk * 8) * G + g) * N + offs_n
-                    gn = G * N
-                    t0n = offs_n * 0 + chunk * 8  # step 0 of the chunk, as a (BN,) vector
-                    b0 = _bc_step(B_ptr, bco, 0, gn, t0n, t_end, mask_n, False)
-                    b1 = _bc_step(B_ptr, bco, 1, gn, t0n, t_end, mask_n, False)
-                    b2 = _bc_step(B_ptr, bco, 2, gn, t0n, t_end, mask_n, False)
-                    b3 = _bc_step(B_ptr, bco, 3, gn, t0n, t_end, mask_n, False)
-                    b4 = _bc_step(B_ptr, bco, 4, gn, t0n, t_end, mask_n, False)
-                    b5 = _bc_step(B_ptr, bco, 5, gn, t0n, t_end, mask_n, False)
-                    b6 = _bc_step(B_ptr, bco, 6, gn, t0n, t_end, mask_n, False)
-                    b7 = _bc_step(B_ptr, bco, 7, gn, t0n, t_end, mask_n, False)
+                if HAS_YPRE:
+                    y = tl.load(ypre_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
                 else:
-                    b0, b1, b2, b3, b4, b5, b6, b7 = _split8(Bt)
-                u0, u1, u2, u3, u4, u5, u6, u7 = _split8(u)
-                h0, _ = _fwd_step(h_in, d0, e0, b0, c0, A2, r0, HAS_DOC)
-                h1, _ = _fwd_step(h0, d1, e1, b1, c1, A2, r1, HAS_DOC)
-                h2, _ = _fwd_step(h1, d2, e2, b2, c2, A2, r2, HAS_DOC)
-                h3, _ = _fwd_step(h2, d3, e3, b3, c3, A2, r3, HAS_DOC)
-                h4, _ = _fwd_step(h3, d4, e4, b4, c4, A2, r4, HAS_DOC)
-                h5, _ = _fwd_step(h4, d5, e5, b5, c5, A2, r5, HAS_DOC)
-                h6, _ = _fwd_step(h5, d6, e6, b6, c6, A2, r6, HAS_DOC)
-                h7, _ = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
-                dD_acc += tl.sum(dyg * u, axis=1)
-                if BC_STEP:
-                    b7 = _bc_step(B_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
-                    c7 = _bc_step(C_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
-                x7, q7, dB7, dC7, dA_acc, carry, y7 = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, HAS_DOC)
-                if BC_STEP:
-                    b6 = _bc_step(B_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
-                    c6 = _bc_step(C_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
-                x6, q6, dB6, dC6, dA_acc, carry, y6 = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, HAS_DOC)
-                if BC_STEP:
-                    b5 = _bc_step(B_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
-                    c5 = _bc_step(C_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
-                x5, q5, dB5, dC5, dA_acc, carry, y5 = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, HAS_DOC)
-                if BC_STEP:
-                    b4 = _bc_step(B_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
-                    c4 = _bc_step(C_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
-                x4, q4, dB4, dC4, dA_acc, carry, y4 = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, HAS_DOC)
-                if BC_STEP:
-                    b3 = _bc_step(B_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
-                    c3 = _bc_step(C_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
-                x3, q3, dB3, dC3, dA_acc, carry, y3 = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, HAS_DOC)
-                if BC_STEP:
-                    b2 = _bc_step(B_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
-                    c2 = _bc_step(C_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
-                x2, q2, dB2, dC2, dA_acc, carry, y2 = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, HAS_DOC)
-                if BC_STEP:
-                    b1 = _bc_step(B_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
-                    c1 = _bc_step(C_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
-                x1, q1, dB1, dC1, dA_acc, carry, y1 = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, HAS_DOC)
-                if BC_STEP:
-                    b0 = _bc_step(B_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
-                    c0 = _bc_step(C_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
-                x0, q0, dB0, dC0, dA_acc, carry, y0 = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, HAS_DOC)
-                du = _join8(x0, x1, x2, x3, x4, x5, x6, x7) + Dskip[:, None] * dyg
-                if HAS_Z:
-                    if HAS_YPRE:
-                        y = tl.load(ypre_ptr + io, mask=mask_io, other=0.0).to(tl.float32)
-                    else:
-                        y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dskip[:, None] * u
-                    dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
-                    tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=mask_io)
-                ddt = tl.where(mask_io, _join8(q0, q1, q2, q3, q4, q5, q6, q7), 0.0)
-                if SOFTPLUS:
-                    ddt = ddt * tl.sigmoid(raw)
-                dbias_acc += tl.sum(ddt, axis=1)
-                tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=mask_io)
-                tl.store(ddelta_ptr + io, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_io)
-                bc = offs_n[:, None] + (((pid_b.to(tl.int64) * L + t) * G + g) * N)[None, :]  # (BN, 8)
-                mask_bc = mask_n[:, None] & mask_t[None, :]
-                tl.atomic_add(dB_ptr + bc, _join8(dB0, dB1, dB2, dB3, dB4, dB5, dB6, dB7), mask=mask_bc, sem="relaxed")
-                tl.atomic_add(dC_ptr + bc, _join8(dC0, dC1, dC2, dC3, dC4, dC5, dC6, dC7), mask=mask_bc, sem="relaxed")
+                    y = _join8(y0, y1, y2, y3, y4, y5, y6, y7) + Dskip[:, None] * u
+                dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
+                tl.store(dz_ptr + io, dz.to(dz_ptr.dtype.element_ty), mask=mask_io)
+            ddt = tl.where(mask_io, _join8(q0, q1, q2, q3, q4, q5, q6, q7), 0.0)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            dbias_acc += tl.sum(ddt, axis=1)
+            tl.store(du_ptr + io, du.to(du_ptr.dtype.element_ty), mask=mask_io)
+            tl.store(ddelta_ptr + io, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_io)
+            bc = offs_n[:, None] + (((pid_b.to(tl.int64) * L + t) * G + g) * N)[None, :]  # (BN, 8)
+            mask_bc = mask_n[:, None] & mask_t[None, :]
+            tl.atomic_add(dB_ptr + bc, _join8(dB0, dB1, dB2, dB3, dB4, dB5, dB6, dB7), mask=mask_bc, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc, _join8(dC0, dC1, dC2, dC3, dC4, dC5, dC6, dC7), mask=mask_bc, sem="relaxed")
     if CARRY_ONLY:
         seg = seg_base + pid_s.to(tl.int64) * DIM * N + dn
         tl.store(seg_a_ptr + seg, _segment_decay(sdt, nreset, A2, HAS_DOC), mask=mask_dn)
@@ -1339,18 +1218,9 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          BWD_MAXNREG: registers per thread the backward may use (None: no cap). Capped it spills: 168 (12
 #          one-warp programs per SM) 6.2-8.6 ms, 128 (16) 9.5-12.2 ms fwd+bwd in run 17. Also measured there and
 #          not kept: rebuilding the chunk in two halves of 4 steps (5 live state tiles instead of 9; 4.47 ms: the
-#          per-step inputs and outputs, not the states, take the registers), BWD_BLOCK_D 8 (3.97-4.07 ms).
-#          BWD_STREAM (off by default): each adjoint step reads its own u, delta, dy, z, B, C (BD,) / (BN,) vectors
-#          (L1 hits) and stores du, d delta, dz and adds dB, dC at once, instead of splitting (BD, 8) tiles and joining
-#          8 steps' outputs; with BWD_PREFETCH the rebuild still takes the prefetched tiles (and dD the dy, z tiles,
-#          which brings them to L1), without it the rebuild reads per step too. Compiled for sm_90 as above it does
-#          not lower the registers on one warp: 255 either way (spills 14 / 25 local instructions with / without
-#          prefetch against 17; SASS 5024 / 5344 against 3536: per-step softplus, sigmoid and address arithmetic on
-#          (BD,) vectors replicated over the lanes); ptxas hoists the steps' work off the carry chain (a h_{t-1}, dC,
-#          <h, C>) and the addresses, and a cap of 168 spills 350. On 2 warps (BWD_WARPS 2) it fits: 216 registers,
-#          no spills, SASS 3440 (the tile kernel: 255, 20 spills, 2504); capped to 168 (BWD_MAXNREG) 3 spilled
-#          instructions for 12 warps per SM; 4 warps: 168 registers, 9 spills, 12 warps per SM; BWD_BLOCK_D 32 on 4
-#          warps: 217, no spills. Not yet timed on a GPU.
+#          per-step inputs and outputs, not the states, take the registers), BWD_BLOCK_D 8 (3.97-4.07 ms); and (run
+#          18) every step reading its own inputs and storing its outputs where used: 7.0 ms on 1 warp, 8.5-12.6 ms on
+#          2-4 warps (216 registers on 2, no spills, but ~40% more instructions), against 3.87-3.90 for the default.
 #          fwd_variant: "lane" (default: _scan_fwd_lane_kernel, one channel per lane, no shuffles or barriers in
 #          the time loop; fwd 0.740 vs 0.818 ms for "chunk" at 8 x 2048 x 4096, N 16, bf16 on an H200,
 #          benchmarks/kernels-gpu/run10, and 4.03 vs 6.66 ms at 1 x 65536, run12; the same checkpoints, so the
@@ -1525,8 +1395,7 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_D=block_d, BLOCK_N=next_pow2(n),
                   HAS_YPRE=ypre is not None, PREFETCH=bool(TUNING.get("BWD_PREFETCH", True)),
-                  BC_STEP=bool(TUNING.get("BWD_BC_STEP", True)),
-                  STREAM=bool(TUNING.get("BWD_STREAM", False)), num_warps=TUNING.get("BWD_WARPS") or warps,
+                  BC_STEP=bool(TUNING.get("BWD_BC_STEP", True)), num_warps=TUNING.get("BWD_WARPS") or warps,
                   maxnreg=TUNING.get("BWD_MAXNREG"))
     args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
