@@ -118,6 +118,26 @@ def _scan_inputs(batch, seqlen, dim, N, G, opts, seed=0, dtype=torch.float32):
     return u, delta, A, B, C, D, z, bias, h0, seq_idx
 
 
+def assert_scan_matches_loop(module, shape, opts, seed):
+    """``module.selective_scan_triton`` (with its TUNING as set) equals the float64 loop to 1e-4: y, the final
+    state, and every gradient of a random functional of y (and of the final state with opts["dfinal"]).
+    shape = (batch, seqlen, dim, N, groups)."""
+    u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(*shape, opts, seed=seed)
+    softplus = opts.get("softplus", True)
+    ins = leaves(u, delta, A, B, C, D, z, bias, h0)
+    y, hT = module.selective_scan_triton(*ins[:8], softplus, ins[8], seq_idx)
+    ins_ref = leaves(u, delta, A, B, C, D, z, bias, h0)
+    y_ref, hT_ref = selective_scan_loop(*ins_ref[:8], softplus, ins_ref[8], seq_idx)
+    assert_close("y", y, y_ref)
+    assert_close("final_state", hT, hT_ref)
+    outs, outs_ref = ([y, hT], [y_ref, hT_ref]) if opts.get("dfinal") else ([y], [y_ref])
+    gs, gs_ref = grads_of(outs, ins, seed=seed + 1), grads_of(outs_ref, ins_ref, seed=seed + 1)
+    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
+        if g_ref is not None:
+            assert g is not None, f"no gradient for {name}"
+            assert_close(f"grad {name}", g, g_ref)
+
+
 @pytest.fixture(params=["chunk", "loop", "tile"])
 def scan_forward(request):
     """Every forward kernel: the chunk kernels (one warp per channel block, 8 steps per iteration; small blocks so
@@ -177,20 +197,7 @@ def test_selective_scan_chunk_time_split_matches_loop(case):
     module.TUNING.clear()
     module.TUNING.update(tuning)
     try:
-        u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(batch, seqlen, dim, N, G, opts, seed=3)
-        softplus = opts.get("softplus", True)
-        ins = leaves(u, delta, A, B, C, D, z, bias, h0)
-        y, hT = module.selective_scan_triton(*ins[:8], softplus, ins[8], seq_idx)
-        ins_ref = leaves(u, delta, A, B, C, D, z, bias, h0)
-        y_ref, hT_ref = selective_scan_loop(*ins_ref[:8], softplus, ins_ref[8], seq_idx)
-        assert_close("y", y, y_ref)
-        assert_close("final_state", hT, hT_ref)
-        outs, outs_ref = ([y, hT], [y_ref, hT_ref]) if opts.get("dfinal") else ([y], [y_ref])
-        gs, gs_ref = grads_of(outs, ins, seed=4), grads_of(outs_ref, ins_ref, seed=4)
-        for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
-            if g_ref is not None:
-                assert g is not None, f"no gradient for {name}"
-                assert_close(f"grad {name}", g, g_ref)
+        assert_scan_matches_loop(module, (batch, seqlen, dim, N, G), opts, seed=3)
     finally:
         module.TUNING.clear()
 
@@ -213,16 +220,7 @@ def test_selective_scan_chunk_backward_variants_match_loop(variant, monkeypatch)
     tuning = dict(fwd_variant="chunk", CHUNK_BLOCK_D=8, BWD_BLOCK_D=8, SPLIT_T=2, **BWD_VARIANTS[variant])
     monkeypatch.setattr(module, "TUNING", tuning)
     opts = dict(D=True, z=True, bias=True, init=True, dfinal=True, seq_idx=True)
-    u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(2, 45, 16, 8, 2, opts, seed=5)
-    ins = leaves(u, delta, A, B, C, D, z, bias, h0)
-    y, hT = module.selective_scan_triton(*ins[:8], True, ins[8], seq_idx)
-    ins_ref = leaves(u, delta, A, B, C, D, z, bias, h0)
-    y_ref, hT_ref = selective_scan_loop(*ins_ref[:8], True, ins_ref[8], seq_idx)
-    assert_close("y", y, y_ref)
-    gs, gs_ref = grads_of([y, hT], ins, seed=6), grads_of([y_ref, hT_ref], ins_ref, seed=6)
-    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
-        assert g is not None, f"no gradient for {name}"
-        assert_close(f"grad {name}", g, g_ref)
+    assert_scan_matches_loop(module, (2, 45, 16, 8, 2), opts, seed=5)
 
 
 def test_selective_scan_chunk_plan_splits_time_only_for_few_programs():

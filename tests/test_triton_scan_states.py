@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from test_triton_kernels import _scan_inputs, assert_close, grads_of, leaves, selective_scan_loop  # noqa: E402
+from test_triton_kernels import assert_scan_matches_loop  # noqa: E402
 from triton_env import TRITON_MARKS  # noqa: E402
 
 pytestmark = TRITON_MARKS
@@ -25,18 +25,8 @@ def test_selective_scan_triton_large_states_match_loop(N):
     from seqlab.ops.triton import selective_scan as module
 
     module.TUNING.clear()
-    u, delta, A, B, C, D, z, bias, h0, seq_idx = _scan_inputs(
-        2, 21, 8, N, 1, dict(D=True, z=True, bias=True, init=True, seq_idx=True), seed=5)
-    ins = leaves(u, delta, A, B, C, D, z, bias, h0)
-    y, hT = module.selective_scan_triton(*ins[:8], True, ins[8], seq_idx)
-    ins_ref = leaves(u, delta, A, B, C, D, z, bias, h0)
-    y_ref, hT_ref = selective_scan_loop(*ins_ref[:8], True, ins_ref[8], seq_idx)
-    assert_close("y", y, y_ref)
-    assert_close("final_state", hT, hT_ref)
-    gs, gs_ref = grads_of([y, hT], ins, seed=6), grads_of([y_ref, hT_ref], ins_ref, seed=6)
-    for name, g, g_ref in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"], gs, gs_ref):
-        assert g is not None, f"no gradient for {name}"
-        assert_close(f"grad {name}", g, g_ref)
+    opts = dict(D=True, z=True, bias=True, init=True, dfinal=True, seq_idx=True)
+    assert_scan_matches_loop(module, (2, 21, 8, N, 1), opts, seed=5)
 
 
 def test_lane_forward_prefetches_less_when_that_saves_a_wave(monkeypatch):
