@@ -32,7 +32,8 @@ CHECKS: list = []
 # interpreter test files that also run natively on a GPU (their tensors go to cuda when it is there)
 GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_small_batch_linear.py", "tests/test_mamba_step.py",
                   "tests/test_ssd_triton_numerics.py", "tests/test_triton_jit_math.py", "tests/test_decode_overhead.py",
-                  "tests/test_decode_linear.py", "tests/test_scan_chunk_variants.py"]
+                  "tests/test_decode_linear.py", "tests/test_scan_chunk_variants.py",
+                  "tests/test_triton_scan_states.py"]
 
 
 def log(*a):
