@@ -30,6 +30,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke test under
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 CHECKS: list = []
 # interpreter test files that also run natively on a GPU (their tensors go to cuda when it is there)
+PYTEST_SECONDS = 300  # the native test run's limit: on a cold Triton cache it is mostly compiling
 GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_small_batch_linear.py", "tests/test_mamba_step.py",
                   "tests/test_ssd_triton_numerics.py", "tests/test_triton_jit_math.py", "tests/test_decode_overhead.py",
                   "tests/test_decode_linear.py", "tests/test_scan_chunk_variants.py",
@@ -358,12 +359,18 @@ def main() -> int:
     if not args.skip_tests:
         t0 = time.time()
         env = dict(os.environ, TRITON_INTERPRET="0")
-        res = subprocess.run([sys.executable, "-m", "pytest", *GPU_TEST_FILES, "-q", "-x",
-                              "-p", "no:cacheprovider", "-m", "not slow"], capture_output=True, text=True, env=env,
-                             timeout=300)
         log(f"== pytest {' '.join(GPU_TEST_FILES)} on the GPU")
-        log(res.stdout[-3000:], res.stderr[-2000:])
-        summary["pytest_rc"] = res.returncode
+        try:
+            res = subprocess.run([sys.executable, "-m", "pytest", *GPU_TEST_FILES, "-q", "-x",
+                                  "-p", "no:cacheprovider", "-m", "not slow"], capture_output=True, text=True,
+                                 env=env, timeout=PYTEST_SECONDS)
+            log(res.stdout[-3000:], res.stderr[-2000:])
+            summary["pytest_rc"] = res.returncode
+        except subprocess.TimeoutExpired as err:  # a cold compile cache: record it, the checks still run
+            log(f"   ! pytest stopped after {PYTEST_SECONDS} s (compiling); its output so far:")
+            log((err.stdout or b"").decode(errors="replace")[-3000:] if isinstance(err.stdout, bytes)
+                else (err.stdout or "")[-3000:])
+            summary["pytest_rc"] = f"timed out after {PYTEST_SECONDS} s"
         summary["pytest_s"] = time.time() - t0
     log("== kernel checks against the torch path")
     t0 = time.time()
