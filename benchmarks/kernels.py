@@ -8,7 +8,9 @@ max(bytes / measured HBM bandwidth, FLOPs / measured peak, exp count / measured 
 the fraction of floor, and side by side our torch path, a per-timestep PyTorch loop (selective scan,
 subsampled), and F.scaled_dot_product_attention (flash) for a causal attention layer of the model's width.
 Shapes: Mamba-1.4B layer (d_model 2048, d_inner 4096, N 16) and Mamba-2-2.7B layer (d_model 2560,
-d_inner 5120, headdim 64, N 128, 1 group), batch x seqlen from 8 x 2048 to 1 x 65536.
+d_inner 5120, headdim 64, N 128, 1 group), batch x seqlen from 8 x 2048 to 1 x 65536. The state_size section (not
+in the default list) times the Mamba-1 scan against SSD at d_inner 5120 and equal state size N (--states), the
+comparison of the Mamba-2 paper's Fig. 10.
 """
 
 from __future__ import annotations
