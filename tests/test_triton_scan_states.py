@@ -18,6 +18,8 @@ def test_large_states_take_the_chunk_kernels_with_their_own_tiles():
     from seqlab.ops.triton import selective_scan as module
 
     assert [module._large_state(n) for n in (3, 16, 17, 64, 128)] == [False, False, True, True, True]
+    # the backward's B/C as per-step reads or (N, 8) tiles, whichever measured faster at the state size
+    assert [module._bc_per_step(n) for n in (16, 32, 64, 128)] == [True, False, False, True]
 
 
 @pytest.mark.parametrize("N", [32, 64])

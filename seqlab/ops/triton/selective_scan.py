@@ -1211,7 +1211,7 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          chunk during this one; on by default: fwd+bwd 3.92 vs 4.27 ms at 8 x 2048 on an H200), SAVE_Y (keep y
 #          before the gate for dz, as mamba_ssm does, so the backward skips <h, C>; off: it costs a (B, L, D)
 #          activation).
-#          BWD_BC_STEP (on by default): B_t, C_t read per step where used (L1 hits) instead of split from (BN, 8)
+#          BWD_BC_STEP (default by _bc_per_step): B_t, C_t read per step where used (L1 hits) instead of split from (BN, 8)
 #          tiles, which hold all 8 steps' values: compiled for sm_90 (BLOCK_D = N = 16, bf16, gate, skip, bias,
 #          softplus) 11 instead of 92 spilled local-memory instructions at 255 registers; fwd+bwd 3.79 / 3.72 ms
 #          against 3.85 / 3.82 in two interleaved rounds at 8 x 2048 on an H200 (benchmarks/kernels-gpu/run17).
@@ -1270,6 +1270,13 @@ def _lane_bc_ahead(programs: int) -> int:
         return waves * max(min(per_sm, programs / (waves * sms)), 8) * _LANE_AHEAD_COST[ahead]
 
     return min(_LANE_PROGRAMS_PER_SM, key=lambda ahead: (cost(ahead), -ahead))
+
+
+def _bc_per_step(n: int) -> bool:
+    """Whether the backward reads B_t, C_t per step (BWD_BC_STEP) rather than as (N, 8) tiles: per step at N = 16
+    (fwd+bwd 3.72-3.79 vs 3.82-3.85 ms, 8 x 2048 x 4096) and N = 128 (39.8 vs 79.4 ms, 8 x 2048 x 5120), tiles at
+    N = 64 (14.5 vs 18.2 ms) on an H200 (kernels-gpu/run17, run20); N = 32, not measured, goes with 64."""
+    return not 16 < next_pow2(n) <= 64
 
 
 def _chunk_block_d(key: str, default: int, dim: int, groups: int) -> int:
@@ -1395,7 +1402,7 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_D=block_d, BLOCK_N=next_pow2(n),
                   HAS_YPRE=ypre is not None, PREFETCH=bool(TUNING.get("BWD_PREFETCH", True)),
-                  BC_STEP=bool(TUNING.get("BWD_BC_STEP", True)), num_warps=TUNING.get("BWD_WARPS") or warps,
+                  BC_STEP=bool(TUNING.get("BWD_BC_STEP", _bc_per_step(n))), num_warps=TUNING.get("BWD_WARPS") or warps,
                   maxnreg=TUNING.get("BWD_MAXNREG"))
     args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
