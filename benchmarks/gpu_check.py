@@ -324,7 +324,10 @@ def run_in_processes(indices: list[int], processes: int) -> None:
             res = subprocess.run([sys.executable, os.path.abspath(__file__), "--skip-tests", "--skip-bench",
                                   "--cases", str(i), "--out", tmp], capture_output=True, text=True)
             path = os.path.join(tmp, "gpu_check.json")
-            checks = json.load(open(path))["checks"] if os.path.exists(path) else []
+            checks = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    checks = json.load(f)["checks"]
         if not checks:
             checks = [dict(ok=False, case=f"case {i}", error=(res.stdout + res.stderr)[-1500:])]
         return res.stdout, checks
@@ -368,8 +371,8 @@ def main() -> int:
             summary["pytest_rc"] = res.returncode
         except subprocess.TimeoutExpired as err:  # a cold compile cache: record it, the checks still run
             log(f"   ! pytest stopped after {PYTEST_SECONDS} s (compiling); its output so far:")
-            log((err.stdout or b"").decode(errors="replace")[-3000:] if isinstance(err.stdout, bytes)
-                else (err.stdout or "")[-3000:])
+            out = err.stdout or b""  # bytes even with text=True: the timeout interrupts the decoding
+            log((out.decode(errors="replace") if isinstance(out, bytes) else out)[-3000:])
             summary["pytest_rc"] = f"timed out after {PYTEST_SECONDS} s"
         summary["pytest_s"] = time.time() - t0
     log("== kernel checks against the torch path")

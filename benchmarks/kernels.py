@@ -514,7 +514,8 @@ def bench_state_size(c, shapes, sweep: bool):
         shape = f"{batch}x{seqlen}"
         for N in STATE_SIZES:
             best_f = best_fb = (None, None)
-            for cfg in (SCAN_STATE_TILES if sweep and N > 16 else [{}]):
+            tiles = SCAN_STATE_TILES if sweep and N > 16 else [{}]
+            for cfg in tiles:
                 tss.TUNING.clear()
                 tss.TUNING.update({**base, **cfg})
                 gins = scan_inputs(batch, seqlen, dim, N, grad=True)
@@ -524,7 +525,7 @@ def bench_state_size(c, shapes, sweep: bool):
                            max_seconds=2)
                 gins = None
                 torch.cuda.empty_cache()
-                if len(SCAN_STATE_TILES) > 1 and N > 16 and sweep:
+                if len(tiles) > 1:
                     log(f"     N {N:3d} tile {cfg or 'default'}: fwd {ms} ms, fwd+bwd {msb} ms")
                 if ms and (best_f[0] is None or ms < best_f[0]):
                     best_f = (ms, cfg)

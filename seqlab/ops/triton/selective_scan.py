@@ -1001,6 +1001,13 @@ def _bc_step(ptr, base, k, gn, t0n, t_end, mask_n, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _bc_step_pair(B_ptr, C_ptr, base, k, gn, t0n, t_end, mask_n):
+    """B and C (BN,) of step k for its adjoint step (the REVERSE reads of _bc_step)."""
+    return (_bc_step(B_ptr, base, k, gn, t0n, t_end, mask_n, True),
+            _bc_step(C_ptr, base, k, gn, t0n, t_end, mask_n, True))
+
+
+@triton.jit
 def _load_grad_chunk(dy_ptr, z_ptr, pid_b, chunk, t_end, L, DIM, offs_d, mask_d, HAS_Z: tl.constexpr):
     """dy and z (BD, 8) of steps 8 chunk .. 8 chunk + 7 (z = 0 without a gate)."""
     t = chunk * 8 + tl.arange(0, 8)
@@ -1142,36 +1149,28 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
             h7, _ = _fwd_step(h6, d7, e7, b7, c7, A2, r7, HAS_DOC)
             dD_acc += tl.sum(dyg * u, axis=1)
             if BC_STEP:
-                b7 = _bc_step(B_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
-                c7 = _bc_step(C_ptr, bco, 7, gn, t0n, t_end, mask_n, True)
+                b7, c7 = _bc_step_pair(B_ptr, C_ptr, bco, 7, gn, t0n, t_end, mask_n)
             x7, q7, dB7, dC7, dA_acc, carry, y7 = _bwd_chunk_step(h6, h7, d7, u7, p7, b7, c7, carry, dA_acc, A2r, r7, HAS_DOC)
             if BC_STEP:
-                b6 = _bc_step(B_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
-                c6 = _bc_step(C_ptr, bco, 6, gn, t0n, t_end, mask_n, True)
+                b6, c6 = _bc_step_pair(B_ptr, C_ptr, bco, 6, gn, t0n, t_end, mask_n)
             x6, q6, dB6, dC6, dA_acc, carry, y6 = _bwd_chunk_step(h5, h6, d6, u6, p6, b6, c6, carry, dA_acc, A2r, r6, HAS_DOC)
             if BC_STEP:
-                b5 = _bc_step(B_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
-                c5 = _bc_step(C_ptr, bco, 5, gn, t0n, t_end, mask_n, True)
+                b5, c5 = _bc_step_pair(B_ptr, C_ptr, bco, 5, gn, t0n, t_end, mask_n)
             x5, q5, dB5, dC5, dA_acc, carry, y5 = _bwd_chunk_step(h4, h5, d5, u5, p5, b5, c5, carry, dA_acc, A2r, r5, HAS_DOC)
             if BC_STEP:
-                b4 = _bc_step(B_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
-                c4 = _bc_step(C_ptr, bco, 4, gn, t0n, t_end, mask_n, True)
+                b4, c4 = _bc_step_pair(B_ptr, C_ptr, bco, 4, gn, t0n, t_end, mask_n)
             x4, q4, dB4, dC4, dA_acc, carry, y4 = _bwd_chunk_step(h3, h4, d4, u4, p4, b4, c4, carry, dA_acc, A2r, r4, HAS_DOC)
             if BC_STEP:
-                b3 = _bc_step(B_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
-                c3 = _bc_step(C_ptr, bco, 3, gn, t0n, t_end, mask_n, True)
+                b3, c3 = _bc_step_pair(B_ptr, C_ptr, bco, 3, gn, t0n, t_end, mask_n)
             x3, q3, dB3, dC3, dA_acc, carry, y3 = _bwd_chunk_step(h2, h3, d3, u3, p3, b3, c3, carry, dA_acc, A2r, r3, HAS_DOC)
             if BC_STEP:
-                b2 = _bc_step(B_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
-                c2 = _bc_step(C_ptr, bco, 2, gn, t0n, t_end, mask_n, True)
+                b2, c2 = _bc_step_pair(B_ptr, C_ptr, bco, 2, gn, t0n, t_end, mask_n)
             x2, q2, dB2, dC2, dA_acc, carry, y2 = _bwd_chunk_step(h1, h2, d2, u2, p2, b2, c2, carry, dA_acc, A2r, r2, HAS_DOC)
             if BC_STEP:
-                b1 = _bc_step(B_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
-                c1 = _bc_step(C_ptr, bco, 1, gn, t0n, t_end, mask_n, True)
+                b1, c1 = _bc_step_pair(B_ptr, C_ptr, bco, 1, gn, t0n, t_end, mask_n)
             x1, q1, dB1, dC1, dA_acc, carry, y1 = _bwd_chunk_step(h0, h1, d1, u1, p1, b1, c1, carry, dA_acc, A2r, r1, HAS_DOC)
             if BC_STEP:
-                b0 = _bc_step(B_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
-                c0 = _bc_step(C_ptr, bco, 0, gn, t0n, t_end, mask_n, True)
+                b0, c0 = _bc_step_pair(B_ptr, C_ptr, bco, 0, gn, t0n, t_end, mask_n)
             x0, q0, dB0, dC0, dA_acc, carry, y0 = _bwd_chunk_step(h_in, h0, d0, u0, p0, b0, c0, carry, dA_acc, A2r, r0, HAS_DOC)
             du = _join8(x0, x1, x2, x3, x4, x5, x6, x7) + Dskip[:, None] * dyg
             if HAS_Z:
@@ -1211,10 +1210,10 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          chunk during this one; on by default: fwd+bwd 3.92 vs 4.27 ms at 8 x 2048 on an H200), SAVE_Y (keep y
 #          before the gate for dz, as mamba_ssm does, so the backward skips <h, C>; off: it costs a (B, L, D)
 #          activation).
-#          BWD_BC_STEP (default by _bc_per_step): B_t, C_t read per step where used (L1 hits) instead of split from (BN, 8)
-#          tiles, which hold all 8 steps' values: compiled for sm_90 (BLOCK_D = N = 16, bf16, gate, skip, bias,
-#          softplus) 11 instead of 92 spilled local-memory instructions at 255 registers; fwd+bwd 3.79 / 3.72 ms
-#          against 3.85 / 3.82 in two interleaved rounds at 8 x 2048 on an H200 (benchmarks/kernels-gpu/run17).
+#          BWD_BC_STEP (default by _bc_per_step): B_t, C_t read per step where used (L1 hits) instead of split
+#          from (BN, 8) tiles, which hold all 8 steps' values: compiled for sm_90 (BLOCK_D = N = 16, bf16, gate,
+#          skip, bias, softplus) 17 instead of 92 spilled local-memory instructions at 255 registers; fwd+bwd 3.79 /
+#          3.72 ms against 3.85 / 3.82 in two interleaved rounds at 8 x 2048 on an H200 (benchmarks/kernels-gpu/run17).
 #          BWD_MAXNREG: registers per thread the backward may use (None: no cap). Capped it spills: 168 (12
 #          one-warp programs per SM) 6.2-8.6 ms, 128 (16) 9.5-12.2 ms fwd+bwd in run 17. Also measured there and
 #          not kept: rebuilding the chunk in two halves of 4 steps (5 live state tiles instead of 9; 4.47 ms: the
@@ -1226,8 +1225,9 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          benchmarks/kernels-gpu/run10, and 4.03 vs 6.66 ms at 1 x 65536, run12; the same checkpoints, so the
 #          backward is unchanged) or "chunk"
 #          (_scan_fwd_chunk_kernel); with "lane": lane_bc_ahead (steps between a B/C load and its use, default 4
-#          or 1 by _lane_bc_ahead: 0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate timing). Float32 copies of B
-#          and C made before the launch (no widening in the loop) measured slower: 1.04 ms.
+#          or 1 by _lane_bc_ahead: 0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate
+#          timing). Float32 copies of B and C made before the launch (no widening in the loop) measured slower:
+#          1.04 ms.
 #   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
 
@@ -1264,8 +1264,10 @@ def _lane_bc_ahead(programs: int) -> int:
     if "lane_bc_ahead" in TUNING:
         return max(1, min(8, int(TUNING["lane_bc_ahead"])))
 
+    sms = sm_count()
+
     def cost(ahead: int) -> float:
-        per_sm, sms = _LANE_PROGRAMS_PER_SM[ahead], sm_count()
+        per_sm = _LANE_PROGRAMS_PER_SM[ahead]
         waves = -(-programs // (per_sm * sms))
         return waves * max(min(per_sm, programs / (waves * sms)), 8) * _LANE_AHEAD_COST[ahead]
 
