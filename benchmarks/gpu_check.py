@@ -34,7 +34,7 @@ PYTEST_SECONDS = 300  # the native test run's limit: on a cold Triton cache it i
 GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_small_batch_linear.py", "tests/test_mamba_step.py",
                   "tests/test_ssd_triton_numerics.py", "tests/test_triton_jit_math.py", "tests/test_decode_overhead.py",
                   "tests/test_decode_linear.py", "tests/test_scan_chunk_variants.py",
-                  "tests/test_triton_scan_states.py"]
+                  "tests/test_triton_scan_states.py", "tests/test_scan_lane_backward.py"]
 
 
 def log(*a):

@@ -28,8 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
+from seqlab.ops._common import triton_interpreting
 from seqlab.ops.triton import doc_ids, next_pow2, sm_count
 from seqlab.ops.triton.jit_math import softplus
+from seqlab.ops.triton.scan_lane_bwd import _scan_bwd_lane_kernel
+from seqlab.ops.triton.scan_lanes import (
+    LN2,
+    LOG2E,
+    _lane_load_state,
+    _lane_load_steps,
+    _lane_row_load,
+    _lane_row_widen,
+    _lane_step,
+    _lane_tile,
+)
 
 
 @triton.jit
@@ -490,8 +502,6 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 # states-only pass writes each segment's pair; each program of the full pass folds the earlier pairs into its start
 # state. The backward does the same for the adjoint carry, walking segments in reverse.
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -676,121 +686,6 @@ def _scan_fwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 # successor lies in the batch row run with no masks or clamps; the last one or two clamp rows to the batch row's
 # last step instead of masking (steps past the segment get dt = 0). Checkpoints keep the (B, L / 8, D, N) layout:
 # either backward reads them.
-
-
-@triton.jit
-def _elements(x):
-    """(W,), W a power of two -> tuple of its W elements in order (scalars; W = 1: (x,))."""
-    parts = (x,)
-    for _ in tl.static_range(6):
-        if len(parts) < x.shape[0]:
-            ev = ()
-            od = ()
-            for i in tl.static_range(len(parts)):
-                if parts[i].shape[0] == 2:
-                    e, o = tl.split(parts[i])
-                else:
-                    e, o = tl.split(tl.reshape(parts[i], (parts[i].shape[0] // 2, 2)))
-                ev = ev + (e,)
-                od = od + (o,)
-            # parts[i] held the elements = i mod len(parts); evens first keeps them in order mod 2 len(parts)
-            parts = ev + od
-    return parts
-
-
-@triton.jit
-def _lane_row_load(ptr, row, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
-                   BF16_PAIRS: tl.constexpr):
-    """B or C (B, L, G, N) at flat row `row` (batch x L) and group g, as loaded: a tuple of the (VEC,) pieces (0 for
-    n >= N) that every lane reads alike. BF16_PAIRS (bf16, N = BLOCK_N, a multiple of 8): (4,) int32 pieces, each
-    word two bf16."""
-    pieces = ()
-    if BF16_PAIRS:
-        base = ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (row * G + g) * (BLOCK_N // 2)
-        for k in tl.static_range(BLOCK_N // 8):
-            pieces = pieces + (tl.load(base + k * 4 + tl.arange(0, 4)),)
-    else:
-        for k in tl.static_range(BLOCK_N // VEC):
-            offs = k * VEC + tl.arange(0, VEC)
-            if EVEN_N:
-                pieces = pieces + (tl.load(ptr + (row * G + g) * N + offs),)
-            else:
-                pieces = pieces + (tl.load(ptr + (row * G + g) * N + offs, mask=offs < N, other=0.0),)
-    return pieces
-
-
-@triton.jit
-def _lane_row_widen(pieces, BF16_PAIRS: tl.constexpr):
-    """_lane_row_load's pieces -> tuple of BLOCK_N float32 scalars. A bf16 pair's even element is the word's low
-    half (word << 16), the odd one its high half (word & 0xffff0000): one integer op each."""
-    vals = ()
-    for k in tl.static_range(len(pieces)):
-        if BF16_PAIRS:
-            words = _elements(pieces[k])
-            for i in tl.static_range(len(words)):
-                vals = vals + ((words[i] << 16).to(tl.float32, bitcast=True),
-                               (words[i] & -65536).to(tl.float32, bitcast=True))
-        else:
-            vals = vals + _elements(pieces[k].to(tl.float32))
-    return vals
-
-
-@triton.jit
-def _lane_load_state(ptr, base, offs_d, mask, N, BLOCK_N: tl.constexpr):
-    """(BLOCK_D, N) float32 rows at ptr + base as a tuple of BLOCK_N (BLOCK_D,) vectors (0 where n >= N)."""
-    h = ()
-    for n in tl.static_range(BLOCK_N):
-        h = h + (tl.load(ptr + base + offs_d * N + n, mask=mask & (offs_d * 0 + n < N), other=0.0).to(tl.float32),)
-    return h
-
-
-@triton.jit
-def _lane_tile(h):
-    """Tuple of BLOCK_N (BLOCK_D,) vectors -> (BLOCK_D, BLOCK_N) tile, each row in one lane's registers."""
-    parts = h
-    for _ in tl.static_range(6):
-        if len(parts) > 1:
-            nxt = ()
-            for k in tl.static_range(len(parts) // 2):
-                nxt = nxt + (tl.join(parts[k], parts[k + len(parts) // 2]),)  # new last axis: the high bit of n
-            parts = nxt
-    x = parts[0]
-    if len(h) == 1:
-        x = x[:, None]
-    return tl.reshape(x, (x.shape[0], len(h)))
-
-
-@triton.jit
-def _lane_step(h, A2, dt, dtu, Bs, Cs, reset, HAS_DOC: tl.constexpr, WANT_Y: tl.constexpr):
-    """h_{t-1} -> h_t for the tuple of N (BD,) state vectors; dt, dtu, reset (BD,); B, C tuples of scalars.
-    Returns h_t and y_t = <h_t, C_t> (BD,) (zeros without WANT_Y)."""
-    new = ()
-    y0 = tl.zeros_like(dt)
-    y1 = tl.zeros_like(dt)
-    for n in tl.static_range(len(h)):
-        a = tl.exp2(dt * A2[n])
-        if HAS_DOC:
-            a = tl.where(reset, 0.0, a)
-        hn = a * h[n] + dtu * Bs[n]
-        new = new + (hn,)
-        if WANT_Y:
-            if n % 2 == 0:  # two partial sums halve the dependent FMA chain
-                y0 += hn * Cs[n]
-            else:
-                y1 += hn * Cs[n]
-    return new, y0 + y1
-
-
-@triton.jit
-def _lane_load_steps(ptr, row0, row_last, DIM, offs_d, CLAMP: tl.constexpr):
-    """Eight (BD,) rows row0 .. row0 + 7 of a (B, L, D) tensor, raw dtype; CLAMP: rows past row_last read row_last."""
-    vals = ()
-    for s in tl.static_range(8):
-        if CLAMP:
-            vals = vals + (tl.load(ptr + tl.minimum(row0 + s, row_last) * DIM + offs_d),)
-        else:
-            vals = vals + (tl.load(ptr + (row0 + s) * DIM + offs_d),)
-    return vals
 
 
 @triton.jit
@@ -1228,6 +1123,14 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          or 1 by _lane_bc_ahead: 0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate
 #          timing). Float32 copies of B and C made before the launch (no widening in the loop) measured slower:
 #          1.04 ms.
+#   bwd_variant: "chunk" (default) or "lane" (scan_lane_bwd: one channel per lane, dB/dC summed by a reduce-scatter
+#          over the warp; N <= 16, 32 channels dividing a B/C group). Compiled for sm_90 the lane kernel issues fewer
+#          instructions per state and step (1.29 against the chunk's 1.73 per element) but holds 255 registers with
+#          82-147 spilled instructions and runs slower: fwd+bwd 4.86 ms (lane_bwd_split 0), 5.26 (split 4), 5.14-5.22
+#          (B/C read as bf16 pairs) against 3.77-3.81 for the chunk backward at 8 x 2048 x 4096, bf16, on an H200
+#          (benchmarks/kernels-gpu/run21). Its knobs: lane_bwd_split (0: keep the 8 rebuilt states; 4: keep 4 and
+#          rebuild 3 again), lane_bwd_bc32 (float32 copies of B, C; default on), lane_bwd_shuffle ("asm": PTX
+#          butterfly shuffles, default; "flip": the portable exchange the interpreter runs).
 #   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
 
@@ -1335,6 +1238,29 @@ def _num_warps(cfg: dict) -> int:
     return TUNING.get("num_warps") or (8 if cfg["BLOCK_T"] * cfg["BLOCK_D"] * cfg["BLOCK_N"] > 2048 else 4)
 
 
+def _lane_bc_layout(B: torch.Tensor, C: torch.Tensor) -> dict:
+    """How the lane kernels read a B/C row (scan_lanes._lane_row_load): elements per 16-byte load, whether N is a
+    power of two, and whether bf16 rows are read as int32 pairs."""
+    n = B.shape[3]
+    block_n = next_pow2(n)
+    even_n = n == block_n
+    return dict(BC_VEC=min(block_n, 16 // B.element_size()), EVEN_N=even_n,
+                BF16_PAIRS=even_n and n % 8 == 0 and B.dtype == C.dtype == torch.bfloat16)
+
+
+def _bwd_variant(n: int, dim: int, groups: int) -> str:
+    """The backward kernel, TUNING["bwd_variant"]: "chunk" (default) or "lane" (scan_lane_bwd, one channel per lane;
+    N <= 16 and 32 channels dividing a B/C group; slower on an H200, see TUNING)."""
+    fits = not _large_state(n) and (dim // groups) % 32 == 0
+    variant = TUNING.get("bwd_variant", "chunk")
+    if variant not in ("lane", "chunk"):
+        raise ValueError(f"TUNING['bwd_variant'] must be 'lane' or 'chunk', got {variant!r}")
+    if variant == "lane" and not fits:
+        raise ValueError(f"the lane backward needs N <= {_LANE_MAX_STATES} and D / G a multiple of 32, got N = {n}, "
+                         f"D = {dim}, G = {groups}")
+    return variant
+
+
 def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, need_grad):
     """Chunk forward: returns y, final state, checkpoints (B, L / 8, D, N) float32 and y before the gate (for dz;
     TUNING["SAVE_Y"], as mamba_ssm saves it; off by default: one more (B, L, D) activation kept for backward, which
@@ -1369,11 +1295,7 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
     kernel = _scan_fwd_chunk_kernel
     if variant == "lane":
         kernel = _scan_fwd_lane_kernel
-        Bk = args[3]
-        even_n = n == common["BLOCK_N"]
-        common.update(BC_VEC=min(common["BLOCK_N"], 16 // Bk.element_size()), EVEN_N=even_n,
-                      BF16_PAIRS=even_n and n % 8 == 0 and Bk.dtype == args[4].dtype == torch.bfloat16,
-                      BC_AHEAD=_lane_bc_ahead(batch * n_blocks * n_seg))
+        common.update(_lane_bc_layout(B, C), BC_AHEAD=_lane_bc_ahead(batch * n_blocks * n_seg))
     if n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False, STATES_ONLY=True,
                                              **common)
@@ -1386,8 +1308,12 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
     """Chunk backward: returns du, d delta, dz and float32 dA, dB, dC, dD, d bias, d initial state."""
     batch, L, dim = u.shape
     groups, n = B.shape[2], B.shape[3]
-    block_d, warps = _LARGE_STATE_TILES["bwd"] if _large_state(n) else (16, 1)
-    block_d = _chunk_block_d("BWD_BLOCK_D", block_d, dim, groups)
+    lane = _bwd_variant(n, dim, groups) == "lane"
+    if lane:
+        block_d = 32
+    else:
+        block_d, warps = _LARGE_STATE_TILES["bwd"] if _large_state(n) else (16, 1)
+        block_d = _chunk_block_d("BWD_BLOCK_D", block_d, dim, groups)
     n_blocks = dim // block_d
     n_seg, seg_len = _chunk_segments(batch * n_blocks, L)
     f32 = dict(device=u.device, dtype=torch.float32)
@@ -1403,14 +1329,24 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
         seg_b = torch.empty_like(seg_a)
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_D=block_d, BLOCK_N=next_pow2(n),
-                  HAS_YPRE=ypre is not None, PREFETCH=bool(TUNING.get("BWD_PREFETCH", True)),
-                  BC_STEP=bool(TUNING.get("BWD_BC_STEP", _bc_per_step(n))), num_warps=TUNING.get("BWD_WARPS") or warps,
-                  maxnreg=TUNING.get("BWD_MAXNREG"))
-    args = (u, delta, A, B, C, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
+                  HAS_YPRE=ypre is not None)
+    kernel = _scan_bwd_chunk_kernel
+    B_in, C_in = B, C
+    if lane:
+        kernel = _scan_bwd_lane_kernel
+        if TUNING.get("lane_bwd_bc32", True):  # float32 copies: no widening in the loop (B, C are (B, L, G, N))
+            B_in, C_in = B.float(), C.float()
+        common.update(_lane_bc_layout(B_in, C_in), SPLIT=int(TUNING.get("lane_bwd_split", 0)), num_warps=1,
+                      SHFL_ASM=not triton_interpreting() and TUNING.get("lane_bwd_shuffle", "asm") == "asm")
+    else:
+        common.update(PREFETCH=bool(TUNING.get("BWD_PREFETCH", True)),
+                      BC_STEP=bool(TUNING.get("BWD_BC_STEP", _bc_per_step(n))),
+                      num_warps=TUNING.get("BWD_WARPS") or warps, maxnreg=TUNING.get("BWD_MAXNREG"))
+    args = (u, delta, A, B_in, C_in, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
     if n_seg > 1:
-        _scan_bwd_chunk_kernel[(n_blocks, batch, n_seg - 1)](*args, 1, CARRY_ONLY=True, **common)
-    _scan_bwd_chunk_kernel[(n_blocks, batch, n_seg)](*args, 0, CARRY_ONLY=False, **common)
+        kernel[(n_blocks, batch, n_seg - 1)](*args, 1, CARRY_ONLY=True, **common)
+    kernel[(n_blocks, batch, n_seg)](*args, 0, CARRY_ONLY=False, **common)
     return du, ddelta, dz, dA, dB, dC, dD, dbias, dinit
 
 

@@ -1,0 +1,165 @@
+"""Helpers of the selective scan's lane kernels, which keep one channel per lane: its N states as a tuple of N
+(BLOCK_D,) vectors, one element per lane, so a step's sums over states run inside a thread with no shuffles.
+
+The forward (selective_scan._scan_fwd_lane_kernel) and the backward (scan_lane_bwd) share these; the backward's sums
+over channels (dB, dC) are a reduce-scatter over the warp's lanes (_lane_reduce_scatter).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _elements(x):
+    """(W,), W a power of two -> tuple of its W elements in order (scalars; W = 1: (x,))."""
+    parts = (x,)
+    for _ in tl.static_range(6):
+        if len(parts) < x.shape[0]:
+            ev = ()
+            od = ()
+            for i in tl.static_range(len(parts)):
+                if parts[i].shape[0] == 2:
+                    e, o = tl.split(parts[i])
+                else:
+                    e, o = tl.split(tl.reshape(parts[i], (parts[i].shape[0] // 2, 2)))
+                ev = ev + (e,)
+                od = od + (o,)
+            # parts[i] held the elements = i mod len(parts); evens first keeps them in order mod 2 len(parts)
+            parts = ev + od
+    return parts
+
+
+@triton.jit
+def _lane_row_load(ptr, row, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
+                   BF16_PAIRS: tl.constexpr):
+    """B or C (B, L, G, N) at flat row `row` (batch x L) and group g, as loaded: a tuple of the (VEC,) pieces (0 for
+    n >= N) that every lane reads alike. BF16_PAIRS (bf16, N = BLOCK_N, a multiple of 8): (4,) int32 pieces, each
+    word two bf16."""
+    pieces = ()
+    if BF16_PAIRS:
+        base = ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (row * G + g) * (BLOCK_N // 2)
+        for k in tl.static_range(BLOCK_N // 8):
+            pieces = pieces + (tl.load(base + k * 4 + tl.arange(0, 4)),)
+    else:
+        for k in tl.static_range(BLOCK_N // VEC):
+            offs = k * VEC + tl.arange(0, VEC)
+            if EVEN_N:
+                pieces = pieces + (tl.load(ptr + (row * G + g) * N + offs),)
+            else:
+                pieces = pieces + (tl.load(ptr + (row * G + g) * N + offs, mask=offs < N, other=0.0),)
+    return pieces
+
+
+@triton.jit
+def _lane_row_widen(pieces, BF16_PAIRS: tl.constexpr):
+    """_lane_row_load's pieces -> tuple of BLOCK_N float32 scalars. A bf16 pair's even element is the word's low
+    half (word << 16), the odd one its high half (word & 0xffff0000): one integer op each."""
+    vals = ()
+    for k in tl.static_range(len(pieces)):
+        if BF16_PAIRS:
+            words = _elements(pieces[k])
+            for i in tl.static_range(len(words)):
+                vals = vals + ((words[i] << 16).to(tl.float32, bitcast=True),
+                               (words[i] & -65536).to(tl.float32, bitcast=True))
+        else:
+            vals = vals + _elements(pieces[k].to(tl.float32))
+    return vals
+
+
+@triton.jit
+def _lane_load_state(ptr, base, offs_d, mask, N, BLOCK_N: tl.constexpr):
+    """(BLOCK_D, N) float32 rows at ptr + base as a tuple of BLOCK_N (BLOCK_D,) vectors (0 where n >= N)."""
+    h = ()
+    for n in tl.static_range(BLOCK_N):
+        h = h + (tl.load(ptr + base + offs_d * N + n, mask=mask & (offs_d * 0 + n < N), other=0.0).to(tl.float32),)
+    return h
+
+
+@triton.jit
+def _lane_tile(h):
+    """Tuple of BLOCK_N (BLOCK_D,) vectors -> (BLOCK_D, BLOCK_N) tile, each row in one lane's registers."""
+    parts = h
+    for _ in tl.static_range(6):
+        if len(parts) > 1:
+            nxt = ()
+            for k in tl.static_range(len(parts) // 2):
+                nxt = nxt + (tl.join(parts[k], parts[k + len(parts) // 2]),)  # new last axis: the high bit of n
+            parts = nxt
+    x = parts[0]
+    if len(h) == 1:
+        x = x[:, None]
+    return tl.reshape(x, (x.shape[0], len(h)))
+
+
+@triton.jit
+def _lane_step(h, A2, dt, dtu, Bs, Cs, reset, HAS_DOC: tl.constexpr, WANT_Y: tl.constexpr):
+    """h_{t-1} -> h_t for the tuple of N (BD,) state vectors; dt, dtu, reset (BD,); B, C tuples of scalars.
+    Returns h_t and y_t = <h_t, C_t> (BD,) (zeros without WANT_Y)."""
+    new = ()
+    y0 = tl.zeros_like(dt)
+    y1 = tl.zeros_like(dt)
+    for n in tl.static_range(len(h)):
+        a = tl.exp2(dt * A2[n])
+        if HAS_DOC:
+            a = tl.where(reset, 0.0, a)
+        hn = a * h[n] + dtu * Bs[n]
+        new = new + (hn,)
+        if WANT_Y:
+            if n % 2 == 0:  # two partial sums halve the dependent FMA chain
+                y0 += hn * Cs[n]
+            else:
+                y1 += hn * Cs[n]
+    return new, y0 + y1
+
+
+@triton.jit
+def _lane_load_steps(ptr, row0, row_last, DIM, offs_d, CLAMP: tl.constexpr):
+    """Eight (BD,) rows row0 .. row0 + 7 of a (B, L, D) tensor, raw dtype; CLAMP: rows past row_last read row_last."""
+    vals = ()
+    for s in tl.static_range(8):
+        if CLAMP:
+            vals = vals + (tl.load(ptr + tl.minimum(row0 + s, row_last) * DIM + offs_d),)
+        else:
+            vals = vals + (tl.load(ptr + (row0 + s) * DIM + offs_d),)
+    return vals
+
+
+@triton.jit
+def _lane_xor(x, OFFSET: tl.constexpr, SHFL_ASM: tl.constexpr):
+    """x (32,) float32, one element per lane of one warp -> the element held by lane ^ OFFSET. SHFL_ASM: one
+    butterfly shuffle (PTX shfl.sync.bfly); otherwise a flip of the (32 / (2 OFFSET), 2, OFFSET) view, which the
+    interpreter runs."""
+    if SHFL_ASM:
+        bits = tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 31, -1;", "=r,r,r",
+                                         [x.to(tl.int32, bitcast=True), tl.full(x.shape, OFFSET, tl.int32)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return tl.reshape(tl.flip(tl.reshape(x, (32 // (2 * OFFSET), 2, OFFSET)), 1), (32,))
+
+
+@triton.jit
+def _lane_reduce_scatter(vals, lane, SHFL_ASM: tl.constexpr):
+    """vals: tuple of M (32,) vectors, M a power of two <= 32, one element per lane. Returns (32,): lane i holds the
+    sum over all 32 lanes of vals[i M / 32] (lanes with equal i M / 32 hold the same sum).
+
+    Round r (r = 0..4) pairs each lane with lane ^ (16 >> r): while more than one value is left, the lane with that
+    bit set keeps the upper half of its values and sends the lower half, its partner the reverse, and each adds what
+    it receives; so 31 shuffles in all for M = 32, against 5 per value (160) for a butterfly all-reduce of each."""
+    for r in tl.static_range(5):
+        upper = (lane & (16 >> r)) != 0
+        if len(vals) > 1:
+            kept = ()
+            for k in tl.static_range(len(vals) // 2):
+                lo = vals[k]
+                hi = vals[k + len(vals) // 2]
+                kept = kept + (tl.where(upper, hi, lo) + _lane_xor(tl.where(upper, lo, hi), 16 >> r, SHFL_ASM),)
+            vals = kept
+        else:
+            vals = (vals[0] + _lane_xor(vals[0], 16 >> r, SHFL_ASM),)
+    return vals[0]
