@@ -48,3 +48,16 @@ def test_kernels_scan_sweep_list_parses_and_bad_ones_are_named():
     for bad in ('{"BWD_MAXNREG": 168}', "[1, 2]", "[{"):
         with pytest.raises(SystemExit, match="--scan-sweep: expected a JSON list of objects"):
             kernels.parse_tuning_list(bad)
+
+
+def test_decode_gemm_tiles_names_bad_rows_and_the_missing_gpu(monkeypatch):
+    """Row counts outside 1..MAX_ROWS are refused by name before anything runs; without CUDA the script says it
+    needs a GPU instead of failing inside a CUDA-graph capture."""
+    tiles = _load("decode_gemm_tiles")
+    monkeypatch.setattr("sys.argv", ["decode_gemm_tiles.py", "64", "0", "x"])
+    with pytest.raises(SystemExit, match="expected row counts from 1 to 128 and --breakdown, got 0 x"):
+        tiles.main()
+    if not tiles.torch.cuda.is_available():
+        monkeypatch.setattr("sys.argv", ["decode_gemm_tiles.py", "64", "--breakdown"])
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            tiles.main()
