@@ -5,6 +5,7 @@ candidate tile shapes and wider ones (BLOCK_N 128 and 256).
 
     python3 benchmarks/decode_gemm_tiles.py [ROWS ...] [--breakdown]   # rows default 64; --breakdown: only the
                                                                        # in_proj variants without the norm weight
+    ncu --kernel-name regex:small_batch --launch-skip 4 --launch-count 2 python3 benchmarks/decode_gemm_tiles.py --once
 """
 
 from __future__ import annotations
@@ -76,17 +77,36 @@ def probe(rows: int, name: str, n: int, k: int, norm: bool, conv_c: int, residua
           flush=True)
 
 
+def calls_for_a_profiler(rows: int) -> None:
+    """in_proj (BLOCK_N 32, no split) without and with the conv epilogue, three calls each, nothing timed: for
+    ``ncu --kernel-name regex:small_batch --launch-skip 4 --launch-count 2``."""
+    bf16 = dict(device=dev, dtype=torch.bfloat16)
+    x, w = torch.randn(rows, 2048, **bf16), torch.randn(8192, 2048, **bf16) / 2048**0.5
+    conv = (torch.randn(rows, 4096, 3, **bf16), torch.randn(4096, 4, **bf16), torch.randn(4096, **bf16))
+    cfg = dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, STAGES=4, WARPS=4)
+    for _ in range(3):
+        sbl.small_batch_linear_triton(x, w, None, cfg)
+        sbl.small_batch_linear_triton(x, w, None, cfg, conv=conv)
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     args = sys.argv[1:]
-    bad = [a for a in args if a != "--breakdown" and not (a.isdigit() and 0 < int(a) <= sbl.MAX_ROWS)]
+    flags = ("--breakdown", "--once")
+    bad = [a for a in args if a not in flags and not (a.isdigit() and 0 < int(a) <= sbl.MAX_ROWS)]
     if bad:
-        raise SystemExit(f"decode_gemm_tiles.py: expected row counts from 1 to {sbl.MAX_ROWS} and --breakdown, got "
-                         f"{' '.join(bad)}")
+        raise SystemExit(f"decode_gemm_tiles.py: expected row counts from 1 to {sbl.MAX_ROWS}, --breakdown and "
+                         f"--once, got {' '.join(bad)}")
     if not torch.cuda.is_available():
         raise SystemExit("decode_gemm_tiles.py: needs a CUDA GPU (it times CUDA graphs of the decode GEMMs)")
     breakdown_only = "--breakdown" in args
     torch.manual_seed(0)
-    for rows in [int(a) for a in args if a != "--breakdown"] or [64]:
+    all_rows = [int(a) for a in args if a not in flags] or [64]
+    if "--once" in args:
+        for rows in all_rows:
+            calls_for_a_profiler(rows)
+        return
+    for rows in all_rows:
         if not breakdown_only:
             probe(rows, "in_proj", 8192, 2048, True, 4096, False)
             probe(rows, "out_proj", 2048, 4096, False, 0, True)

@@ -55,7 +55,7 @@ def test_decode_gemm_tiles_names_bad_rows_and_the_missing_gpu(monkeypatch):
     needs a GPU instead of failing inside a CUDA-graph capture."""
     tiles = _load("decode_gemm_tiles")
     monkeypatch.setattr("sys.argv", ["decode_gemm_tiles.py", "64", "0", "x"])
-    with pytest.raises(SystemExit, match="expected row counts from 1 to 128 and --breakdown, got 0 x"):
+    with pytest.raises(SystemExit, match="expected row counts from 1 to 128, --breakdown and --once, got 0 x"):
         tiles.main()
     if not tiles.torch.cuda.is_available():
         monkeypatch.setattr("sys.argv", ["decode_gemm_tiles.py", "64", "--breakdown"])

@@ -24,13 +24,16 @@ import triton.language as tl
 from seqlab.ops.triton.jit_math import softplus
 from seqlab.ops.triton.scan_lanes import (
     LN2,
-    LOG2E,
+    _lane_channel_params,
+    _lane_fold,
     _lane_load_state,
     _lane_reduce_scatter,
     _lane_row_load,
     _lane_row_widen,
+    _lane_scaled_A,
     _lane_step,
     _lane_tile,
+    _lane_zeros,
 )
 
 
@@ -202,36 +205,19 @@ def _scan_bwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     lane = tl.arange(0, BLOCK_D)
     offs_d = pid_d * BLOCK_D + lane
     mask_d = offs_d < DIM
-    A2 = _lane_load_state(A_ptr, 0, offs_d, mask_d, N, BLOCK_N)
-    A2_scaled = ()
-    for n in tl.static_range(BLOCK_N):
-        A2_scaled = A2_scaled + (A2[n] * LOG2E,)
-    A2 = A2_scaled
+    A2 = _lane_scaled_A(A_ptr, offs_d, mask_d, N, BLOCK_N)
     g = (pid_d * BLOCK_D) // (DIM // G)
     state_base = pid_b.to(tl.int64) * DIM * N
     seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
-    carry = ()
-    dA = ()
-    for _n in tl.static_range(BLOCK_N):
-        carry = carry + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
-        dA = dA + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
+    carry = _lane_zeros(BLOCK_D, BLOCK_N)
+    dA = _lane_zeros(BLOCK_D, BLOCK_N)
     if not CARRY_ONLY:
         if HAS_DFINAL:
             carry = _lane_load_state(dfinal_ptr, state_base, offs_d, mask_d, N, BLOCK_N)
-        for k in range(n_seg - 1 - pid_s):  # fold the later segments, last first: carry <- a_j carry + b_j
-            off = seg_base + (n_seg - 1 - k) * DIM * N
-            sa = _lane_load_state(seg_a_ptr, off, offs_d, mask_d, N, BLOCK_N)
-            sb = _lane_load_state(seg_b_ptr, off, offs_d, mask_d, N, BLOCK_N)
-            folded = ()
-            for n in tl.static_range(BLOCK_N):
-                folded = folded + (sa[n] * carry[n] + sb[n],)
-            carry = folded
-    Dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        # the later segments, last first: carry <- a_j carry + b_j
+        carry = _lane_fold(carry, seg_a_ptr, seg_b_ptr, seg_base, n_seg - 1, n_seg - 1 - pid_s, -1, DIM, N, offs_d,
+                           mask_d, BLOCK_N)
+    Dskip, bias = _lane_channel_params(D_ptr, bias_ptr, offs_d, mask_d, HAS_D, HAS_BIAS)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)

@@ -163,3 +163,50 @@ def _lane_reduce_scatter(vals, lane, SHFL_ASM: tl.constexpr):
         else:
             vals = (vals[0] + _lane_xor(vals[0], 16 >> r, SHFL_ASM),)
     return vals[0]
+
+
+@triton.jit
+def _lane_scaled_A(A_ptr, offs_d, mask_d, N, BLOCK_N: tl.constexpr):
+    """A (D, N) float32 rows of the block as BLOCK_N (BLOCK_D,) vectors times log2(e) (the kernels take exp2)."""
+    A2 = _lane_load_state(A_ptr, 0, offs_d, mask_d, N, BLOCK_N)
+    scaled = ()
+    for n in tl.static_range(BLOCK_N):
+        scaled = scaled + (A2[n] * LOG2E,)
+    return scaled
+
+
+@triton.jit
+def _lane_zeros(BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_N float32 (BLOCK_D,) zero vectors."""
+    zeros = ()
+    for _n in tl.static_range(BLOCK_N):
+        zeros = zeros + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
+    return zeros
+
+
+@triton.jit
+def _lane_fold(h, seg_a_ptr, seg_b_ptr, seg_base, first, count, step, DIM, N, offs_d, mask_d,
+               BLOCK_N: tl.constexpr):
+    """h <- a_j h + b_j for j = first, first + step, ... (count segments); a_j, b_j (B, S, D, N) float32 rows of
+    segment j at seg_base + j D N (the time split's states-only pass or carry-only pass)."""
+    for i in range(count):
+        off = seg_base + (first + i * step) * DIM * N
+        sa = _lane_load_state(seg_a_ptr, off, offs_d, mask_d, N, BLOCK_N)
+        sb = _lane_load_state(seg_b_ptr, off, offs_d, mask_d, N, BLOCK_N)
+        folded = ()
+        for n in tl.static_range(BLOCK_N):
+            folded = folded + (sa[n] * h[n] + sb[n],)
+        h = folded
+    return h
+
+
+@triton.jit
+def _lane_channel_params(D_ptr, bias_ptr, offs_d, mask_d, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The skip D and the dt bias of the block's channels, (BLOCK_D,) float32 (zeros where absent)."""
+    Dskip = tl.zeros(offs_d.shape, dtype=tl.float32)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros(offs_d.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return Dskip, bias

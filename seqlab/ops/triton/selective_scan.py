@@ -35,12 +35,16 @@ from seqlab.ops.triton.scan_lane_bwd import _scan_bwd_lane_kernel
 from seqlab.ops.triton.scan_lanes import (
     LN2,
     LOG2E,
+    _lane_channel_params,
+    _lane_fold,
     _lane_load_state,
     _lane_load_steps,
     _lane_row_load,
     _lane_row_widen,
+    _lane_scaled_A,
     _lane_step,
     _lane_tile,
+    _lane_zeros,
 )
 
 
@@ -787,35 +791,17 @@ def _scan_fwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     pid_s = tl.program_id(2) + seg_first
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
-    A2 = _lane_load_state(A_ptr, 0, offs_d, mask_d, N, BLOCK_N)
-    A2_scaled = ()
-    for n in tl.static_range(BLOCK_N):
-        A2_scaled = A2_scaled + (A2[n] * LOG2E,)
-    A2 = A2_scaled
+    A2 = _lane_scaled_A(A_ptr, offs_d, mask_d, N, BLOCK_N)
     g = (pid_d * BLOCK_D) // (DIM // G)
     state_base = pid_b.to(tl.int64) * DIM * N
     seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
     if HAS_INIT:
         h = _lane_load_state(init_ptr, state_base, offs_d, mask_d & (offs_d * 0 + pid_s == 0), N, BLOCK_N)
     else:
-        h = ()
-        for _ in tl.static_range(BLOCK_N):
-            h = h + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
-    if not STATES_ONLY:
-        for k in range(pid_s):  # fold the earlier segments: h <- a_k h + b_k
-            off = seg_base + k * DIM * N
-            sa = _lane_load_state(seg_a_ptr, off, offs_d, mask_d, N, BLOCK_N)
-            sb = _lane_load_state(seg_b_ptr, off, offs_d, mask_d, N, BLOCK_N)
-            folded = ()
-            for n in tl.static_range(BLOCK_N):
-                folded = folded + (sa[n] * h[n] + sb[n],)
-            h = folded
-    Dskip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        h = _lane_zeros(BLOCK_D, BLOCK_N)
+    if not STATES_ONLY:  # fold the earlier segments: h <- a_k h + b_k
+        h = _lane_fold(h, seg_a_ptr, seg_b_ptr, seg_base, 0, pid_s, 1, DIM, N, offs_d, mask_d, BLOCK_N)
+    Dskip, bias = _lane_channel_params(D_ptr, bias_ptr, offs_d, mask_d, HAS_D, HAS_BIAS)
     offs_n = tl.arange(0, BLOCK_N)
     dn = offs_d[:, None] * N + offs_n[None, :]
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
