@@ -106,15 +106,17 @@ def test_fused_rms_norm_with_split_k_gives_the_same_bits_every_call():
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-f32state"])
-def test_conv_epilogue_matches_gemm_then_conv_step(width, split, dtype, state_dtype):
-    """Mamba's in_proj then conv step over two steps with the state carried: the first C columns through the conv
-    (C and N not multiples of BLOCK_N, so one output tile holds both kinds of column), the rest plain; with and
-    without the norm, bias on the first step only."""
+@pytest.mark.parametrize("channels", [40, 64])
+def test_conv_epilogue_matches_gemm_then_conv_step(width, split, dtype, state_dtype, channels):
+    """Mamba's in_proj then conv step over two steps with the state carried: the first C columns through the conv,
+    the rest plain; with and without the norm, bias on the first step only. C = 40 (not a multiple of BLOCK_N: one
+    output tile holds both kinds of column, its state runs masked per channel) and C = 64 (whole tiles: the state
+    runs read and written as vectors); N = 72 is not a multiple of BLOCK_N either."""
     from seqlab.ops.conv import conv_step_ref
     from seqlab.ops.triton.small_batch_linear import small_batch_linear_triton
 
-    m, n, k, channels = 5, 72, 96, 40
-    gen = torch.Generator().manual_seed(width * 10 + split)
+    m, n, k = 5, 72, 96
+    gen = torch.Generator().manual_seed(width * 10 + split + channels)
     w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
     conv_w = (0.5 * torch.randn(channels, width, generator=gen)).to(DEVICE, dtype)
     conv_b = torch.randn(channels, generator=gen).to(DEVICE, dtype)

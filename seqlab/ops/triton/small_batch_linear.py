@@ -81,7 +81,8 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
                                EPS: tl.constexpr, CONV_W: tl.constexpr, CONV_BIAS: tl.constexpr,
                                SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               STAGES: tl.constexpr, PDL: tl.constexpr):
+                               STAGES: tl.constexpr, PDL: tl.constexpr, CONV_RUN: tl.constexpr,
+                               CONV_WHOLE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -117,7 +118,8 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
     res_off = offs_m[:, None] * sr_m + offs_n[None, :] * sr_n
     if SPLIT_K == 1:
         _store_output(acc, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, cs_ptr, cw_ptr, cb_ptr, CONV_DIM,
-                      offs_m, offs_n, HAS_RES, NORM, EPS, CONV_W, CONV_BIAS)
+                      offs_m, mask_m, offs_n, pid_n * BLOCK_N, HAS_RES, NORM, EPS, CONV_W, CONV_BIAS, CONV_RUN,
+                      CONV_WHOLE)
     else:
         # workspace: partial products (SPLIT_K, M, N), then partial sums of squares (SPLIT_K, tiles, M)
         slot = M * N
@@ -132,7 +134,8 @@ def _small_batch_linear_kernel(x_ptr, w_ptr, g_ptr, res_ptr, out_ptr, ws_ptr, co
             if NORM:
                 row_sumsq = sum_slots(sq_ptr, pid_n * M + offs_m, mask_m, sq_slot, SPLIT_K)
             _store_output(total, row_sumsq, K, out_ptr, res_ptr, out_off, res_off, mask_mn, cs_ptr, cw_ptr, cb_ptr,
-                          CONV_DIM, offs_m, offs_n, HAS_RES, NORM, EPS, CONV_W, CONV_BIAS)
+                          CONV_DIM, offs_m, mask_m, offs_n, pid_n * BLOCK_N, HAS_RES, NORM, EPS, CONV_W, CONV_BIAS,
+                          CONV_RUN, CONV_WHOLE)
 
 
 @triton.jit
@@ -156,51 +159,57 @@ def _accumulate(acc, sumsq, xt, wt, g_ptr, offs_k, mask_k, sg_k, NORM: tl.conste
 
 @triton.jit
 def _store_output(total, sumsq, K, out_ptr, res_ptr, out_off, res_off, mask, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m,
-                  offs_n, HAS_RES: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr, CONV_W: tl.constexpr,
-                  CONV_BIAS: tl.constexpr):
+                  mask_m, offs_n, n0, HAS_RES: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr, CONV_W: tl.constexpr,
+                  CONV_BIAS: tl.constexpr, CONV_RUN: tl.constexpr, CONV_WHOLE: tl.constexpr):
     if NORM:
         total = total * tl.math.rsqrt(sumsq / K + EPS)[:, None]
     if HAS_RES:
         total += tl.load(res_ptr + res_off, mask=mask, other=0.0).to(tl.float32)
     out = total.to(out_ptr.dtype.element_ty)
     if CONV_W > 0:
-        out = _conv_step_epilogue(out, mask, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m, offs_n, CONV_W, CONV_BIAS)
+        out = _conv_step_epilogue(out, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m, mask_m, offs_n, n0, CONV_W,
+                                  CONV_BIAS, CONV_RUN, CONV_WHOLE)
     tl.store(out_ptr + out_off, out, mask=mask)
 
 
 @triton.jit
-def _conv_step_epilogue(out, mask, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m, offs_n, W: tl.constexpr,
-                        HAS_BIAS: tl.constexpr):
+def _conv_step_epilogue(out, cs_ptr, cw_ptr, cb_ptr, CONV_DIM, offs_m, mask_m, offs_n, n0, W: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, RUN: tl.constexpr, WHOLE: tl.constexpr):
     """Columns n < CONV_DIM of the (BLOCK_M, BLOCK_N) output tile through one step of the depthwise causal conv
     and SiLU: y = silu(b_n + Σ_{j<W-1} w_nj s_mnj + w_n,W-1 x_mn), state s (M, CONV_DIM, W-1) shifted left by one
     with x appended (x as rounded to the output dtype, as the unfused conv step reads it). The program that stores
-    an output tile owns those (row, channel) states: no other program reads or writes them."""
+    an output tile owns those (row, channel) states: no other program reads or writes them. n0: the tile's first
+    column (offs_n[0]).
+
+    Row m's states of the tile's channels n0 .. n0 + BLOCK_N - 1 are one contiguous run of (W - 1) BLOCK_N elements,
+    read and written whole (RUN: that length rounded up to a power of two, masked) and picked apart with gathers:
+    per-tap accesses of 2-byte elements at a (W - 1)-element stride filled the load/store queue (RESULTS.md §9)."""
+    BLOCK_M: tl.constexpr = out.shape[0]
+    BLOCK_N: tl.constexpr = out.shape[1]
+    TAPS: tl.constexpr = W - 1
     is_conv = offs_n < CONV_DIM
-    cmask = mask & is_conv[None, :]
     x = out.to(tl.float32)
-    s_off = (offs_m[:, None] * CONV_DIM + offs_n[None, :]) * (W - 1)
     w_off = offs_n * W
-    acc = x * tl.load(cw_ptr + w_off + (W - 1), mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    acc = x * tl.load(cw_ptr + w_off + TAPS, mask=is_conv, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(cb_ptr + offs_n, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-    s0 = tl.load(cs_ptr + s_off, mask=cmask, other=0.0)
-    acc += s0.to(tl.float32) * tl.load(cw_ptr + w_off, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-    if W > 2:
-        s1 = tl.load(cs_ptr + s_off + 1, mask=cmask, other=0.0)
-        acc += s1.to(tl.float32) * tl.load(cw_ptr + w_off + 1, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-    if W > 3:
-        s2 = tl.load(cs_ptr + s_off + 2, mask=cmask, other=0.0)
-        acc += s2.to(tl.float32) * tl.load(cw_ptr + w_off + 2, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    offs_r = tl.arange(0, RUN)
+    run_off = (offs_m[:, None] * CONV_DIM + n0) * TAPS + offs_r[None, :]
+    # whole runs (CONV_DIM a multiple of BLOCK_N: every tile all conv channels or none) load and store as vectors;
+    # otherwise the tile holding the last conv channel masks channels inside a vector, so every access goes singly
+    run_mask = mask_m[:, None] & ((offs_r < TAPS * BLOCK_N) & (offs_r * 0 + n0 < CONV_DIM))[None, :]
+    if not WHOLE:
+        run_mask = run_mask & (n0 + offs_r // TAPS < CONV_DIM)[None, :]
+    run = tl.load(cs_ptr + run_off, mask=run_mask, other=0.0)  # (BLOCK_M, RUN)
+    for j in tl.static_range(TAPS):
+        tap = tl.gather(run, tl.broadcast_to((tl.arange(0, BLOCK_N) * TAPS + j)[None, :], (BLOCK_M, BLOCK_N)), 1)
+        acc += tap.to(tl.float32) * tl.load(cw_ptr + w_off + j, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    # the new run: tap j of channel n is the old tap j + 1, the last tap x_n
     state_dtype = cs_ptr.dtype.element_ty
-    if W == 2:
-        tl.store(cs_ptr + s_off, x.to(state_dtype), mask=cmask)
-    if W == 3:
-        tl.store(cs_ptr + s_off, s1, mask=cmask)
-        tl.store(cs_ptr + s_off + 1, x.to(state_dtype), mask=cmask)
-    if W == 4:
-        tl.store(cs_ptr + s_off, s1, mask=cmask)
-        tl.store(cs_ptr + s_off + 1, s2, mask=cmask)
-        tl.store(cs_ptr + s_off + 2, x.to(state_dtype), mask=cmask)
+    older = tl.gather(run, tl.broadcast_to(tl.minimum(offs_r + 1, RUN - 1)[None, :], (BLOCK_M, RUN)), 1)
+    newest = tl.gather(x.to(state_dtype), tl.broadcast_to(tl.minimum(offs_r // TAPS, BLOCK_N - 1)[None, :],
+                                                          (BLOCK_M, RUN)), 1)
+    tl.store(cs_ptr + run_off, tl.where((offs_r % TAPS == TAPS - 1)[None, :], newest, older), mask=run_mask)
     y = acc * tl.sigmoid(acc)
     return tl.where(is_conv[None, :], y.to(out.dtype), out)
 
@@ -362,6 +371,8 @@ def small_batch_linear_triton(x: torch.Tensor, weight: torch.Tensor, residual: t
         *(residual.stride() if residual is not None else (0, 0)),
         HAS_RES=residual is not None, NORM=normalize, NORM_WEIGHT=norm_weight is not None,
         EPS=float(norm_eps) if normalize else 0.0, CONV_W=conv_weight.shape[1] if conv is not None else 0,
+        CONV_RUN=next_pow2((conv_weight.shape[1] - 1) * cfg["BLOCK_N"]) if conv is not None else 1,
+        CONV_WHOLE=conv is not None and conv_weight.shape[0] % cfg["BLOCK_N"] == 0,
         CONV_BIAS=conv_bias is not None, SPLIT_K=split, IEEE=ieee or interpreting, UPCAST=interpreting,
         PDL=pdl, launch_pdl=pdl,
         BLOCK_M=max(16, next_pow2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, STAGES=cfg["STAGES"],
