@@ -74,10 +74,69 @@ def _lane_row_widen(pieces, BF16_PAIRS: tl.constexpr):
 @triton.jit
 def _lane_load_state(ptr, base, offs_d, mask, N, BLOCK_N: tl.constexpr):
     """(BLOCK_D, N) float32 rows at ptr + base as a tuple of BLOCK_N (BLOCK_D,) vectors (0 where n >= N)."""
+    return _lane_load_states(ptr, base, offs_d, offs_d * 0, mask, N, BLOCK_N)
+
+
+@triton.jit
+def _lane_load_states(ptr, base, offs_d, n0, mask, N, COUNT: tl.constexpr):
+    """States n0 + k, k < COUNT, of each lane's channel from (D, N) float32 rows at ptr + base: a tuple of COUNT
+    (BD,) vectors (0 where n >= N); n0 (BD,) is the lane's first state (0, or its part's with several lanes per
+    channel)."""
     h = ()
-    for n in tl.static_range(BLOCK_N):
-        h = h + (tl.load(ptr + base + offs_d * N + n, mask=mask & (offs_d * 0 + n < N), other=0.0).to(tl.float32),)
+    for k in tl.static_range(COUNT):
+        h = h + (tl.load(ptr + base + offs_d * N + n0 + k, mask=mask & (n0 + k < N), other=0.0).to(tl.float32),)
     return h
+
+
+@triton.jit
+def _lane_store_states(ptr, base, h, offs_d, n0, mask, N):
+    """The inverse of _lane_load_states: h[k] to state n0 + k of each lane's channel (where n0 + k < N)."""
+    for k in tl.static_range(len(h)):
+        tl.store(ptr + base + offs_d * N + n0 + k, h[k], mask=mask & (n0 + k < N))
+
+
+@triton.jit
+def _lane_columns(x):
+    """(R, W) tile, W a power of two, each row in one thread -> tuple of its W (R,) columns in order."""
+    if x.shape[1] == 1:
+        return (tl.reshape(x, (x.shape[0],)),)
+    parts = (x,)
+    for _ in tl.static_range(6):
+        if len(parts) < x.shape[1]:
+            ev = ()
+            od = ()
+            for i in tl.static_range(len(parts)):
+                if parts[i].shape[1] == 2:
+                    e, o = tl.split(parts[i])
+                else:
+                    e, o = tl.split(tl.reshape(parts[i], (x.shape[0], parts[i].shape[1] // 2, 2)))
+                ev = ev + (e,)
+                od = od + (o,)
+            parts = ev + od  # as in _elements: the columns stay in order
+    return parts
+
+
+@triton.jit
+def _lane_part_row(ptr, row, g, G, N, n0, COUNT: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
+                   AGAIN: tl.constexpr):
+    """Float32 B or C (B, L, G, N) at flat row `row` and group g, states n0 .. n0 + COUNT - 1 of each lane (n0 (BD,)
+    its part's first state): a tuple of COUNT (BD,) vectors, read VEC at a time (0 for n >= N). AGAIN: a second read
+    of a row read before, with another eviction hint so the compiler does not merge the two (which would keep the
+    first read's values live in registers until the second's use)."""
+    vals = ()
+    for k in tl.static_range(COUNT // VEC):
+        n = n0[:, None] + (k * VEC + tl.arange(0, VEC))[None, :]
+        if EVEN_N:
+            if AGAIN:
+                tile = tl.load(ptr + (row * G + g) * N + n, eviction_policy="evict_last")
+            else:
+                tile = tl.load(ptr + (row * G + g) * N + n)
+        elif AGAIN:
+            tile = tl.load(ptr + (row * G + g) * N + n, mask=n < N, other=0.0, eviction_policy="evict_last")
+        else:
+            tile = tl.load(ptr + (row * G + g) * N + n, mask=n < N, other=0.0)
+        vals = vals + _lane_columns(tile)
+    return vals
 
 
 @triton.jit
@@ -144,31 +203,35 @@ def _lane_xor(x, OFFSET: tl.constexpr, SHFL_ASM: tl.constexpr):
 
 
 @triton.jit
-def _lane_reduce_scatter(vals, lane, SHFL_ASM: tl.constexpr):
-    """vals: tuple of M (32,) vectors, M a power of two <= 32, one element per lane. Returns (32,): lane i holds the
-    sum over all 32 lanes of vals[i M / 32] (lanes with equal i M / 32 hold the same sum).
+def _lane_reduce_scatter(vals, lane, SHFL_ASM: tl.constexpr, WIDTH: tl.constexpr):
+    """vals: tuple of M (32,) vectors, M a power of two <= WIDTH, one element per lane; WIDTH (a power of two <= 32)
+    lanes form a group. Returns (32,): lane i holds the sum over its group of vals[(i % WIDTH) M / WIDTH] (lanes of a
+    group with equal (i % WIDTH) M / WIDTH hold the same sum).
 
-    Round r (r = 0..4) pairs each lane with lane ^ (16 >> r): while more than one value is left, the lane with that
-    bit set keeps the upper half of its values and sends the lower half, its partner the reverse, and each adds what
-    it receives; so 31 shuffles in all for M = 32, against 5 per value (160) for a butterfly all-reduce of each."""
+    Each round pairs each lane with lane ^ o, o = WIDTH / 2, ..., 1: while more than one value is left, the lane
+    with that bit set keeps the upper half of its values and sends the lower half, its partner the reverse, and
+    each adds what it receives; so 31 shuffles in all for M = WIDTH = 32, against 5 per value (160) for a butterfly
+    all-reduce of each."""
     for r in tl.static_range(5):
-        upper = (lane & (16 >> r)) != 0
-        if len(vals) > 1:
-            kept = ()
-            for k in tl.static_range(len(vals) // 2):
-                lo = vals[k]
-                hi = vals[k + len(vals) // 2]
-                kept = kept + (tl.where(upper, hi, lo) + _lane_xor(tl.where(upper, lo, hi), 16 >> r, SHFL_ASM),)
-            vals = kept
-        else:
-            vals = (vals[0] + _lane_xor(vals[0], 16 >> r, SHFL_ASM),)
+        if (16 >> r) < WIDTH:
+            upper = (lane & (16 >> r)) != 0
+            if len(vals) > 1:
+                kept = ()
+                for k in tl.static_range(len(vals) // 2):
+                    lo = vals[k]
+                    hi = vals[k + len(vals) // 2]
+                    kept = kept + (tl.where(upper, hi, lo) + _lane_xor(tl.where(upper, lo, hi), 16 >> r, SHFL_ASM),)
+                vals = kept
+            else:
+                vals = (vals[0] + _lane_xor(vals[0], 16 >> r, SHFL_ASM),)
     return vals[0]
 
 
 @triton.jit
-def _lane_scaled_A(A_ptr, offs_d, mask_d, N, BLOCK_N: tl.constexpr):
-    """A (D, N) float32 rows of the block as BLOCK_N (BLOCK_D,) vectors times log2(e) (the kernels take exp2)."""
-    A2 = _lane_load_state(A_ptr, 0, offs_d, mask_d, N, BLOCK_N)
+def _lane_scaled_A(A_ptr, offs_d, n0, mask_d, N, BLOCK_N: tl.constexpr):
+    """A (D, N) float32, states n0 .. n0 + BLOCK_N - 1 of each lane's channel, as BLOCK_N (BLOCK_D,) vectors times
+    log2(e) (the kernels take exp2)."""
+    A2 = _lane_load_states(A_ptr, 0, offs_d, n0, mask_d, N, BLOCK_N)
     scaled = ()
     for n in tl.static_range(BLOCK_N):
         scaled = scaled + (A2[n] * LOG2E,)
@@ -185,16 +248,16 @@ def _lane_zeros(BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _lane_fold(h, seg_a_ptr, seg_b_ptr, seg_base, first, count, step, DIM, N, offs_d, mask_d,
-               BLOCK_N: tl.constexpr):
+def _lane_fold(h, seg_a_ptr, seg_b_ptr, seg_base, first, count, step, DIM, N, offs_d, n0, mask_d):
     """h <- a_j h + b_j for j = first, first + step, ... (count segments); a_j, b_j (B, S, D, N) float32 rows of
-    segment j at seg_base + j D N (the time split's states-only pass or carry-only pass)."""
+    segment j at seg_base + j D N (the time split's states-only pass or carry-only pass); h holds each lane's states
+    n0 .. n0 + len(h) - 1."""
     for i in range(count):
         off = seg_base + (first + i * step) * DIM * N
-        sa = _lane_load_state(seg_a_ptr, off, offs_d, mask_d, N, BLOCK_N)
-        sb = _lane_load_state(seg_b_ptr, off, offs_d, mask_d, N, BLOCK_N)
+        sa = _lane_load_states(seg_a_ptr, off, offs_d, n0, mask_d, N, len(h))
+        sb = _lane_load_states(seg_b_ptr, off, offs_d, n0, mask_d, N, len(h))
         folded = ()
-        for n in tl.static_range(BLOCK_N):
+        for n in tl.static_range(len(h)):
             folded = folded + (sa[n] * h[n] + sb[n],)
         h = folded
     return h

@@ -791,7 +791,7 @@ def _scan_fwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     pid_s = tl.program_id(2) + seg_first
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
-    A2 = _lane_scaled_A(A_ptr, offs_d, mask_d, N, BLOCK_N)
+    A2 = _lane_scaled_A(A_ptr, offs_d, offs_d * 0, mask_d, N, BLOCK_N)
     g = (pid_d * BLOCK_D) // (DIM // G)
     state_base = pid_b.to(tl.int64) * DIM * N
     seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
@@ -800,7 +800,7 @@ def _scan_fwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     else:
         h = _lane_zeros(BLOCK_D, BLOCK_N)
     if not STATES_ONLY:  # fold the earlier segments: h <- a_k h + b_k
-        h = _lane_fold(h, seg_a_ptr, seg_b_ptr, seg_base, 0, pid_s, 1, DIM, N, offs_d, mask_d, BLOCK_N)
+        h = _lane_fold(h, seg_a_ptr, seg_b_ptr, seg_base, 0, pid_s, 1, DIM, N, offs_d, offs_d * 0, mask_d)
     Dskip, bias = _lane_channel_params(D_ptr, bias_ptr, offs_d, mask_d, HAS_D, HAS_BIAS)
     offs_n = tl.arange(0, BLOCK_N)
     dn = offs_d[:, None] * N + offs_n[None, :]
@@ -1109,14 +1109,17 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          or 1 by _lane_bc_ahead: 0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate
 #          timing). Float32 copies of B and C made before the launch (no widening in the loop) measured slower:
 #          1.04 ms.
-#   bwd_variant: "chunk" (default) or "lane" (scan_lane_bwd: one channel per lane, dB/dC summed by a reduce-scatter
-#          over the warp; N <= 16, 32 channels dividing a B/C group). Compiled for sm_90 the lane kernel issues fewer
-#          instructions per state and step (1.29 against the chunk's 1.73 per element) but holds 255 registers with
-#          82-147 spilled instructions and runs slower: fwd+bwd 4.86 ms (lane_bwd_split 0), 5.26 (split 4), 5.14-5.22
-#          (B/C read as bf16 pairs) against 3.77-3.81 for the chunk backward at 8 x 2048 x 4096, bf16, on an H200
-#          (benchmarks/kernels-gpu/run21). Its knobs: lane_bwd_split (0: keep the 8 rebuilt states; 4: keep 4 and
-#          rebuild 3 again), lane_bwd_bc32 (float32 copies of B, C; default on), lane_bwd_shuffle ("asm": PTX
-#          butterfly shuffles, default; "flip": the portable exchange the interpreter runs).
+#   bwd_variant: "chunk" (default) or "lane" (scan_lane_bwd: the channels on the lanes, dB/dC summed by a
+#          reduce-scatter over the warp; N <= 16, the warp's channels dividing a B/C group). Its knobs:
+#          lane_bwd_parts (lanes per channel: 1, the default, 32 channels a warp; or 2, 16 channels a warp with 8 of
+#          16 states a lane), lane_bwd_maxnreg (register cap; None: none), lane_bwd_shuffle ("asm": PTX butterfly
+#          shuffles, default; "flip": the portable exchange the interpreter runs). Slower than the chunk backward on
+#          an H200 at 8 x 2048 x 4096, N 16, bf16, fwd+bwd in two interleaved rounds (benchmarks/kernels-gpu/run24):
+#          chunk 3.84-3.85 ms; lane, one lane per channel 4.52-4.60 (4.86 before the adjoint re-read A to stop the
+#          compiler keeping the rebuild's 64 decays live; run 21); two lanes per channel 5.88-5.89, capped at 168
+#          registers 6.03-6.06. Compiled for sm_90 every lane variant still takes 255 registers (the compiler
+#          hoists the 8 rebuilt steps' loads); with two lanes per channel a warp covers half the states per step
+#          for the same per-step work (loads, softplus, the shuffles and stores), which is where the time goes.
 #   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
 
@@ -1234,16 +1237,25 @@ def _lane_bc_layout(B: torch.Tensor, C: torch.Tensor) -> dict:
                 BF16_PAIRS=even_n and n % 8 == 0 and B.dtype == C.dtype == torch.bfloat16)
 
 
+def _lane_bwd_parts(n: int) -> int:
+    """Lanes per channel of the lane backward, TUNING["lane_bwd_parts"]: 1 (default; 32 channels a warp, all N states
+    a lane) or 2 (16 channels a warp, half the states a lane; slower on an H200, see TUNING); 1 below 4 states."""
+    parts = TUNING.get("lane_bwd_parts", 1)
+    if parts not in (1, 2):
+        raise ValueError(f"TUNING['lane_bwd_parts'] must be 1 or 2, got {parts!r}")
+    return parts if next_pow2(n) >= 4 else 1
+
+
 def _bwd_variant(n: int, dim: int, groups: int) -> str:
-    """The backward kernel, TUNING["bwd_variant"]: "chunk" (default) or "lane" (scan_lane_bwd, one channel per lane;
-    N <= 16 and 32 channels dividing a B/C group; slower on an H200, see TUNING)."""
-    fits = not _large_state(n) and (dim // groups) % 32 == 0
+    """The backward kernel, TUNING["bwd_variant"]: "chunk" (default) or "lane" (scan_lane_bwd, the channels on the
+    lanes; N <= 16 and the warp's 32 / lanes-per-channel channels dividing a B/C group)."""
     variant = TUNING.get("bwd_variant", "chunk")
     if variant not in ("lane", "chunk"):
         raise ValueError(f"TUNING['bwd_variant'] must be 'lane' or 'chunk', got {variant!r}")
-    if variant == "lane" and not fits:
-        raise ValueError(f"the lane backward needs N <= {_LANE_MAX_STATES} and D / G a multiple of 32, got N = {n}, "
-                         f"D = {dim}, G = {groups}")
+    channels = 32 // _lane_bwd_parts(n)
+    if variant == "lane" and (_large_state(n) or (dim // groups) % channels):
+        raise ValueError(f"the lane backward needs N <= {_LANE_MAX_STATES} and D / G a multiple of {channels}, got "
+                         f"N = {n}, D = {dim}, G = {groups}")
     return variant
 
 
@@ -1296,7 +1308,7 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
     groups, n = B.shape[2], B.shape[3]
     lane = _bwd_variant(n, dim, groups) == "lane"
     if lane:
-        block_d = 32
+        block_d = 32 // _lane_bwd_parts(n)
     else:
         block_d, warps = _LARGE_STATE_TILES["bwd"] if _large_state(n) else (16, 1)
         block_d = _chunk_block_d("BWD_BLOCK_D", block_d, dim, groups)
@@ -1314,18 +1326,19 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
         seg_a = torch.empty(batch, n_seg, dim, n, **f32)
         seg_b = torch.empty_like(seg_a)
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                  HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_D=block_d, BLOCK_N=next_pow2(n),
+                  HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None, BLOCK_N=next_pow2(n),
                   HAS_YPRE=ypre is not None)
     kernel = _scan_bwd_chunk_kernel
     B_in, C_in = B, C
     if lane:
         kernel = _scan_bwd_lane_kernel
-        if TUNING.get("lane_bwd_bc32", True):  # float32 copies: no widening in the loop (B, C are (B, L, G, N))
-            B_in, C_in = B.float(), C.float()
-        common.update(_lane_bc_layout(B_in, C_in), SPLIT=int(TUNING.get("lane_bwd_split", 0)), num_warps=1,
-                      SHFL_ASM=not triton_interpreting() and TUNING.get("lane_bwd_shuffle", "asm") == "asm")
+        B_in, C_in = B.float(), C.float()  # float32 copies: no widening in the loop (B, C are (B, L, G, N))
+        parts = _lane_bwd_parts(n)
+        common.update(PARTS=parts, BC_VEC=min(4, next_pow2(n) // parts), EVEN_N=n == next_pow2(n), num_warps=1,
+                      SHFL_ASM=not triton_interpreting() and TUNING.get("lane_bwd_shuffle", "asm") == "asm",
+                      maxnreg=TUNING.get("lane_bwd_maxnreg"))
     else:
-        common.update(PREFETCH=bool(TUNING.get("BWD_PREFETCH", True)),
+        common.update(BLOCK_D=block_d, PREFETCH=bool(TUNING.get("BWD_PREFETCH", True)),
                       BC_STEP=bool(TUNING.get("BWD_BC_STEP", _bc_per_step(n))),
                       num_warps=TUNING.get("BWD_WARPS") or warps, maxnreg=TUNING.get("BWD_MAXNREG"))
     args = (u, delta, A, B_in, C_in, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
