@@ -61,3 +61,17 @@ def test_decode_gemm_tiles_names_bad_rows_and_the_missing_gpu(monkeypatch):
         monkeypatch.setattr("sys.argv", ["decode_gemm_tiles.py", "64", "--breakdown"])
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             tiles.main()
+
+
+def test_decode_step_sweep_fused_tiles_fit_the_kernel(monkeypatch):
+    """Every fused dt_proj + step tile can run the kernel's tl.dot (16 rows and channels at least), holds 8..128
+    states a thread per loop step, and differs from the others; without CUDA the script says it needs a GPU."""
+    sweep = _load("decode_step_sweep")
+    keys = {tuple(sorted(t.items())) for t in sweep.FUSED_TILES}
+    assert len(keys) == len(sweep.FUSED_TILES) > 0
+    for t in sweep.FUSED_TILES:
+        assert t["BLOCK_B"] >= 16 and t["BLOCK_D"] >= 16, t
+        assert 8 <= t["BLOCK_B"] * t["BLOCK_D"] * t["BLOCK_N"] // (32 * t["WARPS"]) <= 128, t
+    if not sweep.torch.cuda.is_available():
+        monkeypatch.setattr("sys.argv", ["decode_step_sweep.py", "--fused"])
+        assert sweep.main() == 2
