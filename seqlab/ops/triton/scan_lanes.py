@@ -15,22 +15,40 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _elements(x):
-    """(W,), W a power of two -> tuple of its W elements in order (scalars; W = 1: (x,))."""
+def _halve(p):
+    """p (W,) or (R, W), W an even power of two -> (even, odd) elements along the last axis (W = 2: that axis
+    dropped)."""
+    if len(p.shape) == 1:
+        if p.shape[0] > 2:
+            p = tl.reshape(p, (p.shape[0] // 2, 2))
+    elif p.shape[1] > 2:
+        p = tl.reshape(p, (p.shape[0], p.shape[1] // 2, 2))
+    return tl.split(p)
+
+
+@triton.jit
+def _last_axis_parts(x, W: tl.constexpr):
+    """x (W,) or (R, W), W >= 2 a power of two -> tuple of its W slices along the last axis, in order."""
     parts = (x,)
     for _ in tl.static_range(6):
-        if len(parts) < x.shape[0]:
+        if len(parts) < W:
             ev = ()
             od = ()
             for i in tl.static_range(len(parts)):
-                if parts[i].shape[0] == 2:
-                    e, o = tl.split(parts[i])
-                else:
-                    e, o = tl.split(tl.reshape(parts[i], (parts[i].shape[0] // 2, 2)))
+                e, o = _halve(parts[i])
                 ev = ev + (e,)
                 od = od + (o,)
-            # parts[i] held the elements = i mod len(parts); evens first keeps them in order mod 2 len(parts)
+            # parts[i] held the slices = i mod len(parts); evens first keeps them in order mod 2 len(parts)
             parts = ev + od
+    return parts
+
+
+@triton.jit
+def _elements(x):
+    """(W,), W a power of two -> tuple of its W elements in order (scalars; W = 1: (x,))."""
+    parts = (x,)
+    if x.shape[0] > 1:
+        parts = _last_axis_parts(x, x.shape[0])
     return parts
 
 
@@ -99,21 +117,10 @@ def _lane_store_states(ptr, base, h, offs_d, n0, mask, N):
 def _lane_columns(x):
     """(R, W) tile, W a power of two, each row in one thread -> tuple of its W (R,) columns in order."""
     if x.shape[1] == 1:
-        return (tl.reshape(x, (x.shape[0],)),)
-    parts = (x,)
-    for _ in tl.static_range(6):
-        if len(parts) < x.shape[1]:
-            ev = ()
-            od = ()
-            for i in tl.static_range(len(parts)):
-                if parts[i].shape[1] == 2:
-                    e, o = tl.split(parts[i])
-                else:
-                    e, o = tl.split(tl.reshape(parts[i], (x.shape[0], parts[i].shape[1] // 2, 2)))
-                ev = ev + (e,)
-                od = od + (o,)
-            parts = ev + od  # as in _elements: the columns stay in order
-    return parts
+        cols = (tl.reshape(x, (x.shape[0],)),)
+    else:
+        cols = _last_axis_parts(x, x.shape[1])
+    return cols
 
 
 @triton.jit
