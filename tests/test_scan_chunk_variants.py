@@ -39,6 +39,9 @@ CASES = {
     # B, C loaded one step ahead; a sequence shorter than one chunk
     "ahead1": (2, 5, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, init=True, dfinal=True),
                dict(fwd_variant="lane", lane_bc_ahead=1)),
+    # bf16 B, C as float32 copies (no widening in the loop), two steps ahead
+    "bc32_ahead2": (2, 21, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, init=True, dfinal=True),
+                    dict(fwd_variant="lane", lane_fwd_bc32=True, lane_bc_ahead=2)),
 }
 # every run: 32-channel blocks (one warp of channels per program, few programs for the interpreter)
 BASE_TUNING = dict(CHUNK_BLOCK_D=32, BWD_BLOCK_D=32, fwd_variant="chunk")

@@ -1108,7 +1108,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          (_scan_fwd_chunk_kernel); with "lane": lane_bc_ahead (steps between a B/C load and its use, default 4
 #          or 1 by _lane_bc_ahead: 0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate
 #          timing). Float32 copies of B and C made before the launch (no widening in the loop) measured slower:
-#          1.04 ms.
+#          1.04 ms. lane_fwd_bc32 (default off): the same float32 copies; compiled for sm_90 its loop issues 154-163
+#          SASS instructions a step (lane_bc_ahead 1-4; 168 registers at 1) against 179 for bf16 pairs.
 #   bwd_variant: "chunk" (default) or "lane" (scan_lane_bwd: the channels on the lanes, dB/dC summed by a
 #          reduce-scatter over the warp; N <= 16, the warp's channels dividing a B/C group). Its knobs:
 #          lane_bwd_parts (lanes per channel: 1, the default, 32 channels a warp; or 2, 16 channels a warp with 8 of
@@ -1288,12 +1289,14 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                   HAS_INIT=init is not None, HAS_DOC=doc is not None, BLOCK_D=block_d,
                   BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or warps)
-    args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b, ypre,
-            L, dim, groups, n, n_ckpt, seg_len, n_seg)
     kernel = _scan_fwd_chunk_kernel
     if variant == "lane":
         kernel = _scan_fwd_lane_kernel
+        if TUNING.get("lane_fwd_bc32", False):  # float32 copies: no widening in the loop (B, C are (B, L, G, N))
+            B, C = B.float(), C.float()
         common.update(_lane_bc_layout(B, C), BC_AHEAD=_lane_bc_ahead(batch * n_blocks * n_seg))
+    args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b, ypre,
+            L, dim, groups, n, n_ckpt, seg_len, n_seg)
     if n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False, STATES_ONLY=True,
                                              **common)
