@@ -1109,7 +1109,9 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          or 1 by _lane_bc_ahead: 0.602 ms against 0.688 with 1 and 0.646 with 8, which spills, in a separate
 #          timing). Float32 copies of B and C made before the launch (no widening in the loop) measured slower:
 #          1.04 ms. lane_fwd_bc32 (default off): the same float32 copies; compiled for sm_90 its loop issues 154-163
-#          SASS instructions a step (lane_bc_ahead 1-4; 168 registers at 1) against 179 for bf16 pairs.
+#          SASS instructions a step (lane_bc_ahead 1-4; 168 registers at 1) against 179 for bf16 pairs, yet runs
+#          slower: 0.83-0.84 ms (ahead 2), 0.83-0.94 (4), 1.22-1.26 (1) against 0.65-0.79 for bf16 pairs in two
+#          interleaved rounds at 8 x 2048 (benchmarks/kernels-gpu/run27).
 #   bwd_variant: "chunk" (default) or "lane" (scan_lane_bwd: the channels on the lanes, dB/dC summed by a
 #          reduce-scatter over the warp; N <= 16, the warp's channels dividing a B/C group). Its knobs:
 #          lane_bwd_parts (lanes per channel: 1, the default, 32 channels a warp; or 2, 16 channels a warp with 8 of
