@@ -76,28 +76,31 @@ def make_inputs(batch, seqlen, dim, n, groups, dtype, opts, seed):
     return kw, seq_idx, softplus, weights
 
 
-def run(backend, kw, seq_idx, softplus, weights, tuning=None):
-    """y, final state and the gradients of <y, wy> + <final, wh> for every input present."""
+def run(backend, kw, seq_idx, softplus, weights, tuning=None, base=BASE_TUNING, through_backward=False):
+    """y, final state and the gradients of <y, wy> + <final, wh> for every input present. The Triton forward runs
+    with TUNING = base updated by ``tuning``; the backward too when ``through_backward`` (else with the defaults)."""
     from seqlab.ops.selective_scan import selective_scan
     from seqlab.ops.triton import selective_scan as module
 
     leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in kw.items()}
     args = [leaves[k] for k in NAMES]
-    if backend == "torch":
-        y, hT = selective_scan(*args[:8], softplus, args[8], return_final_state=True, seq_idx=seq_idx,
-                               backend="torch")
-    else:
-        module.TUNING.clear()
-        module.TUNING.update(BASE_TUNING, **(tuning or {}))
-        try:
+    module.TUNING.clear()
+    try:
+        if backend == "torch":
+            y, hT = selective_scan(*args[:8], softplus, args[8], return_final_state=True, seq_idx=seq_idx,
+                                   backend="torch")
+        else:
+            module.TUNING.update(base, **(tuning or {}))
             y, hT = module.selective_scan_triton(*args[:8], softplus, args[8], seq_idx)
-        finally:
-            module.TUNING.clear()
-    loss = (y.double() * weights[0].double()).sum()
-    if weights[1] is not None:
-        loss = loss + (hT.double() * weights[1].double()).sum()
-    present = [k for k in NAMES if leaves[k] is not None]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+            if not through_backward:
+                module.TUNING.clear()
+        loss = (y.double() * weights[0].double()).sum()
+        if weights[1] is not None:
+            loss = loss + (hT.double() * weights[1].double()).sum()
+        present = [k for k in NAMES if leaves[k] is not None]
+        grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+    finally:
+        module.TUNING.clear()
     return dict(y=y.detach(), final_state=hT.detach(), **{f"grad {k}": g for k, g in zip(present, grads)})
 
 

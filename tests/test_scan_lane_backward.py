@@ -16,7 +16,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
-from test_scan_chunk_variants import NAMES, make_inputs, rel_err  # noqa: E402
+from test_scan_chunk_variants import make_inputs, rel_err  # noqa: E402
+from test_scan_chunk_variants import run as run_scan  # noqa: E402
 from triton_env import DEVICE, TRITON_MARKS  # noqa: E402
 
 from seqlab.ops.triton.scan_lanes import _lane_reduce_scatter, _lane_xor  # noqa: E402
@@ -51,28 +52,9 @@ CASES = {
 
 
 def run(backend, kw, seq_idx, softplus, weights, tuning):
-    """y, final state and the gradients of <y, wy> + <final, wh>, with TUNING held through the backward."""
-    from seqlab.ops.selective_scan import selective_scan
-    from seqlab.ops.triton import selective_scan as module
-
-    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in kw.items()}
-    args = [leaves[k] for k in NAMES]
-    module.TUNING.clear()
-    module.TUNING.update(tuning)
-    try:
-        if backend == "torch":
-            y, hT = selective_scan(*args[:8], softplus, args[8], return_final_state=True, seq_idx=seq_idx,
-                                   backend="torch")
-        else:
-            y, hT = module.selective_scan_triton(*args[:8], softplus, args[8], seq_idx)
-        loss = (y.double() * weights[0].double()).sum()
-        if weights[1] is not None:
-            loss = loss + (hT.double() * weights[1].double()).sum()
-        present = [k for k in NAMES if leaves[k] is not None]
-        grads = torch.autograd.grad(loss, [leaves[k] for k in present])
-    finally:
-        module.TUNING.clear()
-    return dict(y=y.detach(), final_state=hT.detach(), **{f"grad {k}": g for k, g in zip(present, grads)})
+    """The scan's outputs and gradients (test_scan_chunk_variants.run) with ``tuning`` alone held through the
+    backward."""
+    return run_scan(backend, kw, seq_idx, softplus, weights, tuning, base={}, through_backward=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -24,7 +24,6 @@ import triton.language as tl
 from seqlab.ops.triton.jit_math import softplus
 from seqlab.ops.triton.scan_lanes import (
     LN2,
-    LOG2E,
     _lane_channel_params,
     _lane_fold,
     _lane_load_states,
@@ -45,18 +44,6 @@ def _lane_decay(dt, A2n, reset, HAS_DOC: tl.constexpr):
     if HAS_DOC:
         a = tl.where(reset, 0.0, a)
     return a
-
-
-@triton.jit
-def _lane_rates_again(A_ptr, offs_d, n0, mask_d, N, NL: tl.constexpr):
-    """A_n log2(e) for the lane's NL states, read again (L1 hits) with another eviction hint than the first read: the
-    adjoint's decays exp2(dt A2) then differ from the rebuild's for the compiler, which recomputes them instead of
-    keeping all 8 rebuilt steps' decays live (64 registers at NL = 8)."""
-    rates = ()
-    for k in tl.static_range(NL):
-        a = tl.load(A_ptr + offs_d * N + n0 + k, mask=mask_d & (n0 + k < N), other=0.0, eviction_policy="evict_last")
-        rates = rates + (a * LOG2E,)
-    return rates
 
 
 @triton.jit
@@ -174,7 +161,9 @@ def _lane_chunk_adjoint(h_in, carry, dA, dD_acc, dbias_acc, chunk, row_b, row_la
         dts = dts + (dt,)
         us = us + (u,)
         resets = resets + (reset,)
-    A2r = _lane_rates_again(A_ptr, offs_d, n0, offs_d < DIM, N, NL)
+    # A read again: the adjoint's decays exp2(dt A2r) then differ from the rebuild's for the compiler, which
+    # recomputes them instead of keeping all 8 rebuilt steps' decays live (64 registers at NL = 8)
+    A2r = _lane_scaled_A(A_ptr, offs_d, n0, offs_d < DIM, N, NL, True)
     for k in tl.static_range(8):
         t = chunk * 8 + 7 - k
         row = tl.minimum(row_b + t, row_last)
@@ -263,7 +252,7 @@ def _scan_bwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     offs_d = pid_d * CH + lane % CH
     n0 = (lane // CH) * NL
     mask_d = offs_d < DIM
-    A2 = _lane_scaled_A(A_ptr, offs_d, n0, mask_d, N, NL)
+    A2 = _lane_scaled_A(A_ptr, offs_d, n0, mask_d, N, NL, False)
     g = (pid_d * CH) // (DIM // G)
     state_base = pid_b.to(tl.int64) * DIM * N
     seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
@@ -271,7 +260,7 @@ def _scan_bwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     dA = _lane_zeros(32, NL)
     if not CARRY_ONLY:
         if HAS_DFINAL:
-            carry = _lane_load_states(dfinal_ptr, state_base, offs_d, n0, mask_d, N, NL)
+            carry = _lane_load_states(dfinal_ptr, state_base, offs_d, n0, mask_d, N, NL, False)
         # the later segments, last first: carry <- a_j carry + b_j
         carry = _lane_fold(carry, seg_a_ptr, seg_b_ptr, seg_base, n_seg - 1, n_seg - 1 - pid_s, -1, DIM, N, offs_d,
                            n0, mask_d)
@@ -294,7 +283,7 @@ def _scan_bwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                                                    G, N, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DOC, NL, BC_VEC, EVEN_N)
         else:
             h_in = _lane_load_states(ckpt_ptr, (pid_b.to(tl.int64) * n_ckpt + chunk) * DIM * N, offs_d, n0, mask_d, N,
-                                     NL)
+                                     NL, False)
             carry, dA, dD_acc, dbias_acc = _lane_chunk_adjoint(
                 h_in, carry, dA, dD_acc, dbias_acc, chunk, row_b, row_last, t_end, A2, Dskip, bias, g, lane, offs_d,
                 n0, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, doc_ptr, dy_ptr, ypre_ptr, du_ptr, ddelta_ptr, dz_ptr,

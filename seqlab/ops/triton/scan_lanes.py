@@ -92,17 +92,23 @@ def _lane_row_widen(pieces, BF16_PAIRS: tl.constexpr):
 @triton.jit
 def _lane_load_state(ptr, base, offs_d, mask, N, BLOCK_N: tl.constexpr):
     """(BLOCK_D, N) float32 rows at ptr + base as a tuple of BLOCK_N (BLOCK_D,) vectors (0 where n >= N)."""
-    return _lane_load_states(ptr, base, offs_d, offs_d * 0, mask, N, BLOCK_N)
+    return _lane_load_states(ptr, base, offs_d, offs_d * 0, mask, N, BLOCK_N, False)
 
 
 @triton.jit
-def _lane_load_states(ptr, base, offs_d, n0, mask, N, COUNT: tl.constexpr):
+def _lane_load_states(ptr, base, offs_d, n0, mask, N, COUNT: tl.constexpr, AGAIN: tl.constexpr):
     """States n0 + k, k < COUNT, of each lane's channel from (D, N) float32 rows at ptr + base: a tuple of COUNT
     (BD,) vectors (0 where n >= N); n0 (BD,) is the lane's first state (0, or its part's with several lanes per
-    channel)."""
+    channel). AGAIN: a second read of rows read before, with another eviction hint so the compiler keeps the two
+    apart (see _lane_part_row)."""
     h = ()
     for k in tl.static_range(COUNT):
-        h = h + (tl.load(ptr + base + offs_d * N + n0 + k, mask=mask & (n0 + k < N), other=0.0).to(tl.float32),)
+        if AGAIN:
+            v = tl.load(ptr + base + offs_d * N + n0 + k, mask=mask & (n0 + k < N), other=0.0,
+                        eviction_policy="evict_last")
+        else:
+            v = tl.load(ptr + base + offs_d * N + n0 + k, mask=mask & (n0 + k < N), other=0.0)
+        h = h + (v.to(tl.float32),)
     return h
 
 
@@ -235,10 +241,10 @@ def _lane_reduce_scatter(vals, lane, SHFL_ASM: tl.constexpr, WIDTH: tl.constexpr
 
 
 @triton.jit
-def _lane_scaled_A(A_ptr, offs_d, n0, mask_d, N, BLOCK_N: tl.constexpr):
+def _lane_scaled_A(A_ptr, offs_d, n0, mask_d, N, BLOCK_N: tl.constexpr, AGAIN: tl.constexpr):
     """A (D, N) float32, states n0 .. n0 + BLOCK_N - 1 of each lane's channel, as BLOCK_N (BLOCK_D,) vectors times
-    log2(e) (the kernels take exp2)."""
-    A2 = _lane_load_states(A_ptr, 0, offs_d, n0, mask_d, N, BLOCK_N)
+    log2(e) (the kernels take exp2). AGAIN: read a second time (see _lane_load_states)."""
+    A2 = _lane_load_states(A_ptr, 0, offs_d, n0, mask_d, N, BLOCK_N, AGAIN)
     scaled = ()
     for n in tl.static_range(BLOCK_N):
         scaled = scaled + (A2[n] * LOG2E,)
@@ -261,8 +267,8 @@ def _lane_fold(h, seg_a_ptr, seg_b_ptr, seg_base, first, count, step, DIM, N, of
     n0 .. n0 + len(h) - 1."""
     for i in range(count):
         off = seg_base + (first + i * step) * DIM * N
-        sa = _lane_load_states(seg_a_ptr, off, offs_d, n0, mask_d, N, len(h))
-        sb = _lane_load_states(seg_b_ptr, off, offs_d, n0, mask_d, N, len(h))
+        sa = _lane_load_states(seg_a_ptr, off, offs_d, n0, mask_d, N, len(h), False)
+        sb = _lane_load_states(seg_b_ptr, off, offs_d, n0, mask_d, N, len(h), False)
         folded = ()
         for n in tl.static_range(len(h)):
             folded = folded + (sa[n] * h[n] + sb[n],)

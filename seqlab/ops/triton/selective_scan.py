@@ -791,7 +791,7 @@ def _scan_fwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
     pid_s = tl.program_id(2) + seg_first
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < DIM
-    A2 = _lane_scaled_A(A_ptr, offs_d, offs_d * 0, mask_d, N, BLOCK_N)
+    A2 = _lane_scaled_A(A_ptr, offs_d, offs_d * 0, mask_d, N, BLOCK_N, False)
     g = (pid_d * BLOCK_D) // (DIM // G)
     state_base = pid_b.to(tl.int64) * DIM * N
     seg_base = pid_b.to(tl.int64) * n_seg * DIM * N
