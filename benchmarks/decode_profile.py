@@ -8,7 +8,8 @@ total next to the wall time of a CUDA-graph replay of the same step; the gap bet
 scheduling overhead inside the graph. Random weights in bf16 (the generation benchmark's setting). The variant
 options run every combination: the recurrent states' dtype, Mamba's dt projection as its own GEMM (0) or inside
 the step kernel with n batch rows per program, the decode GEMMs' kernel (auto: timed per shape; torch: cuBLAS), and
-the fused decode kernels (pre-norm folded into the input GEMM, Mamba's two fused step kernels) or the unfused ops.
+the fused decode kernels (pre-norm folded into the input GEMM, Mamba's two fused step kernels) or the unfused ops,
+the L2 prefetch schedule of the decode step's weights, and the L2 eviction policy of the selective step's state.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def main() -> int:
     parser.add_argument("--pdl", default="0",
                         help="comma list: 1 = the decode kernels launch with programmatic dependent launch "
                              "(seqlab.ops.triton.PDL), 0 = without")
+    parser.add_argument("--prefetch", default="off",
+                        help="comma list of L2 prefetch schedules (seqlab.mixers.base.DECODE_PREFETCH): off, own, "
+                             "early, split")
+    parser.add_argument("--state-policy", default="normal",
+                        help="comma list: normal, evict_first (the selective step's L2 policy for its state)")
     parser.add_argument("--json", help="write every row here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -108,9 +114,12 @@ def main() -> int:
     results = []
     variants = itertools.product(args.models.split(","), args.state_dtype.split(","),
                                  [int(r) for r in args.dt_rows.split(",")], args.gemm.split(","),
-                                 args.fuse.split(","), [p == "1" for p in args.pdl.split(",")])
-    for spec, state_dtype, dt_rows, gemm, fuse, pdl in variants:
+                                 args.fuse.split(","), [p == "1" for p in args.pdl.split(",")],
+                                 args.prefetch.split(","), args.state_policy.split(","))
+    for spec, state_dtype, dt_rows, gemm, fuse, pdl, prefetch, policy in variants:
         PDL["enabled"] = pdl
+        base.DECODE_PREFETCH["schedule"] = prefetch
+        decode.TUNING["state_policy"] = "" if policy == "normal" else policy
         decode_linear._CHOICE.clear()  # each variant times its own GEMM choices
         decode_linear._CONFIG.clear()
         base.FUSE_DECODE = fuse != "none"
@@ -119,13 +128,15 @@ def main() -> int:
         decode.TUNING["dt_rows"] = dt_rows
         os.environ["SEQLAB_DECODE_GEMM"] = gemm
         result = profile_model(spec, args.batch, args.context, dtypes[state_dtype])
-        result.update(state_dtype=state_dtype, dt_rows=dt_rows, gemm=gemm, fused=fuse, pdl=pdl,
+        result.update(state_dtype=state_dtype, dt_rows=dt_rows, gemm=gemm, fused=fuse, pdl=pdl, prefetch=prefetch,
+                      state_policy=policy,
                       gemm_choices={str(k[1:4]): (v, decode_linear._CONFIG[k])
                                     for k, v in decode_linear._CHOICE.items()})
         results.append(result)
         graph = f"{result['graph_ms_per_step']:.3f} ms" if result["graph_ms_per_step"] is not None else "n/a"
         print(f"\n## {spec}, batch {args.batch}, context {args.context}, state {state_dtype}, dt_rows {dt_rows}, "
-              f"gemm {gemm}, fused {fuse}, pdl {int(pdl)}: {result['kernels_per_step']:.0f} kernels, "
+              f"gemm {gemm}, fused {fuse}, pdl {int(pdl)}, prefetch {prefetch}, state policy {policy}: "
+              f"{result['kernels_per_step']:.0f} kernels, "
               f"{result['kernel_us_per_step'] / 1000:.3f} ms of kernel time per step; CUDA-graph step {graph}")
         if gemm == "auto":
             print(f"decode GEMM choices (rows, N, K): {result['gemm_choices']}")

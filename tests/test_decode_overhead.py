@@ -137,15 +137,18 @@ def strided_rows(t: torch.Tensor, gen) -> torch.Tensor:
 @needs_triton
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("A_is_log", [False, True])
-@pytest.mark.parametrize("tile", [None, (2, 8, 2), (4, 4, 1)], ids=["default", "rows2", "rows4"])
+@pytest.mark.parametrize("tile", [None, (2, 8, 2), (4, 4, 1), "evict_first"],
+                         ids=["default", "rows2", "rows4", "evict_first"])
 def test_selective_state_update_triton_reads_strided_views_and_A_log(groups, A_is_log, tile, monkeypatch):
     """Also with other program tiles (rows, channels, warps): 3 rows in tiles of 2 or 4 leave a row past the batch
-    in the last program, 12 channels in blocks of 8 a partial block."""
+    in the last program, 12 channels in blocks of 8 a partial block; and with the state streamed evict-first."""
     from seqlab.ops.selective_scan import selective_state_update
     from seqlab.ops.triton import decode
     from seqlab.ops.triton.decode import selective_state_update_triton
 
-    if tile is not None:
+    if tile == "evict_first":
+        monkeypatch.setitem(decode.TUNING, "state_policy", tile)
+    elif tile is not None:
         for key, value in zip(("step_rows", "step_block_d", "step_warps"), tile):
             monkeypatch.setitem(decode.TUNING, key, value)
 

@@ -75,3 +75,27 @@ def test_decode_step_sweep_fused_tiles_fit_the_kernel(monkeypatch):
     if not sweep.torch.cuda.is_available():
         monkeypatch.setattr("sys.argv", ["decode_step_sweep.py", "--fused"])
         assert sweep.main() == 2
+
+
+def test_decode_prefetch_variants_are_checked_by_name_and_the_scripts_need_a_gpu(monkeypatch):
+    """A variant names a schedule and optionally +evict_first; anything else is refused by name. Without CUDA
+    both prefetch scripts say they need a GPU."""
+    from seqlab.errors import InputError
+    from seqlab.mixers import base
+    from seqlab.ops.triton import decode
+
+    script = _load("decode_prefetch")
+    monkeypatch.setitem(base.DECODE_PREFETCH, "schedule", "off")
+    monkeypatch.setitem(decode.TUNING, "state_policy", "")
+    script.apply_variant("split+evict_first")
+    assert base.DECODE_PREFETCH["schedule"] == "split" and decode.TUNING["state_policy"] == "evict_first"
+    with pytest.raises(InputError, match="one of"):
+        script.apply_variant("later")
+    with pytest.raises(SystemExit, match="unknown state policy 'evict_last'"):
+        script.apply_variant("own+evict_last")
+    probe = _load("l2_prefetch_probe")
+    if not script.torch.cuda.is_available():
+        monkeypatch.setattr("sys.argv", ["decode_prefetch.py"])
+        assert script.main() == 2
+        monkeypatch.setattr("sys.argv", ["l2_prefetch_probe.py"])
+        assert probe.main() == 2

@@ -15,6 +15,8 @@ are the same call. ``state.offset`` counts the positions consumed so far.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -37,6 +39,24 @@ def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | Non
 # batch 64, bf16 state; benchmarks/generate-gpu/run7) the graphed step was where it was without it (2.42 vs 2.40 ms).
 FUSE_DECODE = True
 FUSED_DECODE_KERNELS = {"dt_proj_step": False}
+
+# L2 prefetch in a decode step (seqlab.ops.prefetch), for mixers with ``takes_prefetch``: a decode step's small
+# kernels leave HBM idle, so weights read a few kernels later are fetched into L2 meanwhile. Right after its input
+# GEMM the mixer prefetches its own later weights (x_proj, dt_proj, out_proj) and, per the schedule, the weights the
+# next layer's step reads first (``decode_first_weights()``, which the model passes in as ``prefetch``):
+#   "off"    nothing;       "own"   its own later weights only;
+#   "early"  own and next together, after the input GEMM;   "split"  own there, next after the state update.
+DECODE_PREFETCH_SCHEDULES = ("off", "own", "early", "split")
+DECODE_PREFETCH = {"schedule": os.environ.get("SEQLAB_DECODE_PREFETCH", "off")}
+
+
+def decode_prefetch_schedule() -> str:
+    """DECODE_PREFETCH["schedule"], checked."""
+    schedule = DECODE_PREFETCH["schedule"]
+    if schedule not in DECODE_PREFETCH_SCHEDULES:
+        raise InputError("DECODE_PREFETCH['schedule'] (SEQLAB_DECODE_PREFETCH)",
+                         f"one of {DECODE_PREFETCH_SCHEDULES}", repr(schedule))
+    return schedule
 
 RECURRENT_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

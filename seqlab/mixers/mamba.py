@@ -38,6 +38,7 @@ from seqlab.mixers.norm import RMSNorm, rms_norm
 from seqlab.ops.conv import causal_conv1d, conv_step
 from seqlab.ops.decode_linear import decode_linear_conv
 from seqlab.ops.mamba_step import selective_step_dt_proj
+from seqlab.ops.prefetch import prefetch_l2
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
 
 
@@ -160,39 +161,61 @@ class Mamba(nn.Module):
         the two kernels): a plain in_proj without bias."""
         return mixer_base.FUSE_DECODE and self.in_proj.bias is None and mixer_base.plain_linear(self.in_proj)
 
-    def _decode(self, state: MixerState, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    def decode_first_weights(self) -> tuple[torch.Tensor, ...]:
+        """The weight a decode step reads first (in_proj's): what the layer before may prefetch."""
+        return (self.in_proj.weight,)
+
+    def _decode(self, state: MixerState, x: torch.Tensor, norm: nn.Module | None,
+                prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """One token: x (B, d_model) -> y (B, D), states updated in place. On CUDA the step is in_proj (with the
         block's pre-norm and the conv step folded in where that is faster), x_proj, dt_proj and the step kernel,
-        which forms A = -exp(A_log) itself; x, z, dt, B, C are strided views, never copied."""
+        which forms A = -exp(A_log) itself; x, z, dt, B, C are strided views, never copied. ``prefetch``: weights
+        the next layer reads first, prefetched into L2 as seqlab.mixers.base.DECODE_PREFETCH schedules."""
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
         norm_args = None if norm is None else (norm.weight, norm.eps)
+        schedule = mixer_base.decode_prefetch_schedule()
         if self._conv_in_proj():
             u, z = decode_linear_conv(x, self.in_proj.weight, state["conv"], conv_weight, self.conv1d.bias,
                                       norm=norm_args)
+            self._prefetch_after_input(schedule, prefetch)
         else:
             xs, z = project(self.in_proj, x, few_rows=True, norm=norm).chunk(2, dim=-1)
+            self._prefetch_after_input(schedule, prefetch)
             u = conv_step(state["conv"], xs, conv_weight, self.conv1d.bias, activation="silu")
         dt, B, C = self._split_x_proj(u, few_rows=True)  # dt (B, R)
         if self._fused_step():
-            return selective_step_dt_proj(state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
-                                          B, C, self.D, z)
-        return selective_state_update(state["ssm"], u, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
-                                      dt_softplus=True, A_is_log=True, dt_proj_weight=self.dt_proj.weight)
+            y = selective_step_dt_proj(state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
+                                       B, C, self.D, z)
+        else:
+            y = selective_state_update(state["ssm"], u, dt, self.A_log, B, C, self.D, z=z,
+                                       dt_bias=self.dt_proj.bias, dt_softplus=True, A_is_log=True,
+                                       dt_proj_weight=self.dt_proj.weight)
+        if schedule == "split":
+            prefetch_l2(*prefetch)
+        return y
+
+    def _prefetch_after_input(self, schedule: str, prefetch: tuple[torch.Tensor, ...]) -> None:
+        if schedule != "off":
+            later = (self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
+            prefetch_l2(*later, *(prefetch if schedule == "early" else ()))
 
     # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM
     adds_residual = True
     fuses_norm = True  # Block passes its pre-norm in with a decode step
+    takes_prefetch = True  # and the next layer's first weights (decode_first_weights), to prefetch
 
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None, seq_idx: torch.Tensor | None = None,
         residual: torch.Tensor | None = None, norm: nn.Module | None = None,
+        prefetch: tuple[torch.Tensor, ...] = (),
     ) -> torch.Tensor:
         """x (B, L, d_model) -> (B, L, d_model); ``residual`` (B, L, d_model), if given, is added to the output;
-        ``norm`` (an RMSNorm), if given, is applied to x first (a decode step folds it into in_proj)."""
+        ``norm`` (an RMSNorm), if given, is applied to x first (a decode step folds it into in_proj); ``prefetch``:
+        weights the next layer's decode step reads first (see _decode)."""
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
         if state is not None and L == 1:  # O(1) step
-            y = self._decode(state, x[:, 0], norm)  # (B, D)
+            y = self._decode(state, x[:, 0], norm, prefetch)  # (B, D)
             state.offset += 1
             return project(self.out_proj, y.unsqueeze(1), residual, few_rows=True)
 

@@ -87,10 +87,14 @@ class Block(nn.Module):
         self.norm2 = _norm(config.d_model, config.norm_eps) if mlp is not None else None
         self.mlp = mlp
 
-    def forward(self, h: torch.Tensor, state: MixerState | None = None, seq_idx=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, state: MixerState | None = None, seq_idx=None,
+                prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """``prefetch``: in a decode step, the next layer's first weights, for a mixer that prefetches them
+        (``takes_prefetch``; seqlab.mixers.base.DECODE_PREFETCH)."""
         if state is not None and h.shape[1] == 1 and _fuses_norm(self.mixer) and _plain(self.norm):
             # a decode step: the mixer applies the norm inside its input projection (one launch, no normed copy)
-            h = self.mixer(h, state=state, seq_idx=seq_idx, residual=h, norm=self.norm)
+            extra = {"prefetch": prefetch} if prefetch and getattr(self.mixer, "takes_prefetch", False) else {}
+            h = self.mixer(h, state=state, seq_idx=seq_idx, residual=h, norm=self.norm, **extra)
         elif getattr(self.mixer, "adds_residual", False):
             h = self.mixer(self.norm(h), state=state, seq_idx=seq_idx, residual=h)
         else:
@@ -189,12 +193,13 @@ class LanguageModel(nn.Module):
         if self.config.embed_scale != 1.0:
             x_emb = x_emb * self.config.embed_scale  # Gemma: sqrt(d_model)
         h = x_emb
+        prefetch = self._decode_prefetch(state is not None and input_ids.shape[1] == 1)
         for i, block in enumerate(self.layers):
             j = self.shared_before.get(i)
             if j is not None:
                 shared_state = None if state is None else state.shared[j]
                 h = h + self.shared_proj[j](self.shared_block(h, x_emb, state=shared_state, seq_idx=seq_idx))
-            h = block(h, state=None if state is None else state.layers[i], seq_idx=seq_idx)
+            h = block(h, state=None if state is None else state.layers[i], seq_idx=seq_idx, prefetch=prefetch[i])
         if last_only:
             h = h[:, -1:]  # (B, 1, d)
         logits = self.lm_head(self.norm_f(h)).float()  # (B, L, V_padded)
@@ -205,6 +210,13 @@ class LanguageModel(nn.Module):
             state.offset += input_ids.shape[1]
         self.aux_loss = self._aux_loss(logits.device)
         return logits
+
+    def _decode_prefetch(self, decoding: bool) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, the weights the next layer's decode step reads first (its mixer's ``decode_first_weights``),
+        when a decode step prefetches them (seqlab.mixers.base.DECODE_PREFETCH); empty tuples otherwise."""
+        if not decoding or mixer_base.decode_prefetch_schedule() in ("off", "own"):
+            return [()] * len(self.layers)
+        return [getattr(b.mixer, "decode_first_weights", tuple)() for b in self.layers[1:]] + [()]
 
     def _aux_loss(self, device) -> torch.Tensor:
         losses = [b.mlp.aux_loss for b in self.layers if b.channel == "moe" and b.mlp.aux_loss is not None]

@@ -23,9 +23,11 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
                            sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
                            A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SOFTPLUS: tl.constexpr, DT_PROJ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+                           STATE_POLICY: tl.constexpr):
     """Programs over (ROWS batch rows, BLOCK_D channels): A (and with DT_PROJ the dt weight, from L1) is read
-    once for the rows the program steps in turn. PDL: A is formed before waiting for the previous kernel."""
+    once for the rows the program steps in turn. PDL: A is formed before waiting for the previous kernel.
+    STATE_POLICY: the state's L2 eviction policy ("" or "evict_first": it then leaves prefetched weights be)."""
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d0 = offs_d < DIM
@@ -41,7 +43,7 @@ def _selective_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
         _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, w_ptr, y_ptr,
                             b, offs_d, offs_n, mask_d0 & (offs_d * 0 + b < BATCH), DIM, G, N, R,
                             sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
-                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_PROJ, BLOCK_R)
+                            HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_PROJ, BLOCK_R, STATE_POLICY)
 
 
 @triton.jit
@@ -49,7 +51,7 @@ def _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr,
                         b, offs_d, offs_n, mask_d, DIM, G, N, R,
                         sx_b, sx_d, sdt_b, sdt_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sw_d, sw_r,
                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                        DT_PROJ: tl.constexpr, BLOCK_R: tl.constexpr):
+                        DT_PROJ: tl.constexpr, BLOCK_R: tl.constexpr, STATE_POLICY: tl.constexpr):
     """One batch row b of the step for the channels offs_d (A (BLOCK_D, BLOCK_N) already formed)."""
     b64 = b.to(tl.int64)
     mask_dn = mask_d[:, None] & (offs_n < N)[None, :]
@@ -76,9 +78,9 @@ def _selective_step_row(state_ptr, x_ptr, dt_ptr, A, B_ptr, C_ptr, D_ptr, z_ptr,
     Cm = tl.load(C_ptr + b64 * sC_b + g[:, None] * sC_g + offs_n[None, :] * sC_n, mask=mask_dn,
                  other=0.0).to(tl.float32)
     sp = state_ptr + bd[:, None] * N + offs_n[None, :]
-    h = tl.load(sp, mask=mask_dn, other=0.0).to(tl.float32)
+    h = tl.load(sp, mask=mask_dn, other=0.0, eviction_policy=STATE_POLICY).to(tl.float32)
     h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bm
-    tl.store(sp, h.to(state_ptr.dtype.element_ty), mask=mask_dn)
+    tl.store(sp, h.to(state_ptr.dtype.element_ty), mask=mask_dn, eviction_policy=STATE_POLICY)
     y = tl.sum(h * Cm, axis=1)
     if HAS_D:
         y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
@@ -98,7 +100,9 @@ def _strides(t, n):
 # once per n rows (measured slower on an H200: benchmarks/generate-gpu/run3/profile_variants.md).
 # step_rows, step_block_d, step_warps: the selective step's tile without the dt projection (batch rows per program,
 # channels per program, warps); None: the defaults of _selective_step_tile.
-TUNING: dict = {"dt_rows": 0, "step_rows": None, "step_block_d": None, "step_warps": None}
+# state_policy: the selective step's L2 eviction policy for the state it streams ("" or "evict_first"), so that
+# weights prefetched into L2 (seqlab.mixers.base.DECODE_PREFETCH) outlive it.
+TUNING: dict = {"dt_rows": 0, "step_rows": None, "step_block_d": None, "step_warps": None, "state_policy": ""}
 
 
 def _selective_step_tile(dim: int, block_n: int) -> tuple[int, int, int]:
@@ -141,7 +145,7 @@ def selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softp
                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
                                  DT_PROJ=dt_proj_weight is not None, ROWS=rows, BLOCK_D=block_d, BLOCK_N=block_n,
                                  BLOCK_R=min(64, next_pow2(rank)), PDL=pdl, launch_pdl=pdl,
-                                 num_warps=warps)
+                                 STATE_POLICY=TUNING.get("state_policy") or "", num_warps=warps)
     return y
 
 
