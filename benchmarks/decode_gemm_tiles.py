@@ -16,11 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from seqlab.ops._graph_timing import cold_copies, graph_time_ms
 from seqlab.ops.conv import conv_step
-from seqlab.ops.decode_linear import _cold_copies, _graph_time_ms
 from seqlab.ops.triton import small_batch_linear as sbl
 
-CALLS = 3  # calls of each timed function per CUDA graph (_graph_time_ms times the graph)
+CALLS = 3  # calls of each timed function per CUDA graph (graph_time_ms times the graph)
 dev = torch.device("cuda") if torch.cuda.is_available() else None
 WIDER = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, STAGES=st, WARPS=w) for bn, bk, sk, st, w in [
     (256, 64, 1, 3, 8), (256, 64, 2, 3, 8), (256, 64, 4, 3, 8), (256, 64, 2, 2, 8), (256, 128, 2, 2, 8),
@@ -40,7 +40,7 @@ def probe(rows: int, name: str, n: int, k: int, norm: bool, conv_c: int, residua
     conv = None
     if conv_c:  # state (rows, C, W - 1), weight (C, W), bias (C,) with W = 4
         conv = (torch.randn(rows, conv_c, 3, **bf16), torch.randn(conv_c, 4, **bf16), torch.randn(conv_c, **bf16))
-    weights = _cold_copies(w)
+    weights = cold_copies(w)
 
     def cublas():
         for wc in weights:
@@ -50,7 +50,7 @@ def probe(rows: int, name: str, n: int, k: int, norm: bool, conv_c: int, residua
                 conv_step(conv[0], out[:, :conv_c], conv[1], conv[2], activation="silu")
 
     def per_call_us(fn) -> float:
-        return _graph_time_ms(fn, calls=CALLS) / (CALLS * len(weights)) * 1e3
+        return graph_time_ms(fn, calls=CALLS) / (CALLS * len(weights)) * 1e3
 
     def gbs(us: float) -> float:
         return n * k * 2 / us / 1e3

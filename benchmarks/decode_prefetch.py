@@ -1,14 +1,16 @@
-"""L2 prefetch schedules of a decode step, timed as CUDA-graph replays of one model, variants interleaved.
+"""Decode-step variants (L2 prefetch schedules, Mamba's step kernels) timed as graph replays of one model, interleaved.
 
     python3 benchmarks/decode_prefetch.py --model mamba:1.4b --batch 64,128 --state-dtype bf16 \
         --variants off,own,early,split,early+evict_first,split+evict_first --rounds 3 [--json FILE]
 
 A variant is a prefetch schedule (seqlab.mixers.base.DECODE_PREFETCH: off, own, early, split), optionally with
 ``+evict_first`` (the selective step streams its state with L2 evict-first, seqlab.ops.triton.decode.TUNING
-["state_policy"]). Per batch the model is built and prefilled once (random bf16 weights, the generation
-benchmark's setting); each variant records its own decode graph (checked against an eager step), and the rounds
-replay every variant in turn, so drift in clocks or temperature falls on all of them alike. Prints the median
-step per variant and its ratio to "off".
+["state_policy"]) and ``+step_pair``, ``+step_fused`` or ``+step_auto`` (Mamba's dt projection and state update as
+two kernels, as one, or whichever was timed faster: seqlab.mixers.base.FUSED_DECODE_KERNELS["dt_proj_step"]);
+options not named take their defaults. Per batch the model is built and prefilled once (random bf16 weights, the
+generation benchmark's setting); each variant records its own decode graph (checked against an eager step), and
+the rounds replay every variant in turn, so drift in clocks or temperature falls on all of them alike. Prints the
+median step per variant and its ratio to the first variant.
 """
 
 from __future__ import annotations
@@ -24,21 +26,32 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seqlab.generation import DecodeGraph  # noqa: E402
+from seqlab.mixers.base import FUSED_DECODE_KERNELS  # noqa: E402
 from seqlab.models.presets import from_preset  # noqa: E402
 
 REPLAYS = 30
+DEFAULT_STEP_KIND = FUSED_DECODE_KERNELS["dt_proj_step"]
+STEP_KINDS = {"step_pair": False, "step_fused": True, "step_auto": "auto"}  # FUSED_DECODE_KERNELS["dt_proj_step"]
 
 
 def apply_variant(variant: str) -> None:
+    """``schedule[+evict_first][+step_pair|step_fused|step_auto]``; settings not named take their defaults."""
     from seqlab.mixers import base
     from seqlab.ops.triton import decode
 
-    schedule, _, policy = variant.partition("+")
+    schedule, *options = variant.split("+")
     base.DECODE_PREFETCH["schedule"] = schedule
     base.decode_prefetch_schedule()  # checks the name
-    if policy not in ("", "evict_first"):
-        raise SystemExit(f"decode_prefetch: unknown state policy {policy!r} in variant {variant!r}")
-    decode.TUNING["state_policy"] = policy
+    decode.TUNING["state_policy"] = ""
+    base.FUSED_DECODE_KERNELS["dt_proj_step"] = DEFAULT_STEP_KIND
+    for option in options:
+        if option == "evict_first":
+            decode.TUNING["state_policy"] = option
+        elif option in STEP_KINDS:
+            base.FUSED_DECODE_KERNELS["dt_proj_step"] = STEP_KINDS[option]
+        else:
+            raise SystemExit(f"decode_prefetch: unknown option {option!r} in variant {variant!r} (evict_first, "
+                             f"{', '.join(STEP_KINDS)})")
 
 
 def time_graph(graph: DecodeGraph, token: torch.Tensor) -> float:
@@ -77,11 +90,11 @@ def run_batch(spec: str, batch: int, context: int, state_dtype: torch.dtype, var
                     times[variant].append(time_graph(graphs[variant], token))
     apply_variant("off")
     rows = []
-    base_ms = statistics.median(times["off"]) if times.get("off") else None
+    base_ms = statistics.median(times[variants[0]]) if times[variants[0]] else None
     for variant in variants:
         ms = statistics.median(times[variant]) if times[variant] else None
         rows.append({"model": spec, "batch": batch, "variant": variant, "step_ms": ms, "rounds_ms": times[variant],
-                     "vs_off": (ms / base_ms) if ms and base_ms else None})
+                     "vs_first": (ms / base_ms) if ms and base_ms else None})
     del graphs, state, model
     torch.cuda.empty_cache()
     return rows
@@ -101,17 +114,15 @@ def main() -> int:
         print("decode_prefetch: needs a CUDA GPU", file=sys.stderr)
         return 2
     variants = args.variants.split(",")
-    if "off" not in variants:
-        variants = ["off"] + variants
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.state_dtype]
     rows = []
     print(f"{args.model}, context {args.context}, state {args.state_dtype}, {args.rounds} rounds of {REPLAYS} "
-          f"replays\n| batch | variant | step ms (median) | vs off | rounds |\n|---|---|---|---|---|")
+          f"replays\n| batch | variant | step ms (median) | vs the first | rounds |\n|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch.split(",")):
         for row in run_batch(args.model, batch, args.context, dtype, variants, args.rounds):
             rows.append(row)
             ms = "n/a" if row["step_ms"] is None else f"{row['step_ms']:.3f}"
-            ratio = "n/a" if row["vs_off"] is None else f"{row['vs_off']:.3f}"
+            ratio = "n/a" if row["vs_first"] is None else f"{row['vs_first']:.3f}"
             print(f"| {batch} | {row['variant']} | {ms} | {ratio} | "
                   f"{', '.join(f'{t:.3f}' for t in row['rounds_ms'])} |", flush=True)
     if args.json:

@@ -93,7 +93,7 @@ def _stand_in_clock(monkeypatch, times):
             raise t
         return t
 
-    monkeypatch.setattr(dl, "_graph_time_ms", graph_time_ms)
+    monkeypatch.setattr(dl, "graph_time_ms", graph_time_ms)
     return pending
 
 

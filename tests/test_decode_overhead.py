@@ -380,11 +380,13 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkey
     _force_triton(monkeypatch)
     monkeypatch.setenv("SEQLAB_DECODE_GEMM", "torch")  # count the GEMMs as aten ops (on CUDA some could be Triton)
     log = _OpLog()
+    launched = collections.Counter()
 
     def launcher(kernel):
         class Launch:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
+                    launched[kernel.__name__] += 1
                     with torch.utils._python_dispatch._disable_current_modes():  # the interpreter's own copies
                         return kernel[grid](*args, **kwargs)
                 return run
@@ -406,7 +408,9 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkey
     with torch.no_grad():
         state = model.allocate_state(2, 8)
         model(ids, state=state)
+        model(ids[:, -1:], state=state)  # a first step picks the kernels where they are timed (CUDA)
         log.ops.clear()  # count one decode step only
+        launched.clear()
         with log:
             model(ids[:, -1:], state=state)
     n = model.config.n_layers
@@ -415,9 +419,15 @@ def test_decode_step_launches_no_copies_or_elementwise_ops(preset, fused, monkey
     assert ops["rms_norm"] == n * norms_per_layer + 1, ops  # + final norm
     # mamba: in_proj, x_proj, dt_proj (unless inside the step kernel); mamba2: in_proj; both: out_proj + residual
     # in one addmm; + the head
+    fused_step = launched["_selective_step_dt_proj_kernel"] == n  # the fused kernel in every layer, or in none
+    assert fused_step or launched["_selective_step_dt_proj_kernel"] == 0, launched
+    if fused == "all":
+        assert fused_step, launched
+    if fused == "none" or (fused == "default" and DEVICE == "cpu"):  # "auto" off CUDA: the pair
+        assert not fused_step, launched
     if preset == "mamba2":
         gemms = 1
-    elif fused == "none" or not mixer_base.FUSED_DECODE_KERNELS["dt_proj_step"]:
+    elif not fused_step:
         gemms = 2 + (0 if decode.TUNING["dt_rows"] else 1)  # in_proj, x_proj, dt_proj (unless in the step kernel)
     else:
         gemms = 2  # in_proj, x_proj

@@ -87,11 +87,18 @@ def test_decode_prefetch_variants_are_checked_by_name_and_the_scripts_need_a_gpu
     script = _load("decode_prefetch")
     monkeypatch.setitem(base.DECODE_PREFETCH, "schedule", "off")
     monkeypatch.setitem(decode.TUNING, "state_policy", "")
-    script.apply_variant("split+evict_first")
+    monkeypatch.setitem(base.FUSED_DECODE_KERNELS, "dt_proj_step", "auto")
+    script.apply_variant("split+evict_first+step_pair")
     assert base.DECODE_PREFETCH["schedule"] == "split" and decode.TUNING["state_policy"] == "evict_first"
+    assert base.FUSED_DECODE_KERNELS["dt_proj_step"] is False
+    script.apply_variant("off")  # options not named return to their defaults
+    assert decode.TUNING["state_policy"] == ""
+    assert base.FUSED_DECODE_KERNELS["dt_proj_step"] == script.DEFAULT_STEP_KIND is False
+    script.apply_variant("off+step_fused")
+    assert base.FUSED_DECODE_KERNELS["dt_proj_step"] is True
     with pytest.raises(InputError, match="one of"):
         script.apply_variant("later")
-    with pytest.raises(SystemExit, match="unknown state policy 'evict_last'"):
+    with pytest.raises(SystemExit, match="unknown option 'evict_last'"):
         script.apply_variant("own+evict_last")
     probe = _load("l2_prefetch_probe")
     if not script.torch.cuda.is_available():

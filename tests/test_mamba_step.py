@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from seqlab.errors import InputError
-from seqlab.ops.mamba_step import selective_step_dt_proj
+from seqlab.ops.mamba_step import FUSED_CANDIDATES, selective_step_dt_proj
 from seqlab.ops.selective_scan import selective_state_update
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -192,6 +192,73 @@ def test_triton_backend_names_the_input_it_does_not_take():
 
 
 # ------------------------------------------------------------------------------------ GPU compiler front end
+
+# ------------------------------------------------------------------------- the fused kernel or the pair
+
+
+@needs_triton
+@pytest.mark.parametrize("tile", range(len(FUSED_CANDIDATES)))
+def test_every_candidate_tile_matches_the_unfused_op(tile):
+    """5 rows and 40 channels leave partial row and channel blocks in every candidate tile."""
+    dtype, state_dtype = DTYPES["bf16-state-bf16"]
+    gen = torch.Generator().manual_seed(70 + tile)
+    params = step_params(gen, dtype)
+    state = randn(gen, 5, DIM, N, dtype=state_dtype)
+    state_ref = state.clone()
+    inputs = step_inputs(gen, 5, dtype)
+    y = selective_step_dt_proj(state, **inputs, **params, backend="triton", config=FUSED_CANDIDATES[tile])
+    y_ref = selective_step_unfused(state_ref, **inputs, **params)
+    assert_close("y", y, y_ref, dtype)
+    assert_close("state", state, state_ref, state_dtype)
+
+
+def test_the_faster_kind_is_chosen_and_refused_tiles_are_skipped(monkeypatch):
+    """With a stand-in clock (pair first, then each candidate tile in order): the least time wins; a tile the
+    compiler refuses is skipped; off CUDA the choice is the pair, untimed."""
+    from triton.runtime.errors import OutOfResources
+
+    import seqlab.ops.mamba_step as ms
+
+    def clock(times):
+        pending = list(times)
+
+        def graph_time_ms(fn):
+            t = pending.pop(0)
+            if isinstance(t, Exception):
+                raise t
+            return t
+
+        monkeypatch.setattr(ms, "graph_time_ms", graph_time_ms)
+
+    args = _step_args()
+    clock([1.0, OutOfResources(1, 0, "shared memory"), 0.8, 0.9])
+    assert ms._time_step_kinds(*args.values()) == ("fused", FUSED_CANDIDATES[1])
+    clock([0.7, 0.8, 0.9, 1.0])
+    assert ms._time_step_kinds(*args.values()) == ("pair", None)
+    clock([1.0, 0.9, 0.8, 0.5])
+    assert ms._time_step_kinds(*args.values()) == ("fused", None)  # the kernel's default tile
+    clock([])
+    assert ms.dt_proj_step_choice(*args.values()) == ("pair", None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or _INTERPRET, reason="needs a CUDA device")
+def test_cuda_choice_is_timed_once_and_remembered(monkeypatch):
+    import seqlab.ops.mamba_step as ms
+
+    monkeypatch.setattr(ms, "_STEP_CHOICE", {})
+    gen = torch.Generator().manual_seed(3)
+    params = step_params(gen, torch.bfloat16)
+    args = dict(state=randn(gen, 64, DIM, N, dtype=torch.bfloat16), **step_inputs(gen, 64, torch.bfloat16), **params)
+    order = ("state", "x", "dt_low", "dt_proj_weight", "dt_bias", "A_log", "B", "C", "D", "z")
+    before = args["state"].clone()
+    kind, tile = ms.dt_proj_step_choice(*(args[k] for k in order))
+    assert kind in ("fused", "pair") and (kind == "fused" or tile is None)
+    assert torch.equal(args["state"], before)  # timing steps copies of the state
+    assert list(ms._STEP_CHOICE.values()) == [(kind, tile)]
+    monkeypatch.setattr(ms, "_time_step_kinds", lambda *a: pytest.fail("timed twice"))
+    assert ms.dt_proj_step_choice(*(args[k] for k in order)) == (kind, tile)
+
 
 _LAUNCHED: list = []
 

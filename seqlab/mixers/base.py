@@ -35,8 +35,10 @@ def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | Non
 # Decode steps fold the block's pre-norm into the mixer's input GEMM and Mamba's conv step into its epilogue (each
 # where the Triton GEMM is the faster kernel for the shape: seqlab.ops.decode_linear times them) and run Mamba's
 # fused dt_proj + step kernel (seqlab.ops.mamba_step) as FUSED_DECODE_KERNELS says; FUSE_DECODE = False runs the
-# unfused ops throughout (benchmarks compare them). The fused dt_proj + step kernel is off: on an H200 (mamba 1.4b,
-# batch 64, bf16 state; benchmarks/generate-gpu/run7) the graphed step was where it was without it (2.42 vs 2.40 ms).
+# unfused ops throughout (benchmarks compare them). "dt_proj_step": True runs the fused kernel, False (the default)
+# the dt GEMM and the step kernel, "auto" whichever seqlab.ops.mamba_step.dt_proj_step_choice timed faster for the
+# shape on its GPU. On an H200 at Mamba 1.4b's batch-64 step (benchmarks/generate-gpu/run15) "auto" ran as fast as
+# the pair (2.326 ms both) and the fused kernel's default tile slower (2.453), so the pair stays the default.
 FUSE_DECODE = True
 FUSED_DECODE_KERNELS = {"dt_proj_step": False}
 

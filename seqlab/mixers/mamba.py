@@ -37,7 +37,7 @@ from seqlab.mixers.norm import RMSNorm, rms_norm
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
 from seqlab.ops.conv import causal_conv1d, conv_step
 from seqlab.ops.decode_linear import decode_linear_conv
-from seqlab.ops.mamba_step import selective_step_dt_proj
+from seqlab.ops.mamba_step import dt_proj_step_choice, selective_step_dt_proj
 from seqlab.ops.prefetch import prefetch_l2
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
 
@@ -156,6 +156,16 @@ class Mamba(nn.Module):
         return wanted and not self.bcdt_norm and self.x_proj.bias is None and plain(self.x_proj) and \
             plain(self.dt_proj)
 
+    def _step_kind(self, step_args: tuple) -> tuple[str, dict | None]:
+        """("fused", tile) for selective_step_dt_proj or ("pair", None) for the dt GEMM + step kernel: as
+        FUSED_DECODE_KERNELS["dt_proj_step"] says (True / False), or with "auto" whichever seqlab.ops.mamba_step
+        timed faster for the shape."""
+        if not self._fused_step():
+            return "pair", None
+        if mixer_base.FUSED_DECODE_KERNELS["dt_proj_step"] == "auto":
+            return dt_proj_step_choice(*step_args)
+        return "fused", None
+
     def _conv_in_proj(self) -> bool:
         """The decode step's conv inside the in_proj GEMM (seqlab.ops.decode_linear_conv, which times it against
         the two kernels): a plain in_proj without bias."""
@@ -183,9 +193,10 @@ class Mamba(nn.Module):
             self._prefetch_after_input(schedule, prefetch)
             u = conv_step(state["conv"], xs, conv_weight, self.conv1d.bias, activation="silu")
         dt, B, C = self._split_x_proj(u, few_rows=True)  # dt (B, R)
-        if self._fused_step():
-            y = selective_step_dt_proj(state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
-                                       B, C, self.D, z)
+        step_args = (state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C, self.D, z)
+        kind, tile = self._step_kind(step_args)
+        if kind == "fused":
+            y = selective_step_dt_proj(*step_args, config=tile)
         else:
             y = selective_state_update(state["ssm"], u, dt, self.A_log, B, C, self.D, z=z,
                                        dt_bias=self.dt_proj.bias, dt_softplus=True, A_is_log=True,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from seqlab.errors import InputError
 from seqlab.ops._common import triton_entry
+from seqlab.ops._graph_timing import cold_copies, graph_time_ms
 from seqlab.ops.conv import conv_step
 from seqlab.ops.norm import rms_norm
 
@@ -171,7 +172,7 @@ def _time_kinds(x, weight, residual, norm=None, conv=None) -> tuple[str, dict | 
 
     if conv is not None:
         conv = (conv[0].clone(), *conv[1:])
-    weights = _cold_copies(weight)
+    weights = cold_copies(weight)
 
     def cublas():
         for w in weights:
@@ -179,7 +180,7 @@ def _time_kinds(x, weight, residual, norm=None, conv=None) -> tuple[str, dict | 
             if conv is not None:
                 conv_step(conv[0], out[:, :conv[1].shape[0]], conv[1], conv[2], activation="silu")
 
-    times = {("torch", None): _graph_time_ms(cublas)}
+    times = {("torch", None): graph_time_ms(cublas)}
     kinds = ("triton", "triton_prenorm") if norm is not None else ("triton",)
     with triton_entry(_MODULE, "transient_workspaces")():  # the tile shapes not chosen keep no workspace
         for kind in kinds:
@@ -188,41 +189,10 @@ def _time_kinds(x, weight, residual, norm=None, conv=None) -> tuple[str, dict | 
                     for w in weights:
                         _triton_linear(kind, x, w, residual, cfg, norm, conv)
                 try:
-                    times[(kind, tuple(cfg.items()))] = _graph_time_ms(fused)
+                    times[(kind, tuple(cfg.items()))] = graph_time_ms(fused)
                 except OutOfResources:
                     continue
     best = min(times, key=times.get)
     triton_times = {c: t for c, t in times.items() if c[0] != "torch"}
     config = best[1] if best[0] != "torch" else (min(triton_times, key=triton_times.get)[1] if triton_times else None)
     return best[0], dict(config) if config is not None else None
-
-
-def _cold_copies(weight: torch.Tensor, most: int = 64) -> list[torch.Tensor]:
-    """``weight`` and copies of it, together over twice the L2 cache (up to ``most``): calls that cycle through
-    them stream the weight from memory as a decode step does, where the other layers' weights evict it (one
-    weight timed over and over stays in L2 and measures the cache instead)."""
-    if not weight.is_cuda:
-        return [weight]
-    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 64 << 20)
-    count = max(2, min(most, -(-2 * l2 // (weight.numel() * weight.element_size()))))
-    return [weight] + [weight.clone() for _ in range(count - 1)]
-
-
-def _graph_time_ms(fn, calls: int = 3, replays: int = 3) -> float:
-    """GPU milliseconds of ``calls`` calls of ``fn`` replayed from a CUDA graph (as a graphed decode step runs them;
-    eager timing would measure the Python launch cost instead), the least of ``replays``."""
-    fn()  # compile / pick the algorithm outside the recording
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    best = float("inf")
-    for _ in range(replays):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, begin.elapsed_time(end))
-    return best

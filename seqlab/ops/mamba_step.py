@@ -28,6 +28,7 @@ from seqlab.ops._common import (
     triton_entry,
     triton_usable,
 )
+from seqlab.ops._graph_timing import cold_copies, graph_time_ms
 
 _KERNELS = "seqlab.ops.triton.mamba_step"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,9 +94,11 @@ def selective_step_dt_proj(
     D: torch.Tensor | None,
     z: torch.Tensor | None,
     backend: str = "auto",
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Mamba's dt projection and selective state update for one token: returns y (B, D) in x's dtype and updates
-    ``state (B, D, N)`` in place.
+    ``state (B, D, N)`` in place. ``config``: the Triton kernel's tile (seqlab.ops.triton.mamba_step), or None for
+    its default.
 
     x (B, D) the conv output u; dt_low (B, R); dt_proj_weight (D, R); dt_bias (D,) or None; A_log (D, N);
     B, C (B, N); D (D,) or None; z (B, D) or None. x, dt_low, B, C and z may be strided views (column slices of
@@ -137,7 +140,7 @@ def selective_step_dt_proj(
 
     kernel = _triton_kernel("selective_step_dt_proj", backend, x, tensors, "selective_step_dt_proj_triton")
     if kernel is not None and x.numel() > 0:  # empty inputs: nothing to launch
-        return kernel(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z)
+        return kernel(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z, config=config)
     return selective_step_dt_proj_ref(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z)
 
 
@@ -160,3 +163,58 @@ def selective_step_dt_proj_ref(state, x, dt_low, dt_proj_weight, dt_bias, A_log,
     if z is not None:
         y = y * F.silu(z.to(dtype))
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the fused kernel or the pair, per shape
+
+# Tiles of the fused kernel timed against the pair (dt GEMM + step kernel): the two fastest of the 75 swept on an
+# H200 at Mamba 1.4b's step, batch 64, bf16 state (benchmarks/generate-gpu/run13: 10.46 and 10.65 us per layer
+# against 11.51 for the pair), and the kernel's default.
+FUSED_CANDIDATES = (
+    dict(BLOCK_B=32, BLOCK_D=16, BLOCK_N=16, WARPS=2),
+    dict(BLOCK_B=16, BLOCK_D=16, BLOCK_N=16, WARPS=1),
+    None,
+)
+_STEP_CHOICE: dict[tuple, tuple[str, dict | None]] = {}  # key -> ("fused", tile or None) | ("pair", None)
+
+
+def dt_proj_step_choice(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z) -> tuple[str, dict | None]:
+    """("fused", tile) or ("pair", None): whether selective_step_dt_proj (with that tile) or the dt GEMM followed
+    by the step kernel (selective_state_update) runs this shape faster on its GPU. Timed once per shape (batch,
+    channels, states, rank, dtypes, optional inputs) in CUDA graphs, the state streamed from copies over twice the
+    L2 as in a decode step, then remembered; inside a recording with nothing remembered, and off CUDA, the pair."""
+    if not x.is_cuda:
+        return "pair", None
+    key = (x.device, *x.shape, A_log.shape[1], dt_proj_weight.shape[1], state.dtype, x.dtype,
+           dt_bias is not None, D is not None, z is not None)
+    if key not in _STEP_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return "pair", None
+        _STEP_CHOICE[key] = _time_step_kinds(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z)
+    return _STEP_CHOICE[key]
+
+
+def _time_step_kinds(state, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z) -> tuple[str, dict | None]:
+    from triton.runtime.errors import OutOfResources
+
+    from seqlab.ops.selective_scan import selective_state_update
+
+    states = cold_copies(state.detach().clone())
+
+    def pair():
+        for s in states:
+            selective_state_update(s, x, dt_low, A_log, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                   A_is_log=True, dt_proj_weight=dt_proj_weight)
+
+    times = {("pair", None): graph_time_ms(pair)}
+    for cfg in FUSED_CANDIDATES:
+        def fused(cfg=cfg):
+            for s in states:
+                selective_step_dt_proj(s, x, dt_low, dt_proj_weight, dt_bias, A_log, B, C, D, z, config=cfg)
+        try:
+            times[("fused", None if cfg is None else tuple(cfg.items()))] = graph_time_ms(fused)
+        except OutOfResources:
+            continue
+    kind, tile = min(times, key=times.get)
+    return kind, None if tile is None else dict(tile)
