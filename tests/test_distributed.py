@@ -496,6 +496,20 @@ def test_parallel_without_torchrun_says_how_to_launch(monkeypatch):
         Trainer(_tiny_model(), _task(), _train_config("ddp"), quiet=True)
 
 
+def test_more_processes_than_gpus_is_refused_by_name(monkeypatch):
+    """A second process on a one-GPU machine would ask for cuda:1; it is told why and what to do instead."""
+    from seqlab.distributed import setup
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(setup, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 needs cuda:1, but this machine has 1 CUDA device.*--device"):
+        setup.init_distributed("cuda")
+
+
 def test_tensor_parallel_checks_head_divisibility():
     from seqlab.distributed.tensor_parallel import shard_attention
     from seqlab.mixers.attention import Attention
@@ -529,7 +543,8 @@ def test_torchrun_train_ddp_end_to_end(tmp_path):
     # c10d rendezvous on 127.0.0.1 port 0: torchrun binds a free loopback port itself (no race for it)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", "127.0.0.1:0", "-m", "seqlab", "train", "--task", "mqar", "--model", "mamba2",
-           "--size", "tiny", "--steps", "3", "--parallel", "ddp", "--out", str(tmp_path / "run"), "--quiet"]
+           "--size", "tiny", "--steps", "3", "--parallel", "ddp", "--device", "cpu", "--out", str(tmp_path / "run"),
+           "--quiet"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training mamba2/tiny") == 1  # rank 0 only

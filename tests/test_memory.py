@@ -315,6 +315,9 @@ def measured_prefill_peaks():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _MEASURE_PREFILL, json.dumps(_PREFILL_CASES)], env=env,
                           capture_output=True, text=True, timeout=600)
+    if proc.returncode and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr:
+        # older Triton interpreters hold a program id as a (1,) array that range() cannot take under NumPy 2
+        pytest.skip("this Triton's interpreter cannot run the scan kernels' loops (a newer triton can)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(zip(map(repr, _PREFILL_CASES), json.loads(proc.stdout.strip().splitlines()[-1])))
 

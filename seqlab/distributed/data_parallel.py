@@ -82,12 +82,15 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 def shard_fsdp(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
     """FSDP2: ``fully_shard`` each block, then the root (embedding, final norm, head). On CUDA the compute runs in
     bf16 with fp32 parameters and fp32 gradient reduction (``MixedPrecisionPolicy``); on CPU everything stays fp32.
-    The model is sharded in place (same object, parameters become DTensors). Returns ``model``."""
+    The model is sharded in place (same object, parameters become DTensors). Returns ``model``. Without ``mesh`` the
+    shards live on ``device``'s type over the whole group (FSDP's own default mesh would take the accelerator
+    whenever one is present, even for a CPU run)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {}
-    if mesh is not None:
-        kwargs["mesh"] = mesh
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    kwargs = {"mesh": mesh}
     if device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in blocks_of(model):

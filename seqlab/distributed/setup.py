@@ -66,6 +66,10 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> Distri
     if use_cuda:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device: {device!r} requested but CUDA is not available on this machine")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"--device: process LOCAL_RANK={local_rank} needs cuda:{local_rank}, but this machine "
+                              f"has {torch.cuda.device_count()} CUDA device(s); start at most that many processes per "
+                              "node (torchrun --nproc-per-node) or pass --device cpu")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     else:
