@@ -25,25 +25,9 @@ import torch
 
 def graph_time_us(fn, calls: int = 20, replays: int = 5) -> float:
     """Median microseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    from seqlab.ops._graph_timing import graph_time_ms
+
+    return graph_time_ms(fn, calls=calls, replays=replays, statistic=statistics.median) * 1e3 / calls
 
 
 def model_shapes() -> dict[str, tuple[int, int]]:

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seqlab.ops._graph_timing import graph_time_ms  # noqa: E402
 from seqlab.ops.decode_linear import decode_linear  # noqa: E402
 from seqlab.ops.prefetch import prefetch_l2  # noqa: E402
 
@@ -35,27 +36,13 @@ def spin_cycles(us: float) -> int:
 
 
 def graph_us(body, calls: int, rounds: int) -> float:
-    """Median microseconds per call of body(i) for i in range(calls), recorded once as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(calls):  # warm-up outside the recording
-            body(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Microseconds per call of body(i) for i in range(calls), recorded once as a CUDA graph: the median of
+    ``rounds`` replays."""
+    def all_calls():
         for i in range(calls):
             body(i)
-    graph.replay()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+
+    return graph_time_ms(all_calls, calls=1, replays=rounds, statistic=statistics.median) * 1000 / calls
 
 
 def probe(rows: int, n: int, k: int, gap_us: float, rounds: int) -> list[dict]:

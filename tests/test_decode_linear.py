@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from stand_in_clock import stand_in_clock
 
 dl = importlib.import_module("seqlab.ops.decode_linear")  # the module (seqlab.ops binds the function's name)
 
@@ -83,18 +84,8 @@ def test_the_choice_is_forced_by_the_environment_and_never_timed_while_recording
 
 
 def _stand_in_clock(monkeypatch, times):
-    """Replace the CUDA-graph timing by ``times`` in call order (cuBLAS first, then each candidate tile shape); an
-    exception instance is raised instead of returned, as the compiler does for a tile that does not fit."""
-    pending = list(times)
-
-    def graph_time_ms(fn):
-        t = pending.pop(0)
-        if isinstance(t, Exception):
-            raise t
-        return t
-
-    monkeypatch.setattr(dl, "graph_time_ms", graph_time_ms)
-    return pending
+    """The CUDA-graph timing replaced by ``times`` in call order (cuBLAS first, then each candidate tile shape)."""
+    return stand_in_clock(monkeypatch, dl, times)
 
 
 def test_the_fastest_tile_shape_is_remembered_per_shape_and_refused_tiles_are_skipped(monkeypatch):

@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from stand_in_clock import stand_in_clock
 
 from seqlab.errors import InputError
 from seqlab.ops.mamba_step import FUSED_CANDIDATES, selective_step_dt_proj
@@ -220,15 +221,7 @@ def test_the_faster_kind_is_chosen_and_refused_tiles_are_skipped(monkeypatch):
     import seqlab.ops.mamba_step as ms
 
     def clock(times):
-        pending = list(times)
-
-        def graph_time_ms(fn):
-            t = pending.pop(0)
-            if isinstance(t, Exception):
-                raise t
-            return t
-
-        monkeypatch.setattr(ms, "graph_time_ms", graph_time_ms)
+        stand_in_clock(monkeypatch, ms, times)
 
     args = _step_args()
     clock([1.0, OutOfResources(1, 0, "shared memory"), 0.8, 0.9])

@@ -18,21 +18,21 @@ def cold_copies(t: torch.Tensor, most: int = 64) -> list[torch.Tensor]:
     return [t] + [t.clone() for _ in range(count - 1)]
 
 
-def graph_time_ms(fn, calls: int = 3, replays: int = 3) -> float:
+def graph_time_ms(fn, calls: int = 3, replays: int = 3, statistic=min) -> float:
     """GPU milliseconds of ``calls`` calls of ``fn`` replayed from a CUDA graph (as a graphed decode step runs them;
-    eager timing would measure the Python launch cost instead), the least of ``replays``."""
+    eager timing would measure the Python launch cost instead): ``statistic`` (default the least) of ``replays``."""
     fn()  # compile / pick the algorithm outside the recording
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
     graph.replay()
-    best = float("inf")
+    times = []
     for _ in range(replays):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         graph.replay()
         end.record()
         end.synchronize()
-        best = min(best, begin.elapsed_time(end))
-    return best
+        times.append(begin.elapsed_time(end))
+    return statistic(times)
