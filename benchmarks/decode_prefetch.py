@@ -1,4 +1,4 @@
-"""Decode-step variants (L2 prefetch schedules, Mamba's step kernels) timed as graph replays of one model, interleaved.
+"""Decode-step variants (L2 prefetch, Mamba's step kernels, branches) timed as graph replays of one model, interleaved.
 
     python3 benchmarks/decode_prefetch.py --model mamba:1.4b --batch 64,128 --state-dtype bf16 \
         --variants off,own,early,split,early+evict_first,split+evict_first --rounds 3 [--json FILE]
@@ -6,7 +6,8 @@
 A variant is a prefetch schedule (seqlab.mixers.base.DECODE_PREFETCH: off, own, early, split), optionally with
 ``+evict_first`` (the selective step streams its state with L2 evict-first, seqlab.ops.triton.decode.TUNING
 ["state_policy"]) and ``+step_pair``, ``+step_fused`` or ``+step_auto`` (Mamba's dt projection and state update as
-two kernels, as one, or whichever was timed faster: seqlab.mixers.base.FUSED_DECODE_KERNELS["dt_proj_step"]);
+two kernels, as one, or whichever was timed faster: seqlab.mixers.base.FUSED_DECODE_KERNELS["dt_proj_step"]) and
+``+z_branch`` (in_proj's gate half on a second stream: seqlab.mixers.base.DECODE_BRANCHES);
 options not named take their defaults. Per batch the model is built and prefilled once (random bf16 weights, the
 generation benchmark's setting); each variant records its own decode graph (checked against an eager step), and
 the rounds replay every variant in turn, so drift in clocks or temperature falls on all of them alike. Prints the
@@ -26,11 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seqlab.generation import DecodeGraph  # noqa: E402
-from seqlab.mixers.base import FUSED_DECODE_KERNELS  # noqa: E402
+from seqlab.mixers.base import DECODE_BRANCHES, FUSED_DECODE_KERNELS  # noqa: E402
 from seqlab.models.presets import from_preset  # noqa: E402
 
 REPLAYS = 30
 DEFAULT_STEP_KIND = FUSED_DECODE_KERNELS["dt_proj_step"]
+DEFAULT_Z_BRANCH = DECODE_BRANCHES["z"]
 STEP_KINDS = {"step_pair": False, "step_fused": True, "step_auto": "auto"}  # FUSED_DECODE_KERNELS["dt_proj_step"]
 
 
@@ -44,14 +46,17 @@ def apply_variant(variant: str) -> None:
     base.decode_prefetch_schedule()  # checks the name
     decode.TUNING["state_policy"] = ""
     base.FUSED_DECODE_KERNELS["dt_proj_step"] = DEFAULT_STEP_KIND
+    base.DECODE_BRANCHES["z"] = DEFAULT_Z_BRANCH
     for option in options:
         if option == "evict_first":
             decode.TUNING["state_policy"] = option
+        elif option == "z_branch":
+            base.DECODE_BRANCHES["z"] = True
         elif option in STEP_KINDS:
             base.FUSED_DECODE_KERNELS["dt_proj_step"] = STEP_KINDS[option]
         else:
             raise SystemExit(f"decode_prefetch: unknown option {option!r} in variant {variant!r} (evict_first, "
-                             f"{', '.join(STEP_KINDS)})")
+                             f"z_branch, {', '.join(STEP_KINDS)})")
 
 
 def time_graph(graph: DecodeGraph, token: torch.Tensor) -> float:

@@ -48,6 +48,21 @@ FUSED_DECODE_KERNELS = {"dt_proj_step": False}
 # next layer's step reads first (``decode_first_weights()``, which the model passes in as ``prefetch``):
 #   "off"    nothing;       "own"   its own later weights only;
 #   "early"  own and next together, after the input GEMM;   "split"  own there, next after the state update.
+# Concurrent branches in a decode step: with DECODE_BRANCHES["z"], Mamba's in_proj runs as two GEMMs on CUDA, the
+# gate half z on a second stream while the x half, the conv step and x_proj run on the first (a graph records the
+# two as parallel branches); off unless SEQLAB_DECODE_Z_BRANCH=1: on an H200 at Mamba 1.4b's batch-64 step it was
+# 3.9% slower (benchmarks/generate-gpu/run16).
+DECODE_BRANCHES = {"z": os.environ.get("SEQLAB_DECODE_Z_BRANCH", "0") == "1"}
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device: torch.device):
+    """A second CUDA stream of ``device`` for decode-step branches, made once and kept."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 DECODE_PREFETCH_SCHEDULES = ("off", "own", "early", "split")
 DECODE_PREFETCH = {"schedule": os.environ.get("SEQLAB_DECODE_PREFETCH", "off")}
 

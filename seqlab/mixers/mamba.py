@@ -36,7 +36,7 @@ from seqlab.mixers.norm import RMSNorm, rms_norm
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
 from seqlab.ops.conv import causal_conv1d, conv_step
-from seqlab.ops.decode_linear import decode_linear_conv
+from seqlab.ops.decode_linear import decode_linear, decode_linear_conv
 from seqlab.ops.mamba_step import dt_proj_step_choice, selective_step_dt_proj
 from seqlab.ops.prefetch import prefetch_l2
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
@@ -184,7 +184,11 @@ class Mamba(nn.Module):
         conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
         norm_args = None if norm is None else (norm.weight, norm.eps)
         schedule = mixer_base.decode_prefetch_schedule()
-        if self._conv_in_proj():
+        join = None
+        if self._z_branch(x):
+            u, z, join = self._input_with_z_branch(state, x, norm, conv_weight)
+            self._prefetch_after_input(schedule, prefetch)
+        elif self._conv_in_proj():
             u, z = decode_linear_conv(x, self.in_proj.weight, state["conv"], conv_weight, self.conv1d.bias,
                                       norm=norm_args)
             self._prefetch_after_input(schedule, prefetch)
@@ -193,6 +197,8 @@ class Mamba(nn.Module):
             self._prefetch_after_input(schedule, prefetch)
             u = conv_step(state["conv"], xs, conv_weight, self.conv1d.bias, activation="silu")
         dt, B, C = self._split_x_proj(u, few_rows=True)  # dt (B, R)
+        if join is not None:
+            join()  # z from the second stream
         step_args = (state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C, self.D, z)
         kind, tile = self._step_kind(step_args)
         if kind == "fused":
@@ -204,6 +210,27 @@ class Mamba(nn.Module):
         if schedule == "split":
             prefetch_l2(*prefetch)
         return y
+
+    def _z_branch(self, x: torch.Tensor) -> bool:
+        """in_proj as two GEMMs, z's on a second stream (seqlab.mixers.base.DECODE_BRANCHES): CUDA, a plain
+        in_proj without bias, no autograd."""
+        return (mixer_base.DECODE_BRANCHES["z"] and x.is_cuda and self.in_proj.bias is None
+                and mixer_base.plain_linear(self.in_proj) and not torch.is_grad_enabled())
+
+    def _input_with_z_branch(self, state: MixerState, x: torch.Tensor, norm: nn.Module | None,
+                             conv_weight: torch.Tensor):
+        """(u (B, D), z (B, D), join): the pre-norm, then the x half of in_proj with the conv step on this stream
+        and the z half on the side stream; ``join()`` makes this stream wait for z. Memory is safe without
+        record_stream: xn lives until after the join, and z is freed only after this stream's later work is queued,
+        which the side stream's next fork waits for."""
+        xn = x if norm is None else norm(x)
+        w, d = self.in_proj.weight, self.d_inner
+        main, side = torch.cuda.current_stream(x.device), mixer_base.side_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            z = decode_linear(xn, w[d:])
+        u, _ = decode_linear_conv(xn, w[:d], state["conv"], conv_weight, self.conv1d.bias)
+        return u, z, lambda: main.wait_stream(side)
 
     def _prefetch_after_input(self, schedule: str, prefetch: tuple[torch.Tensor, ...]) -> None:
         if schedule != "off":
