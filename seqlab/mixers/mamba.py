@@ -42,6 +42,10 @@ from seqlab.ops.prefetch import prefetch_l2
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
 
 
+def _nothing_to_join() -> None:
+    """The join of a decode step whose in_proj ran on one stream."""
+
+
 class Mamba(nn.Module):
     """Sequence mixer ``x (B, L, d_model) -> (B, L, d_model)``."""
 
@@ -181,24 +185,11 @@ class Mamba(nn.Module):
         block's pre-norm and the conv step folded in where that is faster), x_proj, dt_proj and the step kernel,
         which forms A = -exp(A_log) itself; x, z, dt, B, C are strided views, never copied. ``prefetch``: weights
         the next layer reads first, prefetched into L2 as seqlab.mixers.base.DECODE_PREFETCH schedules."""
-        conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
-        norm_args = None if norm is None else (norm.weight, norm.eps)
         schedule = mixer_base.decode_prefetch_schedule()
-        join = None
-        if self._z_branch(x):
-            u, z, join = self._input_with_z_branch(state, x, norm, conv_weight)
-            self._prefetch_after_input(schedule, prefetch)
-        elif self._conv_in_proj():
-            u, z = decode_linear_conv(x, self.in_proj.weight, state["conv"], conv_weight, self.conv1d.bias,
-                                      norm=norm_args)
-            self._prefetch_after_input(schedule, prefetch)
-        else:
-            xs, z = project(self.in_proj, x, few_rows=True, norm=norm).chunk(2, dim=-1)
-            self._prefetch_after_input(schedule, prefetch)
-            u = conv_step(state["conv"], xs, conv_weight, self.conv1d.bias, activation="silu")
+        u, z, join = self._decode_input(state, x, norm)
+        self._prefetch_after_input(schedule, prefetch)
         dt, B, C = self._split_x_proj(u, few_rows=True)  # dt (B, R)
-        if join is not None:
-            join()  # z from the second stream
+        join()  # z, where a second stream computed it
         step_args = (state["ssm"], u, dt, self.dt_proj.weight, self.dt_proj.bias, self.A_log, B, C, self.D, z)
         kind, tile = self._step_kind(step_args)
         if kind == "fused":
@@ -210,6 +201,21 @@ class Mamba(nn.Module):
         if schedule == "split":
             prefetch_l2(*prefetch)
         return y
+
+    def _decode_input(self, state: MixerState, x: torch.Tensor, norm: nn.Module | None):
+        """(u (B, D) after the conv step, z (B, D), join): in_proj, the block's pre-norm and the conv step by the
+        fastest route the settings allow; ``join()`` waits for z where a second stream computes it."""
+        conv_weight = self.conv1d.weight.squeeze(1)  # (D, W)
+        if self._z_branch(x):
+            return self._input_with_z_branch(state, x, norm, conv_weight)
+        if self._conv_in_proj():
+            norm_args = None if norm is None else (norm.weight, norm.eps)
+            u, z = decode_linear_conv(x, self.in_proj.weight, state["conv"], conv_weight, self.conv1d.bias,
+                                      norm=norm_args)
+        else:
+            xs, z = project(self.in_proj, x, few_rows=True, norm=norm).chunk(2, dim=-1)
+            u = conv_step(state["conv"], xs, conv_weight, self.conv1d.bias, activation="silu")
+        return u, z, _nothing_to_join
 
     def _z_branch(self, x: torch.Tensor) -> bool:
         """in_proj as two GEMMs, z's on a second stream (seqlab.mixers.base.DECODE_BRANCHES): CUDA, a plain
