@@ -124,3 +124,18 @@ def test_cuda_graph_decode_with_prefetch_equals_eager_decode_without(name, sched
         assert graph is not None
         logits = graph.step(ids[:, -1])
     assert torch.equal(logits.float(), reference.float()[:, : logits.shape[-1]])
+
+
+def test_the_ranges_and_the_eviction_hint_reach_the_kernel(monkeypatch):
+    """Where the prefetch applies, each tensor's byte range and ``evict_last`` are what the kernel is given."""
+    import seqlab.ops.prefetch as prefetch
+
+    launches = []
+    monkeypatch.setattr(prefetch, "_supported", lambda device: True)
+    monkeypatch.setattr(prefetch, "triton_entry", lambda *entry: lambda ranges, **kw: launches.append((ranges, kw)))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    w, v = torch.zeros(64, 8), torch.zeros(32)
+    prefetch_l2(w, None, v, evict_last=True)
+    prefetch_l2(w)
+    assert launches == [([byte_range(w), byte_range(v)], {"evict_last": True}),
+                        ([byte_range(w)], {"evict_last": False})]

@@ -35,7 +35,7 @@ def prefetch_l2(*tensors: torch.Tensor | None, evict_last: bool = False) -> None
         return
     ranges = [r for r in (byte_range(t) for t in present if t.is_cuda) if r[1] > 0]
     if ranges:
-        triton_entry(*_ENTRY)(ranges)
+        triton_entry(*_ENTRY)(ranges, evict_last=evict_last)
 
 
 def byte_range(t: torch.Tensor) -> tuple[int, int]:
