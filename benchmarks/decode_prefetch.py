@@ -7,7 +7,8 @@ A variant is a prefetch schedule (seqlab.mixers.base.DECODE_PREFETCH: off, own, 
 ``+evict_first`` (the selective step streams its state with L2 evict-first, seqlab.ops.triton.decode.TUNING
 ["state_policy"]) and ``+step_pair``, ``+step_fused`` or ``+step_auto`` (Mamba's dt projection and state update as
 two kernels, as one, or whichever was timed faster: seqlab.mixers.base.FUSED_DECODE_KERNELS["dt_proj_step"]) and
-``+z_branch`` (in_proj's gate half on a second stream: seqlab.mixers.base.DECODE_BRANCHES);
+``+z_branch`` (in_proj's gate half on a second stream: seqlab.mixers.base.DECODE_BRANCHES) and ``+layer`` (Mamba's
+whole step as one persistent launch: seqlab.mixers.base.FUSED_DECODE_KERNELS["layer"]);
 options not named take their defaults. Per batch the model is built and prefilled once (random bf16 weights, the
 generation benchmark's setting); each variant records its own decode graph (checked against an eager step), and
 the rounds replay every variant in turn, so drift in clocks or temperature falls on all of them alike. Prints the
@@ -33,11 +34,13 @@ from seqlab.models.presets import from_preset  # noqa: E402
 REPLAYS = 30
 DEFAULT_STEP_KIND = FUSED_DECODE_KERNELS["dt_proj_step"]
 DEFAULT_Z_BRANCH = DECODE_BRANCHES["z"]
+DEFAULT_LAYER = FUSED_DECODE_KERNELS["layer"]
 STEP_KINDS = {"step_pair": False, "step_fused": True, "step_auto": "auto"}  # FUSED_DECODE_KERNELS["dt_proj_step"]
 
 
 def apply_variant(variant: str) -> None:
-    """``schedule[+evict_first][+step_pair|step_fused|step_auto]``; settings not named take their defaults."""
+    """``schedule[+evict_first][+step_pair|step_fused|step_auto][+z_branch][+layer]``; settings not named take their
+    defaults."""
     from seqlab.mixers import base
     from seqlab.ops.triton import decode
 
@@ -47,16 +50,19 @@ def apply_variant(variant: str) -> None:
     decode.TUNING["state_policy"] = ""
     base.FUSED_DECODE_KERNELS["dt_proj_step"] = DEFAULT_STEP_KIND
     base.DECODE_BRANCHES["z"] = DEFAULT_Z_BRANCH
+    base.FUSED_DECODE_KERNELS["layer"] = DEFAULT_LAYER
     for option in options:
         if option == "evict_first":
             decode.TUNING["state_policy"] = option
         elif option == "z_branch":
             base.DECODE_BRANCHES["z"] = True
+        elif option == "layer":
+            base.FUSED_DECODE_KERNELS["layer"] = True
         elif option in STEP_KINDS:
             base.FUSED_DECODE_KERNELS["dt_proj_step"] = STEP_KINDS[option]
         else:
             raise SystemExit(f"decode_prefetch: unknown option {option!r} in variant {variant!r} (evict_first, "
-                             f"z_branch, {', '.join(STEP_KINDS)})")
+                             f"z_branch, layer, {', '.join(STEP_KINDS)})")
 
 
 def time_graph(graph: DecodeGraph, token: torch.Tensor) -> float:

@@ -49,15 +49,17 @@ def _pairs(text: str) -> dict[str, str]:
 def _value(text: str):
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text  # a string constexpr
 
 
 def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: int, stages: int, arch: int,
-                   ints: dict | None = None, maxnreg: int | None = None):
-    """The compiled kernel (triton.compile's result) for ``module:function``."""
+                   ints: dict | None = None, maxnreg: int | None = None, floats: tuple[str, ...] = ()):
+    """The compiled kernel (triton.compile's result) for ``module:function``; ``floats``: float32 arguments."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -75,6 +77,8 @@ def compile_kernel(target: str, const: dict, ptr_dtype: str, ptrs: dict, warps: 
         elif arg.endswith("_ptr"):
             signature[arg] = "*" + ptrs.get(arg, ptr_dtype)
             attrs[(index,)] = aligned
+        elif arg in floats:
+            signature[arg] = "fp32"
         elif ints.get(arg) == 1:
             signature[arg] = "constexpr"
             constexprs[(index,)] = 1
@@ -139,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ptr-dtype", default="bf16", help="pointer element type by default (bf16, fp16, fp32, i32)")
     parser.add_argument("--ptr", default="", help="pointer types by name, NAME=TYPE,...")
     parser.add_argument("--int", default="", help="integer arguments' values at the launch, NAME=VALUE,...")
+    parser.add_argument("--float", default="", help="float32 arguments by name, NAME,...")
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--maxnreg", type=int, help="registers per thread the compiler may use (a launch's maxnreg)")
@@ -149,7 +154,7 @@ def main(argv=None) -> None:
     const = {k: _value(v) for k, v in _pairs(args.const).items()}
     ints = {k: int(v) for k, v in _pairs(args.int).items()}
     compiled = compile_kernel(args.kernel, const, args.ptr_dtype, _pairs(args.ptr), args.warps, args.stages,
-                              args.arch, ints, args.maxnreg)
+                              args.arch, ints, args.maxnreg, tuple(filter(None, args.float.split(","))))
     result = report(compiled, args.warps, args.sass)
     if args.json:
         print(json.dumps(result))

@@ -98,6 +98,11 @@ def test_decode_prefetch_variants_are_checked_by_name_and_the_scripts_need_a_gpu
     assert base.FUSED_DECODE_KERNELS["dt_proj_step"] == script.DEFAULT_STEP_KIND is False
     script.apply_variant("off+step_fused")
     assert base.FUSED_DECODE_KERNELS["dt_proj_step"] is True
+    monkeypatch.setitem(base.FUSED_DECODE_KERNELS, "layer", False)
+    script.apply_variant("off+layer")
+    assert base.FUSED_DECODE_KERNELS["layer"] is True
+    script.apply_variant("off")
+    assert base.FUSED_DECODE_KERNELS["layer"] is script.DEFAULT_LAYER
     with pytest.raises(InputError, match="one of"):
         script.apply_variant("later")
     with pytest.raises(SystemExit, match="unknown option 'evict_last'"):
@@ -108,3 +113,5 @@ def test_decode_prefetch_variants_are_checked_by_name_and_the_scripts_need_a_gpu
         assert script.main() == 2
         monkeypatch.setattr("sys.argv", ["l2_prefetch_probe.py"])
         assert probe.main() == 2
+        monkeypatch.setattr("sys.argv", ["decode_layer.py"])
+        assert _load("decode_layer").main() == 2

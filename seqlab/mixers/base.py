@@ -39,8 +39,10 @@ def check_mixer_input(x: torch.Tensor, d_model: int, seq_idx: torch.Tensor | Non
 # the dt GEMM and the step kernel, "auto" whichever seqlab.ops.mamba_step.dt_proj_step_choice timed faster for the
 # shape on its GPU. On an H200 at Mamba 1.4b's batch-64 step (benchmarks/generate-gpu/run15) "auto" ran as fast as
 # the pair (2.326 ms both) and the fused kernel's default tile slower (2.453), so the pair stays the default.
+# "layer": Mamba's whole decode step (pre-norm to residual) as one persistent launch (seqlab.ops.mamba_layer), on
+# CUDA without autograd where the layer fits; off unless SEQLAB_DECODE_LAYER=1.
 FUSE_DECODE = True
-FUSED_DECODE_KERNELS = {"dt_proj_step": False}
+FUSED_DECODE_KERNELS = {"dt_proj_step": False, "layer": os.environ.get("SEQLAB_DECODE_LAYER", "0") == "1"}
 
 # L2 prefetch in a decode step (seqlab.ops.prefetch), for mixers with ``takes_prefetch``: a decode step's small
 # kernels leave HBM idle, so weights read a few kernels later are fetched into L2 meanwhile. Right after its input

@@ -33,10 +33,12 @@ from seqlab.mixers import base as mixer_base
 from seqlab.mixers._init import dt_bias_init, no_weight_decay
 from seqlab.mixers.base import MixerState, check_mixer_input, project, recurrent_state_dtype
 from seqlab.mixers.norm import RMSNorm, rms_norm
+from seqlab.ops._common import triton_interpreting
 
 # functions imported from their modules: ``seqlab.ops.selective_scan`` names both a module and a function
 from seqlab.ops.conv import causal_conv1d, conv_step
 from seqlab.ops.decode_linear import decode_linear, decode_linear_conv
+from seqlab.ops.mamba_layer import layer_step_fits, mamba_layer_step
 from seqlab.ops.mamba_step import dt_proj_step_choice, selective_step_dt_proj
 from seqlab.ops.prefetch import prefetch_l2
 from seqlab.ops.selective_scan import selective_scan, selective_state_update
@@ -243,6 +245,32 @@ class Mamba(nn.Module):
             later = (self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
             prefetch_l2(*later, *(prefetch if schedule == "early" else ()))
 
+    def _layer_step(self, x: torch.Tensor, state: MixerState, residual: torch.Tensor | None,
+                    norm: nn.Module | None) -> bool:
+        """Whether this decode step runs as one fused launch (seqlab.ops.mamba_layer): asked for
+        (FUSED_DECODE_KERNELS["layer"]), CUDA (or the interpreter) without autograd, the residual being the input,
+        plain bias-free projections, no dt/B/C norms, an RMSNorm pre-norm or none, and a layer the launch fits."""
+        if not (mixer_base.FUSE_DECODE and mixer_base.FUSED_DECODE_KERNELS["layer"]) or torch.is_grad_enabled():
+            return False
+        if not (x.is_cuda or triton_interpreting()) or residual is not x or self.bcdt_norm:
+            return False
+        projections = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
+        if self.in_proj.bias is not None or self.out_proj.bias is not None or self.x_proj.bias is not None:
+            return False
+        if not all(mixer_base.plain_linear(p) and p.weight.dtype == x.dtype for p in projections):
+            return False
+        if norm is not None and not isinstance(norm, RMSNorm):
+            return False
+        return layer_step_fits(x.shape[0], self.d_model, self.d_inner, self.d_state, self.d_conv) is None
+
+    def _decode_layer(self, state: MixerState, h: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+        """h (B, d_model) -> h + the layer's step (B, d_model), states updated in place, in one launch."""
+        return mamba_layer_step(
+            h, self.in_proj.weight, state["conv"], self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, state["ssm"],
+            self.out_proj.weight, norm_weight=None if norm is None else norm.weight,
+            norm_eps=None if norm is None else norm.eps, backend="triton" if triton_interpreting() else "auto")
+
     # Block passes its residual stream in: the decode step then adds it inside the out_proj GEMM
     adds_residual = True
     fuses_norm = True  # Block passes its pre-norm in with a decode step
@@ -258,6 +286,9 @@ class Mamba(nn.Module):
         weights the next layer's decode step reads first (see _decode)."""
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
+        if state is not None and L == 1 and self._layer_step(x, state, residual, norm):
+            state.offset += 1
+            return self._decode_layer(state, x[:, 0], norm).unsqueeze(1)
         if state is not None and L == 1:  # O(1) step
             y = self._decode(state, x[:, 0], norm, prefetch)  # (B, D)
             state.offset += 1

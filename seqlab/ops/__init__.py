@@ -9,6 +9,7 @@ from seqlab.ops.conv import causal_conv1d, conv_step
 from seqlab.ops.decode_linear import decode_linear, decode_linear_conv
 from seqlab.ops.delta_rule import delta_rule, delta_rule_step
 from seqlab.ops.linear_attention import linear_attention, linear_attention_step
+from seqlab.ops.mamba_layer import mamba_layer_step
 from seqlab.ops.mamba_step import selective_step_dt_proj
 from seqlab.ops.mlstm import mlstm, mlstm_quadratic, mlstm_step
 from seqlab.ops.registry import backends_table
@@ -25,6 +26,7 @@ __all__ = [
     "causal_conv1d",
     "conv_step",
     "selective_step_dt_proj",
+    "mamba_layer_step",
     "hippo_legs",
     "s4d_init",
     "s4d_kernel",
