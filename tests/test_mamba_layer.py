@@ -204,3 +204,21 @@ def test_cuda_persistent_launch_equals_the_phase_by_phase_launches(batch):
     assert barrier_failures(h.device) == 0
     for a, b in zip(one, phases):
         assert torch.equal(a, b)
+
+
+@needs_triton
+def test_after_a_barrier_gave_up_the_output_is_nan_never_a_wrong_number(monkeypatch):
+    """A raised failure flag (a persistent launch's barrier that waited too long) poisons every later output."""
+    from seqlab.ops import mamba_layer
+
+    monkeypatch.setattr(mamba_layer, "_SYNC", {})
+    h, weights, conv, ssm = make_layer(batch=2)
+    sync = mamba_layer._sync_buffer(h.device)
+    sync[2] = 1
+    assert mamba_layer.barrier_failures(h.device) == 1
+    out = mamba_layer_step(h, conv_state=conv, ssm_state=ssm, **weights, backend="triton")
+    assert torch.isnan(out).all()
+    for config in (dict(OUT_SPLIT=1), dict(OUT_SPLIT=2)):
+        out = mamba_layer_step(h, conv_state=conv.clone(), ssm_state=ssm.clone(), **weights, backend="triton",
+                               config=config)
+        assert torch.isnan(out).all(), config

@@ -12,7 +12,9 @@ wrote. Each phase splits its work into items (a program takes items pid, pid + P
     5 out     out_proj split over K: partial y W_outᵀ of OUT_SPLIT slices (OUT_SPLIT = 1: h + y W_outᵀ, done)
     6 out_sum h_out = h + the OUT_SPLIT partials, in a fixed order
 
-The sums run in a fixed order (no atomics on data), so a launch is bit-for-bit repeatable. With PERSISTENT = False
+The sums run in a fixed order (no atomics on data), so a launch is bit-for-bit repeatable. A barrier that waits too
+long (the launch's programs not all resident, e.g. another kernel holding SMs) gives up and raises a flag; from
+then on every launch sharing that barrier buffer writes NaN for its output, never a wrong number. With PERSISTENT = False
 a launch runs the phases FIRST..LAST without barriers, one item per program: how the interpreter runs it (its
 programs run one after another, so a barrier would wait forever) and how the GPU can run it phase by phase.
 Every batch row lives in one tile of BLOCK_M rows (M <= BLOCK_M <= 128).
@@ -27,7 +29,7 @@ from seqlab.ops.triton.jit_math import softplus
 from seqlab.ops.triton.small_batch_linear import _conv_step_epilogue
 
 LOG2E = tl.constexpr(1.4426950408889634)
-SPIN_LIMIT = tl.constexpr(1 << 20)  # a barrier gives up after this many polls and raises the failure flag (no silent hang)
+SPIN_LIMIT = tl.constexpr(1 << 20)  # polls before a barrier gives up (~1 s) and raises the failure flag
 
 
 @triton.jit
@@ -106,12 +108,13 @@ def _in_proj_tile(item, x_ptr, w_in_ptr, conv_ptr, cw_ptr, cb_ptr, u_ptr, z_ptr,
 
 
 @triton.jit
-def _split_k_part(item, x_ptr, w_ptr, part_ptr, h_ptr, out_ptr, M,
+def _split_k_part(item, x_ptr, w_ptr, part_ptr, h_ptr, out_ptr, M, failed,
                   K: tl.constexpr, NOUT: tl.constexpr, SPLIT: tl.constexpr, TILES: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   ADD_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Phases 1 and 4: item = (slice s of K, column tile t). x (M, K) @ W (NOUT, K)ᵀ over the slice into
-    part[s] (BLOCK_M, NOUT) in float32; with SPLIT = 1 and ADD_RESIDUAL the tile is final: out = h + x Wᵀ."""
+    """Phases 2 and 5: item = (slice s of K, column tile t). x (M, K) @ W (NOUT, K)ᵀ over the slice into
+    part[s] (BLOCK_M, NOUT) in float32; with SPLIT = 1 and ADD_RESIDUAL the tile is final: out = h + x Wᵀ (NaN where
+    ``failed``)."""
     s = item // TILES
     cols = (item % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < NOUT
@@ -127,6 +130,7 @@ def _split_k_part(item, x_ptr, w_ptr, part_ptr, h_ptr, out_ptr, M,
         at = rows[:, None] * NOUT + cols[None, :]
         ok = row_ok & col_ok[None, :]
         acc += tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        acc = tl.where(failed != 0, float("nan"), acc)
         tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
     else:
         tl.store(part_ptr + s * (BLOCK_M * NOUT) + rows[:, None] * NOUT + cols[None, :], acc,
@@ -134,9 +138,10 @@ def _split_k_part(item, x_ptr, w_ptr, part_ptr, h_ptr, out_ptr, M,
 
 
 @triton.jit
-def _split_k_sum(item, part_ptr, h_ptr, out_ptr, M, NOUT: tl.constexpr, SPLIT: tl.constexpr,
+def _split_k_sum(item, part_ptr, h_ptr, out_ptr, M, failed, NOUT: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """Phases 2 and 5: out = (h +) part[0] + ... + part[SPLIT-1] over BLOCK_E elements of the (M, NOUT) output."""
+    """Phases 3 and 6: out = (h +) part[0] + ... + part[SPLIT-1] over BLOCK_E elements of the (M, NOUT) output
+    (with the residual, NaN where ``failed``)."""
     e = item * BLOCK_E + tl.arange(0, BLOCK_E)
     ok = e < M * NOUT
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
@@ -144,6 +149,8 @@ def _split_k_sum(item, part_ptr, h_ptr, out_ptr, M, NOUT: tl.constexpr, SPLIT: t
         acc += tl.load(h_ptr + e, mask=ok, other=0.0).to(tl.float32)
     for s in tl.static_range(SPLIT):
         acc += tl.load(part_ptr + s * (BLOCK_M * NOUT) + e, mask=ok, other=0.0, cache_modifier=".cg")
+    if HAS_RESIDUAL:
+        acc = tl.where(failed != 0, float("nan"), acc)
     tl.store(out_ptr + e, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -151,7 +158,7 @@ def _split_k_sum(item, part_ptr, h_ptr, out_ptr, M, NOUT: tl.constexpr, SPLIT: t
 def _step_tile(item, dbc_ptr, u_ptr, z_ptr, wdt_ptr, bdt_ptr, alog_ptr, dskip_ptr, ssm_ptr, y_ptr, M,
                DI: tl.constexpr, N: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                BLOCK_R: tl.constexpr, ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Phase 3, channels [item * BLOCK_C, +BLOCK_C), ROWS batch rows at a time (Gu & Dao 2023, Alg. 2 at one
+    """Phase 4, channels [item * BLOCK_C, +BLOCK_C), ROWS batch rows at a time (Gu & Dao 2023, Alg. 2 at one
     position): Δ = softplus(dt_low W_dtᵀ + b) (the dt GEMM's output rounded as the unfused step rounds it),
     h = exp(Δ A) h + Δ u B, y = (<h, C> + D u) silu(z)."""
     ch = item * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -232,21 +239,21 @@ def mamba_layer_step_kernel(
     if FIRST <= 2 and LAST >= 2:
         if PERSISTENT:
             for item in range(pid, X_SPLIT * TILES_X, nprog):
-                _split_k_part(item, u_ptr, wx_ptr, xpart_ptr, h_ptr, out_ptr, M, DI, NX, X_SPLIT, TILES_X,
+                _split_k_part(item, u_ptr, wx_ptr, xpart_ptr, h_ptr, out_ptr, M, 0, DI, NX, X_SPLIT, TILES_X,
                               BLOCK_M, BLOCK_N_X, BLOCK_K_X, False, DOT_PRECISION)
             if LAST >= 3:
                 generation = _grid_barrier(sync_ptr, nprog, generation)
         else:
-            _split_k_part(pid, u_ptr, wx_ptr, xpart_ptr, h_ptr, out_ptr, M, DI, NX, X_SPLIT, TILES_X,
+            _split_k_part(pid, u_ptr, wx_ptr, xpart_ptr, h_ptr, out_ptr, M, 0, DI, NX, X_SPLIT, TILES_X,
                           BLOCK_M, BLOCK_N_X, BLOCK_K_X, False, DOT_PRECISION)
     if FIRST <= 3 and LAST >= 3:
         if PERSISTENT:
             for item in range(pid, (BLOCK_M * NX + BLOCK_E - 1) // BLOCK_E, nprog):
-                _split_k_sum(item, xpart_ptr, h_ptr, dbc_ptr, BLOCK_M, NX, X_SPLIT, BLOCK_M, BLOCK_E, False)
+                _split_k_sum(item, xpart_ptr, h_ptr, dbc_ptr, BLOCK_M, 0, NX, X_SPLIT, BLOCK_M, BLOCK_E, False)
             if LAST >= 4:
                 generation = _grid_barrier(sync_ptr, nprog, generation)
         else:
-            _split_k_sum(pid, xpart_ptr, h_ptr, dbc_ptr, BLOCK_M, NX, X_SPLIT, BLOCK_M, BLOCK_E, False)
+            _split_k_sum(pid, xpart_ptr, h_ptr, dbc_ptr, BLOCK_M, 0, NX, X_SPLIT, BLOCK_M, BLOCK_E, False)
     if FIRST <= 4 and LAST >= 4:
         if PERSISTENT:
             for item in range(pid, DI // BLOCK_C, nprog):
@@ -257,19 +264,21 @@ def mamba_layer_step_kernel(
         else:
             _step_tile(pid, dbc_ptr, u_ptr, z_ptr, wdt_ptr, bdt_ptr, alog_ptr, dskip_ptr, ssm_ptr, y_ptr, M,
                        DI, N, R, BLOCK_M, BLOCK_C, BLOCK_R, ROWS, DOT_PRECISION)
+    # a barrier of this stream that ever gave up (sync[2]) leaves its counters unreliable: the output is poisoned
+    failed = tl.load(sync_ptr + 2, volatile=True)
     if FIRST <= 5 and LAST >= 5:
         if PERSISTENT:
             for item in range(pid, OUT_SPLIT * TILES_OUT, nprog):
-                _split_k_part(item, y_ptr, w_out_ptr, opart_ptr, h_ptr, out_ptr, M, DI, DM, OUT_SPLIT,
+                _split_k_part(item, y_ptr, w_out_ptr, opart_ptr, h_ptr, out_ptr, M, failed, DI, DM, OUT_SPLIT,
                               TILES_OUT, BLOCK_M, BLOCK_N_OUT, BLOCK_K_OUT, OUT_SPLIT == 1, DOT_PRECISION)
             if LAST >= 6:
                 generation = _grid_barrier(sync_ptr, nprog, generation)
         else:
-            _split_k_part(pid, y_ptr, w_out_ptr, opart_ptr, h_ptr, out_ptr, M, DI, DM, OUT_SPLIT, TILES_OUT,
+            _split_k_part(pid, y_ptr, w_out_ptr, opart_ptr, h_ptr, out_ptr, M, failed, DI, DM, OUT_SPLIT, TILES_OUT,
                           BLOCK_M, BLOCK_N_OUT, BLOCK_K_OUT, OUT_SPLIT == 1, DOT_PRECISION)
     if FIRST <= 6 and LAST >= 6:
         if PERSISTENT:
             for item in range(pid, (M * DM + BLOCK_E - 1) // BLOCK_E, nprog):
-                _split_k_sum(item, opart_ptr, h_ptr, out_ptr, M, DM, OUT_SPLIT, BLOCK_M, BLOCK_E, True)
+                _split_k_sum(item, opart_ptr, h_ptr, out_ptr, M, failed, DM, OUT_SPLIT, BLOCK_M, BLOCK_E, True)
         else:
-            _split_k_sum(pid, opart_ptr, h_ptr, out_ptr, M, DM, OUT_SPLIT, BLOCK_M, BLOCK_E, True)
+            _split_k_sum(pid, opart_ptr, h_ptr, out_ptr, M, failed, DM, OUT_SPLIT, BLOCK_M, BLOCK_E, True)
