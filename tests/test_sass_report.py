@@ -58,19 +58,23 @@ def test_softplus_takes_the_special_function_log(tmp_path):
     assert "MUFU.LG2" in text and "MUFU.EX2" in text
 
 
-def test_the_layer_step_launch_compiles_for_sm_90():
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_the_layer_step_launch_compiles_for_sm_90(prefetch, tmp_path):
     """Mamba's one-launch layer step at Mamba-1.4b's shape and its default tiles (8 warps, one program per SM): a
     string constexpr (the dot precision) and a float argument (eps) pass through; tensor-core GEMMs, one program
-    fits an SM. (Spills depend on the compiler: none with Triton 3.6, 37 instructions with 3.9.)"""
+    fits an SM; with PREFETCH the bulk L2 prefetches are there. (Spills depend on the compiler: none with Triton
+    3.6, 37 instructions with 3.9.)"""
     const = ("DM=2048,DI=4096,N=16,R=128,W=4,HAS_NORM=1,HAS_CONV_BIAS=1,BLOCK_M=64,BLOCK_D=1024,BLOCK_N_IN=64,"
              "BLOCK_K_IN=128,X_SPLIT=16,BLOCK_N_X=32,BLOCK_K_X=64,BLOCK_C=32,BLOCK_R=128,ROWS=32,OUT_SPLIT=2,"
              "BLOCK_N_OUT=32,BLOCK_K_OUT=128,BLOCK_E=1024,CONV_RUN=256,FIRST=0,LAST=6,PERSISTENT=1,"
-             "DOT_PRECISION=tf32")
+             f"DOT_PRECISION=tf32,PREFETCH={prefetch}")
     ptrs = ("nw_ptr=fp32,cw_ptr=fp32,cb_ptr=fp32,bdt_ptr=fp32,alog_ptr=fp32,dskip_ptr=fp32,xpart_ptr=fp32,"
             "opart_ptr=fp32,sync_ptr=i32")
     res = subprocess.run([sys.executable, str(SCRIPT), "seqlab.ops.triton.mamba_layer:mamba_layer_step_kernel",
                           "--const", const, "--ptr", ptrs, "--int", "M=64", "--float", "eps", "--warps", "8",
-                          "--stages", "4", "--json"], capture_output=True, text=True, timeout=240)
+                          "--stages", "4", "--json", "--sass", str(tmp_path / "layer.sass")], capture_output=True,
+                         text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["instructions"]["tensor"] > 0 and r["ctas_per_sm"] >= 1 and r["registers"] <= 255
+    assert ("UBLKPF" in (tmp_path / "layer.sass").read_text()) == bool(prefetch)

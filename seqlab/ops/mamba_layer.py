@@ -37,9 +37,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # offline for sm_90 with benchmarks/sass_report.py). num_stages: the GEMM loops' software pipeline depth (with
 # one program per SM, the bytes each keeps in flight bound the bandwidth it streams weights at). programs_per_sm:
 # programs per SM of a persistent launch, at most what the compiled kernel's registers and shared memory allow.
+# prefetch: a persistent launch first asks L2 (Hopper bulk prefetch) for its weights, and after in_proj for its
+# states and out_proj's weights, so that later phases find them there; measured slower on an H200 (69.3 against
+# 52.9 us per layer at batch 64, 54.9 against 36.7 at batch 1: benchmarks/RESULTS.md section 9), so off.
 CONFIG = dict(BLOCK_N_IN=64, BLOCK_K_IN=128, X_SPLIT=16, BLOCK_N_X=32, BLOCK_K_X=64, BLOCK_C=32, ROWS=32,
               OUT_SPLIT=2, BLOCK_N_OUT=32, BLOCK_K_OUT=128, BLOCK_E=1024, BLOCK_D=1024, num_warps=8, num_stages=4,
-              persistent=True, programs_per_sm=1, last_phase=None)
+              persistent=True, programs_per_sm=1, prefetch=False, last_phase=None)
 _SYNC: dict = {}  # (device, stream) -> int32 (3,): arrivals, generation, failure flag
 
 
@@ -249,6 +252,9 @@ def _triton(h, in_w, conv_state, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, ssm_
                   CONV_RUN=_pow2((conv_w.shape[1] - 1) * cfg["BLOCK_N_IN"]),
                   DOT_PRECISION=_dot_precision(act), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["persistent"] and h.is_cuda and not triton_interpreting():
+        aligned = all(t.data_ptr() % 16 == 0 for t in (in_w, x_w, dt_w, out_w, ssm_state))
+        consts["PREFETCH"] = (cfg["prefetch"] and aligned and last >= 5
+                              and torch.cuda.get_device_capability(dev)[0] >= 9)
         kernel = mamba_layer_step_kernel.warmup(*launch_args, FIRST=first, LAST=last, PERSISTENT=True, grid=(1,),
                                                 **consts)
         per_sm = min(cfg["programs_per_sm"], _resident_per_sm(kernel, cfg["num_warps"]))

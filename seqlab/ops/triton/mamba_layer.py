@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from seqlab.ops.triton.jit_math import softplus
+from seqlab.ops.triton.l2_prefetch import _PREFETCH
 from seqlab.ops.triton.small_batch_linear import _conv_step_epilogue
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -53,6 +54,50 @@ def _grid_barrier(sync_ptr, nprog, generation):
             tl.atomic_xchg(sync_ptr + 2, 1, sem="relaxed", scope="gpu")
     tl.debug_barrier()
     return generation + 1
+
+
+@triton.jit
+def _prefetch(ptrs, nbytes, valid):
+    """One bulk L2 prefetch (Hopper's cp.async.bulk.prefetch.L2) per element where ``valid``: ``nbytes`` from each
+    of ``ptrs`` (16-byte aligned; nbytes a multiple of 16). A hint: returns at once, writes nothing."""
+    addr = ptrs.to(tl.int64, bitcast=True)
+    tl.inline_asm_elementwise(_PREFETCH, "=r,l,r,r", [addr, tl.full(addr.shape, nbytes, tl.int32), valid.to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_weights(pid, nprog, w_in_ptr, wx_ptr, wdt_ptr, DM: tl.constexpr, DI: tl.constexpr, NX: tl.constexpr,
+                      R: tl.constexpr, BLOCK_N_IN: tl.constexpr, X_SPLIT: tl.constexpr, BLOCK_N_X: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """At the launch's start: this program's in_proj rows, x_proj slices and dt_proj rows into L2, so that the
+    phases after the norm find them there (phases 1, 2 and 4)."""
+    size: tl.constexpr = w_in_ptr.dtype.element_ty.primitive_bitwidth // 8
+    for item in range(pid, 2 * DI // BLOCK_N_IN, nprog):
+        cols = item * BLOCK_N_IN + tl.arange(0, BLOCK_N_IN)
+        _prefetch(w_in_ptr + cols * DM, DM * size, cols >= 0)
+    TILES_X: tl.constexpr = (NX + BLOCK_N_X - 1) // BLOCK_N_X
+    for item in range(pid, X_SPLIT * TILES_X, nprog):
+        cols = (item % TILES_X) * BLOCK_N_X + tl.arange(0, BLOCK_N_X)
+        _prefetch(wx_ptr + cols * DI + (item // TILES_X) * (DI // X_SPLIT), (DI // X_SPLIT) * size, cols < NX)
+    for item in range(pid, DI // BLOCK_C, nprog):
+        _prefetch(wdt_ptr + item * BLOCK_C * R + tl.arange(0, 1), BLOCK_C * R * size, tl.arange(0, 1) >= 0)
+
+
+@triton.jit
+def _prefetch_step_and_out(pid, nprog, ssm_ptr, w_out_ptr, M, DM: tl.constexpr, DI: tl.constexpr,
+                           N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, OUT_SPLIT: tl.constexpr,
+                           BLOCK_N_OUT: tl.constexpr):
+    """After in_proj: this program's state rows (phase 4) and out_proj slices (phase 5) into L2."""
+    state_size: tl.constexpr = ssm_ptr.dtype.element_ty.primitive_bitwidth // 8
+    size: tl.constexpr = w_out_ptr.dtype.element_ty.primitive_bitwidth // 8
+    rows = tl.arange(0, BLOCK_M)
+    for item in range(pid, DI // BLOCK_C, nprog):
+        _prefetch(ssm_ptr + (rows * DI + item * BLOCK_C) * N, BLOCK_C * N * state_size, rows < M)
+    TILES_OUT: tl.constexpr = DM // BLOCK_N_OUT
+    for item in range(pid, OUT_SPLIT * TILES_OUT, nprog):
+        cols = (item % TILES_OUT) * BLOCK_N_OUT + tl.arange(0, BLOCK_N_OUT)
+        _prefetch(w_out_ptr + cols * DI + (item // TILES_OUT) * (DI // OUT_SPLIT), (DI // OUT_SPLIT) * size,
+                  cols >= 0)
 
 
 @triton.jit
@@ -206,6 +251,7 @@ def mamba_layer_step_kernel(
     BLOCK_R: tl.constexpr, ROWS: tl.constexpr, OUT_SPLIT: tl.constexpr, BLOCK_N_OUT: tl.constexpr,
     BLOCK_K_OUT: tl.constexpr, BLOCK_E: tl.constexpr, CONV_RUN: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """Phases FIRST..LAST (0 norm, 1 in, 2 x, 3 x_sum, 4 step, 5 out, 6 out_sum) of one layer's step; PERSISTENT:
     every program walks every phase's items with grid barriers between phases, else one item per program."""
@@ -217,6 +263,9 @@ def mamba_layer_step_kernel(
     generation = 0
     if PERSISTENT:  # no barrier of this launch can complete before every program has read it
         generation = tl.atomic_add(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+        if PREFETCH:
+            _prefetch_weights(pid, nprog, w_in_ptr, wx_ptr, wdt_ptr, DM, DI, NX, R, BLOCK_N_IN, X_SPLIT, BLOCK_N_X,
+                              BLOCK_C)
     if FIRST <= 0 and LAST >= 0:
         if PERSISTENT:
             for item in range(pid, M, nprog):
@@ -231,6 +280,9 @@ def mamba_layer_step_kernel(
             for item in range(pid, 2 * DI // BLOCK_N_IN, nprog):
                 _in_proj_tile(item, x_in, w_in_ptr, conv_ptr, cw_ptr, cb_ptr, u_ptr, z_ptr, M, DM, DI, W,
                               HAS_CONV_BIAS, BLOCK_M, BLOCK_N_IN, BLOCK_K_IN, CONV_RUN, DOT_PRECISION)
+            if PREFETCH:
+                _prefetch_step_and_out(pid, nprog, ssm_ptr, w_out_ptr, M, DM, DI, N, BLOCK_M, BLOCK_C, OUT_SPLIT,
+                                       BLOCK_N_OUT)
             if LAST >= 2:
                 generation = _grid_barrier(sync_ptr, nprog, generation)
         else:
