@@ -13,6 +13,7 @@ OPS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "causal_conv1d": (("ref", "torch", "triton"), "seqlab.ops.triton.conv"),
     "conv_step": (("ref", "torch", "triton"), "seqlab.ops.triton.decode"),
     "selective_step_dt_proj": (("ref", "torch", "triton"), "seqlab.ops.triton.mamba_step"),
+    "mamba_layer_step": (("ref", "torch", "triton"), "seqlab.ops.triton.mamba_layer"),
     "s4d_kernel": (("ref", "torch"), None),
     "fft_conv": (("ref", "torch"), None),
     "linear_attention": (("ref", "torch", "triton"), "seqlab.ops.triton.linear_attention"),
