@@ -222,3 +222,18 @@ def test_after_a_barrier_gave_up_the_output_is_nan_never_a_wrong_number(monkeypa
         out = mamba_layer_step(h, conv_state=conv.clone(), ssm_state=ssm.clone(), **weights, backend="triton",
                                config=config)
         assert torch.isnan(out).all(), config
+
+
+def test_a_persistent_launch_never_asks_for_more_programs_than_an_sm_holds():
+    from types import SimpleNamespace
+
+    from seqlab.ops.mamba_layer import _resident_per_sm
+
+    def kernel(regs, shared):
+        return SimpleNamespace(n_regs=regs, metadata=SimpleNamespace(shared=shared), _init_handles=lambda: None)
+
+    h200 = {"max_num_regs": 65536, "max_shared_mem": 232448}
+    assert _resident_per_sm(kernel(255, 131072), 8, h200) == 1  # the default tiles: one program per SM
+    assert _resident_per_sm(kernel(255, 49152), 4, h200) == 2  # registers allow two
+    assert _resident_per_sm(kernel(64, 49152), 4, h200) == 4  # shared memory allows four
+    assert _resident_per_sm(kernel(64, 49152), 4, {"max_num_regs": 65536, "max_shared_mem": 101376}) == 2

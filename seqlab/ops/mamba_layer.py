@@ -190,13 +190,21 @@ def barrier_failures(device: torch.device | str) -> int:
     return max((int(buf[2]) for (dev, _), buf in _SYNC.items() if dev == device), default=0)
 
 
-def _resident_per_sm(kernel, warps: int) -> int:
-    """How many programs of the compiled ``kernel`` an SM holds at once (registers, shared memory, warps; sm_90
-    limits): a persistent launch must not have more programs than the GPU holds, or its barriers wait forever."""
+def _resident_per_sm(kernel, warps: int, limits: dict | None = None) -> int:
+    """How many programs of the compiled ``kernel`` an SM holds at once (registers, shared memory, warps): a
+    persistent launch must not have more programs than the GPU holds, or its barriers wait. ``limits``: Triton's
+    device properties (max_num_regs, max_shared_mem), read from the current device when None."""
     kernel._init_handles()
+    if limits is None:
+        try:
+            from triton.runtime import driver
+
+            limits = driver.active.utils.get_device_properties(torch.cuda.current_device())
+        except (AttributeError, RuntimeError):  # a Triton without the query: the smallest SM of sm_80 and later
+            limits = {"max_num_regs": 65536, "max_shared_mem": 99 * 1024}
     regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
-    by_regs = 65536 // max(1, regs_per_warp * warps)
-    by_shared = (228 * 1024) // (kernel.metadata.shared + 1024)  # 1 KB per CTA is reserved
+    by_regs = limits.get("max_num_regs", 65536) // max(1, regs_per_warp * warps)
+    by_shared = limits.get("max_shared_mem", 227 * 1024) // max(1, kernel.metadata.shared + 1024)  # +1 KB reserved
     return max(1, min(by_regs, by_shared, 64 // warps, 32))
 
 
