@@ -87,11 +87,12 @@ def test_float32_equals_the_unfused_step(case):
 
 
 @needs_triton
-def test_without_a_pre_norm():
+@pytest.mark.parametrize("eps", [None, 1e-6], ids=["no-pre-norm", "weightless-pre-norm"])
+def test_without_a_pre_norm_weight(eps):
     h, weights, conv, ssm = make_layer(batch=2)
     weights["norm_weight"] = None
-    ref = run_steps(mamba_layer_step_ref, h, weights, conv, ssm, norm_eps=None)
-    out = run_steps(mamba_layer_step, h, weights, conv, ssm, norm_eps=None, backend="triton")
+    ref = run_steps(mamba_layer_step_ref, h, weights, conv, ssm, norm_eps=eps)
+    out = run_steps(mamba_layer_step, h, weights, conv, ssm, norm_eps=eps, backend="triton")
     for a, b in zip(out, ref):
         assert rel_err(a, b) <= 1e-5
 

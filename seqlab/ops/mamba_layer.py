@@ -10,9 +10,11 @@ Glossary: B batch, D d_inner channels, N d_state, R dt_rank, W d_conv. Both stat
 
 On CUDA the Triton path (seqlab.ops.triton.mamba_layer) is one persistent launch per layer, its phases separated
 by grid-wide barriers, where the unfused step is seven kernels (norm, in_proj, conv, x_proj, dt_proj, state
-update, out_proj): at a decode step's few rows each of those kernels is bound by its own latency, not by its bytes
-(benchmarks/RESULTS.md, section 9). ``ref`` runs the unfused ops in plain PyTorch, rounding where they round.
-Decode only: no backward. Eligible shapes: ``layer_step_fits``.
+update, out_proj), each bound at a decode step's few rows by its own latency rather than its bytes. Measured on an
+H200 the launch is nevertheless slower than those kernels at batch 1, 64 and 128 (a grid barrier costs what a
+kernel boundary does: benchmarks/RESULTS.md, section 9), so models take it only when asked
+(seqlab.mixers.base.FUSED_DECODE_KERNELS["layer"]). ``ref`` runs the unfused ops in plain PyTorch, rounding where
+they round. Decode only: no backward. Eligible shapes: ``layer_step_fits``.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def mamba_layer_step(
 
     in_proj_weight (2D, d_model); conv_weight (D, W); conv_bias (D,) or None; x_proj_weight (R + 2N, D);
     dt_proj_weight (D, R); dt_proj_bias, D (D,); A_log (D, N); out_proj_weight (d_model, D); norm_weight
-    (d_model,) or None (the pre-norm's scale); with norm_weight None and norm_eps None no pre-norm at all.
+    (d_model,) or None (the pre-norm's scale, None: weightless); norm_eps None: no pre-norm at all.
     ``backend``: "auto" (Triton on CUDA where the layer fits, else "ref"), "ref"/"torch" (plain PyTorch) or
     "triton" (under TRITON_INTERPRET=1 also on the CPU, phase by phase). ``config``: tiles (CONFIG's keys)."""
     check_backend(backend)
