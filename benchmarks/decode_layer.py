@@ -16,6 +16,7 @@ times the persistent launch cut after each phase (cumulative), which splits its 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check(layers, batch: int, state_dtype: torch.dtype) -> dict:
     """The first layer's launch against the unfused step and a float32 evaluation; persistent vs phases."""
-    (mixer, norm), = layers[:1]
+    mixer, norm = layers[0]
     h = torch.randn(batch, 1, D_MODEL, device="cuda", dtype=torch.bfloat16)
     base_state = mixer.allocate_state(batch, state_dtype=state_dtype)
     for t in base_state.tensors.values():
@@ -99,8 +100,6 @@ def check(layers, batch: int, state_dtype: torch.dtype) -> dict:
 
 
 def _float_copy(module):
-    import copy
-
     return copy.deepcopy(module).float()
 
 

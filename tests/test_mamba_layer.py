@@ -184,10 +184,9 @@ def test_training_mode_steps_never_take_the_launch(monkeypatch):
     model = from_preset("mamba", "tiny")
     mixer = model.layers[0].mixer
     x = torch.randn(2, 1, model.config.d_model)
-    state = mixer.allocate_state(2)
-    assert not mixer._layer_step(x, state, x, model.layers[0].norm)  # grad enabled
+    assert not mixer._layer_step(x, x, model.layers[0].norm)  # grad enabled
     with torch.no_grad():
-        assert not mixer._layer_step(x, state, x.clone(), model.layers[0].norm)  # residual is not the input
+        assert not mixer._layer_step(x, x.clone(), model.layers[0].norm)  # residual is not the input
 
 
 @pytest.mark.gpu

@@ -245,8 +245,7 @@ class Mamba(nn.Module):
             later = (self.x_proj.weight, self.dt_proj.weight, self.out_proj.weight)
             prefetch_l2(*later, *(prefetch if schedule == "early" else ()))
 
-    def _layer_step(self, x: torch.Tensor, state: MixerState, residual: torch.Tensor | None,
-                    norm: nn.Module | None) -> bool:
+    def _layer_step(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module | None) -> bool:
         """Whether this decode step runs as one fused launch (seqlab.ops.mamba_layer): asked for
         (FUSED_DECODE_KERNELS["layer"]), CUDA (or the interpreter) without autograd, the residual being the input,
         plain bias-free projections, no dt/B/C norms, an RMSNorm pre-norm or none, and a layer the launch fits."""
@@ -286,7 +285,7 @@ class Mamba(nn.Module):
         weights the next layer's decode step reads first (see _decode)."""
         check_mixer_input(x, self.d_model)
         L = x.shape[1]
-        if state is not None and L == 1 and self._layer_step(x, state, residual, norm):
+        if state is not None and L == 1 and self._layer_step(x, residual, norm):
             state.offset += 1
             return self._decode_layer(state, x[:, 0], norm).unsqueeze(1)
         if state is not None and L == 1:  # O(1) step

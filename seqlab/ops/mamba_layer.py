@@ -27,9 +27,9 @@ from seqlab.ops._common import check_backend, check_tensor, require_triton, trit
 from seqlab.ops.conv import conv_step_ref
 from seqlab.ops.mamba_step import selective_step_dt_proj_ref
 from seqlab.ops.norm import rms_norm
+from seqlab.ops.triton import next_pow2
 
 MAX_ROWS = 128  # every batch row lives in one tile
-PHASES = ("norm", "in", "x", "x_sum", "step", "out", "out_sum")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The launch's tiles (seqlab.ops.triton.mamba_layer names them); layer_step_config shrinks them to small layers.
@@ -46,16 +46,13 @@ CONFIG = dict(BLOCK_N_IN=64, BLOCK_K_IN=128, X_SPLIT=16, BLOCK_N_X=32, BLOCK_K_X
               OUT_SPLIT=2, BLOCK_N_OUT=32, BLOCK_K_OUT=128, BLOCK_E=1024, BLOCK_D=1024, num_warps=8, num_stages=4,
               persistent=True, programs_per_sm=1, prefetch=False, last_phase=None)
 _SYNC: dict = {}  # (device, stream) -> int32 (3,): arrivals, generation, failure flag
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+_GRIDS: dict = {}  # (device, dtypes, FIRST, LAST, constexprs, programs_per_sm) -> programs of a persistent launch
 
 
 def layer_step_config(d_model: int, d_inner: int, batch: int, config: dict | None = None) -> dict:
     """CONFIG (updated by ``config``) with its tiles no larger than the layer, and BLOCK_M for ``batch`` rows."""
     cfg = {**CONFIG, **(config or {})}
-    cfg["BLOCK_M"] = max(16, _pow2(batch))
+    cfg["BLOCK_M"] = max(16, next_pow2(batch))
     cfg["ROWS"] = min(cfg["ROWS"], cfg["BLOCK_M"])
     cfg["BLOCK_K_IN"] = min(cfg["BLOCK_K_IN"], d_model)
     for split, block in (("X_SPLIT", "BLOCK_K_X"), ("OUT_SPLIT", "BLOCK_K_OUT")):
@@ -64,7 +61,7 @@ def layer_step_config(d_model: int, d_inner: int, batch: int, config: dict | Non
     cfg["BLOCK_N_IN"] = min(cfg["BLOCK_N_IN"], d_inner)
     cfg["BLOCK_C"] = min(cfg["BLOCK_C"], d_inner)
     cfg["BLOCK_N_OUT"] = min(cfg["BLOCK_N_OUT"], d_model)
-    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], _pow2(d_model))
+    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], next_pow2(d_model))
     return cfg
 
 
@@ -75,14 +72,14 @@ def layer_step_fits(batch: int, d_model: int, d_inner: int, d_state: int, d_conv
         return f"batch {batch} outside 1..{MAX_ROWS}"
     if not 2 <= d_conv <= 4:
         return f"d_conv {d_conv} outside 2..4"
-    if d_state != _pow2(d_state) or d_state < 2:
+    if d_state != next_pow2(d_state) or d_state < 2:
         return f"d_state {d_state} is not a power of two"
     cfg = layer_step_config(d_model, d_inner, batch, config)
     for name, size, block in (("d_model", d_model, cfg["BLOCK_K_IN"]), ("d_inner", d_inner, cfg["BLOCK_N_IN"]),
                               ("d_inner", d_inner, cfg["BLOCK_C"]), ("d_model", d_model, cfg["BLOCK_N_OUT"]),
                               ("d_inner", d_inner, cfg["X_SPLIT"] * cfg["BLOCK_K_X"]),
                               ("d_inner", d_inner, cfg["OUT_SPLIT"] * cfg["BLOCK_K_OUT"])):
-        if block < 16 or block != _pow2(block) or size % block:
+        if block < 16 or block != next_pow2(block) or size % block:
             return f"{name} {size} is not a multiple of a power-of-two tile >= 16 ({block})"
     return None
 
@@ -257,19 +254,22 @@ def _triton(h, in_w, conv_state, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, ssm_
                   HAS_CONV_BIAS=conv_b is not None, BLOCK_M=bm, BLOCK_D=cfg["BLOCK_D"],
                   BLOCK_N_IN=cfg["BLOCK_N_IN"], BLOCK_K_IN=cfg["BLOCK_K_IN"], X_SPLIT=cfg["X_SPLIT"],
                   BLOCK_N_X=cfg["BLOCK_N_X"], BLOCK_K_X=cfg["BLOCK_K_X"], BLOCK_C=cfg["BLOCK_C"],
-                  BLOCK_R=max(16, _pow2(rank)), ROWS=cfg["ROWS"], OUT_SPLIT=cfg["OUT_SPLIT"],
+                  BLOCK_R=max(16, next_pow2(rank)), ROWS=cfg["ROWS"], OUT_SPLIT=cfg["OUT_SPLIT"],
                   BLOCK_N_OUT=cfg["BLOCK_N_OUT"], BLOCK_K_OUT=cfg["BLOCK_K_OUT"], BLOCK_E=cfg["BLOCK_E"],
-                  CONV_RUN=_pow2((conv_w.shape[1] - 1) * cfg["BLOCK_N_IN"]),
+                  CONV_RUN=next_pow2((conv_w.shape[1] - 1) * cfg["BLOCK_N_IN"]),
                   DOT_PRECISION=_dot_precision(act), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["persistent"] and h.is_cuda and not triton_interpreting():
         aligned = all(t.data_ptr() % 16 == 0 for t in (in_w, x_w, dt_w, out_w, ssm_state))
         consts["PREFETCH"] = (cfg["prefetch"] and aligned and last >= 5
                               and torch.cuda.get_device_capability(dev)[0] >= 9)
-        kernel = mamba_layer_step_kernel.warmup(*launch_args, FIRST=first, LAST=last, PERSISTENT=True, grid=(1,),
-                                                **consts)
-        per_sm = min(cfg["programs_per_sm"], _resident_per_sm(kernel, cfg["num_warps"]))
-        grid = (min(sm_count() * per_sm, max(items[first: last + 1])),)
-        mamba_layer_step_kernel[grid](*launch_args, FIRST=first, LAST=last, PERSISTENT=True, **consts)
+        key = (dev, act, conv_state.dtype, ssm_state.dtype, first, last, tuple(sorted(consts.items())),
+               cfg["programs_per_sm"])
+        if key not in _GRIDS:  # compile once and size the grid to what the GPU keeps resident
+            kernel = mamba_layer_step_kernel.warmup(*launch_args, FIRST=first, LAST=last, PERSISTENT=True,
+                                                    grid=(1,), **consts)
+            per_sm = min(cfg["programs_per_sm"], _resident_per_sm(kernel, cfg["num_warps"]))
+            _GRIDS[key] = min(sm_count() * per_sm, max(items[first: last + 1]))
+        mamba_layer_step_kernel[(_GRIDS[key],)](*launch_args, FIRST=first, LAST=last, PERSISTENT=True, **consts)
     else:
         for phase in range(first, last + 1):
             mamba_layer_step_kernel[(items[phase],)](*launch_args, FIRST=phase, LAST=phase, PERSISTENT=False,
