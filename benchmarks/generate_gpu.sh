@@ -6,6 +6,7 @@
 #   bash benchmarks/generate_gpu.sh generate   # seqlab: transformer 1.3b, mamba 1.4b, mamba2 1.3b, batch 1..128
 #   bash benchmarks/generate_gpu.sh hf         # the same three through transformers' implementations, same run
 #   bash benchmarks/generate_gpu.sh long       # mamba2 130m to 1M tokens (passkey at 3 depths) + transformer 130m
+#   bash benchmarks/generate_gpu.sh large      # transformer 1.3b and mamba 1.4b (bf16 state) at batch 64, 128, 256
 #
 # Files: env.txt, <part>.log, <part>.json (at most 8 files in all, as the device runner returns).
 set -uo pipefail
@@ -51,12 +52,16 @@ case "$part" in
     bench hf 570 generate --models transformer:1.3b,mamba:1.4b,mamba2:1.3b --batch 1,4,16,64 \
       --prompt-len 2048 --gen-len 128 --dtype bf16 --hf --repeats 1 --time-limit 40
     ;;
+  large)
+    bench large 570 generate --models mamba:1.4b,transformer:1.3b --batch 64,128,256 --prompt-len 2048 \
+      --gen-len 128 --dtype bf16 --state-dtype bf16 --time-limit 120
+    ;;
   long)
     bench long 570 long-context --model mamba2:130m --context 1m --chunk 8k --passkey-depths 0.1,0.5,0.9 \
       --compare transformer:130m --dtype bf16 --time-limit 150
     ;;
   *)
-    echo "usage: bash benchmarks/generate_gpu.sh smoke|generate|hf|long" >&2
+    echo "usage: bash benchmarks/generate_gpu.sh smoke|generate|hf|long|large" >&2
     exit 2
     ;;
 esac
