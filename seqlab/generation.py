@@ -292,7 +292,7 @@ def _as_batch(input_ids, model) -> torch.Tensor:
 def _check_options(max_new_tokens, temperature, top_k, top_p, eos_id) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError("max_new_tokens", "an integer >= 0", max_new_tokens)
-    if temperature is None or temperature < 0:
+    if temperature is None or not temperature >= 0:  # also rejects NaN
         raise InputError("temperature", "a number >= 0 (0 = greedy)", temperature)
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise InputError("top_k", "None or an integer >= 1", top_k)

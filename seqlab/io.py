@@ -46,6 +46,21 @@ def replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_dir(path: str | Path) -> bool:
+    """Put back the previous version of ``path`` if a crash fell between ``replace_dir``'s two renames (``path``
+    gone, its complete predecessor left as ``.NAME.old-PID``); True if one was put back. Half-written
+    ``.NAME.tmp-*`` siblings are never taken: nothing marks them complete."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    previous = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    previous = [p for p in previous if p.is_dir()]
+    if not previous:
+        return False
+    os.replace(previous[-1], path)
+    return True
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

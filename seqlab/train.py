@@ -406,24 +406,28 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     def _install_sigint_handler(self):
-        """First Ctrl-C finishes the current step, then checkpoints; a second one interrupts at once."""
+        """First Ctrl-C (or SIGTERM, what schedulers and ``kill`` send) finishes the current step, then
+        checkpoints; a second one interrupts at once. Returns {signal: previous handler} to restore."""
         if threading.current_thread() is not threading.main_thread():
             return None
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is not signal.default_int_handler:
-            return None  # someone else owns SIGINT (e.g. a test runner); leave it alone
+        installed = {}
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            previous = signal.getsignal(signum)
+            if previous is not default:
+                continue  # someone else owns it (e.g. a test runner, torchrun's agent); leave it alone
 
-        def handler(signum, frame):
-            self._interrupt_requested = True
-            signal.signal(signal.SIGINT, previous)
+            def handler(num, frame, previous=previous):
+                self._interrupt_requested = True
+                signal.signal(num, previous)
 
-        signal.signal(signal.SIGINT, handler)
-        return previous
+            signal.signal(signum, handler)
+            installed[signum] = previous
+        return installed or None
 
     @staticmethod
     def _restore_sigint_handler(previous) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -500,7 +504,7 @@ class Trainer:
             torch.set_rng_state(rng["torch_cpu"])
             if "torch_cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
-        except (KeyError, RuntimeError) as err:
+        except (KeyError, RuntimeError, TypeError) as err:
             raise CheckpointError(f"checkpoint: {str(path)!r} has a damaged RNG state ({err})") from err
         self.step = int(info["step"])
         self.elapsed = float(info.get("elapsed_s", 0.0))
@@ -552,12 +556,19 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, device: torch.device) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = value.to(device)
-    for index, step in meta.get("steps", {}).items():
-        state.setdefault(int(index), {})["step"] = torch.tensor(step, dtype=torch.float32)
+    try:
+        for key, value in tensors.items():
+            index, _, name = key.partition(".")
+            index = int(index)
+            if not 0 <= index < len(params) or value.shape != params[index].shape:
+                raise ValueError(f"tensor {key!r} of shape {tuple(value.shape)} matches no parameter of the model")
+            state.setdefault(index, {})[name] = value.to(device)
+        for index, step in (meta.get("steps") or {}).items():
+            state.setdefault(int(index), {})["step"] = torch.tensor(float(step), dtype=torch.float32)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint: optimizer state is damaged or from another model ({err})") from err
     groups = meta.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
         raise CheckpointError("checkpoint: optimizer.json does not match the model's parameter groups")
@@ -574,4 +585,12 @@ def read_trainer_json(path: str | Path) -> dict:
     info = read_json(path / "trainer.json", what="checkpoint")
     if not isinstance(info, dict) or "step" not in info or "train_config" not in info:
         raise CheckpointError(f"checkpoint: {str(path / 'trainer.json')!r} lacks step/train_config; not a checkpoint")
+    task = info.get("task")
+    if (not isinstance(info["step"], int) or info["step"] < 0 or not isinstance(info["train_config"], dict)
+            or not isinstance(task, dict) or not isinstance(task.get("name"), str)
+            or not isinstance(task.get("args", {}), dict)):
+        raise CheckpointError(
+            f"checkpoint: {str(path / 'trainer.json')!r} is damaged: expected an int step >= 0, a train_config "
+            f"object and a task object with a name, got step={info['step']!r}, task={task!r}"
+        )
     return info

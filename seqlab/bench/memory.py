@@ -454,7 +454,7 @@ def parse_count(text: str, argument: str = "context") -> int:
         value = float(number) * scale
     except ValueError:
         raise ConfigError(f"{argument}: expected a count like 4096, 128k or 1m, got {text!r}") from None
-    if value < 1 or value != int(value):
+    if not math.isfinite(value) or value < 1 or value != int(value):
         raise ConfigError(f"{argument}: expected a positive whole count, got {text!r}")
     return int(value)
 

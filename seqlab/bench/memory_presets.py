@@ -92,7 +92,11 @@ def resolve_spec(name: str, vocab_size: int = 50280) -> ArchSpec:
     path = Path(name)
     if path.suffix == ".json" or path.is_dir():
         config_path = path / "config.json" if path.is_dir() else path
-        return spec_from_config(ModelConfig.from_json(config_path), name=path.stem if path.suffix else path.name)
+        try:
+            config = ModelConfig.from_json(config_path).validate()
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"--model: {str(config_path)!r} is not a valid seqlab config ({err})") from err
+        return spec_from_config(config, name=path.stem if path.suffix else path.name)
     preset, _, size = name.partition(":")
     if preset not in PRESETS:
         raise ConfigError(

@@ -120,8 +120,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     from seqlab.bench import generate as G
     from seqlab.bench.memory import human_bytes, parse_count
     from seqlab.bench.roofline import measure_bandwidth
+    from seqlab.commands.train import check_output_file
     from seqlab.errors import ConfigError
 
+    check_output_file(args.json, "--json")
     batches = G.parse_int_list(args.batch, "--batch")
     prompt_len, gen_len = parse_count(args.prompt_len, "--prompt-len"), parse_count(args.gen_len, "--gen-len")
     if args.vocab_size < 2:
@@ -188,8 +190,10 @@ def _run_long_context(args: argparse.Namespace) -> int:
     from seqlab.bench import long_context as LC
     from seqlab.bench.generate import build_model, parse_models
     from seqlab.bench.memory import parse_count
+    from seqlab.commands.train import check_output_file
     from seqlab.errors import ConfigError
 
+    check_output_file(args.json, "--json")
     context, chunk = parse_count(args.context, "--context"), parse_count(args.chunk, "--chunk")
     if chunk > context:
         raise ConfigError(f"--chunk: expected at most --context ({context}), got {chunk}")
@@ -204,7 +208,10 @@ def _run_long_context(args: argparse.Namespace) -> int:
         LC.check_passkey_context(context)
     compare = parse_models(args.compare) if args.compare else []
     if args.checkpoint is None:
-        (spec, name, size), = parse_models(args.model)
+        models = parse_models(args.model)
+        if len(models) != 1:
+            raise ConfigError(f"--model: expected one NAME[:SIZE] preset, got {args.model!r} (use --compare for more)")
+        (spec, name, size), = models
     device = _resolve_device(args.device)
     dtype_name, dtype = _dtype(args.dtype, device)
     if args.checkpoint is not None:
@@ -256,6 +263,7 @@ def _run_scaling(args: argparse.Namespace) -> int:
 
     from seqlab.bench.memory import parse_count
     from seqlab.bench.scaling import as_records, loglog_slope, measure
+    from seqlab.commands.train import check_output_file
     from seqlab.errors import ConfigError
     from seqlab.models.presets import from_preset
 
@@ -264,8 +272,16 @@ def _run_scaling(args: argparse.Namespace) -> int:
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else None
     lengths = [parse_count(x, "--lengths") for x in args.lengths.split(",") if x.strip()]
+    if not lengths:
+        raise ConfigError(f"--lengths: expected a comma list of lengths like 256,1k, got {args.lengths!r}")
     if args.batch < 1:
         raise ConfigError(f"--batch: expected >= 1, got {args.batch}")
+    if args.decode_steps < 1:
+        raise ConfigError(f"--decode-steps: expected >= 1, got {args.decode_steps}")
+    if not args.time_limit > 0:
+        raise ConfigError(f"--time-limit: expected a number of seconds > 0, got {args.time_limit}")
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     records, slopes = [], {}
     print(f"{args.mode} on {device} ({'bf16' if dtype else 'fp32'}), batch {args.batch}")

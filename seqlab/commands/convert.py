@@ -45,6 +45,24 @@ def _copy_tokenizer(source: Path, out: Path) -> list[str]:
     return copied
 
 
+def check_out(out: Path, source: Path) -> None:
+    """--out is replaced wholesale: refuse a file, a folder holding anything but a previous checkpoint (its files
+    would be deleted), and a folder that contains the source."""
+    from seqlab.errors import ConfigError
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out: expected a directory to write (it is replaced), got the file {str(out)!r}")
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise ConfigError(f"--out: {str(out)!r} holds the source {str(source)!r}, which would be deleted; "
+                          "pass a new directory")
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ConfigError(f"--out: {str(out)!r} is a non-empty directory that is not a checkpoint; everything in it "
+                          "would be replaced: pass a new or empty directory")
+
+
 def run(args: argparse.Namespace) -> int:
     from seqlab.errors import ConfigError
 
@@ -57,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         source = Path(args.from_hf)
         if out.resolve() == source.resolve():
             raise ConfigError("--out: must differ from --from-hf (the source would be replaced)")
+        check_out(out, source)
         model = from_hf(source)
         arch = _architecture(source)
         model.save(out, metadata={"converted_from": arch})
@@ -69,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             source = source / "checkpoint"  # a `seqlab train --out DIR` run directory
         if out.resolve() == source.resolve():
             raise ConfigError("--out: must differ from --to-hf (the source would be replaced)")
+        check_out(out, Path(args.to_hf))
         model = LanguageModel.load(source)
         arch = config_to_hf(model.config, args.arch)["architectures"][0]
         to_hf(model, out, arch=arch)

@@ -43,9 +43,11 @@ def parse_lengths(text: str | None, option: str = "--lengths") -> list[int] | No
 
 def find_checkpoint(path: str | Path) -> Path:
     from seqlab.errors import CheckpointError
+    from seqlab.io import recover_dir
     from seqlab.train import CHECKPOINT_NAME
 
     path = Path(path)
+    recover_dir(path / CHECKPOINT_NAME)
     if (path / CHECKPOINT_NAME / "model.safetensors").exists() or (path / CHECKPOINT_NAME).is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_dir():
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     if args.samples < 1:
         raise ConfigError(f"--samples: expected >= 1, got {args.samples}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected >= 1, got {args.batch_size}")
     checkpoint = find_checkpoint(args.checkpoint)
     info = read_json(checkpoint / "trainer.json", "checkpoint") if (checkpoint / "trainer.json").exists() else {}
     spec = info.get("task") or {}

@@ -77,6 +77,7 @@ def _load_model(args, torch):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from seqlab.commands.train import check_output_file
     from seqlab.errors import ConfigError
     from seqlab.generation import generate
     from seqlab.models.state import InferenceState
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ConfigError(f"--temperature: expected a number >= 0 (0 = greedy), got {args.temperature}")
+    check_output_file(args.save_state, "--save-state")  # before generating, not after
     model = _load_model(args, torch)
     if args.tokenizer is not None:
         from seqlab.interop.hf_tokenizer import HFTokenizer

@@ -42,6 +42,18 @@ def check_writable(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
+def check_output_file(path: str | Path | None, option: str) -> None:
+    """Fail before any work when ``path`` cannot become a file: it is a directory, or its folder cannot be made."""
+    from seqlab.errors import ConfigError
+
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option}: expected a file path, got the directory {str(path)!r}")
+    check_writable(path.parent if str(path.parent) else ".", option)
+
+
 def make_task_checked(name: str, args: dict, option: str = "--task"):
     from seqlab.errors import ConfigError
     from seqlab.tasks import TASKS, make_task
@@ -78,7 +90,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "or 'stdlib' (the Python standard library's sources)")
     parser.add_argument("--tokenizer", metavar="DIR", help="with --data: local Hugging Face tokenizer (default bytes)")
     parser.add_argument("--model", help="model preset: transformer, s4, mamba, mamba2, jamba, zamba, hybrid, ...")
-    parser.add_argument("--size", default="tiny", help="preset size (default: tiny)")
+    parser.add_argument("--size", help="preset size (default: tiny)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default 32)")
     parser.add_argument("--seqlen", type=int, help="training sequence length (default: the task's)")
@@ -118,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from seqlab.errors import CheckpointError, ConfigError
+    from seqlab.io import recover_dir
     from seqlab.train import CHECKPOINT_NAME, TrainConfig, Trainer, read_trainer_json, resolve_device
 
     given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
@@ -128,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume: needs --out DIR naming the run to continue")
         out = Path(args.out)
         checkpoint = out / CHECKPOINT_NAME
+        if recover_dir(checkpoint):
+            print(f"resume: {str(checkpoint)!r} was missing after an interrupted save; its previous version is back")
         if not checkpoint.is_dir():
             raise CheckpointError(f"--resume: no checkpoint at {str(checkpoint)!r}; start without --resume")
         info = read_trainer_json(checkpoint)
@@ -138,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--task: checkpoint was trained on {task_spec['name']!r}, got {args.task!r}")
         if args.set:
             raise ConfigError("--set: model overrides cannot change a resumed model; drop --set with --resume")
+        fixed = [name for name, value in (("--model", args.model), ("--size", args.size),
+                                          ("--task-arg", args.task_arg)) if value]
+        if fixed:
+            raise ConfigError(f"{'/'.join(fixed)}: a resumed run keeps the model and task it was trained with; "
+                              f"drop {' and '.join(fixed)} with --resume")
         from seqlab.models import LanguageModel
 
         if "data" in task_spec:
@@ -147,7 +167,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             task = make_task_checked(task_spec["name"], task_spec.get("args", {}))
         model = LanguageModel.load(checkpoint)
-        config = TrainConfig.from_dict({**info["train_config"], **given, "out_dir": str(out)})
+        try:
+            config = TrainConfig.from_dict({**info["train_config"], **given, "out_dir": str(out)}).validate()
+        except TypeError as err:
+            raise CheckpointError(
+                f"checkpoint: {str(checkpoint / 'trainer.json')!r} holds an invalid train_config ({err})"
+            ) from err
         check_writable(out)
         trainer = Trainer(model, task, config, task_spec=task_spec, quiet=args.quiet)
         trainer.load_checkpoint(checkpoint)
@@ -163,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--tokenizer: only applies to text (--data PATH)")
         if args.model is None:
             raise ConfigError("--model: required (e.g. --model mamba)")
+        args.size = args.size or "tiny"
         task_args = parse_assignments(args.task_arg, "--task-arg")
         overrides = parse_assignments(args.set, "--set")
         if args.data is not None:

@@ -87,6 +87,16 @@ def find_documents(spec: str | os.PathLike) -> Corpus:
     return _checked(Corpus(spec, root, paths), spec)
 
 
+def absolute_spec(spec: str | os.PathLike) -> str:
+    """``spec`` with each relative path or pattern made absolute (from the working directory), so that a run
+    stored with it resumes from anywhere; 'stdlib' stays as it is."""
+    spec = str(spec)
+    if spec.strip() == STDLIB:
+        return spec
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    return ",".join(os.path.abspath(os.path.expanduser(part)) for part in parts)
+
+
 def _expand(part: str) -> list[Path]:
     if any(ch in part for ch in "*?["):
         matches = [Path(p) for p in glob.glob(os.path.expanduser(part), recursive=True)]

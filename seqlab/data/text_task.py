@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seqlab.data.corpus import find_documents
+from seqlab.data.corpus import absolute_spec, find_documents
 from seqlab.data.tokenize import encode_corpus, load_tokenizer, separator_id
 from seqlab.errors import ConfigError, InputError
 from seqlab.tasks.base import IGNORE, TEST, TRAIN, Batch, Task
@@ -64,7 +64,8 @@ class TextData(Task):
         self.separator = separator_id(self.tokenizer)
         self.default_seqlen = seqlen
         self.eval_lengths = (seqlen,)
-        self._config = {"data": str(data), "tokenizer": None if tokenizer is None else str(tokenizer),
+        self._config = {"data": absolute_spec(data),
+                        "tokenizer": None if tokenizer is None else os.path.abspath(tokenizer),
                         "validation_fraction": validation_fraction, "seqlen": seqlen}  # fmt: skip
         self._cache_dir = cache_dir
         self._checked_lengths: set[int] = set()

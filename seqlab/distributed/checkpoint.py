@@ -21,6 +21,7 @@ directory on a filesystem every node sees.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -131,11 +132,75 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+# DCP's FileSystemReader unpickles ``.metadata`` and its DefaultLoadPlanner reads non-tensor entries (optimizer
+# param_groups) with ``torch.load(weights_only=False)``: both run arbitrary code from a crafted checkpoint. Read
+# them through an allowlist instead (the classes DCP's own metadata is made of) and ``weights_only=True``.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any name: Metadata, TensorStorageMetadata, ...
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _METADATA_GLOBALS.get(module, ())
+        if allowed is None or name in allowed:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's DCP metadata")
+
+
+def _safe_reader(directory: str):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            locate = getattr(self, "_get_metadata_path", None)  # newer torch: per-rank metadata files
+            path = locate(kwargs.get("rank")) if locate is not None else self.fs.concat_path(self.path, ".metadata")
+            with self.fs.create_stream(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(directory)
+
+
+def _safe_planner():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
+
+
 def _dcp_load(dcp, state: dict, path: Path) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint: {str(path)!r} does not match the model or optimizer ({err})") from err
+        dcp.load(state, storage_reader=_safe_reader(str(path / DCP_DIR)), planner=_safe_planner())
+    except (RuntimeError, ValueError, KeyError, AssertionError, OSError, EOFError, pickle.UnpicklingError,
+            CheckpointException) as err:
+        # CheckpointException: rank -> (exception, frames); its str() carries the tracebacks
+        failures = [f[0] if isinstance(f, tuple) else f for f in (getattr(err, "failures", None) or {}).values()]
+        cause = "; ".join(f"{type(e).__name__}: {e}" for e in failures) or str(err)
+        raise CheckpointError(f"checkpoint: {str(path)!r} does not match the model or optimizer, or its dcp/ "
+                              f"files are damaged ({cause})") from None
 
 
 # ------------------------------------------------------------------- tensor-parallel optimizer layouts

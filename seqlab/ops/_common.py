@@ -107,6 +107,7 @@ def check_tensor(
     optional: bool = False,
     floating: bool = True,
     device: torch.device | None = None,
+    complex_ok: bool = False,
 ) -> None:
     """Raise InputError unless ``t`` matches ``shape`` (None = any size; a str = a named dim, for messages).
 
@@ -119,8 +120,9 @@ def check_tensor(
         raise InputError(name, "a tensor", "None")
     if not isinstance(t, torch.Tensor):
         raise InputError(name, "a torch.Tensor", type(t).__name__)
-    if floating and not (t.is_floating_point() or t.is_complex()):
-        raise InputError(name, "a floating-point tensor", f"dtype {t.dtype}")
+    if floating and not (t.is_floating_point() or (complex_ok and t.is_complex())):
+        expected = "a real or complex floating-point tensor" if complex_ok else "a real floating-point tensor"
+        raise InputError(name, expected, f"dtype {t.dtype}")
     if device is not None and t.device.type != device.type:
         raise InputError(name, f"a tensor on {device.type} like the other inputs", f"one on {t.device}")
     if shape is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import InputError
-from seqlab.ops._common import triton_entry
+from seqlab.ops._common import check_tensor, triton_entry
 from seqlab.ops._graph_timing import cold_copies, graph_time_ms
 from seqlab.ops.conv import conv_step
 from seqlab.ops.norm import rms_norm
@@ -44,6 +44,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear(x', weight, bias) (+ residual)``, shape (..., N), through the faster kernel for few rows, where
     ``x' = x``, or ``rms_norm(x, norm_weight, eps)`` (seqlab.mixers.norm.rms_norm) with ``norm=(norm_weight or
     None, eps)``."""
+    _check_linear_args(x, weight, bias, residual)
     n, k = weight.shape
     norm_weight, eps = _check_norm(norm, k)
     if _triton_applies(x, weight, bias, residual, norm_weight):
@@ -113,6 +114,21 @@ def _conv_fits(conv) -> bool:
     return (2 <= conv_weight.shape[1] <= 4 and conv_state.is_contiguous() and conv_weight.is_contiguous()
             and conv_state.is_floating_point() and conv_state.device == conv_weight.device
             and (conv_bias is None or conv_bias.dim() == 1))
+
+
+def _check_linear_args(x, weight, bias, residual) -> None:
+    """InputError naming the argument unless x (..., K), weight (N, K), bias (N,), residual (..., N) agree."""
+    check_tensor("decode_linear: weight", weight, ("N", "K"))
+    n, k = weight.shape
+    dev = weight.device
+    check_tensor("decode_linear: x", x, None, device=dev)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise InputError("decode_linear: x", f"shape (..., {k}) (K of the weight)", f"shape {tuple(x.shape)}")
+    check_tensor("decode_linear: bias", bias, (n,), optional=True, device=dev)
+    if residual is not None:
+        check_tensor("decode_linear: residual", residual, (*x.shape[:-1], n), device=dev)
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        raise InputError("decode_linear: x", f"dtype {weight.dtype} like the weight (or autocast)", f"dtype {x.dtype}")
 
 
 def _check_norm(norm, k: int) -> tuple[torch.Tensor | None, float]:

@@ -138,7 +138,7 @@ def s4d_init_log_dt(
 def _check_ssm(log_dt: torch.Tensor, A: torch.Tensor, discretization: str) -> tuple[int, int]:
     check_tensor("log_dt", log_dt, ("H",))
     _check_real("log_dt", log_dt)
-    check_tensor("A", A, ("H", "N2"), device=log_dt.device)
+    check_tensor("A", A, ("H", "N2"), device=log_dt.device, complex_ok=True)
     _check_complex("A", A)
     check_dim("A", A, 0, log_dt.shape[0], "H, the size of log_dt")
     if discretization not in DISCRETIZATIONS:
@@ -181,7 +181,7 @@ def s4d_kernel(
     """
     check_backend(backend)
     H, N2 = _check_ssm(log_dt, A, discretization)
-    check_tensor("C", C, (H, N2), device=A.device)
+    check_tensor("C", C, (H, N2), device=A.device, complex_ok=True)
     _check_complex("C", C)
     _check_positive_int("L", L, "a positive int sequence length")
     if backend == "triton":
@@ -316,13 +316,13 @@ def s4d_step(
     ``state (B, H, N2)`` complex, updated in place; ``u (B, H)`` real; ``dA, dB, C (H, N2)`` complex (from
     ``s4d_discretize``); ``D (H,)``. Returns ``y (B, H)`` in the dtype of ``u``.
     """
-    check_tensor("state", state, ("B", "H", "N2"))
+    check_tensor("state", state, ("B", "H", "N2"), complex_ok=True)
     _check_complex("state", state)
     Bsz, H, N2 = state.shape
     check_tensor("u", u, (Bsz, H), device=state.device)
     _check_real("u", u)
     for name, t in (("dA", dA), ("dB", dB), ("C", C)):
-        check_tensor(name, t, (H, N2), device=state.device)
+        check_tensor(name, t, (H, N2), device=state.device, complex_ok=True)
         _check_complex(name, t)
     check_tensor("D", D, (H,), optional=True, device=state.device)
     _check_real("D", D)
