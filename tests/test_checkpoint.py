@@ -5,6 +5,7 @@ every damaged or mismatched file raises a CheckpointError that names it; `seqlab
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,33 @@ def test_saving_again_replaces_the_checkpoint(tmp_path):
     loaded = LanguageModel.load(tmp_path / "ckpt")
     assert torch.equal(loaded.embedding.weight, second.embedding.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
+
+
+def test_a_crash_between_the_two_renames_of_a_save_is_recovered(tmp_path, monkeypatch):
+    """replace_dir moves the old checkpoint aside, then the new one in: a crash in between leaves neither at the
+    path; recover_dir (run by resume and eval) puts the complete old one back and never takes a .tmp sibling."""
+    from seqlab import io
+
+    first = tiny("mamba", seed=0)
+    first.save(tmp_path / "ckpt")
+    target = tmp_path / "ckpt"
+
+    def crash_before_the_new_version_lands(src, dst):
+        if Path(dst) == target:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    real_replace = io.os.replace
+    monkeypatch.setattr(io.os, "replace", crash_before_the_new_version_lands)
+    with pytest.raises(KeyboardInterrupt):
+        tiny("mamba", seed=1).save(tmp_path / "ckpt")
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert not (tmp_path / "ckpt").exists()
+    (tmp_path / ".ckpt.tmp-half").mkdir()  # a half-written save that must not be taken
+    assert io.recover_dir(tmp_path / "ckpt")
+    assert torch.equal(LanguageModel.load(tmp_path / "ckpt").embedding.weight, first.embedding.weight)
+    assert not io.recover_dir(tmp_path / "ckpt")  # present: nothing to do
+    assert not io.recover_dir(tmp_path / "never-saved")
 
 
 def test_missing_directory_or_files_raise_checkpoint_errors(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from seqlab.data import TextData, encode_corpus, evaluate_text, find_documents
+from seqlab.data.corpus import absolute_spec
 from seqlab.data.tokenize import assign_splits
 from seqlab.errors import ConfigError
 from seqlab.models.presets import from_preset
@@ -120,6 +121,17 @@ def test_windows_are_next_token_pairs_of_the_stream(corpus, tmp_path):
     for row in batch.inputs:
         starts = [s for s in range(len(tokens) - 32) if torch.equal(tokens[s : s + 32], row)]
         assert starts
+
+
+def test_a_text_spec_stores_absolute_paths(corpus, tmp_path, monkeypatch):
+    """A run started with a relative --data resumes from any working directory."""
+    monkeypatch.chdir(corpus.parent)
+    spec = TextData(corpus.name, cache_dir=tmp_path / "cache").spec()
+    assert spec["data"] == str(corpus.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert TextData.from_spec(spec, cache_dir=tmp_path / "cache").spec() == spec
+    assert absolute_spec("stdlib") == "stdlib"
+    assert absolute_spec(f"a.txt, {tmp_path}/*.md") == f"{tmp_path}/a.txt,{tmp_path}/*.md"
 
 
 def test_resume_on_text_matches_an_uninterrupted_run(corpus, tmp_path):

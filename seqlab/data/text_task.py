@@ -53,7 +53,7 @@ class TextData(Task):
         if split not in _SPLIT_NAMES:
             raise InputError("split", f"one of {sorted(_SPLIT_NAMES)}", repr(split))
         if _shared is None:
-            corpus = find_documents(data)
+            corpus = find_documents(absolute_spec(data))  # as the spec stores it: one fingerprint
             tok = load_tokenizer(tokenizer)
             streams, folder = encode_corpus(corpus, tok, cache_dir, validation_fraction)
             _shared = (tok, streams, folder)
