@@ -112,10 +112,13 @@ def test_cli_end_to_end_writes_json(tmp_path, capsys):
     assert [p["depth"] for p in data["passkey"]] == [0.1, 0.9]
 
 
-def test_cli_with_a_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("run_dir", [False, True], ids=["checkpoint", "train-out"])
+def test_cli_with_a_checkpoint(tmp_path, capsys, run_dir):
+    """--checkpoint takes a checkpoint or a `seqlab train --out` run directory holding one, as eval does."""
     model = tiny("mamba")
-    model.save(tmp_path / "ckpt")
-    assert main(["bench", "long-context", "--checkpoint", str(tmp_path / "ckpt"), "--context", "300", "--chunk",
+    model.save(tmp_path / "run" / "checkpoint")
+    given = tmp_path / "run" if run_dir else tmp_path / "run" / "checkpoint"
+    assert main(["bench", "long-context", "--checkpoint", str(given), "--context", "300", "--chunk",
                  "128", "--passkey-depths", "0.5", "--device", "cpu"]) == 0
     assert "retrieved" in capsys.readouterr().out
 

@@ -81,6 +81,16 @@ def test_a_crash_between_the_two_renames_of_a_save_is_recovered(tmp_path, monkey
     assert not io.recover_dir(tmp_path / "never-saved")
 
 
+def test_saved_files_get_the_modes_a_plain_write_would(tmp_path):
+    """Temp-file writes start owner-only; the finished checkpoint takes 0666/0777 less the umask, as config.json."""
+    from seqlab import io
+
+    tiny("mamba").save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~io._UMASK
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o666 & ~io._UMASK, name
+
+
 def test_missing_directory_or_files_raise_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         LanguageModel.load(tmp_path / "nowhere")

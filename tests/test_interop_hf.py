@@ -394,6 +394,23 @@ def test_local_tokenizer_encodes_decodes_and_finds_its_specials(tmp_path):
         HFTokenizer(tmp_path / "nowhere")
 
 
+def test_tokenizer_ids_with_gaps_span_the_largest_id(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 3, "b": 7}, unk_token="<unk>")).save(str(tmp_path / "tokenizer.json"))
+    assert HFTokenizer(tmp_path).vocab_size == 8
+
+
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = from_preset("mamba", "tiny", vocab_size=32)
+    to_hf(model, "~/exported")
+    assert (tmp_path / "exported" / "config.json").is_file()
+    assert torch.equal(from_hf("~/exported").embedding.weight, model.embedding.weight)
+    _word_tokenizer(tmp_path)
+    assert HFTokenizer("~").vocab_size == 12
+
+
 def test_generate_command_with_a_local_tokenizer(hf_models, tmp_path, capsys):
     directory, _ = hf_models["llama"]
     _word_tokenizer(tmp_path)

@@ -109,6 +109,14 @@ def test_pattern_is_tokenised_and_cycled():
     assert [type(b.mixer).__name__ for b in model.layers] == ["Mamba", "Mamba", "Attention", "Mamba"]
 
 
+def test_the_tiny_hybrid_builds_any_pattern():
+    """Every layer kind fits the tiny hybrid's width (RWKV's heads included)."""
+    ids = torch.randint(0, 32, (1, 8))
+    for pattern in ("R6 RC", "R7 M2", "G L XL"):
+        model = from_preset("hybrid", "tiny", pattern=pattern, n_layers=2, vocab_size=32)
+        assert model(ids).shape == (1, 8, 32), pattern
+
+
 @pytest.mark.parametrize("pattern", ["MXA", "", "m", "M3"])
 def test_unknown_pattern_token_is_a_config_error_naming_pattern(pattern):
     with pytest.raises(ConfigError, match="pattern"):

@@ -195,7 +195,8 @@ def test_published_setups_are_the_documented_constants():
     assert (min(ih.eval_lengths), max(ih.eval_lengths)) == (64, 2**20)
     mq = make_task("mqar", paper=True)
     assert mq.vocab_size == 8192 and mq.pairs(256) == 64
-    assert make_task("copy_digits", paper=True).n_digits == 20
+    cd = make_task("copy_digits", paper=True)
+    assert cd.n_digits == 20 and cd.default_seqlen in cd.eval_lengths  # tested at the length trained on
     assert {(p["task"], p["model"], p["value"]) for p in published_results()} >= {("selective_copy", "mamba", 99.8)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 HELP = (
     "measure costs: `bench scaling` (time and memory vs sequence length), `bench generate` (throughput vs batch), "
@@ -60,7 +61,7 @@ def _register_generate(sub) -> None:
 def _register_long_context(sub) -> None:
     lc = sub.add_parser("long-context", help="chunked prefill over a very long context; a Transformer beside it")
     lc.add_argument("--model", default="mamba2:130m", help="NAME[:SIZE] preset (random weights)")
-    lc.add_argument("--checkpoint", help="a trained seqlab checkpoint directory instead of --model")
+    lc.add_argument("--checkpoint", help="a trained checkpoint (or `train --out`) directory instead of --model")
     lc.add_argument("--context", default="1m", help="tokens to prefill (k = 1024, m = 1024^2)")
     lc.add_argument("--chunk", default="8k", help="tokens per prefill call")
     lc.add_argument("--passkey-depths", default=None, help="comma list in [0, 1]: needle depths (passkey sequence)")
@@ -217,7 +218,10 @@ def _run_long_context(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         from seqlab.models import LanguageModel
 
-        model, spec, weights = LanguageModel.load(args.checkpoint, device=device), args.checkpoint, args.checkpoint
+        directory = Path(args.checkpoint)
+        if not (directory / "config.json").exists() and (directory / "checkpoint" / "config.json").exists():
+            directory = directory / "checkpoint"  # a `seqlab train --out DIR` run directory, as generate/eval take
+        model, spec, weights = LanguageModel.load(directory, device=device), args.checkpoint, str(directory)
         model = model.to(dtype=dtype).eval()
     else:
         model, weights = build_model(name, size, device, dtype), "random"

@@ -51,7 +51,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def is_hf_checkpoint(directory: str | Path) -> bool:
     """True when ``directory/config.json`` is a transformers config (it names ``architectures`` or a
     ``model_type``), not a seqlab one."""
-    path = Path(directory) / CONFIG_FILE
+    path = Path(directory).expanduser() / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -61,7 +61,7 @@ def is_hf_checkpoint(directory: str | Path) -> bool:
 
 def read_hf_config(directory: str | Path) -> HFConfig:
     """``directory/config.json`` with its architecture resolved; ConfigError for unsupported architectures."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise CheckpointError(f"from_hf: directory {str(directory)!r} does not exist")
     path = directory / CONFIG_FILE
@@ -99,7 +99,7 @@ def from_hf(directory: str | Path, device: str | torch.device = "cpu"):
     from seqlab.models.checkpoint import load_weights
     from seqlab.models.language_model import LanguageModel
 
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     hf = read_hf_config(directory)
     family = ARCHITECTURES[hf.architecture]
     config = family.config_from_hf(hf)
@@ -158,7 +158,7 @@ def _check_pairs(pairs: list[tuple[str, str]], expected: dict) -> None:
 
 def load_hf_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint in ``directory``: single or sharded safetensors, else pytorch_model.bin."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if (directory / SAFETENSORS_FILE).is_file():
         return _load_safetensors(directory / SAFETENSORS_FILE)
     if (directory / SAFETENSORS_INDEX).is_file():
@@ -274,7 +274,7 @@ def to_hf(model, directory: str | Path, arch: str | None = None) -> Path:
         out[h] = t
     if hasattr(family, "tensors_to_hf"):
         out = family.tensors_to_hf(out)
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     with atomic_dir(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         save_tensors(tmp / SAFETENSORS_FILE, out, metadata={"format": "pt"})

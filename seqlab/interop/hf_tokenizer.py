@@ -27,7 +27,7 @@ class HFTokenizer:
                 "--tokenizer: reading a Hugging Face tokenizer needs the `tokenizers` package "
                 '(pip install "seqlab[hf]")'
             ) from err
-        directory = Path(directory)
+        directory = Path(directory).expanduser()
         path = directory / "tokenizer.json" if directory.is_dir() else directory
         if not path.is_file():
             raise CheckpointError(
@@ -39,7 +39,9 @@ class HFTokenizer:
         except Exception as err:  # the Rust side raises plain Exceptions for malformed files
             raise CheckpointError(f"tokenizer: {str(path)!r} could not be read ({err})") from err
         self.directory = path.parent
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        # ids need not be contiguous: the vocabulary spans the largest id, not the number of entries
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1
         self.bos_id = self._special("bos", _BOS_NAMES)
         self.eos_id = self._special("eos", _EOS_NAMES)
         self.pad_id = self._special("pad", ("<pad>", "[PAD]", "<|pad|>"))

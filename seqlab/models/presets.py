@@ -113,7 +113,11 @@ _SIZES: dict[str, dict[str, dict]] = {
         "tiny": dict(_TINY, n_layers=4, shared_attention_every=2),
         "small": dict(_SMALL, d_model=192, n_layers=12),
     },
-    "hybrid": {"tiny": dict(_TINY), "small": dict(_SMALL, d_model=192, n_layers=6)},
+    # tiny: RWKV head sizes that fit d_model=32, so that any pattern builds (as the rwkv6/rwkv7 tiny presets)
+    "hybrid": {
+        "tiny": dict(_TINY, rwkv_headdim=16, rwkv_lora_rank=8, rwkv_decay_rank=8, rwkv_gate_rank=8),
+        "small": dict(_SMALL, d_model=192, n_layers=6),
+    },
     "linear-transformer": {"tiny": dict(_TINY), "small": dict(_SMALL, d_model=192, n_layers=6, n_heads=6)},
     # n_layers counts blocks: 2 per RWKV layer
     "rwkv6": {
