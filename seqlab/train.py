@@ -586,11 +586,18 @@ def read_trainer_json(path: str | Path) -> dict:
     if not isinstance(info, dict) or "step" not in info or "train_config" not in info:
         raise CheckpointError(f"checkpoint: {str(path / 'trainer.json')!r} lacks step/train_config; not a checkpoint")
     task = info.get("task")
-    if (not isinstance(info["step"], int) or info["step"] < 0 or not isinstance(info["train_config"], dict)
+    step = info["step"]
+    if (not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(info["train_config"], dict)
             or not isinstance(task, dict) or not isinstance(task.get("name"), str)
             or not isinstance(task.get("args", {}), dict)):
         raise CheckpointError(
             f"checkpoint: {str(path / 'trainer.json')!r} is damaged: expected an int step >= 0, a train_config "
-            f"object and a task object with a name, got step={info['step']!r}, task={task!r}"
+            f"object and a task object with a name, got step={step!r}, task={task!r}"
         )
+    number = (int, float)
+    for key, kinds in (("elapsed_s", number), ("best_accuracy", (*number, type(None))),
+                       ("last_eval", (dict, type(None)))):
+        value = info.get(key)
+        if key in info and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise CheckpointError(f"checkpoint: {str(path / 'trainer.json')!r} is damaged: {key} = {value!r}")
     return info

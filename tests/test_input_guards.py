@@ -311,6 +311,10 @@ DAMAGED_TRAINER_JSON = {
     "step negative": lambda info: info.update(step=-1),
     "step float": lambda info: info.update(step=1.5),
     "train_config a list": lambda info: info.update(train_config=[1]),
+    "step true": lambda info: info.update(step=True),
+    "elapsed_s x": lambda info: info.update(elapsed_s="x"),
+    "best_accuracy x": lambda info: info.update(best_accuracy="x"),
+    "last_eval x": lambda info: info.update(last_eval="x"),
 }
 
 
@@ -525,6 +529,8 @@ def test_decode_linear_matches_f_linear():
     ("x integer", "x"),
     ("weight 1-D", "weight"),
     ("weight complex", "weight"),
+    ("bias dtype", "bias"),
+    ("residual dtype", "residual"),
 ])
 def test_decode_linear_names_the_bad_argument(case, named):
     from seqlab.ops.decode_linear import decode_linear
@@ -538,6 +544,8 @@ def test_decode_linear_names_the_bad_argument(case, named):
         "x integer": dict(x=x.long(), weight=weight),
         "weight 1-D": dict(x=x, weight=torch.randn(4)),
         "weight complex": dict(x=x, weight=weight.to(torch.complex64)),
+        "bias dtype": dict(x=x, weight=weight, bias=torch.randn(4).double()),
+        "residual dtype": dict(x=x, weight=weight, residual=torch.randn(2, 4).double()),
     }[case]
     with pytest.raises(InputError, match=f"^decode_linear: {named}: "):
         decode_linear(**kwargs)

@@ -98,6 +98,18 @@ def test_cli_prints_table_and_json(capsys):
     assert state["bf16"] * 2 == state["fp32"]
 
 
+def test_cli_names_a_checkpoint_config_by_its_folder_and_counts_small_models(tmp_path, capsys):
+    from seqlab.models.presets import from_preset
+
+    model = from_preset("mamba", "tiny")
+    model.save(tmp_path / "my-run")
+    count = sum(p.numel() for p in model.parameters())
+    for given in (tmp_path / "my-run", tmp_path / "my-run" / "config.json"):
+        assert main(["memory", "--model", str(given), "--context", "4k"]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("my-run"))
+        assert row.split()[1] == f"{count / 1e3:.3g}K"
+
+
 def test_cli_unknown_model_is_a_clear_error(capsys):
     assert main(["memory", "--model", "no-such-model"]) == 2
     assert "--model" in capsys.readouterr().err

@@ -96,7 +96,8 @@ def resolve_spec(name: str, vocab_size: int = 50280) -> ArchSpec:
             config = ModelConfig.from_json(config_path).validate()
         except (ConfigError, TypeError) as err:
             raise ConfigError(f"--model: {str(config_path)!r} is not a valid seqlab config ({err})") from err
-        return spec_from_config(config, name=path.stem if path.suffix else path.name)
+        named = path.parent if path.name == "config.json" else path.with_suffix("") if path.suffix else path
+        return spec_from_config(config, name=named.resolve().name)
     preset, _, size = name.partition(":")
     if preset not in PRESETS:
         raise ConfigError(

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for p in plans:
         print(
-            f"{p['model']:<18} {p['params'] / 1e9:>7.2f}B {human_bytes(p['weights_bytes']):>11}"
+            f"{p['model']:<18} {_params(p['params']):>8} {human_bytes(p['weights_bytes']):>11}"
             f" {human_bytes(p['kv_cache_bytes']):>11} {human_bytes(p['recurrent_state_bytes']):>11}"
             f" {human_bytes(p['activation_bytes']):>12} {human_bytes(p['total_bytes']):>11}"
             f" {p['attention_score_entries']:>14.3g}"
@@ -93,3 +93,11 @@ def _peak_breakdown(p: dict, count: int = 4) -> str:
     parts = [f"{b['name']} {human_bytes(b['nbytes'])} ({100 * b['nbytes'] / total:.0f}%)"
              for b in peak["buffers"][:count] if b["nbytes"]]
     return f"{peak['phase']} {human_bytes(total)}: " + ", ".join(parts)
+
+
+def _params(count: float) -> str:
+    """A parameter count at three significant digits: 25.3K, 129M, 1.37B."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:.0f}"

@@ -127,8 +127,12 @@ def _check_linear_args(x, weight, bias, residual) -> None:
     check_tensor("decode_linear: bias", bias, (n,), optional=True, device=dev)
     if residual is not None:
         check_tensor("decode_linear: residual", residual, (*x.shape[:-1], n), device=dev)
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
-        raise InputError("decode_linear: x", f"dtype {weight.dtype} like the weight (or autocast)", f"dtype {x.dtype}")
+    if torch.is_autocast_enabled(x.device.type):
+        return  # autocast casts x and bias; a float32 residual stream then stays float32
+    for name, t in (("x", x), ("bias", bias), ("residual", residual)):
+        if t is not None and t.dtype != weight.dtype:
+            raise InputError(f"decode_linear: {name}", f"dtype {weight.dtype} like the weight (or autocast)",
+                             f"dtype {t.dtype}")
 
 
 def _check_norm(norm, k: int) -> tuple[torch.Tensor | None, float]:
