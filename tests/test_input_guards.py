@@ -316,6 +316,10 @@ DAMAGED_TRAINER_JSON = {
     "best_accuracy x": lambda info: info.update(best_accuracy="x"),
     "last_eval x": lambda info: info.update(last_eval="x"),
 }
+STORED_TASK_DAMAGE = {
+    "unknown task": lambda info: info.update(task={"name": "nope", "args": {}}),
+    "bad task args": lambda info: info["task"]["args"].update(seqlen="x"),
+}
 
 
 @pytest.mark.parametrize("damage", DAMAGED_TRAINER_JSON)
@@ -324,6 +328,13 @@ def test_damaged_trainer_json_is_a_checkpoint_error(run_copy, damage):
     with pytest.raises(CheckpointError, match="trainer.json"):
         tiny_trainer().load_checkpoint(run_copy / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match="trainer.json"):
+        cli("train", "--out", run_copy, "--resume", "--quiet", "--device", "cpu")
+
+
+@pytest.mark.parametrize("damage", STORED_TASK_DAMAGE)
+def test_resume_of_a_stored_task_that_cannot_be_built_is_a_checkpoint_error(run_copy, damage):
+    _edit_trainer_json(run_copy, STORED_TASK_DAMAGE[damage])
+    with pytest.raises(CheckpointError, match="trainer.json.*task"):
         cli("train", "--out", run_copy, "--resume", "--quiet", "--device", "cpu")
 
 
@@ -549,3 +560,11 @@ def test_decode_linear_names_the_bad_argument(case, named):
     }[case]
     with pytest.raises(InputError, match=f"^decode_linear: {named}: "):
         decode_linear(**kwargs)
+
+
+def test_selective_scan_reports_b_in_the_shape_it_was_given():
+    u, delta, A = torch.randn(2, 8, 4), torch.rand(2, 8, 4), -torch.rand(4, 16)
+    with pytest.raises(InputError, match=r"^B: .*got shape \(2, 8, 8\)$"):
+        seqlab.ops.selective_scan(u, delta, A, torch.randn(2, 8, 8), torch.randn(2, 8, 8))
+    with pytest.raises(InputError, match=r"^B: .*got shape \(2, 7, 16\)$"):
+        seqlab.ops.selective_scan(u, delta, A, torch.randn(2, 7, 16), torch.randn(2, 7, 16))

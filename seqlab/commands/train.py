@@ -165,7 +165,11 @@ def run(args: argparse.Namespace) -> int:
 
             task = TextData.from_spec(task_spec["data"])
         else:
-            task = make_task_checked(task_spec["name"], task_spec.get("args", {}))
+            try:
+                task = make_task_checked(task_spec["name"], task_spec.get("args", {}))
+            except ConfigError as err:  # the stored task, not an option given now
+                raise CheckpointError(f"checkpoint: {str(checkpoint / 'trainer.json')!r} holds a task that cannot "
+                                      f"be built ({err})") from err
         model = LanguageModel.load(checkpoint)
         try:
             config = TrainConfig.from_dict({**info["train_config"], **given, "out_dir": str(out)}).validate()

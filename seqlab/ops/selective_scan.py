@@ -85,14 +85,15 @@ def _as_grouped(name: str, t: torch.Tensor, shape_3d: tuple, shape_4d: tuple, de
     return t
 
 
-def _check_groups(name: str, t: torch.Tensor, dim: int, lead: tuple, lead_desc: str) -> None:
-    """B/C in grouped form: leading dims ``lead``, then G groups that divide the ``dim`` channels."""
+def _check_groups(name: str, t: torch.Tensor, dim: int, lead: tuple, lead_desc: str, given: tuple) -> None:
+    """B/C in grouped form: leading dims ``lead``, then G groups that divide the ``dim`` channels; messages show
+    the shape as ``given`` (before an ungrouped B/C gained its G = 1 dim)."""
     if tuple(t.shape[: len(lead)]) != lead:
-        raise InputError(name, f"leading dims {lead} ({lead_desc})", f"shape {tuple(t.shape)}")
+        raise InputError(name, f"leading dims {lead} ({lead_desc})", f"shape {given}")
     G = t.shape[len(lead)]
     if G < 1 or dim % G != 0:
         raise InputError(name, f"a group count G that divides D={dim} (channel d uses group d // (D // G))",
-                         f"G={G} from shape {tuple(t.shape)}")
+                         f"G={G} from shape {given}")
 
 
 def _grouped_B_C(B, C, lead_names: tuple, lead: tuple, lead_desc: str, dim: int, d_state: int, device):
@@ -100,8 +101,8 @@ def _grouped_B_C(B, C, lead_names: tuple, lead: tuple, lead_desc: str, dim: int,
     shape_3d, shape_4d = (*lead_names, "N"), (*lead_names, "G", "N")
     Bg = _as_grouped("B", B, shape_3d, shape_4d, device)
     Cg = _as_grouped("C", C, shape_3d, shape_4d, device)
-    _check_groups("B", Bg, dim, lead, lead_desc)
-    check_dim("B", Bg, len(lead) + 1, d_state, "N, the state size of A")
+    _check_groups("B", Bg, dim, lead, lead_desc, tuple(B.shape))
+    check_dim("B", B, B.dim() - 1, d_state, "N, the state size of A")
     if tuple(Cg.shape) != tuple(Bg.shape) or C.dim() != B.dim():
         raise InputError("C", f"the shape of B {tuple(B.shape)}", f"shape {tuple(C.shape)}")
     return Bg, Cg
