@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import InputError
-from seqlab.ops._common import check_tensor, triton_entry
+from seqlab.ops._common import triton_entry
 from seqlab.ops._graph_timing import cold_copies, graph_time_ms
 from seqlab.ops.conv import conv_step
 from seqlab.ops.norm import rms_norm
@@ -117,20 +117,30 @@ def _conv_fits(conv) -> bool:
 
 
 def _check_linear_args(x, weight, bias, residual) -> None:
-    """InputError naming the argument unless x (..., K), weight (N, K), bias (N,), residual (..., N) agree."""
-    check_tensor("decode_linear: weight", weight, ("N", "K"))
+    """InputError naming the argument unless x (..., K), weight (N, K), bias (N,), residual (..., N) agree in shape,
+    device and (outside autocast) dtype. Plain attribute tests: this runs on every eager decode GEMM."""
+    for name, t in (("weight", weight), ("x", x), ("bias", bias), ("residual", residual)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            raise InputError(f"decode_linear: {name}", "a real floating-point tensor",
+                             f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__)
+    if weight.dim() != 2:
+        raise InputError("decode_linear: weight", "shape (N, K)", f"shape {tuple(weight.shape)}")
     n, k = weight.shape
-    dev = weight.device
-    check_tensor("decode_linear: x", x, None, device=dev)
     if x.dim() < 1 or x.shape[-1] != k:
         raise InputError("decode_linear: x", f"shape (..., {k}) (K of the weight)", f"shape {tuple(x.shape)}")
-    check_tensor("decode_linear: bias", bias, (n,), optional=True, device=dev)
-    if residual is not None:
-        check_tensor("decode_linear: residual", residual, (*x.shape[:-1], n), device=dev)
-    if torch.is_autocast_enabled(x.device.type):
-        return  # autocast casts x and bias; a float32 residual stream then stays float32
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise InputError("decode_linear: bias", f"shape ({n},) (N of the weight)", f"shape {tuple(bias.shape)}")
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], n):
+        raise InputError("decode_linear: residual", f"shape {(*x.shape[:-1], n)}", f"shape {tuple(residual.shape)}")
+    autocast = torch.is_autocast_enabled(x.device.type)
     for name, t in (("x", x), ("bias", bias), ("residual", residual)):
-        if t is not None and t.dtype != weight.dtype:
+        if t is None:
+            continue
+        if t.device != weight.device:
+            raise InputError(f"decode_linear: {name}", f"a tensor on {weight.device} like the weight",
+                             f"one on {t.device}")
+        # autocast casts x and bias; a float32 residual stream then stays float32
+        if not autocast and t.dtype != weight.dtype:
             raise InputError(f"decode_linear: {name}", f"dtype {weight.dtype} like the weight (or autocast)",
                              f"dtype {t.dtype}")
 
