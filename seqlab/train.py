@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.errors import CheckpointError, ConfigError
-from seqlab.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from seqlab.io import atomic_dir, atomic_write_text, load_tensors, read_json, save_tensors, write_json
 from seqlab.tasks.base import IGNORE, TRAIN, split_seed
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -473,20 +473,12 @@ class Trainer:
         if (path / "dcp").is_dir():  # written by a distributed run: resharded to this world size
             from seqlab.distributed.training import load_trainer_checkpoint
 
-            info = load_trainer_checkpoint(self, path)
-            self.step = int(info["step"])
-            self.elapsed = float(info.get("elapsed_s", 0.0))
-            self.last_eval = info.get("last_eval")
-            self.best_accuracy = info.get("best_accuracy")
+            self._restore_progress(load_trainer_checkpoint(self, path))
             return
         if self.parallel is not None and self.config.tp > 1 and self.config.parallel == "none":
             from seqlab.distributed.training import load_plain_checkpoint
 
-            info = load_plain_checkpoint(self, path)  # every rank keeps its shards of the full state
-            self.step = int(info["step"])
-            self.elapsed = float(info.get("elapsed_s", 0.0))
-            self.last_eval = info.get("last_eval")
-            self.best_accuracy = info.get("best_accuracy")
+            self._restore_progress(load_plain_checkpoint(self, path))  # every rank keeps its shards of the full state
             return
         if self.parallel is not None and self.config.parallel == "fsdp":
             raise CheckpointError(
@@ -506,13 +498,30 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
         except (KeyError, RuntimeError, TypeError) as err:
             raise CheckpointError(f"checkpoint: {str(path)!r} has a damaged RNG state ({err})") from err
+        self._restore_progress(info)
+
+    def _restore_progress(self, info: dict) -> None:
+        """Step, time and evaluation state from trainer.json; metrics logged after that step (by a run killed
+        before its next checkpoint) are dropped, so the log reads as one run."""
         self.step = int(info["step"])
         self.elapsed = float(info.get("elapsed_s", 0.0))
         self.last_eval = info.get("last_eval")
         self.best_accuracy = info.get("best_accuracy")
+        if self._metrics_path is not None and self.is_main and self._metrics_path.is_file():
+            kept = [line for line in self._metrics_path.read_text().splitlines(keepends=True)
+                    if _logged_step(line) <= self.step]
+            atomic_write_text(self._metrics_path, "".join(kept))
 
 
 # ---------------------------------------------------------------------- checkpoint helpers
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a line that cannot be read counts as after every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def save_model(model: nn.Module, directory: Path) -> None:
     """model.safetensors + config.json; a LanguageModel writes them itself so ``LanguageModel.load`` reads them."""
     if hasattr(model, "save") and hasattr(model, "config"):

@@ -296,6 +296,32 @@ def test_train_without_size_uses_tiny(trained_run):
     assert loaded.num_params() == from_preset("mamba", "tiny", **TINY).num_params()
 
 
+def test_resume_drops_metrics_logged_after_the_checkpoint(run_copy):
+    """A run killed after logging steps it never checkpointed: the resumed log reads as one run."""
+    metrics = run_copy / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 2, "loss": 9.0}) + "\n" + '{"step": 3, "lo')
+    assert cli("train", "--out", run_copy, "--resume", "--steps", "2", "--quiet", "--device", "cpu") == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole
+    assert [r["step"] for r in records] == [1, 1, 2, 2]  # each step: its training record and its evaluation
+    assert 9.0 not in [r.get("loss") for r in records]
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(run_copy, capsys):
+    before = snapshot(run_copy)
+    assert cli("train", "--out", run_copy, "--resume", "--quiet", "--device", "cpu") == 0
+    assert "nothing to train" in capsys.readouterr().out and snapshot(run_copy) == before
+
+
+def test_a_file_given_as_a_checkpoint_is_named_as_a_file(tmp_path):
+    from seqlab.models import LanguageModel
+
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        LanguageModel.load(tmp_path / "weights.bin")
+    with pytest.raises(CheckpointError, match="^--checkpoint: .* is a file"):
+        cli("eval", "--checkpoint", tmp_path / "weights.bin")
+
+
 def _edit_trainer_json(run: Path, edit) -> None:
     path = run / CHECKPOINT_NAME / "trainer.json"
     info = json.loads(path.read_text())
@@ -439,6 +465,10 @@ def no_work(monkeypatch):
     (["bench", "scaling", "--models", "mamba:tiny", "--time-limit", "0"], "--time-limit"),
     (["bench", "scaling", "--models", "mamba:tiny", "--time-limit", "nan"], "--time-limit"),
     (["bench", "long-context", "--model", "mamba:tiny,transformer:tiny"], "--model"),
+    (["bench", "long-context", "--model", "nope"], "--model"),
+    (["bench", "long-context", "--model", "mamba:tiny", "--compare", "mamba:huge"], "--compare"),
+    (["bench", "scaling", "--models", ","], "--models"),
+    (["bench", "scaling", "--models", "mamba:tiny,nope"], "--models"),
     (["bench", "generate", "--models", "mamba:tiny", "--prompt-len", "inf"], "--prompt-len"),
     (["generate", "--preset", "mamba", "--prompt", "x", "--temperature", "nan"], "--temperature"),
     (["generate", "--preset", "mamba", "--prompt", "x", "--save-state", "{dir}"], "--save-state"),

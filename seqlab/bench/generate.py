@@ -112,18 +112,23 @@ def parse_int_list(text: str, argument: str) -> list[int]:
     return values
 
 
-def parse_models(text: str, default_size: str = "small", **overrides) -> list[tuple[str, str, str]]:
-    """'transformer:1.3b,mamba2' -> [(spec, preset, size)], each checked against the presets now (fail fast)."""
+def parse_models(text: str, default_size: str = "small", option: str = "--models",
+                 **overrides) -> list[tuple[str, str, str]]:
+    """'transformer:1.3b,mamba2' -> [(spec, preset, size)], each checked against the presets now (fail fast);
+    errors name ``option``."""
     from seqlab.models.presets import preset_config
 
     specs = []
     for spec in [m.strip() for m in str(text).split(",") if m.strip()]:
         name, _, size = spec.partition(":")
         size = size or default_size
-        preset_config(name, size, **overrides)  # raises ConfigError naming the preset or size
+        try:
+            preset_config(name, size, **overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{option}: {spec!r}: {err}") from None
         specs.append((spec, name, size))
     if not specs:
-        raise ConfigError(f"--models: expected a comma list of NAME[:SIZE] presets, got {text!r}")
+        raise ConfigError(f"{option}: expected a comma list of NAME[:SIZE] presets, got {text!r}")
     return specs
 
 

@@ -207,9 +207,9 @@ def _run_long_context(args: argparse.Namespace) -> int:
         if not depths or any(not 0 <= d <= 1 for d in depths):
             raise ConfigError(f"--passkey-depths: expected numbers in [0, 1], got {args.passkey_depths!r}")
         LC.check_passkey_context(context)
-    compare = parse_models(args.compare) if args.compare else []
+    compare = parse_models(args.compare, option="--compare") if args.compare else []
     if args.checkpoint is None:
-        models = parse_models(args.model)
+        models = parse_models(args.model, option="--model")
         if len(models) != 1:
             raise ConfigError(f"--model: expected one NAME[:SIZE] preset, got {args.model!r} (use --compare for more)")
         (spec, name, size), = models
@@ -265,6 +265,7 @@ def _run_long_context(args: argparse.Namespace) -> int:
 def _run_scaling(args: argparse.Namespace) -> int:
     import torch
 
+    from seqlab.bench.generate import parse_models
     from seqlab.bench.memory import parse_count
     from seqlab.bench.scaling import as_records, loglog_slope, measure
     from seqlab.commands.train import check_output_file
@@ -287,13 +288,13 @@ def _run_scaling(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+    models = parse_models(args.models, args.size, **overrides)  # every preset checked before any measurement
     records, slopes = [], {}
     print(f"{args.mode} on {device} ({'bf16' if dtype else 'fp32'}), batch {args.batch}")
     print(f"{'model':<20} {'length':>9} {'status':<20} {'time':>12} {'tokens/s':>12} {'peak mem':>12}")
-    for spec in [m.strip() for m in args.models.split(",") if m.strip()]:
-        name, _, size = spec.partition(":")
+    for spec, name, size in models:
         torch.manual_seed(0)
-        model = from_preset(name, size or args.size, **overrides)
+        model = from_preset(name, size, **overrides)
 
         def show(p, spec=spec):
             unit = "s/token" if p.mode == "decode" else "s"

@@ -51,7 +51,8 @@ def find_checkpoint(path: str | Path) -> Path:
     if (path / CHECKPOINT_NAME / "model.safetensors").exists() or (path / CHECKPOINT_NAME).is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_dir():
-        raise CheckpointError(f"--checkpoint: {str(path)!r} does not exist")
+        what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"--checkpoint: {str(path)!r} {what}")
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise CheckpointError(f"--checkpoint: {str(path)!r} lacks config.json/model.safetensors; not a checkpoint")
     return path

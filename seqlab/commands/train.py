@@ -177,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(
                 f"checkpoint: {str(checkpoint / 'trainer.json')!r} holds an invalid train_config ({err})"
             ) from err
+        if info["step"] >= config.steps:
+            print(f"nothing to train: {out} is at step {info['step']} of --steps {config.steps}; pass a larger "
+                  "--steps to continue")
+            return 0
         check_writable(out)
         trainer = Trainer(model, task, config, task_spec=task_spec, quiet=args.quiet)
         trainer.load_checkpoint(checkpoint)

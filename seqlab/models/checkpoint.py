@@ -44,9 +44,9 @@ def save_model(model, directory: str | Path, metadata: dict[str, str] | None = N
 def load_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     if not directory.is_dir():
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
         raise CheckpointError(
-            f"checkpoint: directory {str(directory)!r} does not exist; pass a directory written by model.save(dir) "
-            "or `seqlab train`"
+            f"checkpoint: {str(directory)!r} {what}; pass a directory written by model.save(dir) or `seqlab train`"
         )
     path = directory / CONFIG_FILE
     if not path.is_file():
