@@ -95,12 +95,13 @@ class TrainConfig:
             ("parallel", self.parallel in ("none", "ddp", "fsdp"), "one of none, ddp, fsdp"),
             ("tp", self.tp >= 1, "an integer >= 1"),
             ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
+            ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**31, "an integer in [0, 2**31)"),
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ConfigError(f"train: --{name.replace('_', '-')} must be {expected}, got {getattr(self, name)!r}")
+                raise ConfigError(f"--{name.replace('_', '-')}: expected {expected}, got {getattr(self, name)!r}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"train: target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
+            raise ConfigError(f"--target-accuracy: expected a number in (0, 1], got {self.target_accuracy!r}")
         return self
 
     @classmethod

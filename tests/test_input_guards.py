@@ -471,6 +471,10 @@ def no_work(monkeypatch):
     (["bench", "scaling", "--models", "mamba:tiny,nope"], "--models"),
     (["bench", "generate", "--models", "mamba:tiny", "--prompt-len", "inf"], "--prompt-len"),
     (["generate", "--preset", "mamba", "--prompt", "x", "--temperature", "nan"], "--temperature"),
+    (["generate", "--preset", "mamba", "--prompt", "x", "--top-k", "0"], "--top-k"),
+    (["generate", "--preset", "mamba", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    (["memory", "--model", "mamba:tiny", "--batch", "0"], "--batch"),
+    (["train", "--task", "mqar", "--model", "mamba", "--seed", "-3", "--device", "cpu"], "--seed"),
     (["generate", "--preset", "mamba", "--prompt", "x", "--save-state", "{dir}"], "--save-state"),
     (["eval", "--checkpoint", "{dir}/missing", "--batch-size", "0"], "--batch-size"),
 ])

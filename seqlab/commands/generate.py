@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise ConfigError(f"--temperature: expected a number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
     check_output_file(args.save_state, "--save-state")  # before generating, not after
     model = _load_model(args, torch)
     if args.tokenizer is not None:

@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     context = parse_count(args.context, "--context")
     chunk = parse_count(args.prefill_chunk, "--prefill-chunk") if args.prefill_chunk else None
+    if args.batch < 1:
+        from seqlab.errors import ConfigError
+
+        raise ConfigError(f"--batch: expected >= 1, got {args.batch}")
     names = args.model or list(public_specs())
     plans = [
         plan(resolve_spec(name, vocab_size=args.vocab_size), context, args.batch, args.dtype, prefill_chunk=chunk,
