@@ -1096,7 +1096,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          skip, bias, softplus) 17 instead of 92 spilled local-memory instructions at 255 registers; fwd+bwd 3.79 /
 #          3.72 ms against 3.85 / 3.82 in two interleaved rounds at 8 x 2048 on an H200 (benchmarks/kernels-gpu/run17).
 #          BWD_MAXNREG: registers per thread the backward may use (None: no cap). Capped it spills: 168 (12
-#          one-warp programs per SM) 6.2-8.6 ms, 128 (16) 9.5-12.2 ms fwd+bwd in run 17. Also measured there and
+#          one-warp programs per SM) 6.2-8.6 ms, 128 (16) 9.5-12.2 ms fwd+bwd in run 17; 232 (8) 4.16-4.25,
+#          216 (9) 4.32-4.34, 200 (10) 4.49-4.52 against 3.85-3.94 uncapped in run 28. Also measured there and
 #          not kept: rebuilding the chunk in two halves of 4 steps (5 live state tiles instead of 9; 4.47 ms: the
 #          per-step inputs and outputs, not the states, take the registers), BWD_BLOCK_D 8 (3.97-4.07 ms); and (run
 #          18) every step reading its own inputs and storing its outputs where used: 7.0 ms on 1 warp, 8.5-12.6 ms on
