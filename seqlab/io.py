@@ -109,13 +109,16 @@ def read_json(path: str | Path, what: str = "file") -> dict:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written through a temp file and renamed (tensors made contiguous, shared storage split)."""
+    """safetensors file written through a temp file, synced and renamed (tensors made contiguous, shared storage
+    split)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:  # on disk before the rename makes it the file (as atomic_write_text)
+            os.fsync(handle.fileno())
         _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
