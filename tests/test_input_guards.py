@@ -604,3 +604,8 @@ def test_selective_scan_reports_b_in_the_shape_it_was_given():
         selective_scan(u, delta, A, torch.randn(2, 8, 8), torch.randn(2, 8, 8))
     with pytest.raises(InputError, match=r"^B: .*got shape \(2, 7, 16\)$"):
         selective_scan(u, delta, A, torch.randn(2, 7, 16), torch.randn(2, 7, 16))
+
+
+def test_eval_of_a_task_with_more_ids_than_the_model_is_named(trained_run):
+    with pytest.raises(ConfigError, match=r"^--task: mqar uses 64 token ids, the model has 16"):
+        cli("eval", "--checkpoint", trained_run, "--task-arg", "vocab_size=64", "--device", "cpu")

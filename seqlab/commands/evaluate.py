@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     task_args.update(parse_assignments(args.task_arg, "--task-arg"))
     task = make_task_checked(name, task_args)
     model = LanguageModel.load(checkpoint, device=str(device))
+    if model.config.vocab_size < task.vocab_size:
+        raise ConfigError(
+            f"--task: {name} uses {task.vocab_size} token ids, the model has {model.config.vocab_size}; evaluate "
+            "the task it was trained on, or set the task's vocab_size with --task-arg"
+        )
     lengths = lengths or [info.get("seqlen") or task.default_seqlen]
     dtype = (info.get("train_config") or {}).get("dtype", "auto")
     rows = [
