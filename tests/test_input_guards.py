@@ -609,3 +609,10 @@ def test_selective_scan_reports_b_in_the_shape_it_was_given():
 def test_eval_of_a_task_with_more_ids_than_the_model_is_named(trained_run):
     with pytest.raises(ConfigError, match=r"^--task: mqar uses 64 token ids, the model has 16"):
         cli("eval", "--checkpoint", trained_run, "--task-arg", "vocab_size=64", "--device", "cpu")
+
+
+@pytest.mark.parametrize("extra, named", [(["--max-tokens", "5"], "--max-tokens"), (["--split", "train"], "--split"),
+                                          (["--tokenizer", "tok"], "--tokenizer")])
+def test_eval_of_a_synthetic_task_refuses_text_options(trained_run, extra, named):
+    with pytest.raises(ConfigError, match=f"^{named}: only apply to text"):
+        cli("eval", "--checkpoint", trained_run, *extra, "--device", "cpu")

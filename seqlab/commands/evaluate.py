@@ -77,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     spec = info.get("task") or {}
     if args.data is not None or ("data" in spec and args.task is None):
         return run_text(args, checkpoint, info, device, lengths)
+    text_only = [option for option, given in (("--tokenizer", args.tokenizer is not None),
+                                              ("--max-tokens", args.max_tokens is not None),
+                                              ("--split", args.split != "validation")) if given]
+    if text_only:
+        raise ConfigError(f"{'/'.join(text_only)}: only apply to text (a run trained with --data, or --data PATH); "
+                          "this is a synthetic-task evaluation")
     name = args.task or spec.get("name")
     if name is None:
         raise ConfigError("--task: required (the checkpoint does not record its task)")
