@@ -36,7 +36,7 @@ from torch import nn
 
 from seqlab.errors import CheckpointError, ConfigError
 from seqlab.io import atomic_dir, atomic_write_text, load_tensors, read_json, save_tensors, write_json
-from seqlab.tasks.base import IGNORE, TRAIN, split_seed
+from seqlab.tasks.base import IGNORE, SEED_LIMIT, TRAIN, split_seed
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bf16", "fp32")
@@ -95,7 +95,7 @@ class TrainConfig:
             ("parallel", self.parallel in ("none", "ddp", "fsdp"), "one of none, ddp, fsdp"),
             ("tp", self.tp >= 1, "an integer >= 1"),
             ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
-            ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**31, "an integer in [0, 2**31)"),
+            ("seed", isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT, "an integer in [0, 2**31)"),
         ]
         for name, ok, expected in checks:
             if not ok:

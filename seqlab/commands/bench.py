@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 HELP = (
     "measure costs: `bench scaling` (time and memory vs sequence length), `bench generate` (throughput vs batch), "
@@ -216,11 +215,10 @@ def _run_long_context(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     dtype_name, dtype = _dtype(args.dtype, device)
     if args.checkpoint is not None:
+        from seqlab.commands.evaluate import find_checkpoint
         from seqlab.models import LanguageModel
 
-        directory = Path(args.checkpoint)
-        if not (directory / "config.json").exists() and (directory / "checkpoint" / "config.json").exists():
-            directory = directory / "checkpoint"  # a `seqlab train --out DIR` run directory, as generate/eval take
+        directory = find_checkpoint(args.checkpoint)  # a checkpoint or a run directory, as eval takes
         model, spec, weights = LanguageModel.load(directory, device=device), args.checkpoint, str(directory)
         model = model.to(dtype=dtype).eval()
     else:

@@ -52,8 +52,9 @@ class TextData(Task):
     ):
         if split not in _SPLIT_NAMES:
             raise InputError("split", f"one of {sorted(_SPLIT_NAMES)}", repr(split))
+        data = absolute_spec(data)  # stored and found alike: one fingerprint however the path was spelled
         if _shared is None:
-            corpus = find_documents(absolute_spec(data))  # as the spec stores it: one fingerprint
+            corpus = find_documents(data)
             tok = load_tokenizer(tokenizer)
             streams, folder = encode_corpus(corpus, tok, cache_dir, validation_fraction)
             _shared = (tok, streams, folder)
@@ -64,7 +65,7 @@ class TextData(Task):
         self.separator = separator_id(self.tokenizer)
         self.default_seqlen = seqlen
         self.eval_lengths = (seqlen,)
-        self._config = {"data": absolute_spec(data),
+        self._config = {"data": data,
                         "tokenizer": None if tokenizer is None else os.path.abspath(tokenizer),
                         "validation_fraction": validation_fraction, "seqlen": seqlen}  # fmt: skip
         self._cache_dir = cache_dir

@@ -27,15 +27,15 @@ IGNORE = -100
 TRAIN, TEST = "train", "test"
 # torch.Generator (CPU, mt19937) keeps only the low 32 bits of its seed, so the split offset must stay below 2**32:
 # with an offset of 2**40 the train and test streams of a seed would be the very same stream.
-_SEED_LIMIT = 1 << 31
-_SPLIT_OFFSET = {TRAIN: 0, TEST: _SEED_LIMIT}
+SEED_LIMIT = 1 << 31  # seeds of train and test streams stay below it
+_SPLIT_OFFSET = {TRAIN: 0, TEST: SEED_LIMIT}
 
 
 def split_seed(seed: int, split: str) -> int:
     """Seed of a split's stream: train and test seeds never collide for seeds below 2**31."""
     if split not in _SPLIT_OFFSET:
         raise InputError("split", f"one of {tuple(_SPLIT_OFFSET)}", repr(split))
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise InputError("seed", "an int in [0, 2**31)", repr(seed))
     return _SPLIT_OFFSET[split] + seed
 
