@@ -24,24 +24,57 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 CASES = {
     # N 8, two groups, every option, three documents per row, a partial last chunk (70 = 8 x 8 + 6)
     "full_n8_g2": (2, 70, 64, 8, 2, torch.float32,
-                   dict(D=True, z=True, bias=True, init=True, docs=True, dfinal=True), dict(fwd_variant="lane")),
+                   dict(D=True, z=True, bias=True, init=True, docs=True, dfinal=True),
+                   dict(fwd_variant="lane", fwd_parts=1)),
     # N 16 in bf16: B, C read as int32 pairs
     "bf16_n16": (2, 70, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, dfinal=True),
-                 dict(fwd_variant="lane")),
+                 dict(fwd_variant="lane", fwd_parts=1)),
     # no skip, gate, bias or softplus; time split into 3 segments (states-only pass and fold), y saved for dz
     "split3_n16": (1, 70, 32, 16, 1, torch.float32, dict(init=True, softplus=False, dfinal=True),
-                   dict(fwd_variant="lane", SPLIT_T=3)),
+                   dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=3)),
     "split3_docs_save_y": (2, 45, 32, 8, 2, torch.float32, dict(D=True, z=True, bias=True, docs=True, dfinal=True),
-                           dict(fwd_variant="lane", SPLIT_T=3, SAVE_Y=True)),
+                           dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=3, SAVE_Y=True)),
     # N 3 (padded to 4, masked B/C pieces), 3 channels per group (blocks of 1 channel)
     "odd_n3": (1, 20, 6, 3, 2, torch.float32, dict(D=True, z=True, bias=True, init=True, docs=True),
-               dict(fwd_variant="lane")),
+               dict(fwd_variant="lane", fwd_parts=1)),
     # B, C loaded one step ahead; a sequence shorter than one chunk
     "ahead1": (2, 5, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, init=True, dfinal=True),
-               dict(fwd_variant="lane", lane_bc_ahead=1)),
+               dict(fwd_variant="lane", fwd_parts=1, lane_bc_ahead=1)),
     # bf16 B, C as float32 copies (no widening in the loop), two steps ahead
     "bc32_ahead2": (2, 21, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, init=True, dfinal=True),
-                    dict(fwd_variant="lane", lane_fwd_bc32=True, lane_bc_ahead=2)),
+                    dict(fwd_variant="lane", fwd_parts=1, lane_fwd_bc32=True, lane_bc_ahead=2)),
+    # segments' end states summed back from their ends (scan_segment_states, the default), fast-decaying states:
+    # every earlier term underflows within a few chunks and the pass stops there; documents cut it too
+    "split4_decaying": (1, 256, 32, 16, 1, torch.float32,
+                        dict(D=True, z=True, bias=True, init=True, dfinal=True, decay=8.0),
+                        dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=4)),
+    "split4_decaying_docs": (2, 200, 32, 16, 1, torch.bfloat16,
+                             dict(D=True, z=True, bias=True, docs=True, dfinal=True, decay=8.0),
+                             dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=4)),
+    # the same through the forward kernel's states-only pass
+    "split4_decaying_forward_states": (1, 128, 32, 16, 1, torch.float32,
+                                       dict(D=True, z=True, bias=True, init=True, dfinal=True, decay=8.0),
+                                       dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=4, segment_states="forward")),
+    # several lanes per channel (scan_parts_fwd): 8 lanes of 2 states, every option, documents, two groups
+    "parts8_full_n16_g2": (2, 38, 64, 16, 2, torch.float32,
+                           dict(D=True, z=True, bias=True, init=True, docs=True, dfinal=True),
+                           dict(fwd_variant="lane", fwd_parts=8)),
+    # 4 lanes of 4 states, bf16 inputs; inputs loaded two chunks ahead
+    "parts4_bf16_n16_ahead2": (2, 70, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, dfinal=True),
+                               dict(fwd_variant="lane", fwd_parts=4, parts_ahead=2)),
+    # two chunks ahead with fewer steps than that: every chunk clamped
+    "parts8_short_ahead2": (1, 11, 32, 16, 1, torch.float32, dict(D=True, z=True, bias=True, init=True, dfinal=True),
+                            dict(fwd_variant="lane", fwd_parts=8, parts_ahead=2)),
+    # 2 lanes of 4 states; time split into 3 segments with documents (the group's reset count), y saved for dz
+    "parts2_split3_docs_save_y": (2, 45, 32, 8, 2, torch.float32,
+                                  dict(D=True, z=True, bias=True, docs=True, dfinal=True),
+                                  dict(fwd_variant="lane", fwd_parts=2, SPLIT_T=3, SAVE_Y=True)),
+    # 8 lanes, split time, no skip, gate, bias or softplus
+    "parts8_split3_n16": (1, 70, 32, 16, 1, torch.float32, dict(init=True, softplus=False, dfinal=True),
+                          dict(fwd_variant="lane", fwd_parts=8, SPLIT_T=3)),
+    # N 3 padded to 4: one state a lane, the fourth lane of each channel masked
+    "parts4_odd_n3": (1, 20, 16, 3, 2, torch.float32, dict(D=True, z=True, bias=True, init=True, docs=True),
+                      dict(fwd_variant="lane", fwd_parts=4)),
 }
 # every run: 32-channel blocks (one warp of channels per program, few programs for the interpreter)
 BASE_TUNING = dict(CHUNK_BLOCK_D=32, BWD_BLOCK_D=32, fwd_variant="chunk")
@@ -58,14 +91,15 @@ def make_inputs(batch, seqlen, dim, n, groups, dtype, opts, seed):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=gen)
     softplus = opts.get("softplus", True)
-    delta = 0.5 * r(batch, seqlen, dim) - 1.0 if softplus else 0.3 * r(batch, seqlen, dim).abs()
+    decay = opts.get("decay", 1.0)  # > 1: |A| and dt that much larger (states forget within a few chunks)
+    delta = 0.5 * r(batch, seqlen, dim) - 1.0 + (decay - 1.0) / 4 if softplus else 0.3 * r(batch, seqlen, dim).abs()
     seq_idx = None
     if opts.get("docs"):  # three documents per row at random starts
         cuts = torch.sort(torch.randint(1, seqlen, (batch, 2), generator=gen), dim=1).values
         t = torch.arange(seqlen)
         seq_idx = ((t >= cuts[:, :1]).int() + (t >= cuts[:, 1:]).int()).to(torch.int32).to(DEVICE)
     kw = dict(
-        u=r(batch, seqlen, dim).to(dtype), delta=delta.to(dtype), A=-torch.exp(0.5 * r(dim, n)),
+        u=r(batch, seqlen, dim).to(dtype), delta=delta.to(dtype), A=-decay * torch.exp(0.5 * r(dim, n)),
         B=r(batch, seqlen, groups, n).to(dtype), C=r(batch, seqlen, groups, n).to(dtype),
         D=r(dim) if opts.get("D") else None, z=r(batch, seqlen, dim).to(dtype) if opts.get("z") else None,
         delta_bias=0.3 * r(dim) if opts.get("bias") else None,
@@ -128,3 +162,21 @@ def test_unknown_fwd_variant_is_refused():
     with pytest.raises(ValueError, match="fwd_variant"):
         run("triton", kw, seq_idx, softplus, weights, dict(fwd_variant="nope"))
     assert module.TUNING == {}
+
+
+def test_lanes_per_channel_setting_is_checked():
+    """TUNING["fwd_parts"]: one lane per channel unless set; a setting the state size or the B/C groups cannot take
+    is refused, naming it."""
+    from seqlab.ops.triton import selective_scan as module
+
+    module.TUNING.clear()
+    try:
+        assert module._fwd_parts(4096, 16, 1) == 1
+        module.TUNING["fwd_parts"] = 8
+        assert module._fwd_parts(4096, 16, 1) == 8
+        for bad, dim, n, groups in ((3, 4096, 16, 1), (16, 4096, 16, 1), (8, 4096, 4, 1), (2, 48, 16, 2)):
+            module.TUNING["fwd_parts"] = bad
+            with pytest.raises(ValueError, match="fwd_parts"):
+                module._fwd_parts(dim, n, groups)
+    finally:
+        module.TUNING.clear()

@@ -10,7 +10,9 @@ Programs run over (batch, block of channels) and keep the (channels, N) state in
 
 - chunk (default): the time loop below with one warp per channel block, exp2 with A prescaled by log2 e, the
   backward's dB/dC summed over the block in the program before one relaxed atomic per (t, n), and a split of time
-  into segments (states-only pass + fold) when batch x channel blocks give too few programs. See the section below.
+  into segments (each segment's end state, then the fold) when batch x channel blocks give too few programs; the
+  lane forward finds the end states backwards from each segment's end, stopping where the earlier terms underflow
+  (scan_segment_states). See the section below.
 - time loop (when a block's channels share one B/C group): 8 steps per iteration; each iteration loads
   (channels, 8) tiles first and stores y once. The forward stores the state every 8 steps (checkpoints,
   (B, L / 8, D, N) float32, only under autograd); the backward walks the 8-step blocks in reverse, rebuilds the
@@ -25,6 +27,7 @@ dB and dC are summed over channels with atomic adds (float32); dA, dD, d delta_b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -46,6 +49,8 @@ from seqlab.ops.triton.scan_lanes import (
     _lane_tile,
     _lane_zeros,
 )
+from seqlab.ops.triton.scan_parts_fwd import _scan_fwd_parts_kernel
+from seqlab.ops.triton.scan_segment_states import _scan_segment_states_kernel
 
 
 @triton.jit
@@ -1124,6 +1129,20 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          registers 6.03-6.06. Compiled for sm_90 every lane variant still takes 255 registers (the compiler
 #          hoists the 8 rebuilt steps' loads); with two lanes per channel a warp covers half the states per step
 #          for the same per-step work (loads, softplus, the shuffles and stores), which is where the time goes.
+#   segment_states: how the lane forward's time split finds each segment's end state: "reverse" (default;
+#          scan_segment_states: the state as a sum of decayed inputs added from the segment's end backwards, stopped
+#          once every earlier term underflows, so with decaying states it reads only the last few hundred steps of a
+#          segment) or "forward" (the forward kernel's states-only pass over the whole segment). Forward at the
+#          Mamba-1.4B layer on an H200 (benchmarks/kernels-gpu/run32, two interleaved rounds): 2.62-2.65 against
+#          4.09-4.11 ms at 1 x 65536 (1.78x the exp floor), 0.88-0.98 against 1.19-1.22 at 1 x 16384, 0.87 against
+#          1.07-1.19 at 2 x 8192, 0.82-0.83 against 0.97-0.98 at 4 x 4096.
+#   fwd_parts: lanes per channel of the lane forward, 1 (default) or 2, 4, 8 (scan_parts_fwd: a channel's states
+#          spread over several lanes, so small batches fill the GPU without splitting time), with parts_ahead (1-4:
+#          chunks of inputs in flight). Slower everywhere measured on an H200 (kernels-gpu/run29, run30): at
+#          1 x 65536 8 lanes 6.1-6.4 ms (1 to 4 chunks ahead, with or without a split) against 4.0-4.1 for one lane
+#          and the forward-state split; 2 lanes 5.8, 4 lanes 7.7-8.7. ncu (run31): 8 lanes issue an instruction
+#          every 2.8 cycles per scheduler, half their stalls waiting on shuffle results (16 shuffles a chunk pass dt
+#          and dt u to the group, 7 sum y): with 2 states a lane there is too little arithmetic per shuffle.
 #   loop: SEQ_BLOCK_D, SEQ_WARPS.  tile: BLOCK_T, BLOCK_D, num_warps.
 TUNING: dict = {}
 
@@ -1151,6 +1170,27 @@ def _large_state(n: int) -> bool:
 # relative to 4 steps (0.688 vs 0.602 ms at 8 x 2048 x 4096 on an H200, one wave either way).
 _LANE_PROGRAMS_PER_SM = {4: 8, 1: 12}
 _LANE_AHEAD_COST = {4: 1.0, 1: 1.14}
+
+
+def _segment_states() -> str:
+    """How the lane forward's time split finds its segments' end states, TUNING["segment_states"]: "reverse"
+    (default: scan_segment_states, summed back from each segment's end and stopped where the earlier terms
+    underflow) or "forward" (the forward kernel's states-only pass over the whole segment)."""
+    how = TUNING.get("segment_states", "reverse")
+    if how not in ("reverse", "forward"):
+        raise ValueError(f"TUNING['segment_states'] must be 'reverse' or 'forward', got {how!r}")
+    return how
+
+
+def _fwd_parts(dim: int, n: int, groups: int) -> int:
+    """Lanes per channel of the lane forward, TUNING["fwd_parts"]: 1 (default) or 2, 4, 8 (scan_parts_fwd: each of
+    a channel's lanes keeps N / parts of its states; the warp's 32 / parts channels must divide a B/C group).
+    Slower than one lane per channel with the time split on an H200 (see TUNING), so not chosen by default."""
+    parts = TUNING.get("fwd_parts", 1)
+    if parts not in (1, 2, 4, 8) or (parts > 1 and (parts > next_pow2(n) or (dim // groups) % (32 // parts))):
+        raise ValueError(f"TUNING['fwd_parts'] must be 1, 2, 4 or 8, at most the padded state size and with "
+                         f"32 / parts channels dividing D / G = {dim // groups}, got {parts!r}")
+    return parts
 
 
 def _lane_bc_ahead(programs: int) -> int:
@@ -1278,6 +1318,9 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
         block_d = _chunk_block_d("CHUNK_BLOCK_D", block_d, dim, groups)
     else:
         block_d = _chunk_fwd_block_d(batch, dim, groups, variant)
+    parts = _fwd_parts(dim, n, groups) if variant == "lane" else 1
+    if parts > 1:
+        block_d = 32 // parts
     n_blocks = dim // block_d
     n_seg, seg_len = _chunk_segments(batch * n_blocks, L)
     n_ckpt = triton.cdiv(L, 8)
@@ -1290,17 +1333,34 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
         seg_b = torch.empty_like(seg_a)
     ypre = torch.empty_like(u) if need_grad and z is not None and TUNING.get("SAVE_Y", False) else None
     common = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                  HAS_INIT=init is not None, HAS_DOC=doc is not None, BLOCK_D=block_d,
-                  BLOCK_N=next_pow2(n), num_warps=TUNING.get("CHUNK_WARPS") or warps)
-    kernel = _scan_fwd_chunk_kernel
-    if variant == "lane":
-        kernel = _scan_fwd_lane_kernel
-        if TUNING.get("lane_fwd_bc32", False):  # float32 copies: no widening in the loop (B, C are (B, L, G, N))
-            B, C = B.float(), C.float()
-        common.update(_lane_bc_layout(B, C), BC_AHEAD=_lane_bc_ahead(batch * n_blocks * n_seg))
+                  HAS_INIT=init is not None, HAS_DOC=doc is not None, BLOCK_N=next_pow2(n))
+    if parts > 1:
+        kernel = _scan_fwd_parts_kernel
+        ahead = TUNING.get("parts_ahead", 1)
+        if ahead not in (1, 2, 3, 4):
+            raise ValueError(f"TUNING['parts_ahead'] must be 1, 2, 3 or 4, got {ahead!r}")
+        common.update(PARTS=parts, AHEAD=ahead, SHFL_ASM=not triton_interpreting(), num_warps=1)
+        # float32 B, C padded to BLOCK_N states, (B, L, G, BLOCK_N): 2 L G BLOCK_N floats a batch row (8 MB at
+        # 65536 x 16); the lanes' loads then need no masks and no widening
+        B, C = (F.pad(x.float(), (0, next_pow2(n) - n)) for x in (B, C))
+    else:
+        kernel = _scan_fwd_chunk_kernel
+        common.update(BLOCK_D=block_d, num_warps=TUNING.get("CHUNK_WARPS") or warps)
+        if variant == "lane":
+            kernel = _scan_fwd_lane_kernel
+            if TUNING.get("lane_fwd_bc32", False):  # float32 copies: no widening in the loop (B, C are (B, L, G, N))
+                B, C = B.float(), C.float()
+            common.update(_lane_bc_layout(B, C), BC_AHEAD=_lane_bc_ahead(batch * n_blocks * n_seg))
     args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b, ypre,
             L, dim, groups, n, n_ckpt, seg_len, n_seg)
-    if n_seg > 1:
+    if n_seg > 1 and kernel is _scan_fwd_lane_kernel and _segment_states() == "reverse":
+        _scan_segment_states_kernel[(n_blocks, batch, n_seg - 1)](
+            u, delta, A, B, delta_bias, doc, init, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None, HAS_INIT=init is not None,
+            BLOCK_D=block_d,
+            BLOCK_N=next_pow2(n), BC_VEC=common["BC_VEC"], EVEN_N=common["EVEN_N"],
+            BF16_PAIRS=common["BF16_PAIRS"], num_warps=1)
+    elif n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False, STATES_ONLY=True,
                                              **common)
     kernel[(n_blocks, batch, n_seg)](*args, 0, STORE_CKPT=need_grad, STORE_YPRE=ypre is not None, STATES_ONLY=False,

@@ -1,0 +1,139 @@
+"""End states of the selective scan's time segments, summed backwards from each segment's end.
+
+When batch x channels leave too few programs, the chunk forward cuts time into S segments: a first pass computes
+each segment's end state from a zero start and its decay product, the second folds them and runs the scan. Run
+forward, the first pass costs an exp per state and step, as the second does. Written as a sum,
+
+    h_end = sum_t exp(A c_t) dt_t u_t B_t,    c_t = dt_{t+1} + ... + dt_end,
+
+(unrolling h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t from h = 0), the same terms can be added from the segment's end
+backwards, and with dt >= 0 (softplus) and A <= 0 their weights only shrink as t goes back: once exp2(A c_t log2 e)
+is below the smallest normal float for every state of a program, every earlier term is zero in float32 (the
+kernels' exp2 flushes subnormals), and the pass stops there. So with decaying states the first pass reads only the
+last few hundred steps of each segment (at dt ~ 0.13 and |A| >= 1, ~800) instead of all of it. With dt < 0
+possible (no softplus), A > 0, or slow states, it runs the whole segment: as many exps as the forward pass. A
+document start (seq_idx) at step t zeroes every earlier term, and the pass stops after it.
+
+Outputs as the forward kernels' states-only pass: seg_a (B, S, D, N) = exp(A (dt sum of the segment)), 0 after a
+document start or where it underflows; seg_b = h_end (the first segment's from the initial state, if any). One
+channel per lane, the N states in its registers.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from seqlab.ops.triton.jit_math import softplus
+from seqlab.ops.triton.scan_lanes import (
+    _lane_load_states,
+    _lane_load_steps,
+    _lane_row_load,
+    _lane_row_widen,
+    _lane_scaled_A,
+    _lane_store_states,
+    _lane_zeros,
+)
+
+# exp2 below -126 is subnormal, flushed to zero by the compiled kernels' exp2
+_EXP2_ZERO = tl.constexpr(-127.0)
+
+
+@triton.jit
+def _step_rows(B_ptr, row0, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
+               BF16_PAIRS: tl.constexpr):
+    """B rows row0 .. row0 + 7 as loaded (see scan_lanes._lane_row_load)."""
+    rows = ()
+    for s in tl.static_range(8):
+        rows = rows + (_lane_row_load(B_ptr, row0 + s, g, G, N, BLOCK_N, VEC, EVEN_N, BF16_PAIRS),)
+    return rows
+
+
+@triton.jit
+def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, init_ptr, seg_a_ptr, seg_b_ptr,
+                                L, DIM, G, N, seg_len, n_seg,
+                                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
+                                HAS_INIT: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BC_VEC: tl.constexpr,
+                                EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr):
+    """Grid (D / BLOCK_D, batch, n_seg - 1), one warp of BLOCK_D = 32 channels (BLOCK_D divides D / G): seg_a,
+    seg_b of segment pid_s, whose steps [pid_s seg_len, (pid_s + 1) seg_len) are whole 8-step chunks of the row."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    zero = offs_d * 0
+    A2 = _lane_scaled_A(A_ptr, offs_d, zero, mask_d, N, BLOCK_N, False)
+    # the slowest decay of each lane's states (padded states, A = 0, are not counted)
+    a2_max = tl.full((BLOCK_D,), -1e30, tl.float32)
+    for n in tl.static_range(BLOCK_N):
+        a2_max = tl.where(zero + n < N, tl.maximum(a2_max, A2[n]), a2_max)
+    g = (pid_d * BLOCK_D) // (DIM // G)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    h = _lane_zeros(BLOCK_D, BLOCK_N)
+    c = tl.zeros((BLOCK_D,), dtype=tl.float32)  # dt summed over the steps after the current one
+    row_b = pid_b.to(tl.int64) * L
+    c_first = pid_s * seg_len // 8
+    chunk = (pid_s + 1) * seg_len // 8 - 1
+    nu = _lane_load_steps(u_ptr, row_b + chunk * 8, row_b, DIM, offs_d, False)
+    nd = _lane_load_steps(delta_ptr, row_b + chunk * 8, row_b, DIM, offs_d, False)
+    nb = _step_rows(B_ptr, row_b + chunk * 8, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+    cut = zero != 0  # a document start seen: every earlier term is zero
+    live = chunk >= c_first
+    while live:
+        row0 = row_b + chunk * 8
+        u8, d8, b8 = nu, nd, nb
+        prev = tl.maximum(chunk - 1, c_first) * 8 + row_b  # the chunk before (re-read on the last: unused)
+        nu = _lane_load_steps(u_ptr, prev, row_b, DIM, offs_d, False)
+        nd = _lane_load_steps(delta_ptr, prev, row_b, DIM, offs_d, False)
+        nb = _step_rows(B_ptr, prev, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        for s in tl.static_range(7, -1, -1):
+            raw = d8[s].to(tl.float32)
+            if HAS_BIAS:
+                raw = raw + bias
+            if SOFTPLUS:
+                dt = softplus(raw)
+            else:
+                dt = raw
+            dtu = dt * u8[s].to(tl.float32)
+            Bs = _lane_row_widen(b8[s], BF16_PAIRS)
+            new = ()
+            for n in tl.static_range(BLOCK_N):
+                w = tl.exp2(A2[n] * c)
+                if HAS_DOC:
+                    w = tl.where(cut, 0.0, w)
+                new = new + (h[n] + w * (dtu * Bs[n]),)
+            h = new
+            c += dt
+            if HAS_DOC:  # a document starting at this step: the terms before it are zero
+                t = chunk * 8 + s
+                doc = tl.load(doc_ptr + row0 + s + zero)
+                before = tl.load(doc_ptr + row0 + s - 1 + zero, mask=zero + t > 0, other=0)
+                cut = cut | (doc != before)  # at the segment's first step it zeroes only the decay
+        chunk -= 1
+        live = chunk >= c_first
+        if SOFTPLUS:  # dt >= 0: weights only shrink going back; stop once all are zero
+            live = live & (tl.max(a2_max * c) > _EXP2_ZERO)
+        if HAS_DOC:
+            live = live & (tl.min(cut.to(tl.int32)) == 0)
+    seg = pid_b.to(tl.int64) * n_seg * DIM * N + pid_s.to(tl.int64) * DIM * N
+    dec = ()
+    for n in tl.static_range(BLOCK_N):
+        a = tl.exp2(A2[n] * c)
+        # stopped early (underflow or a document start): the segment's whole decay is zero
+        a = tl.where(chunk >= c_first, 0.0, a)
+        if HAS_DOC:
+            a = tl.where(cut, 0.0, a)
+        dec = dec + (a,)
+    if HAS_INIT:
+        h0 = _lane_load_states(init_ptr, pid_b.to(tl.int64) * DIM * N, offs_d, zero, mask_d & (zero + pid_s == 0), N,
+                               BLOCK_N, False)
+        carried = ()
+        for n in tl.static_range(BLOCK_N):
+            carried = carried + (h[n] + dec[n] * h0[n],)
+        h = carried
+    _lane_store_states(seg_a_ptr, seg, dec, offs_d, zero, mask_d, N)
+    _lane_store_states(seg_b_ptr, seg, h, offs_d, zero, mask_d, N)
