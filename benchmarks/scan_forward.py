@@ -2,8 +2,8 @@
 (fwd_parts), the time split (SPLIT_T) and how it finds its segments' end states (segment_states).
 
     python3 benchmarks/scan_forward.py --out OUT [--shapes 1x65536,1x16384,2x8192,8x2048]
-        [--settings '[{}, {"segment_states": "forward"}, {"fwd_parts": 8}, ...]']
-        [--reference '{"segment_states": "forward"}'] [--rounds 2] [--warm-only | --once]
+        [--settings '[{}, {"segment_states": "scan"}, {"fwd_parts": 8}, ...]']
+        [--reference '{"segment_states": "scan"}'] [--rounds 2] [--warm-only | --once]
     ncu --kernel-name regex:_scan_fwd_parts_kernel --launch-skip 1 --launch-count 1 --section WarpStateStats \
         python3 benchmarks/scan_forward.py --once --settings '[{"fwd_parts": 8}]' --shapes 1x65536
 
@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--shapes", default="1x65536,1x16384,2x8192,8x2048")
-    p.add_argument("--settings", default='[{}, {"segment_states": "forward"}, {"fwd_parts": 8}]')
-    p.add_argument("--reference", default='{"segment_states": "forward"}')
+    p.add_argument("--settings", default='[{}, {"segment_states": "scan"}, {"fwd_parts": 8}]')
+    p.add_argument("--reference", default='{"segment_states": "scan"}')
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warm-only", action="store_true")
     p.add_argument("--once", action="store_true")

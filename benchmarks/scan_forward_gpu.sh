@@ -6,7 +6,7 @@
 set -u
 out=${1:?usage: scan_forward_gpu.sh OUT [SHAPES] [SETTINGS] [TESTS]}
 shapes=${2:-1x65536,1x16384,2x8192,8x2048}
-list=${3:-'[{}, {"segment_states": "forward"}, {"fwd_parts": 8}]'}
+list=${3:-'[{}, {"segment_states": "scan"}, {"fwd_parts": 8}]'}
 tests=${4:-split or parts or lanes}
 mkdir -p "$out"
 export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"

@@ -43,18 +43,18 @@ CASES = {
     # bf16 B, C as float32 copies (no widening in the loop), two steps ahead
     "bc32_ahead2": (2, 21, 64, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, init=True, dfinal=True),
                     dict(fwd_variant="lane", fwd_parts=1, lane_fwd_bc32=True, lane_bc_ahead=2)),
-    # segments' end states summed back from their ends (scan_segment_states, the default), fast-decaying states:
-    # every earlier term underflows within a few chunks and the pass stops there; documents cut it too
+    # segments' end states and start carries as cut-off sums (scan_segment_states, the default), fast-decaying
+    # states: every further term underflows within a few chunks and the passes stop there; documents cut them too
     "split4_decaying": (1, 256, 32, 16, 1, torch.float32,
                         dict(D=True, z=True, bias=True, init=True, dfinal=True, decay=8.0),
                         dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=4)),
     "split4_decaying_docs": (2, 200, 32, 16, 1, torch.bfloat16,
                              dict(D=True, z=True, bias=True, docs=True, dfinal=True, decay=8.0),
                              dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=4)),
-    # the same through the forward kernel's states-only pass
+    # the same through the kernels' states-only and carry-only passes
     "split4_decaying_forward_states": (1, 128, 32, 16, 1, torch.float32,
                                        dict(D=True, z=True, bias=True, init=True, dfinal=True, decay=8.0),
-                                       dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=4, segment_states="forward")),
+                                       dict(fwd_variant="lane", fwd_parts=1, SPLIT_T=4, segment_states="scan")),
     # several lanes per channel (scan_parts_fwd): 8 lanes of 2 states, every option, documents, two groups
     "parts8_full_n16_g2": (2, 38, 64, 16, 2, torch.float32,
                            dict(D=True, z=True, bias=True, init=True, docs=True, dfinal=True),
@@ -180,3 +180,21 @@ def test_lanes_per_channel_setting_is_checked():
                 module._fwd_parts(dim, n, groups)
     finally:
         module.TUNING.clear()
+
+
+@pytest.mark.parametrize("case", ["split4_decaying", "split4_decaying_docs", "split3_n16", "split3_docs_save_y"])
+def test_split_backward_carries_match_torch(case):
+    """The backward split into the case's segments too: the start carries as cut-off sums (the default) equal the
+    carry-only pass and the torch path in every gradient (same tolerances as above)."""
+    batch, seqlen, dim, n, groups, dtype, opts, tuning = CASES[case]
+    kw, seq_idx, softplus, weights = make_inputs(batch, seqlen, dim, n, groups, dtype, opts, seed=5)
+    summed = run("triton", kw, seq_idx, softplus, weights, tuning, through_backward=True)
+    scanned = run("triton", kw, seq_idx, softplus, weights, dict(tuning, segment_states="scan"),
+                  through_backward=True)
+    ref = run("torch", kw, seq_idx, softplus, weights)
+    tol_default, tol_torch = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2)
+    for name in ref:
+        err = rel_err(summed[name], scanned[name])
+        assert err <= tol_default, f"{name}: relative error {err:.2e} against the carry-only pass > {tol_default:.0e}"
+        err = rel_err(summed[name], ref[name])
+        assert err <= tol_torch, f"{name}: relative error {err:.2e} against the torch path > {tol_torch:.0e}"

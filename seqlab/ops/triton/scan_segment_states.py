@@ -1,4 +1,5 @@
-"""End states of the selective scan's time segments, summed backwards from each segment's end.
+"""End states (forward) and start carries (backward) of the selective scan's time segments, summed and cut off
+where the remaining terms underflow.
 
 When batch x channels leave too few programs, the chunk forward cuts time into S segments: a first pass computes
 each segment's end state from a zero start and its decay product, the second folds them and runs the scan. Run
@@ -10,9 +11,13 @@ forward, the first pass costs an exp per state and step, as the second does. Wri
 backwards, and with dt >= 0 (softplus) and A <= 0 their weights only shrink as t goes back: once exp2(A c_t log2 e)
 is below the smallest normal float for every state of a program, every earlier term is zero in float32 (the
 kernels' exp2 flushes subnormals), and the pass stops there. So with decaying states the first pass reads only the
-last few hundred steps of each segment (at dt ~ 0.13 and |A| >= 1, ~800) instead of all of it. With dt < 0
+last few hundred steps of each segment (at dt ~ 0.13 and |A| >= 1, ~700) instead of all of it. With dt < 0
 possible (no softplus), A > 0, or slow states, it runs the whole segment: as many exps as the forward pass. A
 document start (seq_idx) at step t zeroes every earlier term, and the pass stops after it.
+
+The backward's carry-only pass is the mirror image (_scan_segment_carries_kernel): the adjoint carry at a segment's
+start is a sum over its steps weighted by exp(A (dt_start + ... + dt_t)), added from the start forwards and cut off
+the same way.
 
 Outputs as the forward kernels' states-only pass: seg_a (B, S, D, N) = exp(A (dt sum of the segment)), 0 after a
 document start or where it underflows; seg_b = h_end (the first segment's from the initial state, if any). One
@@ -40,13 +45,23 @@ _EXP2_ZERO = tl.constexpr(-127.0)
 
 
 @triton.jit
-def _step_rows(B_ptr, row0, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
+def _step_rows(B_ptr, row0, row_last, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
                BF16_PAIRS: tl.constexpr):
-    """B rows row0 .. row0 + 7 as loaded (see scan_lanes._lane_row_load)."""
+    """B (or C) rows row0 .. row0 + 7 as loaded (see scan_lanes._lane_row_load); rows past row_last read row_last."""
     rows = ()
     for s in tl.static_range(8):
-        rows = rows + (_lane_row_load(B_ptr, row0 + s, g, G, N, BLOCK_N, VEC, EVEN_N, BF16_PAIRS),)
+        row = tl.minimum(row0 + s, row_last)
+        rows = rows + (_lane_row_load(B_ptr, row, g, G, N, BLOCK_N, VEC, EVEN_N, BF16_PAIRS),)
     return rows
+
+
+@triton.jit
+def _slowest(A2, N, zero):
+    """The slowest decay (largest A log2 e) of each lane's states; padded states (A = 0) are not counted."""
+    a2_max = tl.full(zero.shape, -1e30, tl.float32)
+    for n in tl.static_range(len(A2)):
+        a2_max = tl.where(zero + n < N, tl.maximum(a2_max, A2[n]), a2_max)
+    return a2_max
 
 
 @triton.jit
@@ -65,10 +80,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
     mask_d = offs_d < DIM
     zero = offs_d * 0
     A2 = _lane_scaled_A(A_ptr, offs_d, zero, mask_d, N, BLOCK_N, False)
-    # the slowest decay of each lane's states (padded states, A = 0, are not counted)
-    a2_max = tl.full((BLOCK_D,), -1e30, tl.float32)
-    for n in tl.static_range(BLOCK_N):
-        a2_max = tl.where(zero + n < N, tl.maximum(a2_max, A2[n]), a2_max)
+    a2_max = _slowest(A2, N, zero)
     g = (pid_d * BLOCK_D) // (DIM // G)
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
@@ -80,7 +92,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
     chunk = (pid_s + 1) * seg_len // 8 - 1
     nu = _lane_load_steps(u_ptr, row_b + chunk * 8, row_b, DIM, offs_d, False)
     nd = _lane_load_steps(delta_ptr, row_b + chunk * 8, row_b, DIM, offs_d, False)
-    nb = _step_rows(B_ptr, row_b + chunk * 8, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+    nb = _step_rows(B_ptr, row_b + chunk * 8, row_b + L - 1, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
     cut = zero != 0  # a document start seen: every earlier term is zero
     live = chunk >= c_first
     while live:
@@ -89,7 +101,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
         prev = tl.maximum(chunk - 1, c_first) * 8 + row_b  # the chunk before (re-read on the last: unused)
         nu = _lane_load_steps(u_ptr, prev, row_b, DIM, offs_d, False)
         nd = _lane_load_steps(delta_ptr, prev, row_b, DIM, offs_d, False)
-        nb = _step_rows(B_ptr, prev, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        nb = _step_rows(B_ptr, prev, row_b + L - 1, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
         for s in tl.static_range(7, -1, -1):
             raw = d8[s].to(tl.float32)
             if HAS_BIAS:
@@ -137,3 +149,98 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
         h = carried
     _lane_store_states(seg_a_ptr, seg, dec, offs_d, zero, mask_d, N)
     _lane_store_states(seg_b_ptr, seg, h, offs_d, zero, mask_d, N)
+
+
+@triton.jit
+def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_ptr, dy_ptr, seg_a_ptr, seg_b_ptr,
+                                 L, DIM, G, N, seg_len, n_seg,
+                                 HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                                 HAS_DOC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BC_VEC: tl.constexpr, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr):
+    """The backward's counterpart: the adjoint carry a segment passes to the one before it, from a zero carry at its
+    end, carry = sum_t exp(A c_t) C_t dy_t z_t sigmoid(z_t) with c_t = dt_start + ... + dt_t, summed forwards from
+    the segment's start and stopped where every later term underflows (or at a document start: a_t = 0 there).
+    Grid (D / BLOCK_D, batch, n_seg - 1) for segments 1 .. n_seg - 1 (the last may end mid-chunk, at L). Writes
+    seg_a = exp(A (dt sum of the segment)) (0 after a document start or where it underflows) and seg_b = carry, as
+    the backward kernels' carry-only pass does."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2) + 1
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    zero = offs_d * 0
+    A2 = _lane_scaled_A(A_ptr, offs_d, zero, mask_d, N, BLOCK_N, False)
+    a2_max = _slowest(A2, N, zero)
+    g = (pid_d * BLOCK_D) // (DIM // G)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    carry = _lane_zeros(BLOCK_D, BLOCK_N)
+    c = tl.zeros((BLOCK_D,), dtype=tl.float32)  # dt summed from the segment's start through the current step
+    row_b = pid_b.to(tl.int64) * L
+    row_last = row_b + L - 1
+    t_end = tl.minimum((pid_s + 1) * seg_len, L)
+    c_last = tl.cdiv(t_end, 8) - 1
+    chunk = pid_s * seg_len // 8
+    nd = _lane_load_steps(delta_ptr, row_b + chunk * 8, row_last, DIM, offs_d, True)
+    ny = _lane_load_steps(dy_ptr, row_b + chunk * 8, row_last, DIM, offs_d, True)
+    nz = ny
+    if HAS_Z:
+        nz = _lane_load_steps(z_ptr, row_b + chunk * 8, row_last, DIM, offs_d, True)
+    nc = _step_rows(C_ptr, row_b + chunk * 8, row_last, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+    cut = zero != 0  # a document start seen: its step and every later one add nothing
+    live = chunk <= c_last
+    while live:
+        row0 = row_b + chunk * 8
+        d8, y8, z8, c8 = nd, ny, nz, nc
+        nxt = row_b + tl.minimum(chunk + 1, c_last) * 8  # the next chunk (re-read on the last: unused)
+        nd = _lane_load_steps(delta_ptr, nxt, row_last, DIM, offs_d, True)
+        ny = _lane_load_steps(dy_ptr, nxt, row_last, DIM, offs_d, True)
+        nz = ny
+        if HAS_Z:
+            nz = _lane_load_steps(z_ptr, nxt, row_last, DIM, offs_d, True)
+        nc = _step_rows(C_ptr, nxt, row_last, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        for s in tl.static_range(8):
+            t = chunk * 8 + s
+            valid = zero + t < t_end
+            raw = d8[s].to(tl.float32)
+            if HAS_BIAS:
+                raw = raw + bias
+            if SOFTPLUS:
+                dt = softplus(raw)
+            else:
+                dt = raw
+            c += tl.where(valid, dt, 0.0)
+            p = y8[s].to(tl.float32)
+            if HAS_Z:
+                zv = z8[s].to(tl.float32)
+                p = p * zv * tl.sigmoid(zv)
+            p = tl.where(valid, p, 0.0)
+            if HAS_DOC:  # a document starting at this step: a_t = 0 cuts it and every later step off
+                doc = tl.load(doc_ptr + row0 + s + zero, mask=valid, other=0)
+                before = tl.load(doc_ptr + row0 + s - 1 + zero, mask=valid & (zero + t > 0), other=0)
+                cut = cut | (valid & (doc != before))
+            Cs = _lane_row_widen(c8[s], BF16_PAIRS)
+            new = ()
+            for n in tl.static_range(BLOCK_N):
+                w = tl.exp2(A2[n] * c)
+                if HAS_DOC:
+                    w = tl.where(cut, 0.0, w)
+                new = new + (carry[n] + w * (p * Cs[n]),)
+            carry = new
+        chunk += 1
+        live = chunk <= c_last
+        if SOFTPLUS:  # dt >= 0: weights only shrink going on; stop once all are zero
+            live = live & (tl.max(a2_max * c) > _EXP2_ZERO)
+        if HAS_DOC:
+            live = live & (tl.min(cut.to(tl.int32)) == 0)
+    seg = pid_b.to(tl.int64) * n_seg * DIM * N + pid_s.to(tl.int64) * DIM * N
+    dec = ()
+    for n in tl.static_range(BLOCK_N):
+        a = tl.exp2(A2[n] * c)
+        a = tl.where(chunk <= c_last, 0.0, a)  # stopped early: the segment's whole decay is zero
+        if HAS_DOC:
+            a = tl.where(cut, 0.0, a)
+        dec = dec + (a,)
+    _lane_store_states(seg_a_ptr, seg, dec, offs_d, zero, mask_d, N)
+    _lane_store_states(seg_b_ptr, seg, carry, offs_d, zero, mask_d, N)

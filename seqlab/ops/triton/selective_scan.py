@@ -50,7 +50,7 @@ from seqlab.ops.triton.scan_lanes import (
     _lane_zeros,
 )
 from seqlab.ops.triton.scan_parts_fwd import _scan_fwd_parts_kernel
-from seqlab.ops.triton.scan_segment_states import _scan_segment_states_kernel
+from seqlab.ops.triton.scan_segment_states import _scan_segment_carries_kernel, _scan_segment_states_kernel
 
 
 @triton.jit
@@ -1129,13 +1129,16 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          registers 6.03-6.06. Compiled for sm_90 every lane variant still takes 255 registers (the compiler
 #          hoists the 8 rebuilt steps' loads); with two lanes per channel a warp covers half the states per step
 #          for the same per-step work (loads, softplus, the shuffles and stores), which is where the time goes.
-#   segment_states: how the lane forward's time split finds each segment's end state: "reverse" (default;
-#          scan_segment_states: the state as a sum of decayed inputs added from the segment's end backwards, stopped
-#          once every earlier term underflows, so with decaying states it reads only the last few hundred steps of a
-#          segment) or "forward" (the forward kernel's states-only pass over the whole segment). Forward at the
-#          Mamba-1.4B layer on an H200 (benchmarks/kernels-gpu/run32, two interleaved rounds): 2.62-2.65 against
-#          4.09-4.11 ms at 1 x 65536 (1.78x the exp floor), 0.88-0.98 against 1.19-1.22 at 1 x 16384, 0.87 against
-#          1.07-1.19 at 2 x 8192, 0.82-0.83 against 0.97-0.98 at 4 x 4096.
+#   segment_states: how a time split finds each segment's end state (lane forward) and start carry (backward, N
+#          <= 16): "sum" (default; scan_segment_states: a sum of decayed terms added from the segment's end backwards,
+#          or for the carry from its start forwards, cut off once every remaining term underflows, so with decaying
+#          states it reads only the few hundred steps next to the boundary) or "scan" (the kernels' states-only /
+#          carry-only pass over the whole segment). Forward at the Mamba-1.4B layer on an H200
+#          (benchmarks/kernels-gpu/run32, the options then named "reverse" and "forward"; two interleaved rounds):
+#          2.62-2.65 against 4.09-4.11 ms at 1 x 65536 (1.78x the exp floor), 0.88-0.98 against 1.19-1.22 at
+#          1 x 16384, 0.87 against 1.07-1.19 at 2 x 8192, 0.82-0.83 against 0.97-0.98 at 4 x 4096. With the start
+#          carries summed too (run33), fwd+bwd 15.2 against 16.7 ms at 1 x 65536, 4.39 / 4.35 / 4.10 against 4.54 /
+#          4.52 / 4.24 at 1 x 16384 / 2 x 8192 / 4 x 4096.
 #   fwd_parts: lanes per channel of the lane forward, 1 (default) or 2, 4, 8 (scan_parts_fwd: a channel's states
 #          spread over several lanes, so small batches fill the GPU without splitting time), with parts_ahead (1-4:
 #          chunks of inputs in flight). Slower everywhere measured on an H200 (kernels-gpu/run29, run30): at
@@ -1173,12 +1176,12 @@ _LANE_AHEAD_COST = {4: 1.0, 1: 1.14}
 
 
 def _segment_states() -> str:
-    """How the lane forward's time split finds its segments' end states, TUNING["segment_states"]: "reverse"
-    (default: scan_segment_states, summed back from each segment's end and stopped where the earlier terms
-    underflow) or "forward" (the forward kernel's states-only pass over the whole segment)."""
-    how = TUNING.get("segment_states", "reverse")
-    if how not in ("reverse", "forward"):
-        raise ValueError(f"TUNING['segment_states'] must be 'reverse' or 'forward', got {how!r}")
+    """How a time split finds its segments' end states (forward, lane kernel) and start carries (backward, N <= 16),
+    TUNING["segment_states"]: "sum" (default: scan_segment_states, each a sum cut off where the remaining terms
+    underflow) or "scan" (the kernels' own states-only / carry-only pass over the whole segment)."""
+    how = TUNING.get("segment_states", "sum")
+    if how not in ("sum", "scan"):
+        raise ValueError(f"TUNING['segment_states'] must be 'sum' or 'scan', got {how!r}")
     return how
 
 
@@ -1353,7 +1356,7 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
             common.update(_lane_bc_layout(B, C), BC_AHEAD=_lane_bc_ahead(batch * n_blocks * n_seg))
     args = (u, delta, A, B, C, D, z, delta_bias, init, doc, y, final, ckpt, seg_a, seg_b, ypre,
             L, dim, groups, n, n_ckpt, seg_len, n_seg)
-    if n_seg > 1 and kernel is _scan_fwd_lane_kernel and _segment_states() == "reverse":
+    if n_seg > 1 and kernel is _scan_fwd_lane_kernel and _segment_states() == "sum":
         _scan_segment_states_kernel[(n_blocks, batch, n_seg - 1)](
             u, delta, A, B, delta_bias, doc, init, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None, HAS_INIT=init is not None,
@@ -1409,7 +1412,13 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
                       num_warps=TUNING.get("BWD_WARPS") or warps, maxnreg=TUNING.get("BWD_MAXNREG"))
     args = (u, delta, A, B_in, C_in, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
-    if n_seg > 1:
+    if n_seg > 1 and not _large_state(n) and _segment_states() == "sum":
+        lane_d = _chunk_block_d("SUM_BLOCK_D", 32, dim, groups)
+        _scan_segment_carries_kernel[(dim // lane_d, batch, n_seg - 1)](
+            delta, A, C, z, delta_bias, doc, dy, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None,
+            BLOCK_D=lane_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(C, C), num_warps=1)
+    elif n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 1, CARRY_ONLY=True, **common)
     kernel[(n_blocks, batch, n_seg)](*args, 0, CARRY_ONLY=False, **common)
     return du, ddelta, dz, dA, dB, dC, dD, dbias, dinit
