@@ -21,16 +21,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton.jit_math import softplus
 from seqlab.ops.triton.scan_lanes import (
     LN2,
     _lane_channel_params,
+    _lane_dt,
     _lane_fold,
     _lane_load_states,
     _lane_part_row,
     _lane_reduce_scatter,
     _lane_scaled_A,
     _lane_step,
+    _lane_store_segment,
     _lane_store_states,
     _lane_xor,
     _lane_zeros,
@@ -53,13 +54,7 @@ def _lane_inputs(u_ptr, delta_ptr, doc_ptr, bias, row, t, t_end, offs_d, DIM,
     (0 at or past t_end: the identity step), u, the document-start flag and whether the step is inside the segment."""
     valid = offs_d * 0 + t < t_end
     io = row * DIM + offs_d
-    raw = tl.load(delta_ptr + io).to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + bias
-    if SOFTPLUS:
-        dt = softplus(raw)
-    else:
-        dt = raw
+    raw, dt = _lane_dt(tl.load(delta_ptr + io), bias, HAS_BIAS, SOFTPLUS)
     dt = tl.where(valid, dt, 0.0)
     u = tl.load(u_ptr + io).to(tl.float32)
     reset = valid
@@ -290,15 +285,8 @@ def _scan_bwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
                 dB_ptr, dC_ptr, DIM, G, N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DOC, HAS_YPRE, NL, PARTS, BC_VEC,
                 EVEN_N, SHFL_ASM)
     if CARRY_ONLY:
-        seg = seg_base + pid_s.to(tl.int64) * DIM * N
-        decays = ()
-        for n in tl.static_range(NL):
-            dec = tl.exp2(sdt * A2[n])
-            if HAS_DOC:
-                dec = tl.where(nreset > 0, 0.0, dec)
-            decays = decays + (dec,)
-        _lane_store_states(seg_a_ptr, seg, decays, offs_d, n0, mask_d, N)
-        _lane_store_states(seg_b_ptr, seg, carry, offs_d, n0, mask_d, N)
+        _lane_store_segment(seg_a_ptr, seg_b_ptr, seg_base + pid_s.to(tl.int64) * DIM * N, sdt, nreset > 0, A2,
+                            carry, offs_d, n0, mask_d, N)
     else:
         part = pid_b.to(tl.int64) * n_seg + pid_s
         _lane_store_states(dA_ptr, part * DIM * N, dA, offs_d, n0, mask_d, N)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from seqlab.ops.triton.jit_math import softplus
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -286,3 +288,26 @@ def _lane_channel_params(D_ptr, bias_ptr, offs_d, mask_d, HAS_D: tl.constexpr, H
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     return Dskip, bias
+
+
+@triton.jit
+def _lane_dt(delta, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """A step's raw delta (as loaded) -> (delta + bias, dt = softplus of it, or it without SOFTPLUS), float32."""
+    raw = delta.to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias
+    dt = raw
+    if SOFTPLUS:
+        dt = softplus(raw)
+    return raw, dt
+
+
+@triton.jit
+def _lane_store_segment(seg_a_ptr, seg_b_ptr, seg, sdt, gone, A2, h, offs_d, n0, mask_d, N):
+    """A time segment's decay product exp(A sdt) (0 where `gone`: a document start in it, or a sum cut off) and its
+    end state or carry h to the (B, S, D, N) rows at seg, states n0 + k of each lane's channel."""
+    dec = ()
+    for k in tl.static_range(len(h)):
+        dec = dec + (tl.where(gone, 0.0, tl.exp2(sdt * A2[k])),)
+    _lane_store_states(seg_a_ptr, seg, dec, offs_d, n0, mask_d, N)
+    _lane_store_states(seg_b_ptr, seg, h, offs_d, n0, mask_d, N)

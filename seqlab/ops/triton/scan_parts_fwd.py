@@ -19,13 +19,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton.jit_math import softplus
 from seqlab.ops.triton.scan_lanes import (
     _lane_columns,
+    _lane_dt,
     _lane_fold,
     _lane_load_states,
     _lane_reduce_scatter,
     _lane_scaled_A,
+    _lane_step,
+    _lane_store_segment,
     _lane_store_states,
     _lane_xor,
 )
@@ -95,26 +97,6 @@ def _parts_bc_rows(B_lane, C_lane, row0, row_last, GN: tl.constexpr, K: tl.const
 
 
 @triton.jit
-def _parts_step(h, A2, dt, dtu, Bs, Cs, reset, HAS_DOC: tl.constexpr, WANT_Y: tl.constexpr):
-    """h_{t-1} -> h_t for a lane's K states (a tuple of (32,) vectors) and its part of y_t = <h_t, C_t>, one FMA
-    chain (K is small)."""
-    new = ()
-    y = tl.zeros_like(dt)
-    for k in tl.static_range(len(h)):
-        a = tl.exp2(dt * A2[k])
-        if HAS_DOC:
-            a = tl.where(reset, 0.0, a)
-        hk = a * h[k] + dtu * Bs[k]
-        new = new + (hk,)
-        if WANT_Y:
-            if k == 0:
-                y = hk * Cs[k]
-            else:
-                y += hk * Cs[k]
-    return new, y
-
-
-@triton.jit
 def _parts_chunk(h, sdt, nreset, queue, chunk, row_b, row_last, t_end, A2, Dskip, bias, part, lane,
                  u_lane, delta_lane, z_lane, y_lane, ypre_lane, B_lane, C_lane, ckpt_lane, doc_ptr, pid_b, n_ckpt,
                  DIM: tl.constexpr, GN: tl.constexpr, N: tl.constexpr, state_mask,
@@ -142,13 +124,7 @@ def _parts_chunk(h, sdt, nreset, queue, chunk, row_b, row_last, t_end, A2, Dskip
     dts = ()
     dtus = ()
     for j in tl.static_range(J):
-        raw = d_j[j].to(tl.float32)
-        if HAS_BIAS:
-            raw = raw + bias
-        if SOFTPLUS:
-            dt = softplus(raw)
-        else:
-            dt = raw
+        _, dt = _lane_dt(d_j[j], bias, HAS_BIAS, SOFTPLUS)
         if TAIL:
             dt = tl.where(chunk * 8 + j * PARTS + part < t_end, dt, 0.0)  # steps past the segment: the identity
         if STATES_ONLY:
@@ -169,7 +145,7 @@ def _parts_chunk(h, sdt, nreset, queue, chunk, row_b, row_last, t_end, A2, Dskip
             reset = doc != prev
             if STATES_ONLY:  # each step counted once in the group, by the lane that owns it
                 nreset += (reset & (part == s % PARTS)).to(tl.int32)
-        h, y = _parts_step(h, A2, dt, dtu, bc[s][0], bc[s][1], reset, HAS_DOC, not STATES_ONLY)
+        h, y = _lane_step(h, A2, dt, dtu, bc[s][0], bc[s][1], reset, HAS_DOC, not STATES_ONLY)
         ys = ys + (y,)
     if not STATES_ONLY:
         for j in tl.static_range(J):
@@ -298,15 +274,8 @@ def _scan_fwd_parts_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
         sdt = _group_sum(sdt, PARTS, SHFL_ASM)  # each lane summed its own steps' dt
         if HAS_DOC:
             nreset = _group_sum(nreset.to(tl.float32), PARTS, SHFL_ASM).to(tl.int32)
-        seg = seg_base + pid_s.to(tl.int64) * DIM * N
-        dec = ()
-        for k in tl.static_range(K):
-            a = tl.exp2(sdt * A2[k])
-            if HAS_DOC:
-                a = tl.where(nreset > 0, 0.0, a)
-            dec = dec + (a,)
-        _lane_store_states(seg_a_ptr, seg, dec, ch, n0, mask_d, N)
-        _lane_store_states(seg_b_ptr, seg, h, ch, n0, mask_d, N)
+        _lane_store_segment(seg_a_ptr, seg_b_ptr, seg_base + pid_s.to(tl.int64) * DIM * N, sdt, nreset > 0, A2, h,
+                            ch, n0, mask_d, N)
     else:
         if pid_s == n_seg - 1:
             _lane_store_states(final_ptr, state_base, h, ch, n0, mask_d, N)

@@ -29,14 +29,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from seqlab.ops.triton.jit_math import softplus
 from seqlab.ops.triton.scan_lanes import (
+    _lane_dt,
     _lane_load_states,
     _lane_load_steps,
     _lane_row_load,
     _lane_row_widen,
     _lane_scaled_A,
-    _lane_store_states,
+    _lane_store_segment,
     _lane_zeros,
 )
 
@@ -65,6 +65,22 @@ def _slowest(A2, N, zero):
 
 
 @triton.jit
+def _segment_setup(A_ptr, bias_ptr, DIM, G, N, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """A program's channels (offs_d, mask_d, zero: offs_d * 0), A log2 e as BLOCK_N (BLOCK_D,) vectors, the slowest
+    of them per lane, the B/C group and the dt bias; and zero states."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < DIM
+    zero = offs_d * 0
+    A2 = _lane_scaled_A(A_ptr, offs_d, zero, mask_d, N, BLOCK_N, False)
+    g = (tl.program_id(0) * BLOCK_D) // (DIM // G)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, mask_d, zero, A2, _slowest(A2, N, zero), g, bias, _lane_zeros(BLOCK_D, BLOCK_N)
+
+
+@triton.jit
 def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_ptr, init_ptr, seg_a_ptr, seg_b_ptr,
                                 L, DIM, G, N, seg_len, n_seg,
                                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
@@ -73,19 +89,10 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
                                 EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr):
     """Grid (D / BLOCK_D, batch, n_seg - 1), one warp of BLOCK_D = 32 channels (BLOCK_D divides D / G): seg_a,
     seg_b of segment pid_s, whose steps [pid_s seg_len, (pid_s + 1) seg_len) are whole 8-step chunks of the row."""
-    pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    zero = offs_d * 0
-    A2 = _lane_scaled_A(A_ptr, offs_d, zero, mask_d, N, BLOCK_N, False)
-    a2_max = _slowest(A2, N, zero)
-    g = (pid_d * BLOCK_D) // (DIM // G)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    h = _lane_zeros(BLOCK_D, BLOCK_N)
+    offs_d, mask_d, zero, A2, a2_max, g, bias, h = _segment_setup(A_ptr, bias_ptr, DIM, G, N, HAS_BIAS, BLOCK_D,
+                                                                  BLOCK_N)
     c = tl.zeros((BLOCK_D,), dtype=tl.float32)  # dt summed over the steps after the current one
     row_b = pid_b.to(tl.int64) * L
     c_first = pid_s * seg_len // 8
@@ -103,13 +110,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
         nd = _lane_load_steps(delta_ptr, prev, row_b, DIM, offs_d, False)
         nb = _step_rows(B_ptr, prev, row_b + L - 1, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
         for s in tl.static_range(7, -1, -1):
-            raw = d8[s].to(tl.float32)
-            if HAS_BIAS:
-                raw = raw + bias
-            if SOFTPLUS:
-                dt = softplus(raw)
-            else:
-                dt = raw
+            _, dt = _lane_dt(d8[s], bias, HAS_BIAS, SOFTPLUS)
             dtu = dt * u8[s].to(tl.float32)
             Bs = _lane_row_widen(b8[s], BF16_PAIRS)
             new = ()
@@ -131,24 +132,16 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
             live = live & (tl.max(a2_max * c) > _EXP2_ZERO)
         if HAS_DOC:
             live = live & (tl.min(cut.to(tl.int32)) == 0)
-    seg = pid_b.to(tl.int64) * n_seg * DIM * N + pid_s.to(tl.int64) * DIM * N
-    dec = ()
-    for n in tl.static_range(BLOCK_N):
-        a = tl.exp2(A2[n] * c)
-        # stopped early (underflow or a document start): the segment's whole decay is zero
-        a = tl.where(chunk >= c_first, 0.0, a)
-        if HAS_DOC:
-            a = tl.where(cut, 0.0, a)
-        dec = dec + (a,)
+    gone = cut | (zero + chunk >= c_first)  # stopped early (underflow or a document start): no decay is left
     if HAS_INIT:
         h0 = _lane_load_states(init_ptr, pid_b.to(tl.int64) * DIM * N, offs_d, zero, mask_d & (zero + pid_s == 0), N,
                                BLOCK_N, False)
         carried = ()
         for n in tl.static_range(BLOCK_N):
-            carried = carried + (h[n] + dec[n] * h0[n],)
+            carried = carried + (h[n] + tl.where(gone, 0.0, tl.exp2(A2[n] * c)) * h0[n],)
         h = carried
-    _lane_store_states(seg_a_ptr, seg, dec, offs_d, zero, mask_d, N)
-    _lane_store_states(seg_b_ptr, seg, h, offs_d, zero, mask_d, N)
+    _lane_store_segment(seg_a_ptr, seg_b_ptr, pid_b.to(tl.int64) * n_seg * DIM * N + pid_s.to(tl.int64) * DIM * N, c,
+                        gone, A2, h, offs_d, zero, mask_d, N)
 
 
 @triton.jit
@@ -163,19 +156,10 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
     Grid (D / BLOCK_D, batch, n_seg - 1) for segments 1 .. n_seg - 1 (the last may end mid-chunk, at L). Writes
     seg_a = exp(A (dt sum of the segment)) (0 after a document start or where it underflows) and seg_b = carry, as
     the backward kernels' carry-only pass does."""
-    pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2) + 1
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < DIM
-    zero = offs_d * 0
-    A2 = _lane_scaled_A(A_ptr, offs_d, zero, mask_d, N, BLOCK_N, False)
-    a2_max = _slowest(A2, N, zero)
-    g = (pid_d * BLOCK_D) // (DIM // G)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    carry = _lane_zeros(BLOCK_D, BLOCK_N)
+    offs_d, mask_d, zero, A2, a2_max, g, bias, carry = _segment_setup(A_ptr, bias_ptr, DIM, G, N, HAS_BIAS, BLOCK_D,
+                                                                      BLOCK_N)
     c = tl.zeros((BLOCK_D,), dtype=tl.float32)  # dt summed from the segment's start through the current step
     row_b = pid_b.to(tl.int64) * L
     row_last = row_b + L - 1
@@ -203,13 +187,7 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
         for s in tl.static_range(8):
             t = chunk * 8 + s
             valid = zero + t < t_end
-            raw = d8[s].to(tl.float32)
-            if HAS_BIAS:
-                raw = raw + bias
-            if SOFTPLUS:
-                dt = softplus(raw)
-            else:
-                dt = raw
+            _, dt = _lane_dt(d8[s], bias, HAS_BIAS, SOFTPLUS)
             c += tl.where(valid, dt, 0.0)
             p = y8[s].to(tl.float32)
             if HAS_Z:
@@ -234,13 +212,6 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
             live = live & (tl.max(a2_max * c) > _EXP2_ZERO)
         if HAS_DOC:
             live = live & (tl.min(cut.to(tl.int32)) == 0)
-    seg = pid_b.to(tl.int64) * n_seg * DIM * N + pid_s.to(tl.int64) * DIM * N
-    dec = ()
-    for n in tl.static_range(BLOCK_N):
-        a = tl.exp2(A2[n] * c)
-        a = tl.where(chunk <= c_last, 0.0, a)  # stopped early: the segment's whole decay is zero
-        if HAS_DOC:
-            a = tl.where(cut, 0.0, a)
-        dec = dec + (a,)
-    _lane_store_states(seg_a_ptr, seg, dec, offs_d, zero, mask_d, N)
-    _lane_store_states(seg_b_ptr, seg, carry, offs_d, zero, mask_d, N)
+    gone = cut | (zero + chunk <= c_last)  # stopped early: no decay is left
+    _lane_store_segment(seg_a_ptr, seg_b_ptr, pid_b.to(tl.int64) * n_seg * DIM * N + pid_s.to(tl.int64) * DIM * N, c,
+                        gone, A2, carry, offs_d, zero, mask_d, N)

@@ -39,6 +39,7 @@ from seqlab.ops.triton.scan_lanes import (
     LN2,
     LOG2E,
     _lane_channel_params,
+    _lane_dt,
     _lane_fold,
     _lane_load_state,
     _lane_load_steps,
@@ -46,6 +47,7 @@ from seqlab.ops.triton.scan_lanes import (
     _lane_row_widen,
     _lane_scaled_A,
     _lane_step,
+    _lane_store_segment,
     _lane_tile,
     _lane_zeros,
 )
@@ -723,13 +725,7 @@ def _lane_chunk(h, sdt, nreset, u8, d8, z8, nbc, chunk, row_b, row_last, t_end, 
         row = row0 + s
         if TAIL:
             row = tl.minimum(row, row_last)
-        raw = d8[s].to(tl.float32)
-        if HAS_BIAS:
-            raw = raw + bias
-        if SOFTPLUS:
-            dt = softplus(raw)
-        else:
-            dt = raw
+        _, dt = _lane_dt(d8[s], bias, HAS_BIAS, SOFTPLUS)
         if TAIL:
             dt = tl.where(in_seg, dt, 0.0)  # steps past the segment: the identity
         u = u8[s].to(tl.float32)
@@ -845,13 +841,8 @@ def _scan_fwd_lane_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, b
             dn, mask_dn, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, HAS_DOC, STORE_CKPT, STORE_YPRE, STATES_ONLY, BLOCK_N,
             BC_VEC, EVEN_N, BF16_PAIRS, BC_AHEAD, True)
     if STATES_ONLY:
-        seg = seg_base + pid_s.to(tl.int64) * DIM * N
-        for n in tl.static_range(BLOCK_N):
-            dec = tl.exp2(sdt * A2[n])
-            if HAS_DOC:
-                dec = tl.where(nreset > 0, 0.0, dec)
-            tl.store(seg_a_ptr + seg + offs_d * N + n, dec, mask=mask_d & (offs_d * 0 + n < N))
-            tl.store(seg_b_ptr + seg + offs_d * N + n, h[n], mask=mask_d & (offs_d * 0 + n < N))
+        _lane_store_segment(seg_a_ptr, seg_b_ptr, seg_base + pid_s.to(tl.int64) * DIM * N, sdt, nreset > 0, A2, h,
+                            offs_d, offs_d * 0, mask_d, N)
     else:
         if pid_s == n_seg - 1:
             tl.store(final_ptr + state_base + dn, _lane_tile(h), mask=mask_dn)
