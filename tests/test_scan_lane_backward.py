@@ -37,15 +37,18 @@ CASES = {
     "bf16_n16": (1, 13, 32, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True), {}),
     "bf16_n16_two_lanes": (1, 21, 32, 16, 1, torch.bfloat16, dict(D=True, z=True, bias=True, dfinal=True),
                            dict(lane_bwd_parts=2)),
-    # three time segments: the carry-only pass and the fold; no skip, gate, bias or softplus
+    # three time segments: the lane kernel's own carry-only pass and the fold; no skip, gate, bias or softplus
     "split3_n16_two_lanes": (1, 40, 32, 16, 1, torch.float32, dict(init=True, softplus=False, dfinal=True),
-                             dict(SPLIT_T=3, lane_bwd_parts=2)),
+                             dict(SPLIT_T=3, lane_bwd_parts=2, segment_states="scan")),
+    # the same with the carries as cut-off sums (the default) and documents
+    "split3_n16_docs_sums": (1, 40, 32, 16, 1, torch.float32, dict(D=True, z=True, bias=True, docs=True, dfinal=True),
+                             dict(SPLIT_T=3)),
     # groups of 16 channels (one warp per group), N 4 (2 states a lane); documents
     "docs_n4_g2_two_lanes": (1, 21, 32, 4, 2, torch.float32, dict(D=True, z=True, bias=True, docs=True, dfinal=True),
                              dict(lane_bwd_parts=2)),
-    # N 3 (padded to 4), y saved by the forward for dz, two segments
+    # N 3 (padded to 4), y saved by the forward for dz, two segments, the carry-only pass with documents
     "n3_save_y": (1, 20, 32, 3, 1, torch.float32, dict(D=True, z=True, bias=True, init=True, docs=True),
-                  dict(SPLIT_T=2, SAVE_Y=True)),
+                  dict(SPLIT_T=2, SAVE_Y=True, segment_states="scan")),
     # N 2 asked with two lanes: too few states to share, one lane per channel
     "n2": (2, 11, 32, 2, 1, torch.float32, dict(D=True, z=True, bias=True, dfinal=True), dict(lane_bwd_parts=2)),
 }
