@@ -198,3 +198,28 @@ def test_split_backward_carries_match_torch(case):
         assert err <= tol_default, f"{name}: relative error {err:.2e} against the carry-only pass > {tol_default:.0e}"
         err = rel_err(summed[name], ref[name])
         assert err <= tol_torch, f"{name}: relative error {err:.2e} against the torch path > {tol_torch:.0e}"
+
+
+def test_segment_sums_stop_where_earlier_terms_underflow():
+    """The cut-off is observable: with fast-decaying states, a NaN planted in the first step of the first of 4
+    segments stays in that segment's outputs when the end states are cut-off sums (the pass back from the segment's
+    end stops long before step 0), and reaches every later segment through the full states-only pass."""
+    from seqlab.ops.triton import selective_scan as module
+
+    batch, seqlen, dim, n, groups, dtype, opts, tuning = CASES["split4_decaying"]
+    kw, seq_idx, softplus, _ = make_inputs(batch, seqlen, dim, n, groups, dtype, opts, seed=3)
+    kw["u"][:, 0] = float("nan")
+    args = [kw[k] for k in NAMES]
+    outs = {}
+    for how in ("sum", "scan"):
+        module.TUNING.clear()
+        module.TUNING.update(BASE_TUNING, **tuning, segment_states=how)
+        try:
+            with torch.no_grad():
+                outs[how] = module.selective_scan_triton(*args[:8], softplus, args[8], seq_idx)[0]
+        finally:
+            module.TUNING.clear()
+    segment = seqlen // 4
+    assert torch.isnan(outs["sum"][:, :segment]).any() and torch.isnan(outs["scan"][:, :segment]).any()
+    assert torch.isfinite(outs["sum"][:, segment:]).all()
+    assert torch.isnan(outs["scan"][:, segment:]).all()

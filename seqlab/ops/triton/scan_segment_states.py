@@ -13,7 +13,9 @@ is below the smallest normal float for every state of a program, every earlier t
 kernels' exp2 flushes subnormals), and the pass stops there. So with decaying states the first pass reads only the
 last few hundred steps of each segment (at dt ~ 0.13 and |A| >= 1, ~700) instead of all of it. With dt < 0
 possible (no softplus), A > 0, or slow states, it runs the whole segment: as many exps as the forward pass. A
-document start (seq_idx) at step t zeroes every earlier term, and the pass stops after it.
+document start (seq_idx) at step t zeroes every earlier term, and the pass stops after it. The steps it skips are
+not read: a NaN or inf there stays in its own segment's outputs, where a full pass would carry it into every later
+segment.
 
 The backward's carry-only pass is the mirror image (_scan_segment_carries_kernel): the adjoint carry at a segment's
 start is a sum over its steps weighted by exp(A (dt_start + ... + dt_t)), added from the start forwards and cut off
