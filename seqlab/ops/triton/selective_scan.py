@@ -1351,9 +1351,7 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
         _scan_segment_states_kernel[(n_blocks, batch, n_seg - 1)](
             u, delta, A, B, delta_bias, doc, init, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None, HAS_INIT=init is not None,
-            BLOCK_D=block_d,
-            BLOCK_N=next_pow2(n), BC_VEC=common["BC_VEC"], EVEN_N=common["EVEN_N"],
-            BF16_PAIRS=common["BF16_PAIRS"], num_warps=1)
+            BLOCK_D=block_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(B, C), num_warps=1)
     elif n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False, STATES_ONLY=True,
                                              **common)
@@ -1404,7 +1402,7 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
     args = (u, delta, A, B_in, C_in, D, z, delta_bias, doc, ckpt, dy, dfinal, seg_a, seg_b, ypre,
             du, ddelta, dz, dA, dB, dC, dD, dbias, dinit, L, dim, groups, n, ckpt.shape[1], seg_len, n_seg)
     if n_seg > 1 and not _large_state(n) and _segment_states() == "sum":
-        lane_d = _chunk_block_d("SUM_BLOCK_D", 32, dim, groups)
+        lane_d = _chunk_block_d("CHUNK_BLOCK_D", 32, dim, groups)  # one channel per lane, as the lane forward
         _scan_segment_carries_kernel[(dim // lane_d, batch, n_seg - 1)](
             delta, A, C, z, delta_bias, doc, dy, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None,
