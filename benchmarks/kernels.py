@@ -187,13 +187,30 @@ def sdpa_rows(table: str, shape: str, batch: int, seqlen: int, width: int, headd
 # ----------------------------------------------------------------------------------------------- selective scan
 
 
-def scan_inputs(batch, seqlen, dim, N, grad=False):
+# How scan_inputs draws the step sizes and decays:
+#   "benchmark": softplus(0.5 z - 2 + 0.1 z') ~ 0.13 per step, A spread log-uniformly over [-16, -1] per state (the
+#                tables' inputs since the first run);
+#   "mamba-init": as a freshly initialised Mamba layer: A = -(1, ..., N) in every channel, the step size's bias the
+#                inverse softplus of a per-channel dt log-uniform in [0.001, 0.1], plus 0.5 z from the projection.
+SCAN_DT = ("benchmark", "mamba-init")
+
+
+def scan_inputs(batch, seqlen, dim, N, grad=False, dt="benchmark"):
+    if dt not in SCAN_DT:
+        raise ValueError(f"scan_inputs: dt must be one of {SCAN_DT}, got {dt!r}")
     r = lambda *s, dt=BF16: torch.randn(*s, device="cuda", dtype=dt)
     u, z = r(batch, seqlen, dim), r(batch, seqlen, dim)
-    delta = (0.5 * r(batch, seqlen, dim, dt=torch.float32) - 2.0).to(BF16)
-    A = -torch.exp(torch.rand(dim, N, device="cuda") * math.log(16))  # S4D-real-like spread
-    B, C = r(batch, seqlen, 1, N), r(batch, seqlen, 1, N)
-    D, bias = torch.ones(dim, device="cuda"), 0.1 * torch.randn(dim, device="cuda")
+    if dt == "benchmark":  # drawn in the order of the earlier runs, so their inputs repeat
+        delta = (0.5 * r(batch, seqlen, dim, dt=torch.float32) - 2.0).to(BF16)
+        A = -torch.exp(torch.rand(dim, N, device="cuda") * math.log(16))  # S4D-real-like spread
+        B, C = r(batch, seqlen, 1, N), r(batch, seqlen, 1, N)
+        D, bias = torch.ones(dim, device="cuda"), 0.1 * torch.randn(dim, device="cuda")
+    else:
+        delta = (0.5 * r(batch, seqlen, dim, dt=torch.float32)).to(BF16)
+        A = -torch.arange(1, N + 1, device="cuda", dtype=torch.float32).repeat(dim, 1)
+        B, C = r(batch, seqlen, 1, N), r(batch, seqlen, 1, N)
+        dt0 = torch.exp(torch.rand(dim, device="cuda") * math.log(100.0) + math.log(1e-3))
+        D, bias = torch.ones(dim, device="cuda"), dt0 + torch.log(-torch.expm1(-dt0))  # softplus(bias) = dt0
     ins = [u, delta, A, B, C, D, z, bias]
     if grad:
         for t in ins:

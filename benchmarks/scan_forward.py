@@ -3,7 +3,7 @@
 
     python3 benchmarks/scan_forward.py --out OUT [--shapes 1x65536,1x16384,2x8192,8x2048]
         [--settings '[{}, {"segment_states": "scan"}, {"fwd_parts": 8}, ...]']
-        [--reference '{"segment_states": "scan"}'] [--rounds 2] [--warm-only | --once]
+        [--reference '{"segment_states": "scan"}'] [--rounds 2] [--dt benchmark,mamba-init] [--warm-only | --once]
     ncu --kernel-name regex:_scan_fwd_parts_kernel --launch-skip 1 --launch-count 1 --section WarpStateStats \
         python3 benchmarks/scan_forward.py --once --settings '[{"fwd_parts": 8}]' --shapes 1x65536
 
@@ -12,7 +12,10 @@ of y and the final state (NaN never passes), then median CUDA-event times in int
 of kernels.py (exps / measured special-function rate); and forward+backward for the first two settings (the backward
 is the same kernel either way: it reads the forward's checkpoints). Writes OUT/scan_forward.json and a markdown
 table to stdout. --warm-only compiles the settings' kernels and times nothing (run one process per setting in
-parallel first: compiling is single-threaded). --once: each setting's forward twice at the first shape (compile,
+parallel first: compiling is single-threaded). --dt: the step sizes and decays drawn (kernels.SCAN_DT; each a row
+group of its own): the segment sums stop early only where every state of a warp's channels has decayed to nothing,
+which the benchmark's steps reach within ~700 steps and a freshly initialised Mamba layer's slowest channels (dt
+0.001, A = -1) do not within a segment. --once: each setting's forward twice at the first shape (compile,
 then the call to profile), nothing timed or checked.
 """
 
@@ -48,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default='[{}, {"segment_states": "scan"}, {"fwd_parts": 8}]')
     p.add_argument("--reference", default='{"segment_states": "scan"}')
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dt", default="benchmark", help="comma-separated, from " + ", ".join(kernels.SCAN_DT))
     p.add_argument("--warm-only", action="store_true")
     p.add_argument("--once", action="store_true")
     args = p.parse_args(argv)
@@ -57,6 +61,10 @@ def main(argv=None) -> int:
     from seqlab.ops.triton import selective_scan as tss
 
     shapes = [kernels.parse_shape(s) for s in args.shapes.split(",")]
+    dts = args.dt.split(",")
+    for dt in dts:
+        if dt not in kernels.SCAN_DT:
+            p.error(f"--dt: expected names from {', '.join(kernels.SCAN_DT)}, got {dt!r}")
     settings = [json.dumps(t) for t in kernels.parse_tuning_list(args.settings)]
     kernels.WARM_ONLY = args.warm_only
     c = kernels.measure_ceilings() if not args.warm_only else None
@@ -78,10 +86,10 @@ def main(argv=None) -> int:
                     run_with(s, ins)
                     torch.cuda.synchronize()
         return 0
-    for batch, seqlen in shapes:
+    for (batch, seqlen), dt in [(shape, dt) for dt in dts for shape in shapes]:
         shape = f"{batch}x{seqlen}"
         torch.manual_seed(0)
-        ins = kernels.scan_inputs(batch, seqlen, DIM, N)
+        ins = kernels.scan_inputs(batch, seqlen, DIM, N, dt=dt)
         floor = None if c is None else kernels.scan_floor(c, batch, seqlen, DIM, N, False)
         with torch.no_grad():
             ref_y, ref_h = run_with(args.reference, ins)
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
                 for s in settings:
                     times[s].append(kernels.cuda_time(lambda s=s, ins=ins: run_with(s, ins)))
         ins = None
-        gins = kernels.scan_inputs(batch, seqlen, DIM, N, grad=True)
+        gins = kernels.scan_inputs(batch, seqlen, DIM, N, grad=True, dt=dt)
         fb = {}
         for s in settings[:2]:
             fb[s] = kernels.cuda_time(kernels.fwd_bwd(lambda s=s, g=gins: run_with(s, g)[0], gins))
@@ -106,7 +114,7 @@ def main(argv=None) -> int:
             chosen = tss._fwd_parts(DIM, N, 1)
             tss.TUNING.clear()
             ms = min(times[s])
-            row = dict(shape=shape, setting=s, parts=chosen, fwd_ms=ms,
+            row = dict(shape=shape, dt=dt, setting=s, parts=chosen, fwd_ms=ms,
                        fwd_ms_rounds=times[s], rel_err_y=checks[s][0], rel_err_state=checks[s][1],
                        fwd_bwd_ms=fb.get(s))
             if floor is not None:
@@ -117,12 +125,12 @@ def main(argv=None) -> int:
         json.dump(dict(ceilings=c, rows=rows), f, indent=1, default=str)
     if args.warm_only:
         return 0
-    print("| shape | setting | lanes/channel | fwd ms (rounds) | x exp floor | fwd+bwd ms | rel. err y / state |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | dt | setting | lanes/channel | fwd ms (rounds) | x exp floor | fwd+bwd ms | rel. err y / state |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         rounds = " / ".join(f"{t:.3f}" for t in r["fwd_ms_rounds"])
         fbs = f"{r['fwd_bwd_ms']:.3f}" if r["fwd_bwd_ms"] else "–"
-        print(f"| {r['shape']} | `{r['setting']}` | {r['parts']} | {rounds} | {r['x_floor']:.2f} | {fbs} | "
+        print(f"| {r['shape']} | {r['dt']} | `{r['setting']}` | {r['parts']} | {rounds} | {r['x_floor']:.2f} | {fbs} | "
               f"{r['rel_err_y']:.1e} / {r['rel_err_state']:.1e} |")
     bad = [r for r in rows if not (r["rel_err_y"] <= 1e-2 and r["rel_err_state"] <= 1e-3)]
     for r in bad:
