@@ -76,19 +76,34 @@ def _lane_row_load(ptr, row, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, 
 
 
 @triton.jit
-def _lane_row_widen(pieces, BF16_PAIRS: tl.constexpr):
-    """_lane_row_load's pieces -> tuple of BLOCK_N float32 scalars. A bf16 pair's even element is the word's low
+def _lane_row_words(pieces):
+    """_lane_row_load's pieces -> tuple of their scalar elements, as loaded (int32 words of two bf16 with
+    BF16_PAIRS). Split where loaded, a row can be carried across loop iterations as scalars: carried as pieces, the
+    compiler converts their layout through shared memory at every use."""
+    words = ()
+    for k in tl.static_range(len(pieces)):
+        words = words + _elements(pieces[k])
+    return words
+
+
+@triton.jit
+def _lane_words_widen(words, BF16_PAIRS: tl.constexpr):
+    """_lane_row_words' scalars -> tuple of BLOCK_N float32 scalars. A bf16 pair's even element is the word's low
     half (word << 16), the odd one its high half (word & 0xffff0000): one integer op each."""
     vals = ()
-    for k in tl.static_range(len(pieces)):
+    for i in tl.static_range(len(words)):
         if BF16_PAIRS:
-            words = _elements(pieces[k])
-            for i in tl.static_range(len(words)):
-                vals = vals + ((words[i] << 16).to(tl.float32, bitcast=True),
-                               (words[i] & -65536).to(tl.float32, bitcast=True))
+            vals = vals + ((words[i] << 16).to(tl.float32, bitcast=True),
+                           (words[i] & -65536).to(tl.float32, bitcast=True))
         else:
-            vals = vals + _elements(pieces[k].to(tl.float32))
+            vals = vals + (words[i].to(tl.float32),)
     return vals
+
+
+@triton.jit
+def _lane_row_widen(pieces, BF16_PAIRS: tl.constexpr):
+    """_lane_row_load's pieces -> tuple of BLOCK_N float32 scalars (see _lane_words_widen)."""
+    return _lane_words_widen(_lane_row_words(pieces), BF16_PAIRS)
 
 
 @triton.jit

@@ -36,9 +36,10 @@ from seqlab.ops.triton.scan_lanes import (
     _lane_load_states,
     _lane_load_steps,
     _lane_row_load,
-    _lane_row_widen,
+    _lane_row_words,
     _lane_scaled_A,
     _lane_store_segment,
+    _lane_words_widen,
     _lane_zeros,
 )
 
@@ -48,12 +49,15 @@ _EXP2_ZERO = tl.constexpr(-127.0)
 
 @triton.jit
 def _step_rows(B_ptr, row0, row_last, g, G, N, BLOCK_N: tl.constexpr, VEC: tl.constexpr, EVEN_N: tl.constexpr,
-               BF16_PAIRS: tl.constexpr):
-    """B (or C) rows row0 .. row0 + 7 as loaded (see scan_lanes._lane_row_load); rows past row_last read row_last."""
+               BF16_PAIRS: tl.constexpr, CLAMP: tl.constexpr):
+    """B (or C) rows row0 .. row0 + 7, each a tuple of scalars as loaded (scan_lanes._lane_row_words); CLAMP: rows
+    past row_last read row_last."""
     rows = ()
     for s in tl.static_range(8):
-        row = tl.minimum(row0 + s, row_last)
-        rows = rows + (_lane_row_load(B_ptr, row, g, G, N, BLOCK_N, VEC, EVEN_N, BF16_PAIRS),)
+        row = row0 + s
+        if CLAMP:
+            row = tl.minimum(row, row_last)
+        rows = rows + (_lane_row_words(_lane_row_load(B_ptr, row, g, G, N, BLOCK_N, VEC, EVEN_N, BF16_PAIRS)),)
     return rows
 
 
@@ -101,7 +105,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
     chunk = (pid_s + 1) * seg_len // 8 - 1
     nu = _lane_load_steps(u_ptr, row_b + chunk * 8, row_b, DIM, offs_d, False)
     nd = _lane_load_steps(delta_ptr, row_b + chunk * 8, row_b, DIM, offs_d, False)
-    nb = _step_rows(B_ptr, row_b + chunk * 8, row_b + L - 1, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+    nb = _step_rows(B_ptr, row_b + chunk * 8, row_b + L - 1, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS, False)
     cut = zero != 0  # a document start seen: every earlier term is zero
     live = chunk >= c_first
     while live:
@@ -110,11 +114,11 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
         prev = tl.maximum(chunk - 1, c_first) * 8 + row_b  # the chunk before (re-read on the last: unused)
         nu = _lane_load_steps(u_ptr, prev, row_b, DIM, offs_d, False)
         nd = _lane_load_steps(delta_ptr, prev, row_b, DIM, offs_d, False)
-        nb = _step_rows(B_ptr, prev, row_b + L - 1, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        nb = _step_rows(B_ptr, prev, row_b + L - 1, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS, False)
         for s in tl.static_range(7, -1, -1):
             _, dt = _lane_dt(d8[s], bias, HAS_BIAS, SOFTPLUS)
             dtu = dt * u8[s].to(tl.float32)
-            Bs = _lane_row_widen(b8[s], BF16_PAIRS)
+            Bs = _lane_words_widen(b8[s], BF16_PAIRS)
             new = ()
             for n in tl.static_range(BLOCK_N):
                 w = tl.exp2(A2[n] * c)
@@ -151,13 +155,15 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
                                  L, DIM, G, N, seg_len, n_seg,
                                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                                  HAS_DOC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BC_VEC: tl.constexpr, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr):
+                                 BC_VEC: tl.constexpr, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr,
+                                 WHOLE_CHUNKS: tl.constexpr):
     """The backward's counterpart: the adjoint carry a segment passes to the one before it, from a zero carry at its
     end, carry = sum_t exp(A c_t) C_t dy_t z_t sigmoid(z_t) with c_t = dt_start + ... + dt_t, summed forwards from
     the segment's start and stopped where every later term underflows (or at a document start: a_t = 0 there).
     Grid (D / BLOCK_D, batch, n_seg - 1) for segments 1 .. n_seg - 1 (the last may end mid-chunk, at L). Writes
     seg_a = exp(A (dt sum of the segment)) (0 after a document start or where it underflows) and seg_b = carry, as
-    the backward kernels' carry-only pass does."""
+    the backward kernels' carry-only pass does. WHOLE_CHUNKS: L is a multiple of 8, so every segment is whole chunks
+    (no clamped reads, no masked steps)."""
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2) + 1
     offs_d, mask_d, zero, A2, a2_max, g, bias, carry = _segment_setup(A_ptr, bias_ptr, DIM, G, N, HAS_BIAS, BLOCK_D,
@@ -168,39 +174,42 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
     t_end = tl.minimum((pid_s + 1) * seg_len, L)
     c_last = tl.cdiv(t_end, 8) - 1
     chunk = pid_s * seg_len // 8
-    nd = _lane_load_steps(delta_ptr, row_b + chunk * 8, row_last, DIM, offs_d, True)
-    ny = _lane_load_steps(dy_ptr, row_b + chunk * 8, row_last, DIM, offs_d, True)
+    CLAMP: tl.constexpr = not WHOLE_CHUNKS
+    nd = _lane_load_steps(delta_ptr, row_b + chunk * 8, row_last, DIM, offs_d, CLAMP)
+    ny = _lane_load_steps(dy_ptr, row_b + chunk * 8, row_last, DIM, offs_d, CLAMP)
     nz = ny
     if HAS_Z:
-        nz = _lane_load_steps(z_ptr, row_b + chunk * 8, row_last, DIM, offs_d, True)
-    nc = _step_rows(C_ptr, row_b + chunk * 8, row_last, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+        nz = _lane_load_steps(z_ptr, row_b + chunk * 8, row_last, DIM, offs_d, CLAMP)
+    nc = _step_rows(C_ptr, row_b + chunk * 8, row_last, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS, CLAMP)
     cut = zero != 0  # a document start seen: its step and every later one add nothing
     live = chunk <= c_last
     while live:
         row0 = row_b + chunk * 8
         d8, y8, z8, c8 = nd, ny, nz, nc
         nxt = row_b + tl.minimum(chunk + 1, c_last) * 8  # the next chunk (re-read on the last: unused)
-        nd = _lane_load_steps(delta_ptr, nxt, row_last, DIM, offs_d, True)
-        ny = _lane_load_steps(dy_ptr, nxt, row_last, DIM, offs_d, True)
+        nd = _lane_load_steps(delta_ptr, nxt, row_last, DIM, offs_d, CLAMP)
+        ny = _lane_load_steps(dy_ptr, nxt, row_last, DIM, offs_d, CLAMP)
         nz = ny
         if HAS_Z:
-            nz = _lane_load_steps(z_ptr, nxt, row_last, DIM, offs_d, True)
-        nc = _step_rows(C_ptr, nxt, row_last, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS)
+            nz = _lane_load_steps(z_ptr, nxt, row_last, DIM, offs_d, CLAMP)
+        nc = _step_rows(C_ptr, nxt, row_last, g, G, N, BLOCK_N, BC_VEC, EVEN_N, BF16_PAIRS, CLAMP)
         for s in tl.static_range(8):
             t = chunk * 8 + s
             valid = zero + t < t_end
             _, dt = _lane_dt(d8[s], bias, HAS_BIAS, SOFTPLUS)
-            c += tl.where(valid, dt, 0.0)
             p = y8[s].to(tl.float32)
             if HAS_Z:
                 zv = z8[s].to(tl.float32)
                 p = p * zv * tl.sigmoid(zv)
-            p = tl.where(valid, p, 0.0)
+            if not WHOLE_CHUNKS:
+                dt = tl.where(valid, dt, 0.0)
+                p = tl.where(valid, p, 0.0)
+            c += dt
             if HAS_DOC:  # a document starting at this step: a_t = 0 cuts it and every later step off
                 doc = tl.load(doc_ptr + row0 + s + zero, mask=valid, other=0)
                 before = tl.load(doc_ptr + row0 + s - 1 + zero, mask=valid & (zero + t > 0), other=0)
                 cut = cut | (valid & (doc != before))
-            Cs = _lane_row_widen(c8[s], BF16_PAIRS)
+            Cs = _lane_words_widen(c8[s], BF16_PAIRS)
             new = ()
             for n in tl.static_range(BLOCK_N):
                 w = tl.exp2(A2[n] * c)

@@ -1406,7 +1406,7 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
         _scan_segment_carries_kernel[(dim // lane_d, batch, n_seg - 1)](
             delta, A, C, z, delta_bias, doc, dy, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None,
-            BLOCK_D=lane_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(C, C), num_warps=1)
+            BLOCK_D=lane_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(C, C), WHOLE_CHUNKS=L % 8 == 0, num_warps=1)
     elif n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 1, CARRY_ONLY=True, **common)
     kernel[(n_blocks, batch, n_seg)](*args, 0, CARRY_ONLY=False, **common)
