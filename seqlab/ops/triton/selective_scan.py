@@ -1129,7 +1129,9 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          2.62-2.65 against 4.09-4.11 ms at 1 x 65536 (1.78x the exp floor), 0.88-0.98 against 1.19-1.22 at
 #          1 x 16384, 0.87 against 1.07-1.19 at 2 x 8192, 0.82-0.83 against 0.97-0.98 at 4 x 4096. With the start
 #          carries summed too (run33), fwd+bwd 15.2 against 16.7 ms at 1 x 65536, 4.39 / 4.35 / 4.10 against 4.54 /
-#          4.52 / 4.24 at 1 x 16384 / 2 x 8192 / 4 x 4096.
+#          4.52 / 4.24 at 1 x 16384 / 2 x 8192 / 4 x 4096. With a freshly initialised Mamba layer's step sizes
+#          (dt down to 0.001, A = -1) no warp's sums stop early: forward 4.14-4.16 against 4.02 ms at 1 x 65536, 0-3%
+#          slower elsewhere (run36; 12% before their B rows were carried as scalars, run35).
 #   fwd_parts: lanes per channel of the lane forward, 1 (default) or 2, 4, 8 (scan_parts_fwd: a channel's states
 #          spread over several lanes, so small batches fill the GPU without splitting time), with parts_ahead (1-4:
 #          chunks of inputs in flight). Slower everywhere measured on an H200 (kernels-gpu/run29, run30): at
