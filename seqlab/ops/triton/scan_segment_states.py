@@ -71,6 +71,19 @@ def _slowest(A2, N, zero):
 
 
 @triton.jit
+def _add_decayed(acc, A2, c, cut, x, row, HAS_DOC: tl.constexpr):
+    """One term of a segment sum: acc[n] + exp2(A2[n] c) x row[n] for every state n (acc, A2: tuples of (BLOCK_D,)
+    vectors; row: scalars); the weight is 0 where `cut` (a document start passed)."""
+    new = ()
+    for n in tl.static_range(len(acc)):
+        w = tl.exp2(A2[n] * c)
+        if HAS_DOC:
+            w = tl.where(cut, 0.0, w)
+        new = new + (acc[n] + w * (x * row[n]),)
+    return new
+
+
+@triton.jit
 def _segment_setup(A_ptr, bias_ptr, DIM, G, N, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr):
     """A program's channels (offs_d, mask_d, zero: offs_d * 0), A log2 e as BLOCK_N (BLOCK_D,) vectors, the slowest
@@ -118,14 +131,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
         for s in tl.static_range(7, -1, -1):
             _, dt = _lane_dt(d8[s], bias, HAS_BIAS, SOFTPLUS)
             dtu = dt * u8[s].to(tl.float32)
-            Bs = _lane_words_widen(b8[s], BF16_PAIRS)
-            new = ()
-            for n in tl.static_range(BLOCK_N):
-                w = tl.exp2(A2[n] * c)
-                if HAS_DOC:
-                    w = tl.where(cut, 0.0, w)
-                new = new + (h[n] + w * (dtu * Bs[n]),)
-            h = new
+            h = _add_decayed(h, A2, c, cut, dtu, _lane_words_widen(b8[s], BF16_PAIRS), HAS_DOC)
             c += dt
             if HAS_DOC:  # a document starting at this step: the terms before it are zero
                 t = chunk * 8 + s
@@ -209,14 +215,7 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
                 doc = tl.load(doc_ptr + row0 + s + zero, mask=valid, other=0)
                 before = tl.load(doc_ptr + row0 + s - 1 + zero, mask=valid & (zero + t > 0), other=0)
                 cut = cut | (valid & (doc != before))
-            Cs = _lane_words_widen(c8[s], BF16_PAIRS)
-            new = ()
-            for n in tl.static_range(BLOCK_N):
-                w = tl.exp2(A2[n] * c)
-                if HAS_DOC:
-                    w = tl.where(cut, 0.0, w)
-                new = new + (carry[n] + w * (p * Cs[n]),)
-            carry = new
+            carry = _add_decayed(carry, A2, c, cut, p, _lane_words_widen(c8[s], BF16_PAIRS), HAS_DOC)
         chunk += 1
         live = chunk <= c_last
         if SOFTPLUS:  # dt >= 0: weights only shrink going on; stop once all are zero
