@@ -8,10 +8,14 @@ forward, the first pass costs an exp per state and step, as the second does. Wri
     h_end = sum_t exp(A c_t) dt_t u_t B_t,    c_t = dt_{t+1} + ... + dt_end,
 
 (unrolling h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t from h = 0), the same terms can be added from the segment's end
-backwards, and with dt >= 0 (softplus) and A <= 0 their weights only shrink as t goes back: once exp2(A c_t log2 e)
-is below the smallest normal float for every state of a program, every earlier term is zero in float32 (the
-kernels' exp2 flushes subnormals), and the pass stops there. So with decaying states the first pass reads only the
-last few hundred steps of each segment (at dt ~ 0.13 and |A| >= 1, ~700) instead of all of it. With dt < 0
+backwards, and with dt >= 0 (softplus) and A <= 0 their weights only shrink as t goes back: once A c_t log2 e is
+below CUTOFF for every state of a program, the pass stops there. At CUTOFF = -127 every earlier term is exactly zero
+in float32 (exp2 below -126 is subnormal, flushed to zero by the compiled kernels' exp2); above it, the terms left
+out add at most 2^CUTOFF x (steps left out) x max |dt u B| over those steps to the end state, e.g. at -64 and
+segments of at most 2^17 steps < 2^-47 of the largest input term, far below float32's resolution of the kept ones
+unless the inputs' scale varies by more than 2^23 within a segment. So with decaying states the first pass reads
+only the last few hundred steps of each segment (at dt ~ 0.13 and |A| >= 1: ~700 at -127, ~350 at -64) instead of
+all of it. With dt < 0
 possible (no softplus), A > 0, or slow states, it runs the whole segment: as many exps as the forward pass. A
 document start (seq_idx) at step t zeroes every earlier term, and the pass stops after it. The steps it skips are
 not read: a NaN or inf there stays in its own segment's outputs, where a full pass would carry it into every later
@@ -42,9 +46,6 @@ from seqlab.ops.triton.scan_lanes import (
     _lane_words_widen,
     _lane_zeros,
 )
-
-# exp2 below -126 is subnormal, flushed to zero by the compiled kernels' exp2
-_EXP2_ZERO = tl.constexpr(-127.0)
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
                                 HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DOC: tl.constexpr,
                                 HAS_INIT: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BC_VEC: tl.constexpr,
-                                EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr):
+                                EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr, CUTOFF: tl.constexpr):
     """Grid (D / BLOCK_D, batch, n_seg - 1), one warp of BLOCK_D = 32 channels (BLOCK_D divides D / G): seg_a,
     seg_b of segment pid_s, whose steps [pid_s seg_len, (pid_s + 1) seg_len) are whole 8-step chunks of the row."""
     pid_b = tl.program_id(1)
@@ -141,7 +142,7 @@ def _scan_segment_states_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, doc_pt
         chunk -= 1
         live = chunk >= c_first
         if SOFTPLUS:  # dt >= 0: weights only shrink going back; stop once all are zero
-            live = live & (tl.max(a2_max * c) > _EXP2_ZERO)
+            live = live & (tl.max(a2_max * c) > CUTOFF)
         if HAS_DOC:
             live = live & (tl.min(cut.to(tl.int32)) == 0)
     gone = cut | (zero + chunk >= c_first)  # stopped early (underflow or a document start): no decay is left
@@ -162,7 +163,7 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
                                  HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                                  HAS_DOC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BC_VEC: tl.constexpr, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr,
-                                 WHOLE_CHUNKS: tl.constexpr):
+                                 WHOLE_CHUNKS: tl.constexpr, CUTOFF: tl.constexpr):
     """The backward's counterpart: the adjoint carry a segment passes to the one before it, from a zero carry at its
     end, carry = sum_t exp(A c_t) C_t dy_t z_t sigmoid(z_t) with c_t = dt_start + ... + dt_t, summed forwards from
     the segment's start and stopped where every later term underflows (or at a document start: a_t = 0 there).
@@ -219,7 +220,7 @@ def _scan_segment_carries_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, doc_p
         chunk += 1
         live = chunk <= c_last
         if SOFTPLUS:  # dt >= 0: weights only shrink going on; stop once all are zero
-            live = live & (tl.max(a2_max * c) > _EXP2_ZERO)
+            live = live & (tl.max(a2_max * c) > CUTOFF)
         if HAS_DOC:
             live = live & (tl.min(cut.to(tl.int32)) == 0)
     gone = cut | (zero + chunk <= c_last)  # stopped early: no decay is left

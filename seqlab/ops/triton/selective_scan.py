@@ -1132,6 +1132,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          4.52 / 4.24 at 1 x 16384 / 2 x 8192 / 4 x 4096. With a freshly initialised Mamba layer's step sizes
 #          (dt down to 0.001, A = -1) no warp's sums stop early: forward 4.14-4.16 against 4.02 ms at 1 x 65536, 0-3%
 #          slower elsewhere (run36; 12% before their B rows were carried as scalars, run35).
+#   segment_cutoff: log2 of the weight below which those sums stop, -127 (exact: every term left out is zero in
+#          float32) up to -32 (the terms left out bound in scan_segment_states' docstring).
 #   fwd_parts: lanes per channel of the lane forward, 1 (default) or 2, 4, 8 (scan_parts_fwd: a channel's states
 #          spread over several lanes, so small batches fill the GPU without splitting time), with parts_ahead (1-4:
 #          chunks of inputs in flight). Slower everywhere measured on an H200 (kernels-gpu/run29, run30): at
@@ -1176,6 +1178,17 @@ def _segment_states() -> str:
     if how not in ("sum", "scan"):
         raise ValueError(f"TUNING['segment_states'] must be 'sum' or 'scan', got {how!r}")
     return how
+
+
+_SEGMENT_CUTOFF = -127  # log2 weight where the segment sums stop (scan_segment_states)
+
+
+def _segment_cutoff() -> float:
+    """TUNING["segment_cutoff"]: the log2 weight below which the segment sums stop, in [-127, -32]."""
+    cutoff = TUNING.get("segment_cutoff", _SEGMENT_CUTOFF)
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not -127 <= cutoff <= -32:
+        raise ValueError(f"TUNING['segment_cutoff'] must be a number in [-127, -32], got {cutoff!r}")
+    return float(cutoff)
 
 
 def _fwd_parts(dim: int, n: int, groups: int) -> int:
@@ -1353,7 +1366,7 @@ def _chunk_forward(u, delta, A, B, C, D, z, delta_bias, softplus, init, doc, nee
         _scan_segment_states_kernel[(n_blocks, batch, n_seg - 1)](
             u, delta, A, B, delta_bias, doc, init, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None, HAS_INIT=init is not None,
-            BLOCK_D=block_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(B, C), num_warps=1)
+            BLOCK_D=block_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(B, C), CUTOFF=_segment_cutoff(), num_warps=1)
     elif n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 0, STORE_CKPT=False, STORE_YPRE=False, STATES_ONLY=True,
                                              **common)
@@ -1408,7 +1421,8 @@ def _chunk_backward(u, delta, A, B, C, D, z, delta_bias, softplus, doc, ckpt, dy
         _scan_segment_carries_kernel[(dim // lane_d, batch, n_seg - 1)](
             delta, A, C, z, delta_bias, doc, dy, seg_a, seg_b, L, dim, groups, n, seg_len, n_seg,
             HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, HAS_DOC=doc is not None,
-            BLOCK_D=lane_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(C, C), WHOLE_CHUNKS=L % 8 == 0, num_warps=1)
+            BLOCK_D=lane_d, BLOCK_N=next_pow2(n), **_lane_bc_layout(C, C), WHOLE_CHUNKS=L % 8 == 0,
+            CUTOFF=_segment_cutoff(), num_warps=1)
     elif n_seg > 1:
         kernel[(n_blocks, batch, n_seg - 1)](*args, 1, CARRY_ONLY=True, **common)
     kernel[(n_blocks, batch, n_seg)](*args, 0, CARRY_ONLY=False, **common)
