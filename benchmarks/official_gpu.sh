@@ -5,8 +5,8 @@
 #
 #   bash benchmarks/official_gpu.sh build      # compile the CUDA extensions (in the background: a later call waits)
 #   bash benchmarks/official_gpu.sh scan       # selective scan fwd, fwd+bwd at 8x2048 .. 1x65536, both packages
-#   bash benchmarks/official_gpu.sh generate   # Mamba-1.4B decode, batch 1, 64, 128: seqlab vs mamba-ssm's graphs,
-#                                              # then transformers' MambaForCausalLM with the official kernels
+#   bash benchmarks/official_gpu.sh generate   # Mamba-1.4B decode, batch 1, 64, 128: seqlab vs mamba-ssm's graphs
+#   bash benchmarks/official_gpu.sh hf         # seqlab bench generate --hf: transformers' Mamba, official kernels
 # Files under $OUT (default ./gpu-results): env.txt, build.log, <part>.log, <part>.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,9 +42,10 @@ case "$part" in
   build) echo "built" ;;
   scan) timeout 560 "$PY" benchmarks/official_mamba.py --sections scan --json "$OUT/scan.json" 2>&1 | tee "$OUT/scan.log" ;;
   generate)
-    timeout 300 "$PY" benchmarks/official_mamba.py --sections generate --json "$OUT/generate.json" 2>&1 \
-      | tee "$OUT/generate.log"
-    timeout 240 "$PY" -m seqlab bench generate --models mamba:1.4b --batch 1,64 --prompt-len 2048 --gen-len 128 \
+    timeout 560 "$PY" benchmarks/official_mamba.py --sections generate --json "$OUT/generate.json" 2>&1 \
+      | tee "$OUT/generate.log" ;;
+  hf)
+    timeout 560 "$PY" -m seqlab bench generate --models mamba:1.4b --batch 1,64 --prompt-len 2048 --gen-len 128 \
       --dtype bf16 --state-dtype bf16 --hf --json "$OUT/hf.json" 2>&1 | tee "$OUT/hf.log" ;;
-  *) echo "official_gpu.sh: part must be build, scan or generate, got '$part'" >&2; exit 2 ;;
+  *) echo "official_gpu.sh: part must be build, scan, generate or hf, got '$part'" >&2; exit 2 ;;
 esac

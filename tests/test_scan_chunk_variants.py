@@ -223,3 +223,51 @@ def test_segment_sums_stop_where_earlier_terms_underflow():
     assert torch.isnan(outs["sum"][:, :segment]).any() and torch.isnan(outs["scan"][:, :segment]).any()
     assert torch.isfinite(outs["sum"][:, segment:]).all()
     assert torch.isnan(outs["scan"][:, segment:]).all()
+
+
+def test_segment_cutoff_sets_where_the_sums_stop():
+    """TUNING["segment_cutoff"] is the log2 weight where the segment sums stop. With dt = 0.5 and A = -1 everywhere
+    the sum back from a segment's end stops after 96 steps at -64 (c = 0.5 x 96 > 64 ln 2) and after 184 at -127; a
+    NaN planted 140 steps before the first segment's end therefore reaches the later segments at -127 only. Where
+    nothing is planted the two cut-offs give the same outputs (terms below 2^-64 of the others vanish in float32)."""
+    from seqlab.ops.triton import selective_scan as module
+
+    batch, seqlen, dim, n, segments = 1, 512, 32, 16, 2
+    gen = torch.Generator().manual_seed(11)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
+    u, z, B, C = rnd(batch, seqlen, dim), rnd(batch, seqlen, dim), rnd(batch, seqlen, 1, n), rnd(batch, seqlen, 1, n)
+    delta = torch.zeros(batch, seqlen, dim, device=DEVICE)
+    bias = torch.full((dim,), 0.5, device=DEVICE).expm1().log()  # softplus(bias) = 0.5
+    A, D = -torch.ones(dim, n, device=DEVICE), torch.ones(dim, device=DEVICE)
+    planted = u.clone()
+    planted[:, seqlen // segments - 140] = float("nan")
+    outs = {}
+    for cutoff in (-127, -64):
+        module.TUNING.clear()
+        module.TUNING.update(BASE_TUNING, fwd_variant="lane", fwd_parts=1, SPLIT_T=segments, segment_cutoff=cutoff)
+        try:
+            with torch.no_grad():
+                for name, x in (("clean", u), ("planted", planted)):
+                    outs[cutoff, name] = module.selective_scan_triton(x, delta, A, B, C, D, z, bias, True, None, None)
+        finally:
+            module.TUNING.clear()
+    later = slice(seqlen // segments, None)
+    assert torch.isnan(outs[-127, "planted"][0][:, later]).all()
+    assert torch.isfinite(outs[-64, "planted"][0][:, later]).all()
+    assert torch.isfinite(outs[-64, "planted"][1]).all()
+    for k in range(2):  # y and the final state
+        assert torch.equal(outs[-64, "clean"][k], outs[-127, "clean"][k])
+
+
+def test_segment_cutoff_setting_is_checked():
+    from seqlab.ops.triton import selective_scan as module
+
+    module.TUNING.clear()
+    try:
+        assert module._segment_cutoff() == -64.0
+        for bad in (-200, -20, "low", True):
+            module.TUNING["segment_cutoff"] = bad
+            with pytest.raises(ValueError, match="segment_cutoff"):
+                module._segment_cutoff()
+    finally:
+        module.TUNING.clear()

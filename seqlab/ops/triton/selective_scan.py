@@ -1180,7 +1180,7 @@ def _segment_states() -> str:
     return how
 
 
-_SEGMENT_CUTOFF = -127  # log2 weight where the segment sums stop (scan_segment_states)
+_SEGMENT_CUTOFF = -64  # log2 weight where the segment sums stop (scan_segment_states; run 38)
 
 
 def _segment_cutoff() -> float:
