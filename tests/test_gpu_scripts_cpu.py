@@ -115,3 +115,45 @@ def test_decode_prefetch_variants_are_checked_by_name_and_the_scripts_need_a_gpu
         assert probe.main() == 2
         monkeypatch.setattr("sys.argv", ["decode_layer.py"])
         assert _load("decode_layer").main() == 2
+
+
+def test_official_layout_matches_the_official_packages_shapes():
+    """seqlab's (B, L, D) and (B, L, 1, N) scan inputs become mamba-ssm's (B, D, L) and (B, N, L), contiguous, the
+    same numbers at transposed positions."""
+    official = _load("official_mamba")
+    b, L, d, n = 2, 5, 3, 4
+    u, delta, z = torch.randn(b, L, d), torch.randn(b, L, d), torch.randn(b, L, d)
+    B, C = torch.randn(b, L, 1, n), torch.randn(b, L, 1, n)
+    A, D, bias = -torch.rand(d, n), torch.ones(d), torch.zeros(d)
+    u_o, delta_o, A_o, B_o, C_o, D_o, z_o, bias_o = official.official_layout(u, delta, A, B, C, D, z, bias)
+    assert u_o.shape == (b, d, L) and B_o.shape == (b, n, L) and all(x.is_contiguous() for x in (u_o, B_o, z_o))
+    assert u_o[1, 2, 4] == u[1, 4, 2] and z_o[0, 1, 3] == z[0, 3, 1] and delta_o[1, 0, 2] == delta[1, 2, 0]
+    assert B_o[1, 3, 2] == B[1, 2, 0, 3] and C_o[0, 2, 4] == C[0, 4, 0, 2]
+    assert torch.equal(A_o, A) and A_o.data_ptr() != A.data_ptr() and torch.equal(D_o, D) and torch.equal(bias_o, bias)
+
+
+def test_official_mamba_names_bad_arguments():
+    official = _load("official_mamba")
+    with pytest.raises(SystemExit):
+        official.main(["--sections", "scan,decode"])
+    with pytest.raises(SystemExit):
+        official.main(["--shapes", "8-2048"])
+
+
+def test_official_build_covers_every_backward_variant_once():
+    """The backward variants compiled (their .cu files) and the ones defined as refusals are together every (input,
+    weight) pair the extension dispatches to, with no pair in both."""
+    build = _load("official_build")
+    itypes = {"fp32": "float", "fp16": "c10::Half", "bf16": "c10::BFloat16"}
+    wtypes = {"real": "float", "complex": "complex_t"}
+    compiled = set()
+    for name in build.SCAN_FILES:
+        if name.startswith("selective_scan_bwd_"):
+            itype, wtype = name.removeprefix("selective_scan_bwd_").removesuffix(".cu").split("_")
+            compiled.add((itypes[itype], wtypes[wtype]))
+    skipped = set(build.SKIPPED_BWD)
+    assert not compiled & skipped
+    assert compiled | skipped == {(i, w) for i in itypes.values() for w in wtypes.values()}
+    source = build.skipped_variants_source()
+    for itype, wtype in skipped:
+        assert f"selective_scan_bwd_cuda<{itype}, {wtype}>" in source
