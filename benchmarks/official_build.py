@@ -67,6 +67,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default=str(ROOT / ".official" / "src"), help="where official_fetch.sh unpacked")
     p.add_argument("--out", default=str(ROOT / ".official"), help="build/ and site/ go here")
+    p.add_argument("--scan-only", action="store_true",
+                   help="build selective_scan_cuda alone (~1.5 min; causal-conv1d's kernels take ~5 more): enough for "
+                        "official_mamba.py --sections scan, and mamba-ssm then runs its convolutions through torch")
     args = p.parse_args(argv)
     import torch
 
@@ -88,12 +91,15 @@ def main(argv=None) -> int:
     stub = out / "build" / "selective_scan_skipped_bwd.cu"
     stub.parent.mkdir(parents=True, exist_ok=True)
     stub.write_text(skipped_variants_source())
-    libs = [build("causal_conv1d_cuda", conv / "csrc", CONV_FILES, out / "build" / "causal_conv1d"),
-            build("selective_scan_cuda", mamba / "csrc" / "selective_scan", SCAN_FILES,
+    libs = [build("selective_scan_cuda", mamba / "csrc" / "selective_scan", SCAN_FILES,
                   out / "build" / "selective_scan", extra=[stub])]
+    packages = [("mamba_ssm", mamba)]
+    if not args.scan_only:
+        libs.append(build("causal_conv1d_cuda", conv / "csrc", CONV_FILES, out / "build" / "causal_conv1d"))
+        packages.append(("causal_conv1d", conv))
     for lib in libs:
         shutil.copy2(lib, site / lib.name)
-    for package, tree in (("mamba_ssm", mamba), ("causal_conv1d", conv)):
+    for package, tree in packages:
         shutil.rmtree(site / package, ignore_errors=True)
         shutil.copytree(tree / package, site / package)
         dist_info(site, package, tree.name.split("-", 1)[1])

@@ -14,6 +14,7 @@ OUT="${OUT:-gpu-results}"
 PY="${PYTHON:-python3}"
 part="${1:-scan}"
 WAIT="${WAIT:-540}"  # seconds a part waits for a build still running
+# BUILD_ARGS=--scan-only: build the selective scan's extension alone (enough for the scan part)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.official/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 site=.official/site
@@ -29,7 +30,8 @@ site=.official/site
 built() { [ -f "$site/.ready" ]; }
 if ! built && [ ! -f .official/.building ]; then
   touch .official/.building
-  setsid bash -c "'$PY' benchmarks/official_build.py >.official/build.log 2>&1 && touch $site/.ready; rm -f .official/.building" &
+  setsid bash -c "'$PY' benchmarks/official_build.py ${BUILD_ARGS:-} >.official/build.log 2>&1 && touch $site/.ready
+                  rm -f .official/.building" &
 fi
 t0=$SECONDS
 while ! built && [ -f .official/.building ] && [ $((SECONDS - t0)) -lt "$WAIT" ]; do sleep 5; done
