@@ -1122,8 +1122,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          for the same per-step work (loads, softplus, the shuffles and stores), which is where the time goes.
 #   segment_states: how a time split finds each segment's end state (lane forward) and start carry (backward, N
 #          <= 16): "sum" (default; scan_segment_states: a sum of decayed terms added from the segment's end backwards,
-#          or for the carry from its start forwards, cut off once every remaining term underflows, so with decaying
-#          states it reads only the few hundred steps next to the boundary) or "scan" (the kernels' states-only /
+#          or for the carry from its start forwards, cut off once every remaining weight is below 2^segment_cutoff,
+#          so with decaying states it reads only the few hundred steps next to the boundary) or "scan" (the kernels' states-only /
 #          carry-only pass over the whole segment). Forward at the Mamba-1.4B layer on an H200
 #          (benchmarks/kernels-gpu/run32, the options then named "reverse" and "forward"; two interleaved rounds):
 #          2.62-2.65 against 4.09-4.11 ms at 1 x 65536 (1.78x the exp floor), 0.88-0.98 against 1.19-1.22 at
@@ -1133,7 +1133,8 @@ def _scan_bwd_chunk_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 #          (dt down to 0.001, A = -1) no warp's sums stop early: forward 4.14-4.16 against 4.02 ms at 1 x 65536, 0-3%
 #          slower elsewhere (run36; 12% before their B rows were carried as scalars, run35).
 #   segment_cutoff: log2 of the weight below which those sums stop, -127 (exact: every term left out is zero in
-#          float32) up to -32 (the terms left out bound in scan_segment_states' docstring).
+#          float32) up to -32 (the terms left out bound in scan_segment_states' docstring); default -64, 8-12% faster
+#          forward than -127 where time is split, outputs unchanged (kernels-gpu/run38, run41).
 #   fwd_parts: lanes per channel of the lane forward, 1 (default) or 2, 4, 8 (scan_parts_fwd: a channel's states
 #          spread over several lanes, so small batches fill the GPU without splitting time), with parts_ahead (1-4:
 #          chunks of inputs in flight). Slower everywhere measured on an H200 (kernels-gpu/run29, run30): at
