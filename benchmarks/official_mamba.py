@@ -28,16 +28,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from gpu_check import rel  # noqa: E402  (||out - ref|| / ||ref||, inf where out is not finite)
 from kernels import cuda_time, fwd_bwd, log, measure_ceilings, scan_floor, scan_inputs  # noqa: E402
 
 SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536)]
 ROWS: list[dict] = []
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float32."""
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def official_layout(u, delta, A, B, C, D, z, bias):
